@@ -1,0 +1,283 @@
+//! The process-wide panic hook and the registry of recent panics.
+//!
+//! For each panic the hook, in this order: writes one line to stderr synchronously (component,
+//! message, location); captures a backtrace unless the rate limit says otherwise; counts
+//! `keel_panics_total{component}`; keeps the report in a bounded list of recent panics; hands
+//! the report to the reporter (the logger, which turns it into an `error` stream record).
+//!
+//! Rules the hook keeps, because a panic inside a panic hook aborts the process:
+//! - it is guarded against re-entry (a panic while it runs on the same thread only gets a
+//!   stderr line);
+//! - it takes no lock the logger can hold: the reporter is loaded lock-free (`arc-swap`) and
+//!   the recent list has its own lock, taken with a timeout;
+//! - it formats only owned strings and never `unwrap`s.
+
+use std::backtrace::Backtrace;
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::Once;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::scope;
+
+/// Component name of a panic raised outside any [`crate::Scope`].
+pub const UNSCOPED: &str = "unscoped";
+
+/// How many recent panics the registry keeps.
+pub const RECENT_CAPACITY: usize = 100;
+
+/// Backtraces captured per second at most, by default; beyond that a panic is reported with its
+/// message and location only, and counted in `keel_panic_backtraces_skipped_total`.
+pub const DEFAULT_BACKTRACES_PER_SECOND: u32 = 5;
+
+/// One panic, as the hook saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PanicReport {
+    /// The component the panicking code ran under ([`UNSCOPED`] when none).
+    pub component: String,
+    /// Extra detail from the scope, such as the HTTP route.
+    pub context: Option<String>,
+    /// The panic message.
+    pub message: String,
+    /// `file:line:column`.
+    pub location: Option<String>,
+    /// The name of the panicking thread.
+    pub thread: Option<String>,
+    /// The backtrace, unless the rate limit skipped it.
+    pub backtrace: Option<String>,
+    /// True when the backtrace was skipped by the rate limit.
+    pub backtrace_skipped: bool,
+    /// When it happened.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// Receives every panic report; the logger installs one. It runs inside the panic hook, so it
+/// must not panic (that would abort the process) and must not block.
+pub type Reporter = dyn Fn(&PanicReport) + Send + Sync;
+
+static INSTALL: Once = Once::new();
+static REPORTER: ArcSwapOption<Box<Reporter>> = ArcSwapOption::const_empty();
+static TOTAL: AtomicU64 = AtomicU64::new(0);
+static RECENT: Mutex<VecDeque<PanicReport>> = parking_lot::const_mutex(VecDeque::new());
+static BACKTRACES_PER_SECOND: AtomicU32 = AtomicU32::new(DEFAULT_BACKTRACES_PER_SECOND);
+static BACKTRACE_WINDOW: AtomicU64 = AtomicU64::new(0);
+static BACKTRACES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+    static LAST_LOCATION: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Installs keel's panic hook. Safe to call many times: only the first call installs it.
+pub fn install_hook() {
+    INSTALL.call_once(|| std::panic::set_hook(Box::new(hook)));
+}
+
+/// Sets (or replaces) the reporter that receives every panic report.
+pub fn set_reporter(reporter: Box<Reporter>) {
+    REPORTER.store(Some(Arc::new(reporter)));
+}
+
+/// Removes the reporter; panics are then only written to stderr, counted and kept.
+pub fn clear_reporter() {
+    REPORTER.store(None);
+}
+
+/// Sets how many backtraces the hook captures per second at most.
+pub fn set_backtraces_per_second(limit: u32) {
+    BACKTRACES_PER_SECOND.store(limit, Ordering::Relaxed);
+}
+
+/// How many panics the hook has seen since the process started.
+pub fn total() -> u64 {
+    TOTAL.load(Ordering::Relaxed)
+}
+
+/// The most recent panics, newest last (at most [`RECENT_CAPACITY`]).
+pub fn recent() -> Vec<PanicReport> {
+    RECENT.lock().iter().cloned().collect()
+}
+
+/// The location of the last panic seen on this thread (used by [`crate::Panicked`]).
+pub(crate) fn last_panic_location() -> Option<String> {
+    LAST_LOCATION.try_with(Cell::take).ok().flatten()
+}
+
+/// The message of a panic payload: the `&str` or `String` it carries, or a placeholder.
+pub fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "<non-string panic payload>".to_owned()
+    }
+}
+
+/// Resets `IN_HOOK` when the hook returns.
+struct HookEntry;
+
+impl Drop for HookEntry {
+    fn drop(&mut self) {
+        let _ = IN_HOOK.try_with(|flag| flag.set(false));
+    }
+}
+
+fn hook(info: &std::panic::PanicHookInfo<'_>) {
+    let reentered = IN_HOOK.try_with(|flag| flag.replace(true)).unwrap_or(true);
+    if reentered {
+        let _ = writeln!(
+            std::io::stderr(),
+            "keel: panic while reporting a panic (reporting skipped)"
+        );
+        return;
+    }
+    let _entry = HookEntry;
+
+    let scope = scope::current();
+    let component = scope
+        .as_ref()
+        .map_or_else(|| UNSCOPED.to_owned(), |s| s.component.to_string());
+    let context = scope.and_then(|s| s.context.map(|c| c.to_string()));
+    let message = payload_message(info.payload());
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+    let _ = LAST_LOCATION.try_with(|cell| cell.set(location.clone()));
+    let thread = std::thread::current().name().map(str::to_owned);
+
+    let _ = writeln!(
+        std::io::stderr(),
+        "keel: panic component={component}{} message={message:?} location={}",
+        context
+            .as_deref()
+            .map(|c| format!(" context={c:?}"))
+            .unwrap_or_default(),
+        location.as_deref().unwrap_or("unknown"),
+    );
+
+    let backtrace = take_backtrace_token().then(|| Backtrace::force_capture().to_string());
+    let backtrace_skipped = backtrace.is_none();
+    if backtrace_skipped {
+        metrics::counter!("keel_panic_backtraces_skipped_total").increment(1);
+    }
+
+    TOTAL.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("keel_panics_total", "component" => component.clone()).increment(1);
+
+    let report = PanicReport {
+        component,
+        context,
+        message,
+        location,
+        thread,
+        backtrace,
+        backtrace_skipped,
+        at: OffsetDateTime::now_utc(),
+    };
+
+    if let Some(reporter) = REPORTER.load_full() {
+        reporter(&report);
+    }
+
+    // Nothing holds this lock for long; the timeout only guards against the unthinkable.
+    if let Some(mut recent) = RECENT.try_lock_for(Duration::from_millis(50)) {
+        if recent.len() >= RECENT_CAPACITY {
+            recent.pop_front();
+        }
+        recent.push_back(report);
+    }
+}
+
+/// True when a backtrace may be captured now: at most `BACKTRACES_PER_SECOND` per wall-clock
+/// second, counted with atomics only.
+fn take_backtrace_token() -> bool {
+    let now = OffsetDateTime::now_utc().unix_timestamp().unsigned_abs();
+    let window = BACKTRACE_WINDOW.load(Ordering::Relaxed);
+    if window != now
+        && BACKTRACE_WINDOW
+            .compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        BACKTRACES_IN_WINDOW.store(0, Ordering::Relaxed);
+    }
+    BACKTRACES_IN_WINDOW.fetch_add(1, Ordering::Relaxed)
+        < BACKTRACES_PER_SECOND.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isolate;
+
+    #[test]
+    fn the_hook_keeps_a_report_with_component_message_location_and_backtrace() {
+        install_hook();
+        let before = total();
+        let _ = isolate("hook-test", || panic!("kept {}", "here"));
+        assert!(total() > before);
+        let report = recent()
+            .into_iter()
+            .rev()
+            .find(|r| r.component == "hook-test")
+            .unwrap();
+        assert_eq!(report.message, "kept here");
+        assert!(report.location.unwrap().contains("panic.rs"));
+        // The rate limit is shared by the whole test binary; a backtrace is present or counted.
+        assert!(report.backtrace.is_some() || report.backtrace_skipped);
+    }
+
+    #[test]
+    fn a_storm_of_panics_captures_only_a_few_backtraces() {
+        install_hook();
+        for _ in 0..50 {
+            let _ = isolate("storm-test", || panic!("storm"));
+        }
+        let storm: Vec<_> = recent()
+            .into_iter()
+            .filter(|r| r.component == "storm-test")
+            .collect();
+        assert_eq!(storm.len(), 50);
+        let with_backtrace = storm.iter().filter(|r| r.backtrace.is_some()).count();
+        // At most the limit per second; the loop may straddle one second boundary.
+        assert!(with_backtrace <= 2 * DEFAULT_BACKTRACES_PER_SECOND as usize);
+        assert!(storm.iter().any(|r| r.backtrace_skipped));
+    }
+
+    #[test]
+    fn the_reporter_receives_each_panic_once() {
+        use std::sync::atomic::AtomicUsize;
+        install_hook();
+        static SEEN: AtomicUsize = AtomicUsize::new(0);
+        set_reporter(Box::new(|report| {
+            if report.component == "reporter-test" {
+                SEEN.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+        let _ = isolate("reporter-test", || panic!("one"));
+        let _ = isolate("reporter-test", || panic!("two"));
+        assert_eq!(SEEN.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_panicking_reporter_is_not_reentered_forever() {
+        // A reporter must not panic; this proves only that the re-entry guard holds when a
+        // nested panic reaches the hook on the same thread from `Display` of a payload.
+        install_hook();
+        let err = isolate("nested-test", || {
+            let _ = isolate("nested-inner", || panic!("inner"));
+            panic!("outer")
+        })
+        .unwrap_err();
+        assert_eq!(err.message, "outer");
+    }
+}
