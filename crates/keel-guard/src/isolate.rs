@@ -121,7 +121,6 @@ mod tests {
             panic!("async boom")
         })
         .await
-        .map(|()| ())
         .unwrap_err();
         assert_eq!(err.component, "test-async");
         assert_eq!(err.message, "async boom");

@@ -4,10 +4,10 @@
 //! and counted; the loop it happened in goes on. This crate holds the pieces every other part
 //! stands on:
 //!
-//! - [`panic`]: the process-wide panic hook, the registry of recent panics and the reporter the
+//! - [`mod@panic`]: the process-wide panic hook, the registry of recent panics and the reporter the
 //!   logger plugs into.
 //! - [`scope`]: the component tag that tells the hook where a panic came from.
-//! - [`isolate`]: run a closure or a future and get `Err(Panicked)` instead of an unwind.
+//! - [`mod@isolate`]: run a closure or a future and get `Err(Panicked)` instead of an unwind.
 //! - [`components`]: the state of every named long-lived part, as `/readyz` and the admin API see it.
 //! - [`supervisor`]: restart named tasks after a panic, with backoff and an intensity limit.
 //! - [`periodic`]: periodic jobs whose ticks are isolated one by one and timed.

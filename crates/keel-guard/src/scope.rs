@@ -1,6 +1,6 @@
 //! The component tag: which part of keel the code running on this thread belongs to.
 //!
-//! [`crate::isolate`] sets the tag around the code it runs (around every poll, for futures), so
+//! [`crate::isolate()`] sets the tag around the code it runs (around every poll, for futures), so
 //! the panic hook can name the component of a panic without being told. The tag lives in a
 //! `Cell`, never a `RefCell`: the hook reads it while the panicking code may be anywhere, and a
 //! `Cell` cannot be "already borrowed".
