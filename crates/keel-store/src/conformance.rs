@@ -1,0 +1,1290 @@
+//! The conformance suite: behaviour every [`Store`] backend must show.
+//!
+//! Each function takes a store on a fresh, empty database and the [`ManualClock`] the store
+//! reads (set to [`START`]), and panics on the first difference. A backend's test binary runs
+//! them all with [`conformance_tests!`](crate::conformance_tests), one test per function on a
+//! fresh database (see `tests/sqlite.rs`).
+
+// Test-suite code: a failed expectation is meant to panic and fail the calling test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use serde_json::json;
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::Clock;
+use crate::{
+    AgentId, CheckIn, ClaimToken, Claimed, CommandFilter, CommandId, CommandStatus, DeadReason,
+    Idempotency, ManualClock, NewApiKey, NewCommand, OrgId, ReleaseOutcome, Scope, Store,
+    StoreError, Target,
+};
+
+/// The instant the suite's clock starts at.
+pub const START: OffsetDateTime = datetime!(2030-01-01 00:00 UTC);
+
+/// Defines one `#[tokio::test]` per conformance function. `$setup` is an async fn returning
+/// `(guard, Arc<dyn Store>, Arc<ManualClock>)` on a fresh database; the guard (a temporary
+/// directory, a schema) lives until the test ends.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($setup:path) => {
+        $crate::conformance_tests!(@each $setup;
+            organisations,
+            api_keys,
+            agent_check_in,
+            idempotency,
+            unknown_agent,
+            claim_order,
+            claim_limit,
+            claim_targeted_and_pooled,
+            claim_not_before_run_at,
+            claim_token_completes_once,
+            stale_token_changes_nothing,
+            heartbeat_renews_lease,
+            retryable_fail_backs_off,
+            non_retryable_fail,
+            lease_expiry_requeues,
+            lease_expiry_dead_and_requeue,
+            cancel,
+            org_isolation,
+            list_commands
+        );
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn concurrent_claims() {
+            let (_guard, store, clock) = $setup().await;
+            $crate::conformance::concurrent_claims(store, &clock).await;
+        }
+    };
+    (@each $setup:path; $($name:ident),+) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let (_guard, store, clock) = $setup().await;
+                $crate::conformance::$name(&*store, &clock).await;
+            }
+        )+
+    };
+}
+
+/// An organisation with one agent (`agent-1`) bound to an agent key.
+pub struct Tenant {
+    pub org: OrgId,
+    pub agent: AgentId,
+}
+
+pub async fn tenant(store: &dyn Store, name: &str) -> Tenant {
+    let org = store.create_organisation(name).await.unwrap().id;
+    let agent = agent(store, org, "agent-1").await;
+    Tenant { org, agent }
+}
+
+pub async fn agent(store: &dyn Store, org: OrgId, name: &str) -> AgentId {
+    let key = store
+        .create_api_key(
+            org,
+            NewApiKey {
+                name: format!("{name} key"),
+                scopes: vec![Scope::Agent],
+                agent_name: Some(name.to_owned()),
+            },
+        )
+        .await
+        .unwrap();
+    key.key.agent_id.unwrap()
+}
+
+fn queues(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn pooled(queue: &str) -> NewCommand {
+    NewCommand::new("run", Target::Queue(queue.to_owned()), json!({}))
+}
+
+fn targeted(agent: AgentId) -> NewCommand {
+    NewCommand::new("run", Target::Agent(agent), json!({}))
+}
+
+async fn create(store: &dyn Store, org: OrgId, command: NewCommand) -> CommandId {
+    let created = store.create_command(org, command, None).await.unwrap();
+    assert!(created.created);
+    created.command.id
+}
+
+async fn claim_one(store: &dyn Store, t: &Tenant, queue: &[&str]) -> Claimed {
+    let mut claimed = store
+        .claim(t.org, t.agent, &queues(queue), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1, "expected one claimable command");
+    claimed.pop().unwrap()
+}
+
+fn secs(s: i64) -> Duration {
+    Duration::seconds(s)
+}
+
+// --- organisations, keys, agents ---
+
+pub async fn organisations(store: &dyn Store, _clock: &ManualClock) {
+    let b = store.create_organisation("beta").await.unwrap();
+    let a = store.create_organisation("alpha").await.unwrap();
+    assert_eq!(a.created_at, START);
+    assert!(matches!(
+        store.create_organisation("alpha").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let all = store.list_organisations().await.unwrap();
+    assert_eq!(all, vec![a.clone(), b]);
+    assert_eq!(store.find_org_by_name("alpha").await.unwrap(), Some(a));
+    assert_eq!(store.find_org_by_name("gamma").await.unwrap(), None);
+}
+
+pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
+    let org = store.create_organisation("acme").await.unwrap().id;
+    let other = store.create_organisation("other").await.unwrap().id;
+    let admin = store
+        .create_api_key(
+            org,
+            NewApiKey {
+                name: "ops".into(),
+                scopes: vec![Scope::CommandsRead, Scope::Admin, Scope::CommandsWrite],
+                agent_name: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        admin
+            .token
+            .starts_with(&format!("keel_{}_", admin.key.prefix))
+    );
+    assert!(!format!("{admin:?}").contains(&admin.token));
+
+    let principal = store.authenticate(&admin.token).await.unwrap().unwrap();
+    assert_eq!(principal.key_id, admin.key.id);
+    assert_eq!(principal.org_id, org);
+    assert_eq!(principal.agent_id, None);
+    let scopes: HashSet<_> = principal.scopes.iter().copied().collect();
+    assert_eq!(
+        scopes,
+        HashSet::from([Scope::Admin, Scope::CommandsWrite, Scope::CommandsRead])
+    );
+    assert!(principal.has_scope(Scope::Admin) && !principal.has_scope(Scope::Agent));
+
+    // Wrong secret with the right prefix, unknown prefix, malformed.
+    let mut wrong = admin.token.clone();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == 'a' { 'b' } else { 'a' });
+    for bad in [
+        wrong.as_str(),
+        "keel_zzzzzzzz_nope",
+        "",
+        "Bearer x",
+        "keel_",
+    ] {
+        assert_eq!(store.authenticate(bad).await.unwrap(), None, "{bad}");
+    }
+
+    // Agent keys bind to an agent, created once by name.
+    let agent_key = store
+        .create_api_key(
+            org,
+            NewApiKey {
+                name: "web-1".into(),
+                scopes: vec![Scope::Agent],
+                agent_name: Some("web-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    let agent_id = agent_key.key.agent_id.unwrap();
+    let p = store.authenticate(&agent_key.token).await.unwrap().unwrap();
+    assert_eq!(p.agent_id, Some(agent_id));
+    assert_eq!(p.scopes, vec![Scope::Agent]);
+    let second = store
+        .create_api_key(
+            org,
+            NewApiKey {
+                name: "web-1 again".into(),
+                scopes: vec![Scope::Agent],
+                agent_name: Some("web-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.key.agent_id, Some(agent_id));
+    assert_eq!(store.list_agents(org).await.unwrap().len(), 1);
+
+    // Input the store refuses.
+    for bad in [
+        NewApiKey {
+            name: "none".into(),
+            scopes: vec![],
+            agent_name: None,
+        },
+        NewApiKey {
+            name: "agent without name".into(),
+            scopes: vec![Scope::Agent],
+            agent_name: None,
+        },
+        NewApiKey {
+            name: "name without agent scope".into(),
+            scopes: vec![Scope::CommandsRead],
+            agent_name: Some("x".into()),
+        },
+    ] {
+        assert!(matches!(
+            store.create_api_key(org, bad).await,
+            Err(StoreError::InvalidInput(_))
+        ));
+    }
+
+    // Revoked keys stop authenticating; others are unaffected.
+    clock.advance(secs(60));
+    store.revoke_api_key(org, admin.key.id).await.unwrap();
+    assert_eq!(store.authenticate(&admin.token).await.unwrap(), None);
+    assert!(
+        store
+            .authenticate(&agent_key.token)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    store.revoke_api_key(org, admin.key.id).await.unwrap();
+    // Another organisation cannot revoke it.
+    assert!(matches!(
+        store.revoke_api_key(other, agent_key.key.id).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(
+        store
+            .authenticate(&agent_key.token)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let keys = store.list_api_keys(org).await.unwrap();
+    assert_eq!(keys.len(), 3);
+    let revoked = keys.iter().find(|k| k.id == admin.key.id).unwrap();
+    assert_eq!(revoked.revoked_at, Some(START + secs(60)));
+    assert!(store.list_api_keys(other).await.unwrap().is_empty());
+}
+
+pub async fn agent_check_in(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = tenant(store, "other").await;
+    let boot = Uuid::new_v4();
+    let check_in = |boot_id| CheckIn {
+        name: None,
+        version: "1.2.3".into(),
+        metadata: json!({"os": "linux"}),
+        queues: queues(&["build", "deploy"]),
+        boot_id,
+    };
+    let before = store.get_agent(t.org, t.agent).await.unwrap().unwrap();
+    assert_eq!(before.last_seen_at, None);
+    assert_eq!(before.boot_count, 0);
+
+    clock.advance(secs(10));
+    let a = store
+        .check_in(t.org, t.agent, check_in(boot))
+        .await
+        .unwrap();
+    assert_eq!(a.last_seen_at, Some(START + secs(10)));
+    assert_eq!(a.booted_at, Some(START + secs(10)));
+    assert_eq!(a.boot_count, 1);
+    assert_eq!(a.version.as_deref(), Some("1.2.3"));
+    assert_eq!(a.metadata, json!({"os": "linux"}));
+    assert_eq!(a.queues, queues(&["build", "deploy"]));
+
+    // Same boot: only last seen moves.
+    clock.advance(secs(10));
+    let a = store
+        .check_in(t.org, t.agent, check_in(boot))
+        .await
+        .unwrap();
+    assert_eq!(a.last_seen_at, Some(START + secs(20)));
+    assert_eq!(a.booted_at, Some(START + secs(10)));
+    assert_eq!(a.boot_count, 1);
+
+    // A new boot id: the agent restarted.
+    clock.advance(secs(10));
+    let a = store
+        .check_in(t.org, t.agent, check_in(Uuid::new_v4()))
+        .await
+        .unwrap();
+    assert_eq!(a.boot_count, 2);
+    assert_eq!(a.booted_at, Some(START + secs(30)));
+
+    let listed = store.list_agents(t.org).await.unwrap();
+    assert_eq!(listed, vec![a]);
+
+    // Not an object; another organisation's agent.
+    let mut bad = check_in(boot);
+    bad.metadata = json!([1]);
+    assert!(matches!(
+        store.check_in(t.org, t.agent, bad).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    assert!(matches!(
+        store.check_in(t.org, other.agent, check_in(boot)).await,
+        Err(StoreError::UnknownAgent)
+    ));
+    assert_eq!(store.get_agent(t.org, other.agent).await.unwrap(), None);
+    let theirs = store
+        .get_agent(other.org, other.agent)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.last_seen_at, None);
+}
+
+// --- create ---
+
+pub async fn idempotency(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = tenant(store, "other").await;
+    let idem = |hash: &str| {
+        Some(Idempotency {
+            key: "k1".into(),
+            request_hash: hash.into(),
+        })
+    };
+    let first = store
+        .create_command(t.org, pooled("q"), idem("h1"))
+        .await
+        .unwrap();
+    assert!(first.created);
+    assert_eq!(first.command.idempotency_key.as_deref(), Some("k1"));
+
+    let again = store
+        .create_command(t.org, pooled("q"), idem("h1"))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.command, first.command);
+
+    assert!(matches!(
+        store
+            .create_command(t.org, pooled("other"), idem("h2"))
+            .await,
+        Err(StoreError::IdempotencyMismatch)
+    ));
+
+    // Keys are per organisation.
+    let theirs = store
+        .create_command(other.org, pooled("q"), idem("h2"))
+        .await
+        .unwrap();
+    assert!(theirs.created);
+    assert_ne!(theirs.command.id, first.command.id);
+
+    let page = store
+        .list_commands(t.org, CommandFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+
+    // Without a key, the same body creates a new command each time.
+    let a = create(store, t.org, pooled("q")).await;
+    let b = create(store, t.org, pooled("q")).await;
+    assert_ne!(a, b);
+}
+
+pub async fn unknown_agent(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = tenant(store, "other").await;
+    for agent in [AgentId::new(), other.agent] {
+        assert!(matches!(
+            store.create_command(t.org, targeted(agent), None).await,
+            Err(StoreError::UnknownAgent)
+        ));
+        assert!(matches!(
+            store.claim(t.org, agent, &queues(&["q"]), 1).await,
+            Err(StoreError::UnknownAgent)
+        ));
+    }
+    let mut bad = pooled("q");
+    bad.max_attempts = 0;
+    assert!(matches!(
+        store.create_command(t.org, bad, None).await,
+        Err(StoreError::InvalidInput(_))
+    ));
+    let page = store
+        .list_commands(t.org, CommandFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert!(page.items.is_empty());
+}
+
+// --- claim ---
+
+pub async fn claim_order(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut expected = Vec::new();
+    // Created oldest first; priorities 0, 5, 0, 5, 10.
+    let mut ids = Vec::new();
+    for priority in [0, 5, 0, 5, 10] {
+        let mut c = pooled("q");
+        c.priority = priority;
+        ids.push(create(store, t.org, c).await);
+        clock.advance(secs(1));
+    }
+    expected.extend([ids[4], ids[1], ids[3], ids[0], ids[2]]);
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q"]), 10)
+        .await
+        .unwrap();
+    let got: Vec<_> = claimed.iter().map(|c| c.command.id).collect();
+    assert_eq!(got, expected);
+
+    // One at a time gives the same order.
+    let t2 = tenant(store, "beta").await;
+    let mut ids = Vec::new();
+    for priority in [1, 3, 2] {
+        let mut c = pooled("q");
+        c.priority = priority;
+        ids.push(create(store, t2.org, c).await);
+        clock.advance(secs(1));
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(claim_one(store, &t2, &["q"]).await.command.id);
+    }
+    assert_eq!(got, vec![ids[1], ids[2], ids[0]]);
+}
+
+pub async fn claim_limit(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    for _ in 0..7 {
+        create(store, t.org, pooled("q")).await;
+    }
+    let q = queues(&["q"]);
+    let first = store.claim(t.org, t.agent, &q, 3).await.unwrap();
+    assert_eq!(first.len(), 3);
+    for c in &first {
+        assert_eq!(c.command.status, CommandStatus::Executing);
+        assert_eq!(c.command.attempts, 1);
+        assert_eq!(c.command.claimed_by, Some(t.agent));
+        assert_eq!(c.lease_expires_at, START + secs(300));
+        assert_eq!(c.command.lease_expires_at, Some(c.lease_expires_at));
+    }
+    let tokens: HashSet<_> = first.iter().map(|c| c.claim_token.clone()).collect();
+    assert_eq!(tokens.len(), 3, "every claim gets its own token");
+
+    // 0 is raised to 1; more than 100 is capped.
+    assert_eq!(store.claim(t.org, t.agent, &q, 0).await.unwrap().len(), 1);
+    for _ in 0..150 {
+        create(store, t.org, pooled("q")).await;
+    }
+    clock.advance(secs(1));
+    assert_eq!(
+        store.claim(t.org, t.agent, &q, 1000).await.unwrap().len(),
+        100
+    );
+    assert_eq!(
+        store.claim(t.org, t.agent, &q, 100).await.unwrap().len(),
+        53
+    );
+    assert!(
+        store
+            .claim(t.org, t.agent, &q, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn claim_targeted_and_pooled(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let b = agent(store, t.org, "agent-2").await;
+    let for_a = create(store, t.org, targeted(t.agent)).await;
+    let for_b = create(store, t.org, targeted(b)).await;
+    let on_build = create(store, t.org, pooled("build")).await;
+    let on_deploy = create(store, t.org, pooled("deploy")).await;
+
+    // A serves "build" only: its own targeted command and the "build" one.
+    let a_got: HashSet<_> = store
+        .claim(t.org, t.agent, &queues(&["build"]), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.command.id)
+        .collect();
+    assert_eq!(a_got, HashSet::from([for_a, on_build]));
+
+    // B without queues: only its targeted command.
+    let b_got: Vec<_> = store
+        .claim(t.org, b, &[], 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.command.id)
+        .collect();
+    assert_eq!(b_got, vec![for_b]);
+
+    let deploy = store.get_command(t.org, on_deploy).await.unwrap().unwrap();
+    assert_eq!(deploy.status, CommandStatus::Pending);
+    let b_got: Vec<_> = store
+        .claim(t.org, b, &queues(&["deploy", "build"]), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.command.id)
+        .collect();
+    assert_eq!(b_got, vec![on_deploy]);
+}
+
+pub async fn claim_not_before_run_at(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let q = queues(&["q"]);
+    assert_eq!(store.next_due_at(t.org, t.agent, &q).await.unwrap(), None);
+    let mut later = pooled("q");
+    later.run_at = Some(START + secs(60));
+    let later = create(store, t.org, later).await;
+    let mut latest = targeted(t.agent);
+    latest.run_at = Some(START + secs(120));
+    let latest = create(store, t.org, latest).await;
+    // Not claimable by this agent: another queue.
+    let mut elsewhere = pooled("elsewhere");
+    elsewhere.run_at = Some(START + secs(30));
+    create(store, t.org, elsewhere).await;
+
+    assert!(
+        store
+            .claim(t.org, t.agent, &q, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.next_due_at(t.org, t.agent, &q).await.unwrap(),
+        Some(START + secs(60))
+    );
+
+    clock.advance(secs(59));
+    assert!(
+        store
+            .claim(t.org, t.agent, &q, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    clock.advance(secs(1));
+    assert_eq!(claim_one(store, &t, &["q"]).await.command.id, later);
+    assert_eq!(
+        store.next_due_at(t.org, t.agent, &q).await.unwrap(),
+        Some(START + secs(120))
+    );
+    clock.advance(secs(60));
+    assert_eq!(claim_one(store, &t, &["q"]).await.command.id, latest);
+    assert_eq!(store.next_due_at(t.org, t.agent, &q).await.unwrap(), None);
+}
+
+// --- fencing ---
+
+pub async fn claim_token_completes_once(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    create(store, t.org, pooled("q")).await;
+    let c = claim_one(store, &t, &["q"]).await;
+    clock.advance(secs(5));
+    let done = store
+        .complete(t.org, c.command.id, &c.claim_token, json!({"ok": true}))
+        .await
+        .unwrap();
+    assert_eq!(done.status, CommandStatus::Completed);
+    assert_eq!(done.result, Some(json!({"ok": true})));
+    assert_eq!(done.finished_at, Some(START + secs(5)));
+    assert_eq!(done.lease_expires_at, None);
+    assert_eq!(done.attempts, 1);
+
+    let after = store
+        .get_command(t.org, c.command.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, done);
+    clock.advance(secs(5));
+    assert!(matches!(
+        store
+            .complete(t.org, c.command.id, &c.claim_token, json!({"ok": "again"}))
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store
+            .fail(t.org, c.command.id, &c.claim_token, json!("x"), true)
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store
+            .heartbeat(t.org, c.command.id, &c.claim_token, None)
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert_eq!(
+        store
+            .get_command(t.org, c.command.id)
+            .await
+            .unwrap()
+            .unwrap(),
+        done
+    );
+}
+
+pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let id = create(store, t.org, pooled("q")).await;
+    let first = claim_one(store, &t, &["q"]).await;
+
+    // A made-up token, while the real claim is current.
+    let wrong = ClaimToken("0123456789abcdef0123456789abcdef".into());
+    let before = store.get_command(t.org, id).await.unwrap().unwrap();
+    clock.advance(secs(1));
+    assert!(matches!(
+        store.complete(t.org, id, &wrong, json!(1)).await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store.fail(t.org, id, &wrong, json!(1), false).await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store.heartbeat(t.org, id, &wrong, Some(json!(50))).await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert_eq!(store.get_command(t.org, id).await.unwrap().unwrap(), before);
+
+    // The lease expires and the command is claimed again: the first token is now stale.
+    clock.advance(secs(300));
+    assert_eq!(store.release_expired_leases().await.unwrap().len(), 1);
+    let second = claim_one(store, &t, &["q"]).await;
+    assert_ne!(second.claim_token, first.claim_token);
+    assert_eq!(second.command.attempts, 2);
+    let before = store.get_command(t.org, id).await.unwrap().unwrap();
+    clock.advance(secs(1));
+    assert!(matches!(
+        store
+            .complete(t.org, id, &first.claim_token, json!(1))
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store
+            .fail(t.org, id, &first.claim_token, json!(1), true)
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store.heartbeat(t.org, id, &first.claim_token, None).await,
+        Err(StoreError::StaleClaim)
+    ));
+    let after = store.get_command(t.org, id).await.unwrap().unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.status, CommandStatus::Executing);
+    assert_eq!(after.result, None);
+    assert_eq!(after.attempts, 2);
+
+    // A missing id is NotFound, not StaleClaim.
+    assert!(matches!(
+        store
+            .complete(t.org, CommandId::new(), &second.claim_token, json!(1))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    store
+        .complete(t.org, id, &second.claim_token, json!(1))
+        .await
+        .unwrap();
+}
+
+pub async fn heartbeat_renews_lease(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut c = pooled("q");
+    c.lease_duration = StdDuration::from_secs(30);
+    let id = create(store, t.org, c).await;
+    let claimed = claim_one(store, &t, &["q"]).await;
+    assert_eq!(claimed.lease_expires_at, START + secs(30));
+
+    clock.advance(secs(20));
+    let lease = store
+        .heartbeat(t.org, id, &claimed.claim_token, Some(json!({"pct": 40})))
+        .await
+        .unwrap();
+    assert_eq!(lease.expires_at, START + secs(50));
+    assert!(!lease.cancel_requested);
+
+    // Past the first expiry, but the lease was renewed: nothing is released.
+    clock.advance(secs(20));
+    assert!(store.release_expired_leases().await.unwrap().is_empty());
+    // A heartbeat without progress keeps the last one.
+    store
+        .heartbeat(t.org, id, &claimed.claim_token, None)
+        .await
+        .unwrap();
+    let c = store.get_command(t.org, id).await.unwrap().unwrap();
+    assert_eq!(c.progress, Some(json!({"pct": 40})));
+    assert_eq!(c.lease_expires_at, Some(START + secs(70)));
+    assert_eq!(c.status, CommandStatus::Executing);
+
+    // Exactly at the expiry instant the lease still holds; just after, it is released.
+    clock.set(START + secs(70));
+    assert!(store.release_expired_leases().await.unwrap().is_empty());
+    clock.advance(Duration::milliseconds(1));
+    assert_eq!(store.release_expired_leases().await.unwrap().len(), 1);
+}
+
+// --- fail and retry ---
+
+pub async fn retryable_fail_backs_off(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut c = pooled("q");
+    c.max_attempts = 3;
+    let id = create(store, t.org, c).await;
+    let q = queues(&["q"]);
+
+    // Attempt 1 fails: back to pending, not due before half of 5 s, due by 5 s.
+    let claimed = claim_one(store, &t, &["q"]).await;
+    let failed = store
+        .fail(t.org, id, &claimed.claim_token, json!({"e": 1}), true)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, CommandStatus::Pending);
+    assert_eq!(failed.error, Some(json!({"e": 1})));
+    assert_eq!(failed.lease_expires_at, None);
+    assert_eq!(failed.finished_at, None);
+    let delay = failed.run_at - START;
+    assert!(
+        delay >= Duration::milliseconds(2500) && delay <= secs(5),
+        "{delay}"
+    );
+    assert!(store.claim(t.org, t.agent, &q, 1).await.unwrap().is_empty());
+    assert_eq!(
+        store.next_due_at(t.org, t.agent, &q).await.unwrap(),
+        Some(failed.run_at)
+    );
+    // The old token cannot fail it again.
+    assert!(matches!(
+        store
+            .fail(t.org, id, &claimed.claim_token, json!(2), true)
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+
+    // Attempt 2 fails: the step doubles (5..10 s).
+    clock.set(failed.run_at);
+    let claimed = claim_one(store, &t, &["q"]).await;
+    assert_eq!(claimed.command.attempts, 2);
+    let failed = store
+        .fail(t.org, id, &claimed.claim_token, json!({"e": 2}), true)
+        .await
+        .unwrap();
+    let delay = failed.run_at - clock.now();
+    assert_eq!(failed.status, CommandStatus::Pending);
+    assert!(delay >= secs(5) && delay <= secs(10), "{delay}");
+
+    // Attempt 3 is the last one: failed, for good.
+    clock.set(failed.run_at);
+    let claimed = claim_one(store, &t, &["q"]).await;
+    assert_eq!(claimed.command.attempts, 3);
+    let failed = store
+        .fail(t.org, id, &claimed.claim_token, json!({"e": 3}), true)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, CommandStatus::Failed);
+    assert_eq!(failed.attempts, 3);
+    assert_eq!(failed.error, Some(json!({"e": 3})));
+    assert_eq!(failed.finished_at, Some(clock.now()));
+    clock.advance(secs(3600));
+    assert!(store.claim(t.org, t.agent, &q, 1).await.unwrap().is_empty());
+}
+
+pub async fn non_retryable_fail(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let id = create(store, t.org, pooled("q")).await;
+    let claimed = claim_one(store, &t, &["q"]).await;
+    let failed = store
+        .fail(t.org, id, &claimed.claim_token, json!("bad params"), false)
+        .await
+        .unwrap();
+    assert_eq!(failed.status, CommandStatus::Failed);
+    assert_eq!(failed.attempts, 1);
+
+    // Requeue gives it a fresh start.
+    let requeued = store.requeue(t.org, id).await.unwrap();
+    assert_eq!(requeued.status, CommandStatus::Pending);
+    assert_eq!(requeued.attempts, 0);
+    assert_eq!(requeued.finished_at, None);
+    assert_eq!(claim_one(store, &t, &["q"]).await.command.attempts, 1);
+}
+
+// --- lease expiry ---
+
+pub async fn lease_expiry_requeues(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let b = agent(store, t.org, "agent-2").await;
+    let mut c = targeted(t.agent);
+    c.lease_duration = StdDuration::from_secs(60);
+    let for_a = create(store, t.org, c).await;
+    let pooled_id = create(store, t.org, pooled("q")).await;
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q"]), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+
+    // Only the 60 s lease has ended.
+    clock.advance(secs(61));
+    let released = store.release_expired_leases().await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].command_id, for_a);
+    assert_eq!(released[0].org_id, t.org);
+    assert_eq!(released[0].attempts, 1);
+    assert_eq!(released[0].outcome, ReleaseOutcome::Requeued);
+    let c = store.get_command(t.org, for_a).await.unwrap().unwrap();
+    assert_eq!(c.status, CommandStatus::Pending);
+    assert_eq!(c.attempts, 1);
+    assert_eq!(c.run_at, START + secs(61));
+    assert_eq!(c.target, Target::Agent(t.agent));
+    assert_eq!(c.lease_expires_at, None);
+
+    // A targeted command stays with its agent: B cannot take it, A can.
+    assert!(
+        store
+            .claim(t.org, b, &queues(&["q"]), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = claim_one(store, &t, &[]).await;
+    assert_eq!(again.command.id, for_a);
+    assert_eq!(again.command.attempts, 2);
+
+    // The pooled one returns to the pool, where another agent can take it.
+    clock.advance(secs(300));
+    let released = store.release_expired_leases().await.unwrap();
+    let ids: HashSet<_> = released.iter().map(|r| r.command_id).collect();
+    assert_eq!(ids, HashSet::from([for_a, pooled_id]));
+    let by_b = store.claim(t.org, b, &queues(&["q"]), 10).await.unwrap();
+    assert_eq!(by_b.len(), 1);
+    assert_eq!(by_b[0].command.id, pooled_id);
+    assert_eq!(by_b[0].command.attempts, 2);
+    assert_eq!(by_b[0].command.claimed_by, Some(b));
+}
+
+pub async fn lease_expiry_dead_and_requeue(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut c = pooled("q");
+    c.max_attempts = 2;
+    c.lease_duration = StdDuration::from_secs(10);
+    let id = create(store, t.org, c).await;
+
+    claim_one(store, &t, &["q"]).await;
+    clock.advance(secs(11));
+    let r = store.release_expired_leases().await.unwrap();
+    assert_eq!(r[0].outcome, ReleaseOutcome::Requeued);
+
+    claim_one(store, &t, &["q"]).await;
+    clock.advance(secs(11));
+    let r = store.release_expired_leases().await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].outcome, ReleaseOutcome::Dead);
+    assert_eq!(r[0].attempts, 2);
+    let dead = store.get_command(t.org, id).await.unwrap().unwrap();
+    assert_eq!(dead.status, CommandStatus::Dead);
+    assert_eq!(dead.dead_reason, Some(DeadReason::LeaseExpired));
+    assert_eq!(dead.finished_at, Some(clock.now()));
+    assert!(
+        store
+            .claim(t.org, t.agent, &queues(&["q"]), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.release_expired_leases().await.unwrap().is_empty());
+
+    let page = store.list_dead(t.org, None, 10).await.unwrap();
+    assert_eq!(page.items, vec![dead]);
+    assert_eq!(page.next_cursor, None);
+
+    // Requeue: pending, due now, attempts and reason reset.
+    clock.advance(secs(100));
+    let requeued = store.requeue(t.org, id).await.unwrap();
+    assert_eq!(requeued.status, CommandStatus::Pending);
+    assert_eq!(requeued.attempts, 0);
+    assert_eq!(requeued.dead_reason, None);
+    assert_eq!(requeued.run_at, clock.now());
+    assert!(
+        store
+            .list_dead(t.org, None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(matches!(
+        store.requeue(t.org, id).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    let c = claim_one(store, &t, &["q"]).await;
+    assert_eq!(c.command.attempts, 1);
+    assert!(matches!(
+        store.requeue(t.org, id).await,
+        Err(StoreError::InvalidState(_))
+    ));
+}
+
+// --- cancel ---
+
+pub async fn cancel(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let pending = create(store, t.org, targeted(t.agent)).await;
+    let c = store.cancel_command(t.org, pending).await.unwrap();
+    assert_eq!(c.status, CommandStatus::Cancelled);
+    assert_eq!(c.finished_at, Some(START));
+    assert!(
+        store
+            .claim(t.org, t.agent, &[], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.cancel_command(t.org, pending).await,
+        Err(StoreError::InvalidState(_))
+    ));
+
+    // Executing: only a request, seen by the agent on its next heartbeat.
+    let running = create(store, t.org, targeted(t.agent)).await;
+    let claimed = claim_one(store, &t, &[]).await;
+    let c = store.cancel_command(t.org, running).await.unwrap();
+    assert_eq!(c.status, CommandStatus::Executing);
+    assert!(c.cancel_requested);
+    // Asking twice is harmless.
+    store.cancel_command(t.org, running).await.unwrap();
+    clock.advance(secs(1));
+    let lease = store
+        .heartbeat(t.org, running, &claimed.claim_token, None)
+        .await
+        .unwrap();
+    assert!(lease.cancel_requested);
+    // The agent stops and reports a (retryable) failure: the command ends cancelled.
+    let c = store
+        .fail(t.org, running, &claimed.claim_token, json!("stopped"), true)
+        .await
+        .unwrap();
+    assert_eq!(c.status, CommandStatus::Cancelled);
+    assert_eq!(c.finished_at, Some(clock.now()));
+
+    // Cancel requested and the lease expires: cancelled, not requeued.
+    let lost = create(store, t.org, targeted(t.agent)).await;
+    claim_one(store, &t, &[]).await;
+    store.cancel_command(t.org, lost).await.unwrap();
+    clock.advance(secs(301));
+    let r = store.release_expired_leases().await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].outcome, ReleaseOutcome::Cancelled);
+    let c = store.get_command(t.org, lost).await.unwrap().unwrap();
+    assert_eq!(c.status, CommandStatus::Cancelled);
+
+    // Cancel requested, but the agent finished anyway: the result is kept.
+    let finished = create(store, t.org, targeted(t.agent)).await;
+    let claimed = claim_one(store, &t, &[]).await;
+    store.cancel_command(t.org, finished).await.unwrap();
+    let c = store
+        .complete(t.org, finished, &claimed.claim_token, json!("done"))
+        .await
+        .unwrap();
+    assert_eq!(c.status, CommandStatus::Completed);
+    assert!(matches!(
+        store.cancel_command(t.org, finished).await,
+        Err(StoreError::InvalidState(_))
+    ));
+    assert!(matches!(
+        store.cancel_command(t.org, CommandId::new()).await,
+        Err(StoreError::NotFound)
+    ));
+}
+
+// --- isolation ---
+
+pub async fn org_isolation(store: &dyn Store, clock: &ManualClock) {
+    let a = tenant(store, "a").await;
+    let b = tenant(store, "b").await;
+    // B's commands: one pooled on a queue name A also serves, one dead.
+    let b_pooled = create(store, b.org, pooled("shared")).await;
+    let mut short = pooled("shared");
+    short.max_attempts = 1;
+    short.lease_duration = StdDuration::from_secs(1);
+    let b_dead = create(store, b.org, short).await;
+    let mut b_claims = store
+        .claim(b.org, b.agent, &queues(&["shared"]), 10)
+        .await
+        .unwrap();
+    b_claims.sort_by_key(|c| c.command.id);
+    assert_eq!(b_claims.len(), 2);
+    clock.advance(secs(2));
+    let released = store.release_expired_leases().await.unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].org_id, b.org);
+    let b_running = b_claims.iter().find(|c| c.command.id == b_pooled).unwrap();
+    let b_pending = create(store, b.org, pooled("shared")).await;
+
+    let snapshot = |id| async move { store.get_command(b.org, id).await.unwrap().unwrap() };
+    let before = [
+        snapshot(b_pooled).await,
+        snapshot(b_dead).await,
+        snapshot(b_pending).await,
+    ];
+
+    // A sees none of them, claims none of them, and touches none of them.
+    for id in [b_pooled, b_dead, b_pending] {
+        assert_eq!(store.get_command(a.org, id).await.unwrap(), None);
+        assert!(matches!(
+            store.cancel_command(a.org, id).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.requeue(a.org, id).await,
+            Err(StoreError::NotFound)
+        ));
+    }
+    assert!(
+        store
+            .claim(a.org, a.agent, &queues(&["shared"]), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .next_due_at(a.org, a.agent, &queues(&["shared"]))
+            .await
+            .unwrap(),
+        None
+    );
+    let token = &b_running.claim_token;
+    assert!(matches!(
+        store
+            .heartbeat(a.org, b_pooled, token, Some(json!(1)))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.complete(a.org, b_pooled, token, json!(1)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.fail(a.org, b_pooled, token, json!(1), false).await,
+        Err(StoreError::NotFound)
+    ));
+    // B's agent, claiming in A's organisation, is unknown there.
+    assert!(matches!(
+        store.claim(a.org, b.agent, &queues(&["shared"]), 10).await,
+        Err(StoreError::UnknownAgent)
+    ));
+    assert!(
+        store
+            .list_commands(a.org, CommandFilter::default(), None, 100)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_dead(a.org, None, 100)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+
+    let after = [
+        snapshot(b_pooled).await,
+        snapshot(b_dead).await,
+        snapshot(b_pending).await,
+    ];
+    assert_eq!(before, after);
+    assert_eq!(after[1].status, CommandStatus::Dead);
+
+    // B still owns them.
+    store
+        .complete(b.org, b_pooled, token, json!("ok"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .claim(b.org, b.agent, &queues(&["shared"]), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+// --- listing ---
+
+pub async fn list_commands(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut c = if i % 2 == 0 {
+            pooled("build")
+        } else {
+            targeted(t.agent)
+        };
+        if i == 3 {
+            c.command_type = "deploy".into();
+        }
+        ids.push(create(store, t.org, c).await);
+    }
+    let newest_first: Vec<_> = ids.iter().rev().copied().collect();
+
+    let mut got = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list_commands(t.org, CommandFilter::default(), cursor, 3)
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 3);
+        got.extend(page.items.iter().map(|c| c.id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(got, newest_first);
+
+    let list = |filter: CommandFilter| async move {
+        store
+            .list_commands(t.org, filter, None, 100)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(CommandFilter {
+            queue: Some("build".into()),
+            ..CommandFilter::default()
+        })
+        .await,
+        vec![ids[6], ids[4], ids[2], ids[0]]
+    );
+    assert_eq!(
+        list(CommandFilter {
+            agent: Some(t.agent),
+            ..CommandFilter::default()
+        })
+        .await,
+        vec![ids[5], ids[3], ids[1]]
+    );
+    assert_eq!(
+        list(CommandFilter {
+            command_type: Some("deploy".into()),
+            ..CommandFilter::default()
+        })
+        .await,
+        vec![ids[3]]
+    );
+    claim_one(store, &t, &[]).await;
+    assert_eq!(
+        list(CommandFilter {
+            status: Some(CommandStatus::Executing),
+            agent: Some(t.agent),
+            ..CommandFilter::default()
+        })
+        .await,
+        vec![ids[1]]
+    );
+    assert_eq!(
+        list(CommandFilter {
+            status: Some(CommandStatus::Completed),
+            ..CommandFilter::default()
+        })
+        .await,
+        Vec::<CommandId>::new()
+    );
+}
+
+// --- concurrency ---
+
+/// Four tasks claim from 200 pooled commands at once: each command is claimed exactly once.
+pub async fn concurrent_claims(store: Arc<dyn Store>, _clock: &ManualClock) {
+    let t = tenant(&*store, "acme").await;
+    let mut agents = vec![t.agent];
+    for i in 2..=4 {
+        agents.push(agent(&*store, t.org, &format!("agent-{i}")).await);
+    }
+    let mut created = HashSet::new();
+    for _ in 0..200 {
+        created.insert(create(&*store, t.org, pooled("q")).await);
+    }
+    let tasks: Vec<_> = agents
+        .into_iter()
+        .map(|agent| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store
+                        .claim(t.org, agent, &["q".to_owned()], 7)
+                        .await
+                        .unwrap();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for c in batch {
+                        assert_eq!(c.command.claimed_by, Some(agent));
+                        store
+                            .complete(t.org, c.command.id, &c.claim_token, json!(null))
+                            .await
+                            .unwrap();
+                        mine.push(c.command.id);
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.extend(task.await.unwrap());
+    }
+    assert_eq!(claimed.len(), 200, "no command claimed twice");
+    let unique: HashSet<_> = claimed.into_iter().collect();
+    assert_eq!(unique, created);
+    let done = store
+        .list_commands(
+            t.org,
+            CommandFilter {
+                status: Some(CommandStatus::Completed),
+                ..CommandFilter::default()
+            },
+            None,
+            500,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.items.len(), 200);
+    assert!(done.items.iter().all(|c| c.attempts == 1));
+}

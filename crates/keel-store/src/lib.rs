@@ -1,0 +1,38 @@
+//! keel's store: organisations, API keys, agents and the commands agents pull.
+//!
+//! One trait, [`Store`], with a backend per database; SQLite ([`SqliteStore`]) is the embedded
+//! default. Every query that takes an organisation is scoped to it.
+//!
+//! - [`store`]: the [`Store`] trait and its limits.
+//! - [`model`]: identifiers, organisations, keys, agents, commands, claims and leases.
+//! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
+//! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
+//! - [`backoff`]: the delay before a failed command is retried.
+//! - [`mod@error`]: the error type, [`StoreError`].
+//!
+//! Failpoints (the [`fail`] crate): `store.claim`, `store.heartbeat` and `store.complete`, at the
+//! start of those methods; `return` makes them fail with an injected database error.
+
+pub mod backoff;
+pub mod clock;
+pub mod error;
+pub mod model;
+pub mod sqlite;
+pub mod store;
+mod token;
+
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
+pub mod conformance;
+
+pub use backoff::retry_backoff;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{StoreError, StoreResult};
+pub use model::{
+    Agent, AgentId, ApiKey, ApiKeyId, CheckIn, ClaimToken, Claimed, Command, CommandFilter,
+    CommandId, CommandStatus, Created, CreatedApiKey, DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS,
+    DeadReason, Idempotency, Lease, NewApiKey, NewCommand, OrgId, Organisation, Page, Principal,
+    ReleaseOutcome, Released, Scope, Target, UnknownName,
+};
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use store::{MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};

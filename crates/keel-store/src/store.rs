@@ -1,0 +1,161 @@
+//! The [`Store`] trait: everything keel keeps, behind one interface per backend.
+
+use async_trait::async_trait;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::error::StoreResult;
+use crate::model::{
+    Agent, AgentId, ApiKey, ApiKeyId, CheckIn, ClaimToken, Claimed, Command, CommandFilter,
+    CommandId, Created, CreatedApiKey, Idempotency, Lease, NewApiKey, NewCommand, OrgId,
+    Organisation, Page, Principal, Released,
+};
+
+/// The most commands one claim hands out.
+pub const MAX_CLAIM_BATCH: u32 = 100;
+
+/// The most commands one page lists.
+pub const MAX_PAGE_SIZE: u32 = 500;
+
+/// keel's persistent state.
+///
+/// Every method that takes an `org` is scoped to that organisation: a row of another one is
+/// reported as [`StoreError::NotFound`](crate::StoreError::NotFound) (or simply not seen), exactly
+/// as a missing one.
+#[async_trait]
+pub trait Store: Send + Sync {
+    // --- organisations and keys ---
+
+    /// Creates an organisation; a taken name is a `Conflict`.
+    async fn create_organisation(&self, name: &str) -> StoreResult<Organisation>;
+
+    /// Every organisation, by name.
+    async fn list_organisations(&self) -> StoreResult<Vec<Organisation>>;
+
+    /// The organisation with this name.
+    async fn find_org_by_name(&self, name: &str) -> StoreResult<Option<Organisation>>;
+
+    /// Creates an API key and returns its token, which is not stored and cannot be read back.
+    /// An agent key (scope `agent`) needs `agent_name`; that agent is created if absent.
+    async fn create_api_key(&self, org: OrgId, key: NewApiKey) -> StoreResult<CreatedApiKey>;
+
+    /// The organisation's keys, oldest first (without their tokens).
+    async fn list_api_keys(&self, org: OrgId) -> StoreResult<Vec<ApiKey>>;
+
+    /// Revokes a key: its token stops authenticating. Revoking twice is not an error.
+    async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()>;
+
+    /// Who `token` stands for; `None` for an unknown, malformed or revoked token.
+    async fn authenticate(&self, token: &str) -> StoreResult<Option<Principal>>;
+
+    // --- agents ---
+
+    /// Records a check-in: last seen (now), version, metadata, queues and boot identifier (a new
+    /// one counts a boot). `UnknownAgent` if the agent is not in `org`.
+    async fn check_in(&self, org: OrgId, agent: AgentId, check_in: CheckIn) -> StoreResult<Agent>;
+
+    /// One agent of the organisation.
+    async fn get_agent(&self, org: OrgId, agent: AgentId) -> StoreResult<Option<Agent>>;
+
+    /// The organisation's agents, by name.
+    async fn list_agents(&self, org: OrgId) -> StoreResult<Vec<Agent>>;
+
+    // --- commands ---
+
+    /// Creates a command. With an idempotency key seen before: the same request hash gives the
+    /// existing command (`created: false`), another one `IdempotencyMismatch`. A target agent
+    /// not in `org` is `UnknownAgent`.
+    async fn create_command(
+        &self,
+        org: OrgId,
+        command: NewCommand,
+        idempotency: Option<Idempotency>,
+    ) -> StoreResult<Created>;
+
+    /// One command of the organisation.
+    async fn get_command(&self, org: OrgId, id: CommandId) -> StoreResult<Option<Command>>;
+
+    /// The organisation's commands, newest first, after `cursor` (exclusive); `limit` is clamped
+    /// to `1..=MAX_PAGE_SIZE`.
+    async fn list_commands(
+        &self,
+        org: OrgId,
+        filter: CommandFilter,
+        cursor: Option<CommandId>,
+        limit: u32,
+    ) -> StoreResult<Page>;
+
+    /// Cancels a command: a pending one at once, an executing one by setting `cancel_requested`
+    /// (the agent sees it in its heartbeat). `InvalidState` for a finished one.
+    async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command>;
+
+    /// Hands up to `limit` (clamped to `1..=MAX_CLAIM_BATCH`) due pending commands to `agent`:
+    /// those targeted at it and those pooled on one of `queues`, best priority first, then
+    /// oldest. Each gets a new claim token, a lease of its own duration and one more attempt, in
+    /// one atomic statement. `UnknownAgent` if the agent is not in `org`.
+    async fn claim(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        queues: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<Claimed>>;
+
+    /// Renews the lease (now + the command's lease duration) and stores `progress` if given.
+    /// `StaleClaim` (and no change) unless the command is executing under `token`.
+    async fn heartbeat(
+        &self,
+        org: OrgId,
+        id: CommandId,
+        token: &ClaimToken,
+        progress: Option<Value>,
+    ) -> StoreResult<Lease>;
+
+    /// Completes the command with `result`. `StaleClaim` (and no change) unless the command is
+    /// executing under `token`.
+    async fn complete(
+        &self,
+        org: OrgId,
+        id: CommandId,
+        token: &ClaimToken,
+        result: Value,
+    ) -> StoreResult<Command>;
+
+    /// Records a failed attempt. A retryable failure with attempts left goes back to pending
+    /// after a backoff; otherwise the command is failed (cancelled if a cancel was requested).
+    /// `StaleClaim` (and no change) unless the command is executing under `token`.
+    async fn fail(
+        &self,
+        org: OrgId,
+        id: CommandId,
+        token: &ClaimToken,
+        error: Value,
+        retryable: bool,
+    ) -> StoreResult<Command>;
+
+    /// In every organisation: executing commands whose lease ended before now go back to
+    /// pending (due now), or to dead (`lease_expired`) when their attempts are used up, or to
+    /// cancelled when a cancel was requested.
+    async fn release_expired_leases(&self) -> StoreResult<Vec<Released>>;
+
+    /// The organisation's dead commands, newest first (see [`Store::list_commands`]).
+    async fn list_dead(
+        &self,
+        org: OrgId,
+        cursor: Option<CommandId>,
+        limit: u32,
+    ) -> StoreResult<Page>;
+
+    /// Puts a dead or failed command back to pending, due now, with its attempts reset.
+    /// `InvalidState` for a command in another state.
+    async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command>;
+
+    /// The earliest `run_at` among pending commands `agent` could claim with `queues` (it may
+    /// be in the past), so a long poll knows how long it may sleep.
+    async fn next_due_at(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        queues: &[String],
+    ) -> StoreResult<Option<OffsetDateTime>>;
+}

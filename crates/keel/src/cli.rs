@@ -1,0 +1,52 @@
+//! The command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// keel: hands commands to remote agents and delivers notifications, and does not fall over.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// keel's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (SQLite under ./keel-data by default; no set-up needed).
+    Serve(ConfigArgs),
+    /// Print the effective configuration, secrets redacted.
+    Config(ConfigArgs),
+    /// Run an agent: claim commands from a keel server and run a program for each.
+    Agent(crate::agent::AgentArgs),
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The TOML configuration file (default: ./keel.toml when it exists).
+    #[arg(long, env = "KEEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides `http.listen`).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The flags that override the configuration.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}

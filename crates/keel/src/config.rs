@@ -1,0 +1,325 @@
+//! keel's configuration: the struct below is the reference (every field says what it is for).
+//!
+//! Sources, later ones winning: built-in defaults, the TOML file (`keel.toml` in the working
+//! directory when present, or `--config FILE`), `KEEL_*` environment variables (nested keys
+//! joined with `__`, for example `KEEL_HTTP__LISTEN=127.0.0.1:9000`), then command-line flags.
+//! An unknown key or a bad value is an error that names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The default listen address: loopback, on a port no common service uses.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7740";
+
+/// The configuration file read when `--config` is not given and it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "keel.toml";
+
+/// Environment variables with the `KEEL_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
+
+/// Everything keel can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where keel keeps its data: the database, the admin token file, logs.
+    pub data_dir: PathBuf,
+    /// The HTTP server.
+    pub http: HttpConfig,
+    /// Access to the `/v1/admin` routes.
+    pub admin: AdminConfig,
+    /// The async logger: sinks, streams, filters, queue.
+    pub log: keel_log::LogConfig,
+    /// How supervised tasks are restarted after a panic.
+    pub supervisor: keel_guard::supervisor::RestartPolicy,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Intervals of keel's own periodic jobs.
+    pub jobs: JobsConfig,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub body_limit: usize,
+    /// A request not answered within this time gets 408.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// Access to the admin routes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The bearer token for `/v1/admin/*`. When unset, keel creates a random one at first
+    /// start and keeps it in `<data_dir>/admin-token` (readable by its owner only).
+    pub token: Option<String>,
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests and tasks may take to finish after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// How long the logger may take to write what it still holds.
+    #[serde(with = "humantime_serde")]
+    pub log_flush: Duration,
+}
+
+/// Intervals of keel's own periodic jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// How often the metrics recorder folds histogram samples and the logger's queue gauges
+    /// are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub telemetry_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("keel-data"),
+            http: HttpConfig::default(),
+            admin: AdminConfig::default(),
+            log: keel_log::LogConfig::default(),
+            supervisor: keel_guard::supervisor::RestartPolicy::default(),
+            shutdown: ShutdownConfig::default(),
+            jobs: JobsConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7740)),
+            body_limit: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            log_flush: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            telemetry_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a key is unknown or has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// `--config` names a file that does not exist.
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// The restart policy makes no sense.
+    #[error("configuration: {0}")]
+    Supervisor(#[from] keel_guard::supervisor::PolicyError),
+    /// A value is well-typed but not acceptable.
+    #[error("configuration: `{key}` {problem}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Values given on the command line; each overrides every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Merges defaults, the file, the environment and `overrides`, then validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, Env::prefixed("KEEL_"))
+    }
+
+    fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: Env,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.into())),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE));
+            }
+            None => {}
+        }
+        figment = figment.merge(env.ignore(NON_CONFIG_ENV).split("__"));
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(("http.listen", listen));
+        }
+        if let Some(dir) = &overrides.data_dir {
+            figment = figment.merge(("data_dir", dir));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", "must not be empty");
+        }
+        if self.http.body_limit == 0 {
+            return invalid("http.body_limit", "must be at least 1 byte");
+        }
+        if self.http.request_timeout.is_zero() {
+            return invalid("http.request_timeout", "must be longer than 0s");
+        }
+        if self.jobs.telemetry_interval.is_zero() {
+            return invalid("jobs.telemetry_interval", "must be longer than 0s");
+        }
+        self.supervisor.validate()?;
+        if let Some(token) = &self.admin.token
+            && token.len() < 16
+        {
+            return invalid("admin.token", "must be at least 16 characters");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets replaced by `<redacted>`.
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut shown = self.clone();
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some("<redacted>".to_owned());
+        }
+        toml::to_string_pretty(&shown)
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail` closures must return its (large) error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(jail: &Jail, file: Option<&str>) -> Result<Config, ConfigError> {
+        let _ = jail;
+        Config::load_with_env(
+            file.map(Path::new),
+            &Overrides::default(),
+            Env::prefixed("KEEL_"),
+        )
+    }
+
+    #[test]
+    fn defaults_need_no_file_and_listen_on_loopback() {
+        Jail::expect_with(|jail| {
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.http.listen.to_string(), DEFAULT_LISTEN);
+            assert_eq!(config.data_dir, PathBuf::from("keel-data"));
+            assert_eq!(config.http.body_limit, 1024 * 1024);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flags_win_in_that_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "keel.toml",
+                "data_dir = \"from-file\"\n[http]\nlisten = \"127.0.0.1:9001\"\nrequest_timeout = \"3s\"\n",
+            )?;
+            jail.set_env("KEEL_HTTP__LISTEN", "127.0.0.1:9002");
+            jail.set_env("KEEL_FAILPOINTS", "ignored=off");
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.data_dir, PathBuf::from("from-file"));
+            assert_eq!(config.http.listen.to_string(), "127.0.0.1:9002");
+            assert_eq!(config.http.request_timeout, Duration::from_secs(3));
+
+            let flags = Overrides {
+                listen: Some("127.0.0.1:9003".parse().unwrap()),
+                data_dir: Some("from-flag".into()),
+            };
+            let config = Config::load_with_env(None, &flags, Env::prefixed("KEEL_")).unwrap();
+            assert_eq!(config.http.listen.to_string(), "127.0.0.1:9003");
+            assert_eq!(config.data_dir, PathBuf::from("from-flag"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("keel.toml", "[http]\nlisten_on = \"x\"\n")?;
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("listen_on"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_HTTP__REQUEST_TIMEOUT", "soon");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("http.request_timeout"), "{err}");
+            jail.set_env("KEEL_HTTP__REQUEST_TIMEOUT", "5s");
+            jail.set_env("KEEL_HTTP__BODY_LIMIT", "0");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("http.body_limit"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(jail, Some("nope.toml")).unwrap_err();
+            assert!(matches!(err, ConfigError::MissingFile(_)));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut config = Config::default();
+        config.admin.token = Some("a-very-secret-admin-token".into());
+        let shown = config.to_redacted_toml().unwrap();
+        assert!(!shown.contains("a-very-secret"));
+        assert!(shown.contains("<redacted>"));
+    }
+}

@@ -1,0 +1,154 @@
+//! The one error type of the HTTP API and its one JSON shape:
+//! `{"error":{"code":"…","message":"…","request_id":"…"}}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::request_id;
+
+/// Every way a request can fail, each with its status and stable `code`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not well-formed JSON (400 `malformed_json`).
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// Something else about the request is unreadable (400 `bad_request`).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or wrong credentials (401 `unauthorized`).
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// Credentials lack the scope (403 `forbidden`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such route or object, or one the caller may not see (404 `not_found`).
+    #[error("not found")]
+    NotFound,
+    /// The route exists but not with this method (405 `method_not_allowed`).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The request was not answered in time (408 `timeout`).
+    #[error("request timed out")]
+    Timeout,
+    /// The request conflicts with the current state (409 `conflict`).
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is larger than the limit (413 `payload_too_large`).
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit, in bytes.
+        limit: usize,
+    },
+    /// The body is not `application/json` (415 `unsupported_media_type`).
+    #[error("expected a body with content type application/json")]
+    UnsupportedMediaType,
+    /// The body is JSON but not a valid request (422 `validation_failed`).
+    #[error("{0}")]
+    Validation(String),
+    /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "malformed_json",
+            Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Timeout => "timeout",
+            Self::Conflict(_) => "conflict",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Validation(_) => "validation_failed",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The error for a bare status produced outside keel's handlers (for example by axum's
+    /// router or a tower layer), so that it too gets the JSON shape.
+    pub fn from_status(status: StatusCode, body_limit: usize) -> Self {
+        match status {
+            StatusCode::BAD_REQUEST => Self::BadRequest("bad request".to_owned()),
+            StatusCode::UNAUTHORIZED => Self::Unauthorized,
+            StatusCode::FORBIDDEN => Self::Forbidden("forbidden".to_owned()),
+            StatusCode::NOT_FOUND => Self::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => Self::MethodNotAllowed,
+            StatusCode::REQUEST_TIMEOUT => Self::Timeout,
+            StatusCode::CONFLICT => Self::Conflict("conflict".to_owned()),
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge { limit: body_limit },
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
+            StatusCode::UNPROCESSABLE_ENTITY => Self::Validation("invalid request".to_owned()),
+            _ => Self::Internal(format!("status {status} without a body")),
+        }
+    }
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    /// The error itself.
+    pub error: ErrorDetail,
+}
+
+/// `code`, `message` and the request id.
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable message; never panic text or internal details.
+    pub message: String,
+    /// The request id, as in the `X-Request-Id` header and the logs.
+    pub request_id: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let detail = match &self {
+            Self::Internal(detail) => Some(detail.clone()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.to_string(),
+                request_id: request_id::current(),
+            },
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        // The lifecycle layer logs internal errors with their detail; it reads this marker.
+        response.extensions_mut().insert(ErrorMarker { detail });
+        response
+    }
+}
+
+/// Marks a response as already carrying keel's JSON error shape; holds the detail of an
+/// internal error for the log.
+#[derive(Debug, Clone)]
+pub struct ErrorMarker {
+    /// What went wrong inside keel, for the log only.
+    pub detail: Option<String>,
+}

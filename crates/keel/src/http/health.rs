@@ -1,0 +1,67 @@
+//! Liveness, readiness and metrics.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+
+use super::AppState;
+use super::json::Json;
+
+/// `/healthz`, `/readyz`, `/metrics`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// The body of `/healthz` and `/readyz`.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    /// `ok`, `ready` or `degraded`.
+    pub status: &'static str,
+    /// The degraded components, by name (empty when ready).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub degraded: Vec<String>,
+}
+
+/// The process is up and answering.
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        degraded: Vec::new(),
+    })
+}
+
+/// 200 while no component is degraded; 503 naming the degraded ones otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let degraded = state.components.degraded();
+    if degraded.is_empty() {
+        Json(Health {
+            status: "ready",
+            degraded,
+        })
+        .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "degraded",
+                degraded,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,20 @@
+//! keel: hands commands to remote agents and delivers notifications, and does not fall over.
+//!
+//! The binary's parts, one module each:
+//! - [`config`]: the typed configuration, merged from defaults, `keel.toml`, `KEEL_*`
+//!   variables and flags, and validated.
+//! - [`cli`]: the command line (`keel serve`, `keel config`, `keel --version`).
+//! - [`http`]: the HTTP API: the request lifecycle layer (request id, panic catching, timeout,
+//!   access records), the one JSON error shape, health, metrics and admin routes.
+//! - [`telemetry`]: the Prometheus recorder.
+//! - [`server`]: wires everything together, runs it and shuts it down on a signal.
+//! - [`agent`]: `keel agent`, the ready agent that runs a program per command.
+//!
+//! The panic-safety runtime lives in `keel-guard`, the async logger in `keel-log`.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,204 @@
+//! `keel serve`: wires the parts together, runs them, and shuts them down on a signal.
+//!
+//! Shutdown (SIGTERM or SIGINT): stop accepting connections, let in-flight requests finish and
+//! cancel supervised tasks, both within `shutdown.grace`; then drain the logger within
+//! `shutdown.log_flush` and exit 0. A second signal exits at once with status 130.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use keel_guard::components::Components;
+use keel_guard::supervisor::Supervisor;
+use keel_log::Logger;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::http::lifecycle::Lifecycle;
+use crate::http::{self, AppState};
+use crate::telemetry;
+
+/// The exit status after a second signal.
+pub const FORCED_EXIT_STATUS: i32 = 130;
+
+/// Name of the file that keeps the generated admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Runs `keel serve` until SIGTERM/SIGINT. Installs the panic hook, the failpoints, the logger
+/// and the metrics recorder, which exist once per process.
+pub async fn serve(mut config: Config) -> anyhow::Result<()> {
+    keel_guard::panic::install_hook();
+    let failpoints = keel_guard::failpoints::configure_from_env()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    config.log.dir = config.data_dir.join(&config.log.dir);
+    let logger = keel_log::init(&config.log).context("starting the logger")?;
+    let metrics = telemetry::install_recorder().context("installing the metrics recorder")?;
+    if !failpoints.is_empty() {
+        tracing::warn!(failpoints = ?failpoints, "failpoints configured");
+    }
+
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("binding {}", config.http.listen))?;
+    let result = run(config, listener, logger.clone(), metrics, shutdown_signal()).await;
+    if let Err(error) = &result {
+        tracing::error!(error = %format!("{error:#}"), "keel stopped with an error");
+    }
+    result
+}
+
+/// Runs the server on `listener` until `shutdown` completes, then shuts down in order.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    logger: Logger,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let admin_token = admin_token(&config)?;
+    let components = Components::new();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let supervisor = Supervisor::new(
+        components.clone(),
+        config.supervisor.clone(),
+        cancel.clone(),
+        tracker.clone(),
+    );
+    start_jobs(&supervisor, &config, &logger, &metrics);
+
+    let state = AppState {
+        components,
+        logger: logger.clone(),
+        metrics,
+        admin_token,
+    };
+    let lifecycle = Lifecycle {
+        timeout: config.http.request_timeout,
+        body_limit: config.http.body_limit,
+    };
+    let app = http::router(state, lifecycle);
+    let address = listener.local_addr().context("reading the bound address")?;
+    let stop_accepting = cancel.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_accepting.cancelled_owned())
+            .await
+    });
+    tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), "keel is listening");
+
+    shutdown.await;
+    tracing::info!(grace = ?config.shutdown.grace, "shutting down");
+    cancel.cancel();
+    tracker.close();
+    let drained = tokio::time::timeout(config.shutdown.grace, async {
+        let served = server.await;
+        tracker.wait().await;
+        served
+    })
+    .await;
+    match drained {
+        Ok(Ok(Ok(()))) => tracing::info!("in-flight work finished"),
+        Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server stopped with an error"),
+        Ok(Err(error)) => tracing::error!(%error, "the HTTP server task failed"),
+        Err(_) => tracing::warn!("shutdown grace elapsed; abandoning in-flight work"),
+    }
+    tracing::info!("keel stopped");
+    if !logger.shutdown(config.shutdown.log_flush) {
+        eprintln!(
+            "keel: the logger did not drain within {:?}",
+            config.shutdown.log_flush
+        );
+    }
+    Ok(())
+}
+
+/// keel's own periodic jobs.
+fn start_jobs(
+    supervisor: &Supervisor,
+    config: &Config,
+    logger: &Logger,
+    metrics: &PrometheusHandle,
+) {
+    let logger = logger.clone();
+    let metrics = metrics.clone();
+    supervisor.every("telemetry", config.jobs.telemetry_interval, move || {
+        let logger = logger.clone();
+        let metrics = metrics.clone();
+        async move {
+            fail::fail_point!("job.telemetry");
+            metrics.run_upkeep();
+            let stats = logger.stats();
+            #[allow(clippy::cast_precision_loss)] // a queue length is far below 2^52
+            metrics::gauge!("keel_log_queue_len").set(stats.queue_len as f64);
+        }
+    });
+}
+
+/// The configured admin token, or the one kept in the data directory (created at first start).
+fn admin_token(config: &Config) -> anyhow::Result<Arc<str>> {
+    if let Some(token) = &config.admin.token {
+        return Ok(Arc::from(token.as_str()));
+    }
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let token = existing.trim();
+        if !token.is_empty() {
+            return Ok(Arc::from(token));
+        }
+    }
+    let token = format!(
+        "keel_admin_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    write_private(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    tracing::warn!(path = %path.display(), "no admin.token configured; generated one");
+    Ok(Arc::from(token.as_str()))
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())
+}
+
+/// Completes at the first SIGTERM or SIGINT; a second one exits the process at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("keel: second signal, exiting now");
+        std::process::exit(FORCED_EXIT_STATUS);
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers there is no graceful shutdown to wait for.
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

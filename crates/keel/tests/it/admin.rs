@@ -1,0 +1,67 @@
+//! The admin API: components, jobs and the admin token.
+
+use reqwest::StatusCode;
+
+use crate::harness::Server;
+
+#[tokio::test]
+async fn components_and_jobs_are_listed_with_their_state() {
+    let server = Server::start().await;
+    let components = server.admin_get("/v1/admin/components").await;
+    let telemetry = components
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "telemetry")
+        .expect("the telemetry job is a component");
+    assert_eq!(telemetry["restarts"], 0);
+    assert!(telemetry["next_tick"].is_string(), "{telemetry}");
+
+    let jobs = server.admin_get("/v1/admin/jobs").await;
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "telemetry")
+        .unwrap();
+    assert_eq!(job["failures"], 0);
+    assert_eq!(job["interval_ms"], 5000);
+
+    assert_eq!(
+        server.admin_get("/v1/admin/panics").await,
+        serde_json::json!([])
+    );
+    assert_eq!(server.get("/readyz").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn without_a_configured_token_one_is_generated_and_kept_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["config", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    // `keel config` does not create a token; `keel serve` does, once.
+    assert!(!dir.path().join("admin-token").exists());
+
+    let server = crate::harness::Server::start_without_admin_token().await;
+    let path = server.dir.path().join("admin-token");
+    let token = std::fs::read_to_string(&path).unwrap();
+    assert!(token.starts_with("keel_admin_"));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let response = server
+        .client
+        .get(server.url("/v1/admin/components"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}

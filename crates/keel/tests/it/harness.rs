@@ -1,0 +1,262 @@
+//! Starts `keel serve` as a child process and talks to it.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// How a test server is started.
+#[derive(Default)]
+pub struct Options {
+    /// `KEEL_FAILPOINTS`.
+    pub failpoints: Option<&'static str>,
+    /// Lines added to the `[http]` table of the generated `keel.toml`.
+    pub http: &'static str,
+    /// TOML appended to the generated `keel.toml`.
+    pub extra_toml: &'static str,
+    /// Leave `admin.token` unset, so keel generates one.
+    pub no_admin_token: bool,
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_without_admin_token() -> Server {
+        Self::start_with(Options {
+            no_admin_token: true,
+            ..Options::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(options: Options) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = format!(
+            r#"data_dir = "{data}"
+
+[http]
+listen = "127.0.0.1:{port}"
+{http}
+
+{admin}
+
+[supervisor]
+initial_backoff = "10ms"
+max_backoff = "80ms"
+reset_after = "5s"
+max_restarts = 3
+within = "10s"
+
+[shutdown]
+grace = "5s"
+log_flush = "5s"
+
+{log}
+{extra}
+"#,
+            data = dir.path().display(),
+            http = options.http,
+            admin = if options.no_admin_token {
+                String::new()
+            } else {
+                format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")
+            },
+            log = LOG_TOML,
+            extra = options.extra_toml,
+        );
+        let config_path = dir.path().join("keel.toml");
+        std::fs::write(&config_path, config).unwrap();
+
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .env_remove("KEEL_FAILPOINTS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(failpoints) = options.failpoints {
+            command.env("KEEL_FAILPOINTS", failpoints);
+        }
+        let mut child = command.spawn().unwrap();
+        // Keep stderr drained (the panic hook writes there) and visible in test output.
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[keel stderr] {line}");
+            }
+        });
+        let server = Server {
+            child: Some(child),
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        };
+        // Wait for the port without sending a request, so a test's first request is its own.
+        let address = format!("127.0.0.1:{port}");
+        poll_until(Duration::from_secs(30), || async {
+            std::net::TcpStream::connect(&address).is_ok()
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        response.json().await.unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let response = self.get("/metrics").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal` (for example `TERM`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn still_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the server to exit, at most `deadline`.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "keel did not exit within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("logs").join(LOG_FILE)
+    }
+
+    /// Every JSON record written to the test's log file so far.
+    pub fn log_records(&self) -> Vec<Value> {
+        read_records(&self.log_path())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
+/// The value of a metric line such as `keel_panics_total{component="http"} 1`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `condition` every 20 ms until it holds; fails the test after `deadline`.
+pub async fn poll_until<F, Fut>(deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < deadline,
+            "condition not met within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The log file every stream of a test server goes to, as JSON lines.
+pub const LOG_FILE: &str = "all.jsonl";
+
+const LOG_TOML: &str = r#"
+[log]
+dir = "logs"
+
+[[log.sinks]]
+name = "all"
+kind = "file"
+streams = ["app", "audit", "access", "error"]
+format = "json"
+file = { path = "all.jsonl", max_size = "1GiB", compress = false }
+"#;

@@ -1,0 +1,19 @@
+//! keel's integration tests: the real `keel` binary, started as a separate process on a free
+//! loopback port with its own data directory, driven over real HTTP.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
+
+mod admin;
+mod cli;
+mod harness;
+mod http_errors;
+mod logging;
+mod panics;
+mod profiles;
+mod shutdown;
+mod supervision;

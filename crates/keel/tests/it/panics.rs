@@ -1,0 +1,154 @@
+//! Panics in a handler, in the log sink and in a periodic tick: caught, answered, counted,
+//! logged once with a backtrace; the server goes on.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::harness::{Options, Server, metric, poll_until};
+
+#[tokio::test]
+async fn a_handler_panic_gets_a_json_500_and_the_next_request_succeeds() {
+    let server = Server::start_with(Options {
+        failpoints: Some("http.handler=1*panic(handler exploded)"),
+        ..Options::default()
+    })
+    .await;
+
+    let response = server
+        .client
+        .get(server.url("/healthz"))
+        .header("x-request-id", "panic-req-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.headers()["x-request-id"], "panic-req-1");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("exploded"), "the panic text leaked: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": {"code": "internal", "message": "internal error", "request_id": "panic-req-1"}})
+    );
+
+    assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"keel_panics_total{component="http"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // One panic record in the error stream, with its backtrace and the request id.
+    poll_until(Duration::from_secs(5), || async {
+        panic_records(&server, "http").len() == 1
+    })
+    .await;
+    let record = &panic_records(&server, "http")[0];
+    assert!(
+        record["backtrace"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lifecycle"),
+        "{record}"
+    );
+    assert!(record["context"].as_str().unwrap().contains("GET /healthz"));
+    assert!(record["context"].as_str().unwrap().contains("panic-req-1"));
+    assert_eq!(record["message"], "handler exploded");
+
+    // The admin API lists it too.
+    let panics = server.admin_get("/v1/admin/panics").await;
+    assert_eq!(panics[0]["component"], "http");
+    assert_eq!(panics[0]["message"], "handler exploded");
+}
+
+fn panic_records(server: &Server, component: &str) -> Vec<Value> {
+    server
+        .log_records()
+        .into_iter()
+        .filter(|r| r["stream"] == "error" && r["component"] == component)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_panicking_log_sink_loses_one_record_and_the_server_keeps_serving() {
+    let server = Server::start_with(Options {
+        failpoints: Some("log.sink=1*panic(sink exploded)"),
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    }
+    poll_until(Duration::from_secs(5), || async {
+        let metrics = server.metrics().await;
+        metric(&metrics, r#"keel_panics_total{component="log"}"#) == Some(1.0)
+    })
+    .await;
+    let metrics = server.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keel_log_failed_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // Later records are written: the access records of the three requests.
+    poll_until(Duration::from_secs(5), || async {
+        server
+            .log_records()
+            .iter()
+            .filter(|r| r["stream"] == "access" && r["route"] == "/healthz")
+            .count()
+            >= 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_panicking_tick_is_counted_and_the_next_tick_runs_on_time() {
+    let server = Server::start_with(Options {
+        failpoints: Some("job.telemetry=1*panic(tick exploded)"),
+        extra_toml: "[jobs]\ntelemetry_interval = \"100ms\"\n",
+        ..Options::default()
+    })
+    .await;
+    poll_until(Duration::from_secs(10), || async {
+        let jobs = server.admin_get("/v1/admin/jobs").await;
+        let job = telemetry(&jobs);
+        job["runs"].as_u64().unwrap() >= 4
+    })
+    .await;
+    let jobs = server.admin_get("/v1/admin/jobs").await;
+    let job = telemetry(&jobs);
+    assert_eq!(job["failures"], 1, "{job}");
+    assert_eq!(job["interval_ms"], 100);
+    let components = server.admin_get("/v1/admin/components").await;
+    let component = components
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "telemetry")
+        .unwrap();
+    assert_eq!(component["state"], "running", "{component}");
+    assert_eq!(component["last_panic"]["message"], "tick exploded");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keel_panics_total{component=\"")
+                && l.contains("telemetry")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
+
+fn telemetry(jobs: &Value) -> Value {
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "telemetry")
+        .cloned()
+        .unwrap()
+}
