@@ -124,11 +124,6 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// Waits for the connections to close (checkpointing the WAL).
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
     fn now(&self) -> (OffsetDateTime, i64) {
         let now = truncate_to_micros(self.clock.now());
         (now, to_micros(now))
@@ -260,6 +255,11 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn close(&self) {
+        // Closing the pool waits for the connections, and SQLite checkpoints the WAL.
+        self.pool.close().await;
+    }
+
     async fn create_organisation(&self, name: &str) -> StoreResult<Organisation> {
         if name.trim().is_empty() {
             return Err(StoreError::InvalidInput(

@@ -158,4 +158,7 @@ pub trait Store: Send + Sync {
         agent: AgentId,
         queues: &[String],
     ) -> StoreResult<Option<OffsetDateTime>>;
+
+    /// Waits for the connections to close; called once at shutdown.
+    async fn close(&self);
 }

@@ -23,6 +23,8 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Print the effective configuration, secrets redacted.
     Config(ConfigArgs),
+    /// Manage organisations and API keys.
+    Admin(crate::admin::AdminArgs),
     /// Run an agent: claim commands from a keel server and run a program for each.
     Agent(crate::agent::AgentArgs),
 }

@@ -19,6 +19,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7740";
 /// The configuration file read when `--config` is not given and it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "keel.toml";
 
+/// The SQLite database, in the data directory.
+pub const DATABASE_FILE: &str = "keel.db";
+
 /// Environment variables with the `KEEL_` prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
 
@@ -40,6 +43,40 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Intervals of keel's own periodic jobs.
     pub jobs: JobsConfig,
+    /// The database.
+    pub store: StoreConfig,
+    /// Commands, agents and leases.
+    pub commands: CommandsConfig,
+}
+
+/// The database (embedded SQLite in `<data_dir>/keel.db`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `full` (default): a committed change survives a power loss; `normal`: it survives a
+    /// process kill, and the last commits may be lost on a power loss. See docs/store.md.
+    pub synchronous: keel_store::Synchronous,
+}
+
+/// Commands, agents and leases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// How often the release-stuck job returns commands whose lease expired.
+    #[serde(with = "humantime_serde")]
+    pub release_stuck_interval: Duration,
+    /// An agent seen within this window is listed as online.
+    #[serde(with = "humantime_serde")]
+    pub agent_online_window: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            release_stuck_interval: Duration::from_secs(60),
+            agent_online_window: Duration::from_secs(90),
+        }
+    }
 }
 
 /// The HTTP server.
@@ -96,6 +133,8 @@ impl Default for Config {
             supervisor: keel_guard::supervisor::RestartPolicy::default(),
             shutdown: ShutdownConfig::default(),
             jobs: JobsConfig::default(),
+            store: StoreConfig::default(),
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -210,6 +249,9 @@ impl Config {
         if self.jobs.telemetry_interval.is_zero() {
             return invalid("jobs.telemetry_interval", "must be longer than 0s");
         }
+        if self.commands.release_stuck_interval.is_zero() {
+            return invalid("commands.release_stuck_interval", "must be longer than 0s");
+        }
         self.supervisor.validate()?;
         if let Some(token) = &self.admin.token
             && token.len() < 16
@@ -217,6 +259,11 @@ impl Config {
             return invalid("admin.token", "must be at least 16 characters");
         }
         Ok(())
+    }
+
+    /// The SQLite database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join(DATABASE_FILE)
     }
 
     /// The configuration as TOML with secrets replaced by `<redacted>`.

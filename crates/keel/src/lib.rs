@@ -8,12 +8,16 @@
 //!   access records), the one JSON error shape, health, metrics and admin routes.
 //! - [`telemetry`]: the Prometheus recorder.
 //! - [`server`]: wires everything together, runs it and shuts it down on a signal.
+//! - [`commands`]: commands beyond the store: long-poll wake-ups and the release-stuck job.
+//! - [`admin`]: `keel admin`, organisations and API keys from the command line.
 //! - [`agent`]: `keel agent`, the ready agent that runs a program per command.
 //!
 //! The panic-safety runtime lives in `keel-guard`, the async logger in `keel-log`.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod server;

@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             Err(error) => fail(&error),
         },
         Command::Agent(args) => block_on(keel::agent::run(args)),
+        Command::Admin(args) => block_on(keel::admin::run(args)),
         Command::Config(args) => {
             match Config::load(args.config.as_deref(), &args.overrides())
                 .map_err(anyhow::Error::from)

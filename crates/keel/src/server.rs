@@ -7,16 +7,20 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_guard::components::Components;
 use keel_guard::supervisor::Supervisor;
 use keel_log::Logger;
+use keel_store::{NewApiKey, Scope, SqliteOptions, SqliteStore, Store, SystemClock};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::commands::release::release_expired_leases;
+use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::lifecycle::Lifecycle;
 use crate::http::{self, AppState};
@@ -61,6 +65,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let admin_token = admin_token(&config)?;
+    let store = open_store(&config).await?;
+    bootstrap(store.as_ref()).await?;
     let components = Components::new();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -70,13 +76,21 @@ pub async fn run(
         cancel.clone(),
         tracker.clone(),
     );
+    let wakeups = Wakeups::default();
     start_jobs(&supervisor, &config, &logger, &metrics);
+    start_release_stuck(&supervisor, &config, &store, &wakeups);
 
     let state = AppState {
         components,
         logger: logger.clone(),
         metrics,
         admin_token,
+        store: store.clone(),
+        wakeups,
+        shutdown: cancel.clone(),
+        request_timeout: config.http.request_timeout,
+        max_claim_wait: Duration::from_secs(crate::http::commands::MAX_WAIT_SECONDS),
+        agent_online_window: config.commands.agent_online_window,
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,
@@ -108,6 +122,7 @@ pub async fn run(
         Ok(Err(error)) => tracing::error!(%error, "the HTTP server task failed"),
         Err(_) => tracing::warn!("shutdown grace elapsed; abandoning in-flight work"),
     }
+    store.close().await;
     tracing::info!("keel stopped");
     if !logger.shutdown(config.shutdown.log_flush) {
         eprintln!(
@@ -138,6 +153,71 @@ fn start_jobs(
             metrics::gauge!("keel_log_queue_len").set(stats.queue_len as f64);
         }
     });
+}
+
+/// Opens the SQLite database in the data directory (created and migrated as needed).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let path = config.database_path();
+    let options = SqliteOptions {
+        synchronous: config.store.synchronous,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(&path, options, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("opening the database {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// At first start (no organisation yet), creates the organisation `default` and an admin key,
+/// and prints the key once on stdout.
+async fn bootstrap(store: &dyn Store) -> anyhow::Result<()> {
+    if !store.list_organisations().await?.is_empty() {
+        return Ok(());
+    }
+    let org = store.create_organisation(BOOTSTRAP_ORG).await?;
+    let key = store
+        .create_api_key(
+            org.id,
+            NewApiKey {
+                name: "bootstrap-admin".to_owned(),
+                scopes: vec![Scope::Admin, Scope::CommandsWrite, Scope::CommandsRead],
+                agent_name: None,
+            },
+        )
+        .await?;
+    tracing::info!(target: "keel::audit", action = "bootstrap", org = BOOTSTRAP_ORG, key_prefix = %key.key.prefix, "first start: organisation and admin key created");
+    println!(
+        "keel: first start: created organisation `{BOOTSTRAP_ORG}` and an admin API key (shown once, keep it): {}",
+        key.token
+    );
+    Ok(())
+}
+
+/// The organisation created at first start.
+pub const BOOTSTRAP_ORG: &str = "default";
+
+/// The release-stuck job: expired leases go back to pending, or die.
+fn start_release_stuck(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+    wakeups: &Wakeups,
+) {
+    let store = store.clone();
+    let wakeups = wakeups.clone();
+    supervisor.every(
+        "release-stuck",
+        config.commands.release_stuck_interval,
+        move || {
+            let store = store.clone();
+            let wakeups = wakeups.clone();
+            async move {
+                if let Err(error) = release_expired_leases(store.as_ref(), &wakeups).await {
+                    tracing::error!(%error, "release-stuck: the store failed; retrying at the next tick");
+                }
+            }
+        },
+    );
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).

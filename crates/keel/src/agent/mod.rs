@@ -1,6 +1,40 @@
 //! `keel agent`: a ready agent that claims commands and runs a program for each.
+//!
+//! - [`client`]: the typed HTTP client for the agent routes of `docs/commands.md`.
+//! - [`runner`]: one command: the program, its progress, heartbeats and the report.
+//! - [`backoff`]: exponential backoff with jitter for retries.
+//!
+//! This module checks in, runs the claim loop and shuts down on SIGTERM/SIGINT. The program
+//! contract and the retry and shutdown behaviour are described in `docs/agent.md`.
+
+pub mod backoff;
+pub mod client;
+pub mod runner;
+
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::filter::LevelFilter;
+use uuid::Uuid;
+
+use self::backoff::Backoff;
+use self::client::{CheckIn, Client, ClientError};
+use self::runner::{ClaimedCommand, Controls, Outcome, Program, RunnerConfig};
+
+/// How often the agent checks in again, so the server sees it online.
+pub const CHECK_IN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// After the shutdown grace, how long killed commands have to be handed back (and finished
+/// ones to be reported) before the agent exits anyway.
+pub const HAND_BACK_WINDOW: Duration = Duration::from_secs(15);
+
+/// The most commands one claim may ask for (`docs/commands.md`).
+const CLAIM_LIMIT_MAX: usize = 100;
 
 /// `keel agent` flags.
 #[derive(Debug, Clone, Args)]
@@ -11,12 +45,421 @@ pub struct AgentArgs {
     /// An API key with the `agent` scope.
     #[arg(long, env = "KEEL_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// The program run once per command.
+    /// The program run once per command (the command arrives as JSON on its stdin).
     #[arg(long)]
-    pub exec: std::path::PathBuf,
+    pub exec: PathBuf,
+    /// Queues to claim pooled commands from, comma-separated (targeted commands always come).
+    #[arg(long, env = "KEEL_AGENT_QUEUES", value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// How many commands run at once.
+    #[arg(long, env = "KEEL_AGENT_CONCURRENCY", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub concurrency: u32,
+    /// The agent's name, sent on check-in (the server checks it is the key's agent).
+    #[arg(long, env = "KEEL_AGENT_NAME")]
+    pub name: Option<String>,
+    /// How long one claim waits on the server for a command to become due (0–60).
+    #[arg(long, env = "KEEL_AGENT_WAIT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=60))]
+    pub wait_seconds: u64,
+    /// On SIGTERM/SIGINT, how long running programs may take to finish (e.g. `30s`, `2m`).
+    #[arg(long, env = "KEEL_AGENT_SHUTDOWN_GRACE", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// The least severe log level written to stderr (error, warn, info, debug, trace).
+    #[arg(long, env = "KEEL_AGENT_LOG_LEVEL", default_value = "info")]
+    pub log_level: LevelFilter,
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
+/// Runs the agent until SIGTERM/SIGINT; fails at once when the server refuses the key.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the agent for {} is not available in this build", args.server)
+    // Another subscriber (a test's) may already be installed; then it is used.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(args.log_level)
+        .try_init();
+
+    let queues = queues(&args.queues)?;
+    let client = Client::new(&args.server, &args.token)?;
+    let signals = Signals::install()?;
+    let boot_id = Uuid::new_v4();
+    let check_in = CheckIn {
+        name: args.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        metadata: metadata(args.concurrency).await,
+        queues: queues.clone(),
+        boot_id,
+    };
+
+    let Some(agent) = first_check_in(&client, &check_in, &signals.stop).await? else {
+        tracing::info!("stopped before the first check-in");
+        return Ok(());
+    };
+    tracing::info!(
+        server = client.server(),
+        agent_id = agent.get("id").and_then(Value::as_str).unwrap_or("?"),
+        %boot_id,
+        ?queues,
+        concurrency = args.concurrency,
+        program = %args.exec.display(),
+        "checked in; claiming commands"
+    );
+    let check_ins = tokio::spawn(keep_checking_in(client.clone(), check_in));
+
+    let agent = Agent {
+        client,
+        queues,
+        concurrency: usize::try_from(args.concurrency).unwrap_or(1),
+        wait_seconds: args.wait_seconds,
+        shutdown_grace: args.shutdown_grace,
+        runner: RunnerConfig::new(Program {
+            path: args.exec,
+            args: Vec::new(),
+        }),
+    };
+    let result = tokio::select! {
+        result = agent.run(&signals.stop) => result,
+        () = signals.now.cancelled() => Err(anyhow::anyhow!(
+            "second signal: exited at once; running programs were killed and their commands \
+             are left to the server's lease expiry"
+        )),
+    };
+    check_ins.abort();
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
+}
+
+/// The agent's settings once checked.
+struct Agent {
+    client: Client,
+    queues: Vec<String>,
+    concurrency: usize,
+    wait_seconds: u64,
+    shutdown_grace: Duration,
+    runner: RunnerConfig,
+}
+
+impl Agent {
+    /// Claims and runs commands until `stop`, then drains: the grace, the kill and hand-back,
+    /// the hand-back window. A refused claim (401, 403, …) drains too, then fails.
+    async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
+        let controls = Controls::default();
+        let mut running: JoinSet<(Uuid, Outcome)> = JoinSet::new();
+        let mut backoff = Backoff::new();
+        let mut refused = None;
+        loop {
+            while let Some(done) = running.try_join_next() {
+                log_done(done);
+            }
+            if stop.is_cancelled() {
+                break;
+            }
+            let free = self.concurrency.saturating_sub(running.len());
+            if free == 0 {
+                tokio::select! {
+                    Some(done) = running.join_next() => log_done(done),
+                    () = stop.cancelled() => {}
+                }
+                continue;
+            }
+            let claimed_at = Instant::now();
+            let claim = self.client.claim(
+                free.min(CLAIM_LIMIT_MAX),
+                &self.queues,
+                self.wait_seconds,
+            );
+            // A claim cut short by a signal may lose commands the server just handed out;
+            // they come back when their lease expires.
+            let answer = tokio::select! {
+                answer = claim => answer,
+                () = stop.cancelled() => break,
+            };
+            match answer {
+                Ok(commands) => {
+                    backoff.reset();
+                    for object in commands {
+                        self.start(object, claimed_at, &controls, &mut running);
+                    }
+                }
+                Err(ClientError::Retryable(error)) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "claim failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => {}
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "the server refused the claim; stopping");
+                    refused = Some(anyhow::anyhow!("the server refused the claim: {error}"));
+                    break;
+                }
+            }
+        }
+        self.drain(running, &controls).await;
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Starts a runner for one claimed command (or hands it back when over capacity).
+    fn start(
+        &self,
+        object: Value,
+        claimed_at: Instant,
+        controls: &Controls,
+        running: &mut JoinSet<(Uuid, Outcome)>,
+    ) {
+        let command = match ClaimedCommand::from_json(object) {
+            Ok(command) => command,
+            Err(error) => {
+                tracing::error!(%error, "the server sent an unreadable command; it is left to lease expiry");
+                return;
+            }
+        };
+        let client = self.client.clone();
+        let controls = controls.clone();
+        let id = command.id;
+        if running.len() >= self.concurrency {
+            tracing::warn!(command_id = %id, "the server sent more commands than asked for; handing this one back");
+            running.spawn(async move {
+                let outcome = runner::hand_back(
+                    &client,
+                    &command,
+                    json!({"agent_over_capacity": true}),
+                    claimed_at,
+                    &controls,
+                )
+                .await;
+                (id, outcome)
+            });
+            return;
+        }
+        let config = self.runner.clone();
+        running.spawn(async move {
+            let outcome = runner::run(&client, &config, command, claimed_at, &controls).await;
+            (id, outcome)
+        });
+    }
+
+    /// Waits for running commands: up to the grace, then kills and hands back the rest,
+    /// then waits up to [`HAND_BACK_WINDOW`] for reports before giving them up.
+    async fn drain(&self, mut running: JoinSet<(Uuid, Outcome)>, controls: &Controls) {
+        if running.is_empty() {
+            return;
+        }
+        tracing::info!(
+            running = running.len(),
+            grace = ?self.shutdown_grace,
+            "no more claims; waiting for running commands (a second signal exits at once)"
+        );
+        let grace_end = Instant::now() + self.shutdown_grace;
+        let mut hand_back_end = None;
+        loop {
+            let next_step = hand_back_end.unwrap_or(grace_end);
+            tokio::select! {
+                done = running.join_next() => match done {
+                    Some(done) => log_done(done),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(next_step), if !controls.abandon.is_cancelled() => {
+                    if hand_back_end.is_none() {
+                        tracing::warn!(running = running.len(), "shutdown grace over; killing the remaining programs");
+                        controls.kill.cancel();
+                        hand_back_end = Some(Instant::now() + HAND_BACK_WINDOW);
+                    } else {
+                        tracing::warn!(running = running.len(), "hand-back window over; giving up the remaining reports");
+                        controls.abandon.cancel();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn log_done(done: Result<(Uuid, Outcome), tokio::task::JoinError>) {
+    match done {
+        Ok((id, outcome)) => tracing::debug!(command_id = %id, ?outcome, "command done"),
+        Err(error) => tracing::error!(%error, "a command's task ended abnormally"),
+    }
+}
+
+/// Checks in until the server answers; `None` when `stop` comes first. A refusal (401, 403,
+/// 404, 422, …) is fatal: the key, the name or the server URL is wrong.
+async fn first_check_in(
+    client: &Client,
+    body: &CheckIn,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Value>> {
+    let mut backoff = Backoff::new();
+    loop {
+        let answer = tokio::select! {
+            answer = client.check_in(body) => answer,
+            () = stop.cancelled() => return Ok(None),
+        };
+        let error = match answer {
+            Ok(agent) => return Ok(Some(agent)),
+            Err(ClientError::Retryable(error)) => error,
+            Err(error) => return Err(refusal(client, &error)),
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(server = client.server(), %error, retry_in = ?delay, "check-in failed");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return Ok(None),
+        }
+    }
+}
+
+/// A clear message for a check-in the server refused.
+fn refusal(client: &Client, error: &ClientError) -> anyhow::Error {
+    let hint = match error {
+        ClientError::Fatal { status: 401, .. } => {
+            "the token is not valid: check --token / KEEL_AGENT_TOKEN"
+        }
+        ClientError::Fatal { status: 403, .. } => {
+            "the token lacks the `agent` scope, or --name is not the token's agent"
+        }
+        ClientError::NotFound(_) => "no check-in route: is --server a keel server?",
+        _ => "the check-in was refused",
+    };
+    anyhow::anyhow!("{} refused the check-in: {error} ({hint})", client.server())
+}
+
+/// Checks in every [`CHECK_IN_INTERVAL`]; failures are logged and tried at the next tick.
+async fn keep_checking_in(client: Client, body: CheckIn) {
+    let mut ticks = tokio::time::interval(CHECK_IN_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match client.check_in(&body).await {
+            Ok(_) => tracing::debug!("checked in"),
+            Err(error @ ClientError::Retryable(_)) => tracing::warn!(%error, "check-in failed"),
+            Err(error) => tracing::error!(%error, "check-in refused"),
+        }
+    }
+}
+
+/// The `--queues` list without empty entries; each a valid queue name.
+fn queues(raw: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut queues = Vec::new();
+    for queue in raw.iter().map(|queue| queue.trim()) {
+        if queue.is_empty() {
+            continue;
+        }
+        let valid = queue.len() <= 64
+            && queue
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+        if !valid {
+            anyhow::bail!(
+                "--queues: {queue:?} is not a queue name (1–64 characters of a-z A-Z 0-9 _ . : -)"
+            );
+        }
+        if !queues.iter().any(|known| known == queue) {
+            queues.push(queue.to_owned());
+        }
+    }
+    Ok(queues)
+}
+
+/// What the agent tells about itself on check-in.
+async fn metadata(concurrency: u32) -> Value {
+    let from_file = tokio::fs::read_to_string("/etc/hostname")
+        .await
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty());
+    let hostname = from_file.or_else(|| {
+        std::env::var("HOSTNAME")
+            .ok()
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+    });
+    json!({
+        "hostname": hostname,
+        "pid": std::process::id(),
+        "concurrency": concurrency,
+    })
+}
+
+/// The first SIGTERM/SIGINT cancels `stop`; the second cancels `now`.
+struct Signals {
+    stop: CancellationToken,
+    now: CancellationToken,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let stop = CancellationToken::new();
+        let now = CancellationToken::new();
+        let signals = Self {
+            stop: stop.clone(),
+            now: now.clone(),
+        };
+        tokio::spawn(async move {
+            for (token, what) in [(stop, "stopping"), (now, "exiting at once")] {
+                tokio::select! {
+                    Some(()) = terminate.recv() => tracing::warn!("SIGTERM: {what}"),
+                    Some(()) = interrupt.recv() => tracing::warn!("SIGINT: {what}"),
+                    else => return,
+                }
+                token.cancel();
+            }
+        });
+        Ok(signals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_are_trimmed_deduplicated_and_checked() {
+        let raw = ["deploys", " backups ", "", "deploys", "a.b:c-d_e"].map(String::from);
+        assert_eq!(
+            queues(&raw).unwrap(),
+            ["deploys", "backups", "a.b:c-d_e"].map(String::from)
+        );
+        assert!(queues(&["has space".to_owned()]).is_err());
+        assert!(queues(&["x".repeat(65)]).is_err());
+        assert!(queues(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn flags_parse_with_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "keel", "--server", "http://s", "--token", "t", "--exec", "/bin/true", "--queues",
+            "a,b",
+        ])
+        .unwrap();
+        assert_eq!(cli.agent.queues, ["a", "b"]);
+        assert_eq!(cli.agent.concurrency, 1);
+        assert_eq!(cli.agent.wait_seconds, 30);
+        assert_eq!(cli.agent.shutdown_grace, Duration::from_secs(30));
+        assert!(cli.agent.name.is_none());
+        assert!(
+            Cli::try_parse_from([
+                "keel", "--server", "s", "--token", "t", "--exec", "x", "--wait-seconds", "61"
+            ])
+            .is_err()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "keel", "--server", "s", "--token", "t", "--exec", "x", "--concurrency", "0"
+            ])
+            .is_err()
+        );
+    }
 }

@@ -3,7 +3,6 @@
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
@@ -13,6 +12,7 @@ use keel_log::FilterSet;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use super::auth::bearer_token;
 use super::error::ApiError;
 use super::json::Json;
 
@@ -32,12 +32,7 @@ async fn require_admin_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
+    let presented = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
     if bool::from(presented.as_bytes().ct_eq(state.admin_token.as_bytes())) {
         Ok(next.run(request).await)
     } else {

@@ -35,10 +35,28 @@ pub enum ApiError {
     /// The request conflicts with the current state (409 `conflict`).
     #[error("{0}")]
     Conflict(String),
+    /// The claim token is not the current one, or the command is no longer executing
+    /// (409 `stale_claim`); nothing changed.
+    #[error("the claim token is not current or the command is no longer executing")]
+    StaleClaim,
+    /// The idempotency key was used before with another request (409 `idempotency_mismatch`).
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyMismatch,
+    /// The object is not in a state that allows this (409 `invalid_state`).
+    #[error("{0}")]
+    InvalidState(String),
     /// The body is larger than the limit (413 `payload_too_large`).
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge {
         /// The configured limit, in bytes.
+        limit: usize,
+    },
+    /// One field of the body is larger than its own limit (413 `payload_too_large`).
+    #[error("`{field}` is larger than {limit} bytes")]
+    FieldTooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its limit, in bytes.
         limit: usize,
     },
     /// The body is not `application/json` (415 `unsupported_media_type`).
@@ -62,8 +80,13 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Conflict(_) => StatusCode::CONFLICT,
-            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict(_)
+            | Self::StaleClaim
+            | Self::IdempotencyMismatch
+            | Self::InvalidState(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -81,7 +104,10 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Timeout => "timeout",
             Self::Conflict(_) => "conflict",
-            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::StaleClaim => "stale_claim",
+            Self::IdempotencyMismatch => "idempotency_mismatch",
+            Self::InvalidState(_) => "invalid_state",
+            Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
             Self::Internal(_) => "internal",
@@ -105,6 +131,38 @@ impl ApiError {
             _ => Self::Internal(format!("status {status} without a body")),
         }
     }
+}
+
+impl From<keel_store::StoreError> for ApiError {
+    fn from(error: keel_store::StoreError) -> Self {
+        use keel_store::StoreError;
+        match error {
+            StoreError::NotFound => Self::NotFound,
+            StoreError::Conflict(what) => Self::Conflict(what),
+            StoreError::IdempotencyMismatch => Self::IdempotencyMismatch,
+            StoreError::StaleClaim => Self::StaleClaim,
+            StoreError::InvalidState(what) => Self::InvalidState(what),
+            StoreError::UnknownAgent => {
+                Self::Validation("agent_id: no such agent in this organisation".to_owned())
+            }
+            StoreError::InvalidInput(what) => Self::Validation(what),
+            error @ (StoreError::Database(_) | StoreError::Migrate(_)) => {
+                Self::Internal(error_chain(&error))
+            }
+        }
+    }
+}
+
+/// An error and its sources, for the log.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The JSON body of every error.

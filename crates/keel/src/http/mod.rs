@@ -5,9 +5,14 @@
 //! - [`error`]: the one error type and its JSON shape; [`json`]: the JSON extractor that
 //!   answers bad bodies in that shape; [`request_id`]: the request id.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`admin`]: `/v1/admin/*`, behind the admin token.
+//! - [`admin`]: `/v1/admin/*`, behind the operator's admin token.
+//! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
+//!   API (`docs/commands.md`).
 
 pub mod admin;
+pub mod agents;
+pub mod auth;
+pub mod commands;
 pub mod error;
 pub mod health;
 pub mod json;
@@ -15,13 +20,16 @@ pub mod lifecycle;
 pub mod request_id;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use keel_guard::components::Components;
 use keel_log::Logger;
+use keel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
 
 use error::ApiError;
 use lifecycle::Lifecycle;
@@ -37,6 +45,18 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The bearer token of the admin routes.
     pub admin_token: Arc<str>,
+    /// Organisations, keys, agents and commands.
+    pub store: Arc<dyn Store>,
+    /// Wakes long-polling claims on enqueue.
+    pub wakeups: crate::commands::wakeups::Wakeups,
+    /// Cancelled at shutdown: long-polling claims answer at once.
+    pub shutdown: CancellationToken,
+    /// The request timeout (a long-poll ends before it).
+    pub request_timeout: Duration,
+    /// The longest long-poll wait.
+    pub max_claim_wait: Duration,
+    /// An agent seen within this window is online.
+    pub agent_online_window: Duration,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.
@@ -44,6 +64,8 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
     Router::new()
         .merge(health::routes())
         .nest("/v1/admin", admin::routes(state.clone()))
+        .nest("/v1/agents", agents::routes())
+        .nest("/v1/commands", commands::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

@@ -1,0 +1,146 @@
+//! `keel admin`: organisations and API keys, from the command line, on the data directory's
+//! database (safe while `keel serve` runs: SQLite's WAL lets both use it).
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use keel_store::{ApiKeyId, NewApiKey, OrgId, Scope, Store};
+
+use crate::cli::ConfigArgs;
+use crate::config::Config;
+use crate::server::open_store;
+
+/// `keel admin` and its subcommands.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Where the configuration (and so the data directory) comes from.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: AdminAction,
+}
+
+/// What `keel admin` can do.
+#[derive(Debug, Subcommand)]
+pub enum AdminAction {
+    /// Create an organisation; prints its id.
+    CreateOrg {
+        /// Its unique name.
+        name: String,
+    },
+    /// List organisations.
+    ListOrgs,
+    /// Create an API key; prints the token (shown once) on stdout.
+    CreateKey {
+        /// The organisation's name.
+        #[arg(long)]
+        org: String,
+        /// A name for the key (who or what uses it).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: admin, commands:write, commands:read, agent.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// For an `agent` key: the agent it is bound to (created if new).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// List the keys of an organisation (never their tokens).
+    ListKeys {
+        /// The organisation's name.
+        #[arg(long)]
+        org: String,
+    },
+    /// Revoke a key: it stops working at once.
+    RevokeKey {
+        /// The organisation's name.
+        #[arg(long)]
+        org: String,
+        /// The key's id.
+        id: uuid::Uuid,
+    },
+}
+
+/// Runs one `keel admin` action.
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.config.as_deref(), &args.config.overrides())?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store = open_store(&config).await?;
+    let result = act(store.as_ref(), args.action).await;
+    store.close().await;
+    result
+}
+
+async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
+    match action {
+        AdminAction::CreateOrg { name } => {
+            let org = store.create_organisation(&name).await?;
+            println!("{}", org.id.0);
+        }
+        AdminAction::ListOrgs => {
+            for org in store.list_organisations().await? {
+                println!("{}\t{}", org.id.0, org.name);
+            }
+        }
+        AdminAction::CreateKey {
+            org,
+            name,
+            scopes,
+            agent,
+        } => {
+            let org = org_id(store, &org).await?;
+            let scopes = scopes
+                .iter()
+                .map(|scope| scope.trim().parse::<Scope>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let created = store
+                .create_api_key(
+                    org,
+                    NewApiKey {
+                        name,
+                        scopes,
+                        agent_name: agent,
+                    },
+                )
+                .await?;
+            eprintln!(
+                "keel: created key {} (prefix {}); the token below is shown once",
+                created.key.id.0, created.key.prefix
+            );
+            println!("{}", created.token);
+        }
+        AdminAction::ListKeys { org } => {
+            let org = org_id(store, &org).await?;
+            for key in store.list_api_keys(org).await? {
+                let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+                println!(
+                    "{}\t{}\t{}\t{}{}",
+                    key.id.0,
+                    key.prefix,
+                    key.name,
+                    scopes.join(","),
+                    if key.revoked_at.is_some() {
+                        "\trevoked"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        AdminAction::RevokeKey { org, id } => {
+            let org = org_id(store, &org).await?;
+            store.revoke_api_key(org, ApiKeyId(id)).await?;
+            eprintln!("keel: key {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn org_id(store: &dyn Store, name: &str) -> anyhow::Result<OrgId> {
+    store
+        .find_org_by_name(name)
+        .await?
+        .map(|org| org.id)
+        .with_context(|| format!("no organisation named `{name}`"))
+}

@@ -1,0 +1,42 @@
+//! The release-stuck job: commands whose lease expired go back to pending, or die.
+
+use keel_store::{ReleaseOutcome, Released, Store, StoreError};
+
+use super::wakeups::Wakeups;
+
+/// Releases every expired lease (all organisations); each release is an `audit` record and
+/// counted in `keel_commands_released_total{outcome}`; organisations with requeued commands
+/// wake their waiting agents.
+pub async fn release_expired_leases(
+    store: &dyn Store,
+    wakeups: &Wakeups,
+) -> Result<Vec<Released>, StoreError> {
+    fail::fail_point!("commands.release_stuck");
+    let released = store.release_expired_leases().await?;
+    for release in &released {
+        let outcome = outcome_name(release.outcome);
+        tracing::info!(
+            target: "keel::audit",
+            action = "command.lease_expired",
+            command_id = %release.command_id.0,
+            org_id = %release.org_id.0,
+            attempts = release.attempts,
+            outcome,
+            "lease expired"
+        );
+        metrics::counter!("keel_commands_released_total", "outcome" => outcome).increment(1);
+        if release.outcome == ReleaseOutcome::Requeued {
+            wakeups.wake(release.org_id);
+        }
+    }
+    Ok(released)
+}
+
+/// The outcome as the API and the metrics name it.
+pub fn outcome_name(outcome: ReleaseOutcome) -> &'static str {
+    match outcome {
+        ReleaseOutcome::Requeued => "requeued",
+        ReleaseOutcome::Dead => "dead",
+        ReleaseOutcome::Cancelled => "cancelled",
+    }
+}

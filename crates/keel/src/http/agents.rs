@@ -1,0 +1,138 @@
+//! `/v1/agents`: agents check in; callers list them with online/offline derived from last-seen.
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use keel_store::{Agent, AgentId, CheckIn, Scope};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::Json;
+
+/// The agent routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(list))
+        .route("/check-in", post(check_in))
+}
+
+/// An agent as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    id: AgentId,
+    name: String,
+    version: Option<String>,
+    metadata: Value,
+    queues: Vec<String>,
+    boot_id: Option<Uuid>,
+    boot_count: u32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    booted_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_seen_at: Option<OffsetDateTime>,
+    online: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+}
+
+impl AgentView {
+    fn new(agent: Agent, online_window: std::time::Duration) -> Self {
+        let online = agent.last_seen_at.is_some_and(|seen| {
+            (OffsetDateTime::now_utc() - seen)
+                <= time::Duration::try_from(online_window).unwrap_or(time::Duration::MAX)
+        });
+        Self {
+            id: agent.id,
+            name: agent.name,
+            version: agent.version,
+            metadata: agent.metadata,
+            queues: agent.queues,
+            boot_id: agent.boot_id,
+            boot_count: agent.boot_count,
+            booted_at: agent.booted_at,
+            last_seen_at: agent.last_seen_at,
+            online,
+            created_at: agent.created_at,
+        }
+    }
+}
+
+/// The body of `POST /v1/agents/check-in`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckInRequest {
+    name: Option<String>,
+    version: String,
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(default)]
+    queues: Vec<String>,
+    boot_id: Uuid,
+}
+
+async fn check_in(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<CheckInRequest>,
+) -> Result<Json<AgentView>, ApiError> {
+    let agent = caller.agent()?;
+    if request.version.is_empty() || request.version.len() > 64 {
+        return Err(ApiError::Validation(
+            "version: 1 to 64 characters".to_owned(),
+        ));
+    }
+    if request.queues.len() > 64 {
+        return Err(ApiError::Validation("queues: at most 64".to_owned()));
+    }
+    let metadata = request
+        .metadata
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    if !metadata.is_object() {
+        return Err(ApiError::Validation(
+            "metadata: must be a JSON object".to_owned(),
+        ));
+    }
+    if serde_json::to_vec(&metadata).map_or(usize::MAX, |b| b.len()) > 16 * 1024 {
+        return Err(ApiError::FieldTooLarge {
+            field: "metadata",
+            limit: 16 * 1024,
+        });
+    }
+    let checked_in = state
+        .store
+        .check_in(
+            caller.org(),
+            agent,
+            CheckIn {
+                name: request.name,
+                version: request.version,
+                metadata,
+                queues: request.queues,
+                boot_id: request.boot_id,
+            },
+        )
+        .await?;
+    Ok(Json(AgentView::new(checked_in, state.agent_online_window)))
+}
+
+/// The answer of `GET /v1/agents`.
+#[derive(Debug, Serialize)]
+struct AgentList {
+    agents: Vec<AgentView>,
+}
+
+async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<AgentList>, ApiError> {
+    caller.require(Scope::CommandsRead)?;
+    let agents = state.store.list_agents(caller.org()).await?;
+    Ok(Json(AgentList {
+        agents: agents
+            .into_iter()
+            .map(|agent| AgentView::new(agent, state.agent_online_window))
+            .collect(),
+    }))
+}

@@ -1,0 +1,705 @@
+//! `/v1/commands`: create, read, list, cancel and requeue commands; claim, heartbeat, complete
+//! and fail them as an agent; run the release-stuck job now. `docs/commands.md` is the
+//! reference.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keel_store::{
+    AgentId, ClaimToken, Claimed, Command, CommandFilter, CommandId, CommandStatus, DeadReason,
+    Idempotency, NewCommand, Page, Scope, Target,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::json::Json;
+use crate::commands::release::{outcome_name, release_expired_leases};
+
+/// Largest `params` accepted, serialised.
+pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
+/// Largest claim batch.
+pub const MAX_CLAIM_LIMIT: u32 = 100;
+/// Longest long-poll wait a claim may ask for.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Longest name (command type, queue).
+const MAX_NAME_LEN: usize = 64;
+/// Longest `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// The command routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", post(create).get(list))
+        .route("/claim", post(claim))
+        .route("/release-stuck", post(release_stuck))
+        .route("/dead", get(list_dead))
+        .route("/{id}", get(get_one))
+        .route("/{id}/cancel", post(cancel))
+        .route("/{id}/requeue", post(requeue))
+        .route("/{id}/heartbeat", post(heartbeat))
+        .route("/{id}/complete", post(complete))
+        .route("/{id}/fail", post(fail))
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the API shows.
+
+/// A command as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct CommandView {
+    id: CommandId,
+    #[serde(rename = "type")]
+    command_type: String,
+    target: TargetView,
+    params: Value,
+    priority: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    run_at: OffsetDateTime,
+    max_attempts: u32,
+    lease_seconds: u64,
+    status: CommandStatus,
+    attempts: u32,
+    claimed_by: Option<AgentId>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    lease_expires_at: Option<OffsetDateTime>,
+    progress: Option<Value>,
+    result: Option<Value>,
+    error: Option<Value>,
+    dead_reason: Option<DeadReason>,
+    cancel_requested: bool,
+    idempotency_key: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    finished_at: Option<OffsetDateTime>,
+}
+
+/// `{"agent_id": …}` or `{"queue": …}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum TargetView {
+    AgentId(AgentId),
+    Queue(String),
+}
+
+impl From<Command> for CommandView {
+    fn from(command: Command) -> Self {
+        Self {
+            id: command.id,
+            command_type: command.command_type,
+            target: match command.target {
+                Target::Agent(agent) => TargetView::AgentId(agent),
+                Target::Queue(queue) => TargetView::Queue(queue),
+            },
+            params: command.params,
+            priority: command.priority,
+            run_at: command.run_at,
+            max_attempts: command.max_attempts,
+            lease_seconds: command.lease_duration.as_secs(),
+            status: command.status,
+            attempts: command.attempts,
+            claimed_by: command.claimed_by,
+            lease_expires_at: command.lease_expires_at,
+            progress: command.progress,
+            result: command.result,
+            error: command.error,
+            dead_reason: command.dead_reason,
+            cancel_requested: command.cancel_requested,
+            idempotency_key: command.idempotency_key,
+            created_at: command.created_at,
+            updated_at: command.updated_at,
+            finished_at: command.finished_at,
+        }
+    }
+}
+
+/// A claimed command: the command and its claim token.
+#[derive(Debug, Serialize)]
+pub struct ClaimedView {
+    #[serde(flatten)]
+    command: CommandView,
+    claim_token: String,
+}
+
+impl From<Claimed> for ClaimedView {
+    fn from(claimed: Claimed) -> Self {
+        Self {
+            command: claimed.command.into(),
+            claim_token: claimed.claim_token.0,
+        }
+    }
+}
+
+/// A page of commands.
+#[derive(Debug, Serialize)]
+pub struct PageView {
+    items: Vec<CommandView>,
+    next_cursor: Option<CommandId>,
+}
+
+impl From<Page> for PageView {
+    fn from(page: Page) -> Self {
+        Self {
+            items: page.items.into_iter().map(CommandView::from).collect(),
+            next_cursor: page.next_cursor,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Callers: create, read, list, cancel, requeue.
+
+/// The body of `POST /v1/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCommand {
+    #[serde(rename = "type")]
+    command_type: String,
+    agent_id: Option<AgentId>,
+    queue: Option<String>,
+    #[serde(default)]
+    params: Option<Value>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    run_at: Option<OffsetDateTime>,
+    max_attempts: Option<u32>,
+    lease_seconds: Option<u64>,
+}
+
+impl CreateCommand {
+    fn validate(self) -> Result<NewCommand, ApiError> {
+        check_name("type", &self.command_type)?;
+        let target = match (self.agent_id, self.queue) {
+            (Some(agent), None) => Target::Agent(agent),
+            (None, Some(queue)) => {
+                check_name("queue", &queue)?;
+                Target::Queue(queue)
+            }
+            _ => {
+                return Err(ApiError::Validation(
+                    "exactly one of `agent_id` and `queue` is required".to_owned(),
+                ));
+            }
+        };
+        let params = self
+            .params
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let size = serde_json::to_vec(&params).map_or(usize::MAX, |bytes| bytes.len());
+        if size > MAX_PARAMS_BYTES {
+            return Err(ApiError::FieldTooLarge {
+                field: "params",
+                limit: MAX_PARAMS_BYTES,
+            });
+        }
+        check_range("priority", i64::from(self.priority), -1000, 1000)?;
+        let mut command = NewCommand::new(self.command_type, target, params);
+        command.priority = self.priority;
+        command.run_at = self.run_at;
+        if let Some(max_attempts) = self.max_attempts {
+            check_range("max_attempts", i64::from(max_attempts), 1, 100)?;
+            command.max_attempts = max_attempts;
+        }
+        if let Some(seconds) = self.lease_seconds {
+            check_range(
+                "lease_seconds",
+                i64::try_from(seconds).unwrap_or(i64::MAX),
+                5,
+                86_400,
+            )?;
+            command.lease_duration = Duration::from_secs(seconds);
+        }
+        Ok(command)
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::CommandsWrite)?;
+    let idempotency = idempotency(&headers, &body)?;
+    let request: CreateCommand = parse_body(body)?;
+    let command = request.validate()?;
+    let created = state
+        .store
+        .create_command(caller.org(), command, idempotency)
+        .await?;
+    let status = if created.created {
+        metrics::counter!("keel_commands_created_total").increment(1);
+        state.wakeups.wake(caller.org());
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(CommandView::from(created.command))).into_response())
+}
+
+/// The `Idempotency-Key` header with a hash of the body, to tell a retry from a reuse.
+fn idempotency(headers: &HeaderMap, body: &Value) -> Result<Option<Idempotency>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|key| (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len()))
+        .ok_or_else(|| {
+            ApiError::Validation(format!(
+                "Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+            ))
+        })?;
+    // `serde_json::Value` keeps object keys sorted, so equal bodies hash equally whatever
+    // their key order or spacing.
+    let canonical = body.to_string();
+    Ok(Some(Idempotency {
+        key: key.to_owned(),
+        request_hash: hex::encode(Sha256::digest(canonical.as_bytes())),
+    }))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<CommandView>, ApiError> {
+    caller.require(Scope::CommandsRead)?;
+    let id = command_id(&id)?;
+    let command = state
+        .store
+        .get_command(caller.org(), id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(command.into()))
+}
+
+/// The query of `GET /v1/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<CommandStatus>,
+    agent_id: Option<AgentId>,
+    queue: Option<String>,
+    #[serde(rename = "type")]
+    command_type: Option<String>,
+    cursor: Option<CommandId>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PageView>, ApiError> {
+    caller.require(Scope::CommandsRead)?;
+    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let filter = CommandFilter {
+        status: query.status,
+        agent: query.agent_id,
+        queue: query.queue,
+        command_type: query.command_type,
+    };
+    let limit = page_limit(query.limit)?;
+    let page = state
+        .store
+        .list_commands(caller.org(), filter, query.cursor, limit)
+        .await?;
+    Ok(Json(page.into()))
+}
+
+/// The query of `GET /v1/commands/dead`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    cursor: Option<CommandId>,
+    limit: Option<u32>,
+}
+
+async fn list_dead(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PageView>, ApiError> {
+    caller.require(Scope::CommandsRead)?;
+    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let limit = page_limit(query.limit)?;
+    let page = state
+        .store
+        .list_dead(caller.org(), query.cursor, limit)
+        .await?;
+    Ok(Json(page.into()))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<CommandView>, ApiError> {
+    caller.require(Scope::CommandsWrite)?;
+    let id = command_id(&id)?;
+    let command = state.store.cancel_command(caller.org(), id).await?;
+    tracing::info!(target: "keel::audit", action = "command.cancel", command_id = %id.0, status = command.status.as_str(), "command cancel");
+    Ok(Json(command.into()))
+}
+
+async fn requeue(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<CommandView>, ApiError> {
+    caller.require(Scope::CommandsWrite)?;
+    let id = command_id(&id)?;
+    let command = state.store.requeue(caller.org(), id).await?;
+    tracing::info!(target: "keel::audit", action = "command.requeue", command_id = %id.0, "command requeued");
+    state.wakeups.wake(caller.org());
+    Ok(Json(command.into()))
+}
+
+/// One released command, as `POST /v1/commands/release-stuck` reports it.
+#[derive(Debug, Serialize)]
+struct ReleasedView {
+    command_id: CommandId,
+    outcome: &'static str,
+    attempts: u32,
+}
+
+/// The answer of `POST /v1/commands/release-stuck`.
+#[derive(Debug, Serialize)]
+struct ReleaseStuckView {
+    released: Vec<ReleasedView>,
+}
+
+async fn release_stuck(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ReleaseStuckView>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let released = release_expired_leases(state.store.as_ref(), &state.wakeups).await?;
+    let org = caller.org();
+    Ok(Json(ReleaseStuckView {
+        released: released
+            .into_iter()
+            .filter(|release| release.org_id == org)
+            .map(|release| ReleasedView {
+                command_id: release.command_id,
+                outcome: outcome_name(release.outcome),
+                attempts: release.attempts,
+            })
+            .collect(),
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agents: claim, heartbeat, complete, fail.
+
+/// The body of `POST /v1/commands/claim`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimRequest {
+    limit: u32,
+    queues: Option<Vec<String>>,
+    #[serde(default)]
+    wait_seconds: u64,
+}
+
+/// The answer of a claim.
+#[derive(Debug, Serialize)]
+struct ClaimResponse {
+    commands: Vec<ClaimedView>,
+}
+
+async fn claim(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(request): Json<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let agent = caller.agent()?;
+    check_range(
+        "limit",
+        i64::from(request.limit),
+        1,
+        i64::from(MAX_CLAIM_LIMIT),
+    )?;
+    check_range(
+        "wait_seconds",
+        i64::try_from(request.wait_seconds).unwrap_or(i64::MAX),
+        0,
+        i64::try_from(MAX_WAIT_SECONDS).unwrap_or(i64::MAX),
+    )?;
+    let org = caller.org();
+    let queues = match request.queues {
+        Some(queues) => {
+            for queue in &queues {
+                check_name("queues", queue)?;
+            }
+            queues
+        }
+        None => state
+            .store
+            .get_agent(org, agent)
+            .await?
+            .map(|agent| agent.queues)
+            .unwrap_or_default(),
+    };
+    // The wait ends before the request timeout would answer 408.
+    let wait = Duration::from_secs(request.wait_seconds)
+        .min(state.max_claim_wait)
+        .min(state.request_timeout.saturating_sub(Duration::from_secs(1)));
+    let deadline = tokio::time::Instant::now() + wait;
+    let notify = state.wakeups.of(org);
+    loop {
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        fail::fail_point!("http.claim");
+        let claimed = state
+            .store
+            .claim(org, agent, &queues, request.limit)
+            .await?;
+        let now = tokio::time::Instant::now();
+        if !claimed.is_empty() || now >= deadline {
+            metrics::counter!("keel_commands_claimed_total").increment(claimed.len() as u64);
+            return Ok(Json(ClaimResponse {
+                commands: claimed.into_iter().map(ClaimedView::from).collect(),
+            }));
+        }
+        let wake_at = match state.store.next_due_at(org, agent, &queues).await? {
+            Some(due) => {
+                let until_due = due - OffsetDateTime::now_utc();
+                let until_due = Duration::try_from(until_due).unwrap_or(Duration::ZERO);
+                deadline.min(now + until_due)
+            }
+            None => deadline,
+        };
+        tokio::select! {
+            () = &mut woken => {}
+            () = tokio::time::sleep_until(wake_at) => {}
+            () = state.shutdown.cancelled() => {
+                return Ok(Json(ClaimResponse { commands: Vec::new() }));
+            }
+        }
+    }
+}
+
+/// The body of a heartbeat.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeartbeatRequest {
+    claim_token: String,
+    progress: Option<Value>,
+}
+
+/// The answer of a heartbeat.
+#[derive(Debug, Serialize)]
+struct HeartbeatResponse {
+    #[serde(with = "time::serde::rfc3339")]
+    lease_expires_at: OffsetDateTime,
+    cancel_requested: bool,
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<HeartbeatRequest>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    caller.agent()?;
+    let id = command_id(&id)?;
+    if let Some(progress) = &request.progress {
+        check_size("progress", progress)?;
+    }
+    let lease = state
+        .store
+        .heartbeat(
+            caller.org(),
+            id,
+            &claim_token(request.claim_token)?,
+            request.progress,
+        )
+        .await?;
+    Ok(Json(HeartbeatResponse {
+        lease_expires_at: lease.expires_at,
+        cancel_requested: lease.cancel_requested,
+    }))
+}
+
+/// The body of a completion.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteRequest {
+    claim_token: String,
+    #[serde(default)]
+    result: Value,
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<CompleteRequest>,
+) -> Result<Json<CommandView>, ApiError> {
+    caller.agent()?;
+    let id = command_id(&id)?;
+    check_size("result", &request.result)?;
+    let command = state
+        .store
+        .complete(
+            caller.org(),
+            id,
+            &claim_token(request.claim_token)?,
+            request.result,
+        )
+        .await?;
+    metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
+        .increment(1);
+    Ok(Json(command.into()))
+}
+
+/// The body of a failure report.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailRequest {
+    claim_token: String,
+    error: Value,
+    retryable: bool,
+}
+
+async fn fail(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(request): Json<FailRequest>,
+) -> Result<Json<CommandView>, ApiError> {
+    caller.agent()?;
+    let id = command_id(&id)?;
+    check_size("error", &request.error)?;
+    let command = state
+        .store
+        .fail(
+            caller.org(),
+            id,
+            &claim_token(request.claim_token)?,
+            request.error,
+            request.retryable,
+        )
+        .await?;
+    metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
+        .increment(1);
+    if command.status == CommandStatus::Pending {
+        // Waiting claims look again, so they learn the retry's due time.
+        state.wakeups.wake(caller.org());
+    }
+    Ok(Json(command.into()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+/// Deserialises a JSON body already parsed as a `Value`; errors name the field.
+fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_json::from_value(body).map_err(|e| ApiError::Validation(e.to_string()))
+}
+
+/// A command id from the path; anything else is a 400.
+fn command_id(raw: &str) -> Result<CommandId, ApiError> {
+    uuid::Uuid::parse_str(raw)
+        .map(CommandId)
+        .map_err(|_| ApiError::BadRequest(format!("`{raw}` is not a command id")))
+}
+
+fn claim_token(token: String) -> Result<ClaimToken, ApiError> {
+    if token.is_empty() || token.len() > 128 {
+        return Err(ApiError::Validation(
+            "claim_token: 1 to 128 characters".to_owned(),
+        ));
+    }
+    Ok(ClaimToken(token))
+}
+
+fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
+    check_range(
+        "limit",
+        i64::from(limit),
+        1,
+        i64::from(keel_store::MAX_PAGE_SIZE),
+    )?;
+    Ok(limit)
+}
+
+/// `a-z A-Z 0-9 _ . : -`, 1 to 64 characters.
+fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    let valid = (1..=MAX_NAME_LEN).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{field}: 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, _ . : -"
+        )))
+    }
+}
+
+fn check_range(field: &str, value: i64, min: i64, max: i64) -> Result<(), ApiError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{field}: must be between {min} and {max}, got {value}"
+        )))
+    }
+}
+
+fn check_size(field: &'static str, value: &Value) -> Result<(), ApiError> {
+    let size = serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len());
+    if size > MAX_PARAMS_BYTES {
+        return Err(ApiError::FieldTooLarge {
+            field,
+            limit: MAX_PARAMS_BYTES,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("type", "run_job").is_ok());
+        assert!(check_name("type", "a.b:c-d").is_ok());
+        assert!(check_name("type", "").is_err());
+        assert!(check_name("type", "has space").is_err());
+        assert!(check_name("type", &"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn equal_bodies_hash_equally_whatever_their_key_order() {
+        let mut headers = HeaderMap::new();
+        headers.insert("idempotency-key", "k1".parse().unwrap());
+        let a: Value = serde_json::from_str(r#"{"type":"x","queue":"q"}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{ "queue": "q", "type": "x" }"#).unwrap();
+        let c: Value = serde_json::from_str(r#"{"type":"y","queue":"q"}"#).unwrap();
+        let hash = |v: &Value| idempotency(&headers, v).unwrap().unwrap().request_hash;
+        assert_eq!(hash(&a), hash(&b));
+        assert_ne!(hash(&a), hash(&c));
+    }
+}
