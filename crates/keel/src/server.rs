@@ -46,10 +46,21 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         tracing::warn!(failpoints = ?failpoints, "failpoints configured");
     }
 
+    // The store is ready (migrated, bootstrapped) before the port opens.
+    let store = open_store(&config).await?;
+    bootstrap(store.as_ref()).await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("binding {}", config.http.listen))?;
-    let result = run(config, listener, logger.clone(), metrics, shutdown_signal()).await;
+    let result = run(
+        config,
+        listener,
+        store,
+        logger.clone(),
+        metrics,
+        shutdown_signal(),
+    )
+    .await;
     if let Err(error) = &result {
         tracing::error!(error = %format!("{error:#}"), "keel stopped with an error");
     }
@@ -60,13 +71,12 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    store: Arc<dyn Store>,
     logger: Logger,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let admin_token = admin_token(&config)?;
-    let store = open_store(&config).await?;
-    bootstrap(store.as_ref()).await?;
     let components = Components::new();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

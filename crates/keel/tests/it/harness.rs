@@ -26,6 +26,7 @@ pub struct Options {
 
 pub struct Server {
     child: Option<Child>,
+    pub config_path: PathBuf,
     pub base: String,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
@@ -106,6 +107,7 @@ log_flush = "5s"
         });
         let server = Server {
             child: Some(child),
+            config_path,
             base: format!("http://127.0.0.1:{port}"),
             dir,
             client: reqwest::Client::builder()
@@ -189,6 +191,107 @@ log_flush = "5s"
     /// Every JSON record written to the test's log file so far.
     pub fn log_records(&self) -> Vec<Value> {
         read_records(&self.log_path())
+    }
+}
+
+impl Server {
+    /// Runs `keel admin --config <this server's config> ARGS`; returns its stdout, trimmed.
+    pub fn admin_cli(&self, args: &[&str]) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("admin")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("KEEL_FAILPOINTS")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "keel admin {args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Creates an organisation.
+    pub fn create_org(&self, name: &str) {
+        self.admin_cli(&["create-org", name]);
+    }
+
+    /// Creates an API key and returns a client that uses it.
+    pub fn key(&self, org: &str, scopes: &str, agent: Option<&str>) -> Api {
+        let mut args = vec![
+            "create-key",
+            "--org",
+            org,
+            "--name",
+            "test",
+            "--scopes",
+            scopes,
+        ];
+        if let Some(agent) = agent {
+            args.extend(["--agent", agent]);
+        }
+        Api {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            token: self.admin_cli(&args),
+        }
+    }
+}
+
+/// A client with one API key; every call states the status it expects.
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Api {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        expect: u16,
+    ) -> Value {
+        let mut request = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, expect, "{method} {path}: {text}");
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    pub async fn get(&self, path: &str, expect: u16) -> Value {
+        self.call(reqwest::Method::GET, path, None, expect).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, expect: u16) -> Value {
+        self.call(reqwest::Method::POST, path, Some(body), expect)
+            .await
+    }
+
+    /// Checks the agent in (serving `queues`).
+    pub async fn check_in(&self, queues: &[&str]) -> Value {
+        self.post(
+            "/v1/agents/check-in",
+            &serde_json::json!({
+                "version": "test",
+                "queues": queues,
+                "boot_id": uuid::Uuid::new_v4(),
+            }),
+            200,
+        )
+        .await
     }
 }
 

@@ -10,8 +10,10 @@
 
 mod admin;
 mod cli;
+mod commands;
 mod harness;
 mod http_errors;
+mod isolation;
 mod logging;
 mod panics;
 mod profiles;
