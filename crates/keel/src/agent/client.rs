@@ -203,9 +203,13 @@ impl Client {
             claim_token,
             result,
         };
-        self.post(&format!("/v1/commands/{id}/complete"), REQUEST_TIMEOUT, &body)
-            .await
-            .map(drop)
+        self.post(
+            &format!("/v1/commands/{id}/complete"),
+            REQUEST_TIMEOUT,
+            &body,
+        )
+        .await
+        .map(drop)
     }
 
     /// `POST /v1/commands/{id}/fail` with `error`; `retryable` lets the server try again.
@@ -253,13 +257,16 @@ impl Client {
 
 /// Reads a 2xx body as `T`; a body that cannot be read or decoded is retryable (a cut
 /// connection or a proxy's page), and logged by the caller.
-async fn decode<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ClientError> {
+async fn decode<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, ClientError> {
     let bytes = response
         .bytes()
         .await
         .map_err(|error| ClientError::Retryable(describe(&error)))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|error| ClientError::Retryable(format!("unreadable answer from the server: {error}")))
+    serde_json::from_slice(&bytes).map_err(|error| {
+        ClientError::Retryable(format!("unreadable answer from the server: {error}"))
+    })
 }
 
 /// Sorts a non-2xx answer: 404 not found, 409 stale, 408/429/5xx retryable, the rest fatal.
@@ -337,7 +344,10 @@ mod tests {
                 code,
                 message,
             } => {
-                assert_eq!((status, code.as_str(), message.as_str()), (401, "unauthorized", "bad token"));
+                assert_eq!(
+                    (status, code.as_str(), message.as_str()),
+                    (401, "unauthorized", "bad token")
+                );
             }
             other => panic!("{other:?}"),
         }

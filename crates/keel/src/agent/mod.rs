@@ -33,6 +33,9 @@ pub const CHECK_IN_INTERVAL: Duration = Duration::from_secs(30);
 /// ones to be reported) before the agent exits anyway.
 pub const HAND_BACK_WINDOW: Duration = Duration::from_secs(15);
 
+/// The least time between two claims that found nothing.
+pub const IDLE_PAUSE: Duration = Duration::from_secs(1);
+
 /// The most commands one claim may ask for (`docs/commands.md`).
 const CLAIM_LIMIT_MAX: usize = 100;
 
@@ -76,6 +79,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Another subscriber (a test's) may already be installed; then it is used.
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_max_level(args.log_level)
         .try_init();
 
@@ -95,9 +99,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("stopped before the first check-in");
         return Ok(());
     };
+    let agent_id = agent.get("id").and_then(Value::as_str).unwrap_or("?");
     tracing::info!(
         server = client.server(),
-        agent_id = agent.get("id").and_then(Value::as_str).unwrap_or("?"),
+        agent_id,
         %boot_id,
         ?queues,
         concurrency = args.concurrency,
@@ -116,6 +121,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             path: args.exec,
             args: Vec::new(),
         }),
+        idle_pause: IDLE_PAUSE,
     };
     let result = tokio::select! {
         result = agent.run(&signals.stop) => result,
@@ -139,6 +145,8 @@ struct Agent {
     wait_seconds: u64,
     shutdown_grace: Duration,
     runner: RunnerConfig,
+    /// The least time between two claims that found nothing.
+    idle_pause: Duration,
 }
 
 impl Agent {
@@ -165,11 +173,9 @@ impl Agent {
                 continue;
             }
             let claimed_at = Instant::now();
-            let claim = self.client.claim(
-                free.min(CLAIM_LIMIT_MAX),
-                &self.queues,
-                self.wait_seconds,
-            );
+            let claim =
+                self.client
+                    .claim(free.min(CLAIM_LIMIT_MAX), &self.queues, self.wait_seconds);
             // A claim cut short by a signal may lose commands the server just handed out;
             // they come back when their lease expires.
             let answer = tokio::select! {
@@ -179,6 +185,14 @@ impl Agent {
             match answer {
                 Ok(commands) => {
                     backoff.reset();
+                    if commands.is_empty() {
+                        // Without a long poll (`--wait-seconds 0`), empty answers would
+                        // come back to back: claim at most once per `idle_pause`.
+                        tokio::select! {
+                            () = tokio::time::sleep_until(claimed_at + self.idle_pause) => {}
+                            () = stop.cancelled() => {}
+                        }
+                    }
                     for object in commands {
                         self.start(object, claimed_at, &controls, &mut running);
                     }
@@ -416,50 +430,4 @@ impl Signals {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queues_are_trimmed_deduplicated_and_checked() {
-        let raw = ["deploys", " backups ", "", "deploys", "a.b:c-d_e"].map(String::from);
-        assert_eq!(
-            queues(&raw).unwrap(),
-            ["deploys", "backups", "a.b:c-d_e"].map(String::from)
-        );
-        assert!(queues(&["has space".to_owned()]).is_err());
-        assert!(queues(&["x".repeat(65)]).is_err());
-        assert!(queues(&[]).unwrap().is_empty());
-    }
-
-    #[test]
-    fn flags_parse_with_defaults() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            agent: AgentArgs,
-        }
-        let cli = Cli::try_parse_from([
-            "keel", "--server", "http://s", "--token", "t", "--exec", "/bin/true", "--queues",
-            "a,b",
-        ])
-        .unwrap();
-        assert_eq!(cli.agent.queues, ["a", "b"]);
-        assert_eq!(cli.agent.concurrency, 1);
-        assert_eq!(cli.agent.wait_seconds, 30);
-        assert_eq!(cli.agent.shutdown_grace, Duration::from_secs(30));
-        assert!(cli.agent.name.is_none());
-        assert!(
-            Cli::try_parse_from([
-                "keel", "--server", "s", "--token", "t", "--exec", "x", "--wait-seconds", "61"
-            ])
-            .is_err()
-        );
-        assert!(
-            Cli::try_parse_from([
-                "keel", "--server", "s", "--token", "t", "--exec", "x", "--concurrency", "0"
-            ])
-            .is_err()
-        );
-    }
-}
+mod tests;

@@ -13,9 +13,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
 use super::backoff::Backoff;
@@ -150,7 +150,12 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 enum Report {
     Complete(Value),
-    Fail { error: Value, retryable: bool },
+    /// `fail`; `then` is the outcome once the server took it.
+    Fail {
+        error: Value,
+        retryable: bool,
+        then: Outcome,
+    },
 }
 
 /// Why the runner stopped waiting for the program.
@@ -185,6 +190,7 @@ pub async fn run(
             let report = Report::Fail {
                 error: json!({"spawn_error": error.to_string()}),
                 retryable: true,
+                then: Outcome::Failed,
             };
             return deliver(client, &command, report, &deadline, controls).await;
         }
@@ -192,28 +198,29 @@ pub async fn run(
     tracing::info!(command_id = %command.id, r#type = %command.kind, attempt = command.attempts, pid = child.id(), "running");
 
     let output = Arc::new(Mutex::new(Output::default()));
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<AbortOnDropHandle<()>> = Vec::new();
     if let Some(mut stdin) = child.stdin.take() {
         let bytes = serde_json::to_vec(&command.object).unwrap_or_default();
         let id = command.id;
-        tasks.push(tokio::spawn(async move {
+        tasks.push(AbortOnDropHandle::new(tokio::spawn(async move {
             // A program that does not read its stdin closes the pipe; that is its right.
             if let Err(error) = stdin.write_all(&bytes).await {
                 tracing::debug!(command_id = %id, %error, "the program did not take its stdin");
             }
-        }));
+        })));
     }
     let stdout = child.stdout.take().map(|pipe| {
         let output = Arc::clone(&output);
-        tokio::spawn(read_stdout(pipe, output))
+        AbortOnDropHandle::new(tokio::spawn(read_stdout(pipe, output)))
     });
     let stderr = child.stderr.take().map(|pipe| {
         let output = Arc::clone(&output);
-        tokio::spawn(read_stderr(pipe, output))
+        AbortOnDropHandle::new(tokio::spawn(read_stderr(pipe, output)))
     });
 
     let (stop_tx, mut stop_rx) = mpsc::channel(1);
-    let heartbeats = tokio::spawn(heartbeat_loop(
+    // Every task of this command ends with it, however it ends.
+    let heartbeats = AbortOnDropHandle::new(tokio::spawn(heartbeat_loop(
         client.clone(),
         command.id,
         command.claim_token.clone(),
@@ -222,7 +229,7 @@ pub async fn run(
         Arc::clone(&output),
         Arc::clone(&deadline),
         stop_tx,
-    ));
+    )));
 
     let ended = tokio::select! {
         status = child.wait() => Ended::Exited(status),
@@ -235,20 +242,17 @@ pub async fn run(
         },
         () = controls.kill.cancelled() => Ended::Shutdown,
     };
-    heartbeats.abort();
+    drop(heartbeats);
 
     let report = match ended {
         Ended::Exited(status) => {
-            for task in &mut tasks {
-                task.abort();
-            }
+            drop(tasks);
             settle(stdout, stderr, config.output_settle).await;
             let output = std::mem::take(&mut *output.lock());
             match status {
-                Ok(status) if status.success() => Report::Complete(stdout_result(
-                    &output.stdout,
-                    output.stdout_truncated,
-                )),
+                Ok(status) if status.success() => {
+                    Report::Complete(stdout_result(&output.stdout, output.stdout_truncated))
+                }
                 Ok(status) => {
                     tracing::warn!(command_id = %command.id, %status, "the program failed");
                     Report::Fail {
@@ -258,11 +262,13 @@ pub async fn run(
                             "stderr_tail": output.tail.text(),
                         }),
                         retryable: true,
+                        then: Outcome::Failed,
                     }
                 }
                 Err(error) => Report::Fail {
                     error: json!({"wait_error": error.to_string(), "stderr_tail": output.tail.text()}),
                     retryable: true,
+                    then: Outcome::Failed,
                 },
             }
         }
@@ -271,15 +277,14 @@ pub async fn run(
                 tracing::debug!(command_id = %command.id, %error, "kill");
             }
             let _ = child.wait().await;
-            for task in tasks.iter().chain(stdout.iter()).chain(stderr.iter()) {
-                task.abort();
-            }
+            drop((tasks, stdout, stderr));
             match ended {
                 Ended::Cancel => {
                     tracing::info!(command_id = %command.id, "cancel requested; program killed");
                     Report::Fail {
                         error: json!({"cancelled": true}),
                         retryable: false,
+                        then: Outcome::Cancelled,
                     }
                 }
                 Ended::Shutdown => {
@@ -287,6 +292,7 @@ pub async fn run(
                     Report::Fail {
                         error: json!({"agent_shutdown": true}),
                         retryable: true,
+                        then: Outcome::HandedBack,
                     }
                 }
                 _ => return Outcome::LeaseLost,
@@ -294,6 +300,23 @@ pub async fn run(
         }
     };
     deliver(client, &command, report, &deadline, controls).await
+}
+
+/// Hands `command` back unrun: `fail` with `error`, retryable.
+pub async fn hand_back(
+    client: &Client,
+    command: &ClaimedCommand,
+    error: Value,
+    claimed_at: Instant,
+    controls: &Controls,
+) -> Outcome {
+    let deadline = Mutex::new(claimed_at + command.lease);
+    let report = Report::Fail {
+        error,
+        retryable: true,
+        then: Outcome::Failed,
+    };
+    deliver(client, command, report, &deadline, controls).await
 }
 
 /// Starts the program with the command on stdin (written by the caller) and its env.
@@ -318,8 +341,12 @@ pub fn heartbeat_interval(lease: Duration, floor: Duration) -> Duration {
 }
 
 /// Waits up to `limit` for both output readers to reach the end, then stops them.
-async fn settle(stdout: Option<JoinHandle<()>>, stderr: Option<JoinHandle<()>>, limit: Duration) {
-    let mut handles: Vec<JoinHandle<()>> = stdout.into_iter().chain(stderr).collect();
+async fn settle(
+    stdout: Option<AbortOnDropHandle<()>>,
+    stderr: Option<AbortOnDropHandle<()>>,
+    limit: Duration,
+) {
+    let mut handles: Vec<AbortOnDropHandle<()>> = stdout.into_iter().chain(stderr).collect();
     let all = async {
         for handle in &mut handles {
             let _ = handle.await;
@@ -327,9 +354,6 @@ async fn settle(stdout: Option<JoinHandle<()>>, stderr: Option<JoinHandle<()>>, 
     };
     if tokio::time::timeout(limit, all).await.is_err() {
         tracing::debug!("the program's output stayed open after it exited; using what was read");
-    }
-    for handle in &handles {
-        handle.abort();
     }
 }
 
@@ -399,7 +423,9 @@ async fn deliver(
                         .complete(command.id, &command.claim_token, result)
                         .await
                 }
-                Report::Fail { error, retryable } => {
+                Report::Fail {
+                    error, retryable, ..
+                } => {
                     client
                         .fail(command.id, &command.claim_token, error, *retryable)
                         .await
@@ -415,13 +441,7 @@ async fn deliver(
             Ok(Ok(())) => {
                 let outcome = match &report {
                     Report::Complete(_) => Outcome::Completed,
-                    Report::Fail { error, .. } if error.get("cancelled").is_some() => {
-                        Outcome::Cancelled
-                    }
-                    Report::Fail { error, .. } if error.get("agent_shutdown").is_some() => {
-                        Outcome::HandedBack
-                    }
-                    Report::Fail { .. } => Outcome::Failed,
+                    Report::Fail { then, .. } => then.clone(),
                 };
                 tracing::info!(command_id = %command.id, outcome = ?outcome, "reported");
                 return outcome;
@@ -438,6 +458,7 @@ async fn deliver(
                 report = Report::Fail {
                     error: json!({"result_too_large": true}),
                     retryable: false,
+                    then: Outcome::Failed,
                 };
             }
             error @ ClientError::Fatal { .. } => {

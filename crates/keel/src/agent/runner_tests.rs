@@ -1,0 +1,458 @@
+//! Tests of the runner: the pure parts, then real `sh` programs against a fake server.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+
+use super::*;
+
+#[test]
+fn progress_lines_are_recognised() {
+    assert_eq!(
+        parse_progress(r#"KEEL_PROGRESS {"pct": 40}"#),
+        Some(json!({"pct": 40}))
+    );
+    assert_eq!(
+        parse_progress("KEEL_PROGRESS\t\"copying\"  "),
+        Some(json!("copying"))
+    );
+    assert_eq!(parse_progress("KEEL_PROGRESS 7"), Some(json!(7)));
+    assert_eq!(parse_progress("KEEL_PROGRESS {not json"), None);
+    assert_eq!(parse_progress("KEEL_PROGRESS"), None);
+    assert_eq!(parse_progress(r#"KEEL_PROGRESS{"pct": 1}"#), None);
+    assert_eq!(parse_progress(r#" KEEL_PROGRESS {"pct": 1}"#), None);
+    assert_eq!(parse_progress("warning: disk almost full"), None);
+}
+
+#[test]
+fn stdout_becomes_the_result() {
+    assert_eq!(
+        stdout_result(b"{\"ok\": true}\n", false),
+        json!({"ok": true})
+    );
+    assert_eq!(stdout_result(b"  [1, 2]  ", false), json!([1, 2]));
+    assert_eq!(stdout_result(b"42", false), json!(42));
+    assert_eq!(
+        stdout_result(b"restarted nginx\n", false),
+        json!({"stdout": "restarted nginx\n"})
+    );
+    assert_eq!(stdout_result(b"", false), json!({"stdout": ""}));
+    assert_eq!(
+        stdout_result(b"caf\xff", false),
+        json!({"stdout": "caf\u{fffd}"})
+    );
+    assert_eq!(
+        stdout_result(b"{\"cut\": tr", true),
+        json!({"stdout": "{\"cut\": tr", "stdout_truncated": true})
+    );
+    // Even output that parses is not trusted once cut.
+    assert_eq!(
+        stdout_result(b"12", true),
+        json!({"stdout": "12", "stdout_truncated": true})
+    );
+}
+
+#[test]
+fn the_stderr_tail_is_bounded_and_keeps_the_end() {
+    let mut tail = Tail::new(64);
+    for n in 0..100 {
+        tail.push_line(&format!("line {n}"));
+    }
+    let text = tail.text();
+    assert!(text.len() <= 64, "{}", text.len());
+    assert!(text.ends_with("line 98\nline 99\n"), "{text:?}");
+
+    let mut tail = Tail::default();
+    tail.push_line(&"x".repeat(3 * STDERR_TAIL_LIMIT));
+    assert_eq!(tail.text().len(), STDERR_TAIL_LIMIT);
+
+    // A character cut in half at the front is dropped, not garbled.
+    let mut tail = Tail::new(4);
+    tail.push_line("ééé");
+    assert_eq!(tail.text(), "é\n");
+}
+
+#[test]
+fn lines_are_split_across_chunks_and_cut_when_too_long() {
+    let mut lines = LineSplitter::new(8);
+    assert!(lines.push(b"hel").is_empty());
+    assert_eq!(lines.push(b"lo\r\nwor"), ["hello"]);
+    assert_eq!(lines.push(b"ld\n\n"), ["world", ""]);
+    assert_eq!(lines.push(b"0123456789abcdef\nend"), ["01234567"]);
+    assert_eq!(lines.finish().as_deref(), Some("end"));
+    assert_eq!(lines.finish(), None);
+}
+
+#[tokio::test]
+async fn stdout_is_capped_and_read_to_the_end() {
+    let output = Arc::new(Mutex::new(Output::default()));
+    let big = vec![b'a'; STDOUT_LIMIT + 100_000];
+    read_stdout(big.as_slice(), Arc::clone(&output)).await;
+    let output = output.lock();
+    assert_eq!(output.stdout.len(), STDOUT_LIMIT);
+    assert!(output.stdout_truncated);
+}
+
+#[tokio::test]
+async fn stderr_feeds_progress_and_the_tail() {
+    let output = Arc::new(Mutex::new(Output::default()));
+    let stderr = b"starting\nKEEL_PROGRESS {\"pct\": 10}\nKEEL_PROGRESS {\"pct\": 20}\nKEEL_PROGRESS oops\ndone";
+    read_stderr(stderr.as_slice(), Arc::clone(&output)).await;
+    let output = output.lock();
+    assert_eq!(output.progress, Some(json!({"pct": 20})));
+    assert_eq!(output.tail.text(), "starting\nKEEL_PROGRESS oops\ndone\n");
+}
+
+#[test]
+fn heartbeats_come_every_third_of_the_lease() {
+    let floor = Duration::from_secs(1);
+    assert_eq!(
+        heartbeat_interval(Duration::from_secs(300), floor),
+        Duration::from_secs(100)
+    );
+    assert_eq!(heartbeat_interval(Duration::from_secs(2), floor), floor);
+}
+
+#[test]
+fn a_claimed_command_loses_its_token_on_the_way_to_the_program() {
+    let command = ClaimedCommand::from_json(claimed(30)).unwrap();
+    assert_eq!(command.claim_token, "tok-1");
+    assert_eq!(command.kind, "restart");
+    assert_eq!(command.attempts, 2);
+    assert_eq!(command.lease, Duration::from_secs(30));
+    assert!(!command.object.contains_key("claim_token"));
+    assert_eq!(
+        command.object.get("params"),
+        Some(&json!({"service": "nginx"}))
+    );
+
+    let mut no_token = claimed(30);
+    no_token.as_object_mut().unwrap().remove("claim_token");
+    assert!(ClaimedCommand::from_json(no_token).is_err());
+    assert!(ClaimedCommand::from_json(json!([1])).is_err());
+}
+
+// ---- real programs against a fake server ----
+
+const ID: &str = "0193a3c4-0000-7000-8000-000000000001";
+
+fn claimed(lease_seconds: u64) -> Value {
+    json!({
+        "id": ID,
+        "type": "restart",
+        "target": {"queue": "deploys"},
+        "params": {"service": "nginx"},
+        "lease_seconds": lease_seconds,
+        "status": "executing",
+        "attempts": 2,
+        "claim_token": "tok-1",
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum HeartbeatMode {
+    /// 200, no cancel.
+    Renew,
+    /// 200 with `cancel_requested` once a heartbeat carries progress.
+    CancelAfterProgress,
+    /// 409 `stale_claim`.
+    Stale,
+}
+
+#[derive(Default)]
+struct Recorded {
+    heartbeats: Vec<Value>,
+    completes: Vec<Value>,
+    fails: Vec<Value>,
+    auth: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    recorded: Arc<Mutex<Recorded>>,
+    mode: HeartbeatMode,
+    /// Reports answered 503 before one is taken.
+    unavailable: Arc<AtomicUsize>,
+}
+
+type Answer = (StatusCode, Json<Value>);
+
+fn stale() -> Answer {
+    (
+        StatusCode::CONFLICT,
+        Json(json!({"error": {"code": "stale_claim", "message": "stale claim token"}})),
+    )
+}
+
+fn check(headers: &HeaderMap, fake: &Fake, id: &str) {
+    assert_eq!(id, ID);
+    let auth = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    fake.recorded.lock().auth.push(auth.to_owned());
+}
+
+async fn heartbeat(
+    State(fake): State<Fake>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Answer {
+    check(&headers, &fake, &id);
+    let has_progress = body.get("progress").is_some();
+    fake.recorded.lock().heartbeats.push(body);
+    match fake.mode {
+        HeartbeatMode::Stale => stale(),
+        mode => {
+            let cancel = mode == HeartbeatMode::CancelAfterProgress && has_progress;
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"lease_expires_at": "2030-01-01T00:00:00Z", "cancel_requested": cancel}),
+                ),
+            )
+        }
+    }
+}
+
+async fn report(fake: &Fake, body: Value, complete: bool) -> Answer {
+    let unavailable = fake
+        .unavailable
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if unavailable {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": {"code": "unavailable", "message": "restarting"}})),
+        );
+    }
+    let mut recorded = fake.recorded.lock();
+    if complete {
+        recorded.completes.push(body);
+    } else {
+        recorded.fails.push(body);
+    }
+    (StatusCode::OK, Json(json!({"id": ID})))
+}
+
+async fn complete(
+    State(fake): State<Fake>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Answer {
+    check(&headers, &fake, &id);
+    report(&fake, body, true).await
+}
+
+async fn fail(
+    State(fake): State<Fake>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Answer {
+    check(&headers, &fake, &id);
+    report(&fake, body, false).await
+}
+
+/// Serves heartbeat, complete and fail for the one command; answers its client.
+async fn fake_server(mode: HeartbeatMode, unavailable: usize) -> (Client, Fake) {
+    let fake = Fake {
+        recorded: Arc::default(),
+        mode,
+        unavailable: Arc::new(AtomicUsize::new(unavailable)),
+    };
+    let router = axum::Router::new()
+        .route("/v1/commands/{id}/heartbeat", post(heartbeat))
+        .route("/v1/commands/{id}/complete", post(complete))
+        .route("/v1/commands/{id}/fail", post(fail))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let client = Client::new(&format!("http://{address}"), "agent-key").unwrap();
+    (client, fake)
+}
+
+fn shell(script: &str) -> RunnerConfig {
+    RunnerConfig {
+        program: Program {
+            path: PathBuf::from("sh"),
+            args: vec!["-c".into(), script.into()],
+        },
+        heartbeat_floor: Duration::from_millis(20),
+        output_settle: Duration::from_secs(5),
+    }
+}
+
+/// Runs the command to the end, failing the test after 20 s.
+async fn run_to_end(
+    client: &Client,
+    config: &RunnerConfig,
+    lease_seconds: u64,
+    controls: &Controls,
+) -> Outcome {
+    let command = ClaimedCommand::from_json(claimed(lease_seconds)).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        run(client, config, command, Instant::now(), controls),
+    )
+    .await
+    .expect("the runner did not finish")
+}
+
+#[tokio::test]
+async fn exit_0_completes_with_stdout_as_json() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let script = r#"input=$(cat)
+printf '{"stdin": %s, "id": "%s", "type": "%s", "attempt": %s, "token": "%s"}\n' \
+  "$input" "$KEEL_COMMAND_ID" "$KEEL_COMMAND_TYPE" "$KEEL_COMMAND_ATTEMPT" "${KEEL_AGENT_TOKEN:-}""#;
+    let outcome = run_to_end(&client, &shell(script), 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Completed);
+
+    let recorded = fake.recorded.lock();
+    assert!(recorded.fails.is_empty());
+    let [body] = recorded.completes.as_slice() else {
+        panic!("{:?}", recorded.completes)
+    };
+    assert_eq!(body["claim_token"], "tok-1");
+    let result = &body["result"];
+    assert_eq!(result["id"], ID);
+    assert_eq!(result["type"], "restart");
+    assert_eq!(result["attempt"], 2);
+    assert_eq!(result["token"], "");
+    assert_eq!(result["stdin"]["params"], json!({"service": "nginx"}));
+    assert_eq!(result["stdin"]["id"], ID);
+    assert!(result["stdin"].get("claim_token").is_none());
+    assert!(recorded.auth.iter().all(|auth| auth == "Bearer agent-key"));
+}
+
+#[tokio::test]
+async fn a_non_zero_exit_fails_retryable_with_the_stderr_tail() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let script = r#"echo "disk full" >&2
+echo 'KEEL_PROGRESS {"pct": 50}' >&2
+echo "partial output"
+exit 3"#;
+    let outcome = run_to_end(&client, &shell(script), 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Failed);
+
+    let recorded = fake.recorded.lock();
+    assert!(recorded.completes.is_empty());
+    let [body] = recorded.fails.as_slice() else {
+        panic!("{:?}", recorded.fails)
+    };
+    assert_eq!(body["claim_token"], "tok-1");
+    assert_eq!(body["retryable"], true);
+    assert_eq!(
+        body["error"],
+        json!({"exit_code": 3, "signal": null, "stderr_tail": "disk full\n"})
+    );
+}
+
+#[tokio::test]
+async fn a_program_killed_by_a_signal_fails_retryable() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let outcome = run_to_end(&client, &shell("kill -9 $$"), 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Failed);
+    let recorded = fake.recorded.lock();
+    let [body] = recorded.fails.as_slice() else {
+        panic!("{:?}", recorded.fails)
+    };
+    assert_eq!(body["retryable"], true);
+    assert_eq!(body["error"]["exit_code"], Value::Null);
+    assert_eq!(body["error"]["signal"], 9);
+}
+
+#[tokio::test]
+async fn a_requested_cancel_kills_the_program_and_fails_for_good() {
+    let (client, fake) = fake_server(HeartbeatMode::CancelAfterProgress, 0).await;
+    let script = r#"echo 'KEEL_PROGRESS {"step": 1}' >&2
+exec sleep 60"#;
+    let outcome = run_to_end(&client, &shell(script), 1, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Cancelled);
+
+    let recorded = fake.recorded.lock();
+    assert!(recorded.completes.is_empty());
+    let [body] = recorded.fails.as_slice() else {
+        panic!("{:?}", recorded.fails)
+    };
+    assert_eq!(body["retryable"], false);
+    assert_eq!(body["error"], json!({"cancelled": true}));
+    let last = recorded.heartbeats.last().unwrap();
+    assert_eq!(last["claim_token"], "tok-1");
+    assert_eq!(last["progress"], json!({"step": 1}));
+}
+
+#[tokio::test]
+async fn a_stale_heartbeat_kills_the_program_and_drops_the_command() {
+    let (client, fake) = fake_server(HeartbeatMode::Stale, 0).await;
+    let outcome = run_to_end(&client, &shell("exec sleep 60"), 1, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::LeaseLost);
+    let recorded = fake.recorded.lock();
+    assert_eq!(recorded.heartbeats.len(), 1);
+    assert!(recorded.completes.is_empty() && recorded.fails.is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_kills_the_program_and_hands_the_command_back() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let controls = Controls::default();
+    let command = ClaimedCommand::from_json(claimed(1)).unwrap();
+    let config = shell("exec sleep 60");
+    let running = {
+        let client = client.clone();
+        let controls = controls.clone();
+        tokio::spawn(async move { run(&client, &config, command, Instant::now(), &controls).await })
+    };
+    // Heartbeats show the program is running.
+    let started = Instant::now();
+    while fake.recorded.lock().heartbeats.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no heartbeat");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    controls.kill.cancel();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, Outcome::HandedBack);
+    let recorded = fake.recorded.lock();
+    let [body] = recorded.fails.as_slice() else {
+        panic!("{:?}", recorded.fails)
+    };
+    assert_eq!(body["retryable"], true);
+    assert_eq!(body["error"], json!({"agent_shutdown": true}));
+}
+
+#[tokio::test]
+async fn a_report_is_retried_while_the_server_is_unavailable() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 2).await;
+    let outcome = run_to_end(&client, &shell("echo done"), 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let recorded = fake.recorded.lock();
+    let [body] = recorded.completes.as_slice() else {
+        panic!("{:?}", recorded.completes)
+    };
+    assert_eq!(body["result"], json!({"stdout": "done\n"}));
+    assert_eq!(fake.unavailable.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_fails_retryable() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let mut config = shell("");
+    config.program.path = PathBuf::from("/nonexistent/keel-agent-program");
+    let outcome = run_to_end(&client, &config, 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Failed);
+    let recorded = fake.recorded.lock();
+    let [body] = recorded.fails.as_slice() else {
+        panic!("{:?}", recorded.fails)
+    };
+    assert_eq!(body["retryable"], true);
+    assert!(body["error"]["spawn_error"].is_string());
+}
