@@ -84,27 +84,7 @@ log_flush = "5s"
         let config_path = dir.path().join("keel.toml");
         std::fs::write(&config_path, config).unwrap();
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .env_remove("KEEL_FAILPOINTS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(failpoints) = options.failpoints {
-            command.env("KEEL_FAILPOINTS", failpoints);
-        }
-        let mut child = command.spawn().unwrap();
-        // Keep stderr drained (the panic hook writes there) and visible in test output.
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[keel stderr] {line}");
-            }
-        });
+        let child = spawn_serve(&config_path, dir.path(), options.failpoints);
         let server = Server {
             child: Some(child),
             config_path,
@@ -115,12 +95,7 @@ log_flush = "5s"
                 .build()
                 .unwrap(),
         };
-        // Wait for the port without sending a request, so a test's first request is its own.
-        let address = format!("127.0.0.1:{port}");
-        poll_until(Duration::from_secs(30), || async {
-            std::net::TcpStream::connect(&address).is_ok()
-        })
-        .await;
+        wait_for_port(&server.base).await;
         server
     }
 
@@ -195,6 +170,22 @@ log_flush = "5s"
 }
 
 impl Server {
+    /// Kills the server with SIGKILL, as a crash or `kill -9` would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts `keel serve` again on the same configuration, data directory and port.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the server first");
+        let child = spawn_serve(&self.config_path, self.dir.path(), None);
+        self.child = Some(child);
+        wait_for_port(&self.base).await;
+    }
+
     /// Runs `keel admin --config <this server's config> ARGS`; returns its stdout, trimmed.
     pub fn admin_cli(&self, args: &[&str]) -> String {
         let output = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -302,6 +293,45 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+fn spawn_serve(config: &Path, dir: &Path, failpoints: Option<&str>) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    command
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .current_dir(dir)
+        .env_remove("KEEL_FAILPOINTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(failpoints) = failpoints {
+        command.env("KEEL_FAILPOINTS", failpoints);
+    }
+    let mut child = command.spawn().unwrap();
+    // Keep stderr drained (the panic hook writes there) and visible in test output.
+    pipe_to_test_output(child.stderr.take().unwrap(), "keel stderr");
+    child
+}
+
+/// Copies a child's output to the test's output, line by line, prefixed.
+pub fn pipe_to_test_output(stream: impl std::io::Read + Send + 'static, prefix: &'static str) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[{prefix}] {line}");
+        }
+    });
+}
+
+/// Waits until the server's port accepts connections, without sending a request, so a test's
+/// first request is its own.
+async fn wait_for_port(base: &str) {
+    let address = base.trim_start_matches("http://").to_owned();
+    poll_until(Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(&address).is_ok()
+    })
+    .await;
 }
 
 pub fn read_records(path: &Path) -> Vec<Value> {

@@ -9,6 +9,7 @@
 )]
 
 mod admin;
+mod agents;
 mod cli;
 mod commands;
 mod harness;

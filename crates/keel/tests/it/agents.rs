@@ -1,0 +1,298 @@
+//! Real processes end to end: `keel serve` plus `keel agent` running a real script.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Api, Options, Server, pipe_to_test_output, poll_until};
+
+/// A `keel agent` process, killed when dropped.
+struct AgentProcess {
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    fn start(server: &Server, key: &Api, script: &Path, args: &[&str]) -> AgentProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("agent")
+            .arg("--server")
+            .arg(&server.base)
+            .arg("--exec")
+            .arg(script)
+            .args(["--wait-seconds", "5", "--log-level", "warn"])
+            .args(args)
+            .env("KEEL_AGENT_TOKEN", &key.token)
+            .env("KEEL_TEST_DIR", server.dir.path())
+            .current_dir(server.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        pipe_to_test_output(child.stderr.take().unwrap(), "keel agent");
+        AgentProcess { child: Some(child) }
+    }
+
+    /// SIGKILL: the agent dies mid-command without a word.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Writes an executable shell script into the server's directory.
+fn script(server: &Server, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = server.dir.path().join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+async fn command(ops: &Api, id: &str) -> Value {
+    ops.get(&format!("/v1/commands/{id}"), 200).await
+}
+
+/// Releases expired leases every 100 ms, so lease expiry is seen quickly.
+const FAST_RELEASE: &str = "[commands]\nrelease_stuck_interval = \"100ms\"\n";
+
+#[tokio::test]
+async fn a_thousand_commands_two_agents_every_one_completed_once() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let one = server.key("acme", "agent", Some("one"));
+    let two = server.key("acme", "agent", Some("two"));
+    let id_one = one.check_in(&["work"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id_two = two.check_in(&["work"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Each run appends its command id and attempt to runs.log, then prints a JSON result.
+    let runs = server.dir.path().join("runs.log");
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\necho \"$KEEL_COMMAND_ID $KEEL_COMMAND_ATTEMPT\" >> \"$KEEL_TEST_DIR/runs.log\"\necho \"{\\\"ran\\\": \\\"$KEEL_COMMAND_ID\\\", \\\"type\\\": \\\"$KEEL_COMMAND_TYPE\\\"}\"",
+    );
+
+    let mut ids = Vec::new();
+    for n in 0..1000 {
+        let target = match n % 3 {
+            0 => json!({"agent_id": id_one}),
+            1 => json!({"agent_id": id_two}),
+            _ => json!({"queue": "work"}),
+        };
+        let mut body = json!({"type": "run_job", "params": {"n": n}});
+        body.as_object_mut()
+            .unwrap()
+            .extend(target.as_object().unwrap().clone());
+        ids.push(
+            ops.post("/v1/commands", &body, 201).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let _agents = [
+        AgentProcess::start(
+            &server,
+            &one,
+            &work,
+            &["--queues", "work", "--concurrency", "4"],
+        ),
+        AgentProcess::start(
+            &server,
+            &two,
+            &work,
+            &["--queues", "work", "--concurrency", "4"],
+        ),
+    ];
+
+    poll_until(Duration::from_secs(240), || async {
+        let page = ops
+            .get("/v1/commands?status=completed&limit=500", 200)
+            .await;
+        let second = match page["next_cursor"].as_str() {
+            Some(cursor) => ops
+                .get(
+                    &format!("/v1/commands?status=completed&limit=500&cursor={cursor}"),
+                    200,
+                )
+                .await["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            None => 0,
+        };
+        page["items"].as_array().unwrap().len() + second >= 1000
+    })
+    .await;
+
+    // Every command completed exactly once, by a run of its own, with its result stored.
+    let log = std::fs::read_to_string(&runs).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for line in log.lines() {
+        let (id, attempt) = line.split_once(' ').unwrap();
+        assert_eq!(attempt, "1", "no command needed a second attempt: {line}");
+        *seen.entry(id.to_owned()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 1000);
+    assert!(seen.values().all(|&runs| runs == 1));
+    for id in ids.iter().step_by(37) {
+        let done = command(&ops, id).await;
+        assert_eq!(done["status"], "completed");
+        assert_eq!(done["attempts"], 1);
+        assert_eq!(done["result"]["ran"], id.as_str());
+        assert_eq!(done["result"]["type"], "run_job");
+        // Targeted commands ran on their own agent.
+        if let Some(agent) = done["target"]["agent_id"].as_str() {
+            assert_eq!(done["claimed_by"], agent);
+        }
+    }
+    // No report was refused as stale: each claim token completed once.
+    let metrics = server.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("keel_http_requests_total") && l.contains("status=\"409\"")),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_agents_command_is_rerun_by_the_other_agent_after_its_lease_expires() {
+    let server = Server::start_with(Options {
+        extra_toml: FAST_RELEASE,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let first = server.key("acme", "agent", Some("first"));
+    let second = server.key("acme", "agent", Some("second"));
+    // The first attempt signals that it started, then takes long enough to be killed mid-way.
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\nif [ \"$KEEL_COMMAND_ATTEMPT\" = 1 ]; then touch \"$KEEL_TEST_DIR/started\"; sleep 8; fi\necho '{\"done\": true}'",
+    );
+    let created = ops
+        .post(
+            "/v1/commands",
+            &json!({"type": "deploy", "queue": "work", "lease_seconds": 5}),
+            201,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+
+    let mut doomed = AgentProcess::start(&server, &first, &work, &["--queues", "work"]);
+    let started = server.dir.path().join("started");
+    poll_until(Duration::from_secs(20), || async { started.exists() }).await;
+    doomed.kill9();
+    assert_eq!(command(&ops, id).await["status"], "executing");
+
+    let _survivor = AgentProcess::start(&server, &second, &work, &["--queues", "work"]);
+    poll_until(Duration::from_secs(30), || async {
+        command(&ops, id).await["status"] == "completed"
+    })
+    .await;
+    let done = command(&ops, id).await;
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(done["result"], json!({"done": true}));
+    let survivor_id = second.check_in(&["work"]).await["id"].clone();
+    assert_eq!(done["claimed_by"], survivor_id);
+}
+
+#[tokio::test]
+async fn a_command_whose_agent_always_dies_ends_dead_with_lease_expired() {
+    let server = Server::start_with(Options {
+        extra_toml: FAST_RELEASE,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("fragile"));
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\ntouch \"$KEEL_TEST_DIR/started-$KEEL_COMMAND_ATTEMPT\"\nsleep 8",
+    );
+    let created = ops
+        .post(
+            "/v1/commands",
+            &json!({"type": "t", "queue": "work", "lease_seconds": 5, "max_attempts": 2}),
+            201,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+    for attempt in 1..=2 {
+        let mut process = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
+        let started = server.dir.path().join(format!("started-{attempt}"));
+        poll_until(Duration::from_secs(30), || async { started.exists() }).await;
+        process.kill9();
+    }
+    poll_until(Duration::from_secs(30), || async {
+        command(&ops, id).await["status"] == "dead"
+    })
+    .await;
+    let dead = command(&ops, id).await;
+    assert_eq!(dead["dead_reason"], "lease_expired");
+    assert_eq!(dead["attempts"], 2);
+    let listed = ops.get("/v1/commands/dead", 200).await;
+    assert_eq!(listed["items"][0]["id"], created["id"]);
+}
+
+#[tokio::test]
+async fn accepted_commands_survive_a_server_kill_and_are_run_after_the_restart() {
+    let mut server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("steady"));
+    agent.check_in(&["work"]).await;
+    let mut ids = Vec::new();
+    for n in 0..50 {
+        let created = ops
+            .post(
+                "/v1/commands",
+                &json!({"type": "t", "queue": "work", "params": {"n": n}}),
+                201,
+            )
+            .await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    server.kill9();
+    server.restart().await;
+
+    let work = script(&server, "work.sh", "cat > /dev/null\necho '{\"ok\": true}'");
+    let _agent = AgentProcess::start(
+        &server,
+        &agent,
+        &work,
+        &["--queues", "work", "--concurrency", "4"],
+    );
+    poll_until(Duration::from_secs(60), || async {
+        let page = ops
+            .get("/v1/commands?status=completed&limit=100", 200)
+            .await;
+        page["items"].as_array().unwrap().len() == 50
+    })
+    .await;
+    for id in &ids {
+        assert_eq!(command(&ops, id).await["result"], json!({"ok": true}));
+    }
+}
