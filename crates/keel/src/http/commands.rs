@@ -466,7 +466,6 @@ async fn claim(
         let woken = notify.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        fail::fail_point!("http.claim");
         let claimed = state
             .store
             .claim(org, agent, &queues, request.limit)

@@ -610,3 +610,47 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
     assert_eq!(ops.get("/v1/commands", 200).await, before);
     assert_eq!(ops.get(&path, 200).await["status"], "pending");
 }
+
+#[tokio::test]
+async fn a_panic_or_an_error_inside_the_store_answers_500_and_changes_nothing() {
+    let Setup { server, ops, agent } = setup_with(Options {
+        failpoints: Some("store.complete=1*panic(store exploded);store.claim=1*return"),
+        ..Options::default()
+    })
+    .await;
+    ops.post("/v1/commands", &json!({"type": "t", "queue": "q1"}), 201)
+        .await;
+    let error = agent
+        .post("/v1/commands/claim", &json!({"limit": 1}), 500)
+        .await;
+    assert_eq!(error["error"]["message"], "internal error");
+    let claimed = claim(&agent, 1).await;
+    let token = claimed[0]["claim_token"].as_str().unwrap();
+    let path = format!("/v1/commands/{}", id(&claimed[0]));
+
+    let body = json!({"claim_token": token, "result": {"ok": true}});
+    let error = agent.post(&format!("{path}/complete"), &body, 500).await;
+    assert_eq!(error["error"]["code"], "internal");
+    assert!(!error.to_string().contains("exploded"));
+    assert_eq!(ops.get(&path, 200).await["status"], "executing");
+    // The agent's retry with the same token completes it.
+    let done = agent.post(&format!("{path}/complete"), &body, 200).await;
+    assert_eq!(done["status"], "completed");
+
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"keel_panics_total{component="http"} 1"#),
+        "{metrics}"
+    );
+    // The injected database error was logged with its detail.
+    poll_until(Duration::from_secs(5), || async {
+        server.log_records().iter().any(|r| {
+            r["message"] == "request failed"
+                && r["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("store.claim")
+        })
+    })
+    .await;
+}
