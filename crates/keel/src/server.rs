@@ -159,7 +159,6 @@ fn start_jobs(
             fail::fail_point!("job.telemetry");
             metrics.run_upkeep();
             let stats = logger.stats();
-            #[allow(clippy::cast_precision_loss)] // a queue length is far below 2^52
             metrics::gauge!("keel_log_queue_len").set(stats.queue_len as f64);
         }
     });
