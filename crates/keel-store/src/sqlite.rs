@@ -139,6 +139,18 @@ impl SqliteStore {
         }
     }
 
+    /// After a conditional update touched nothing: `NotFound` if the command is not in `org`,
+    /// `InvalidState` (naming its status and what could not be done) otherwise.
+    async fn invalid_or_missing(&self, org: OrgId, id: CommandId, verb: &str) -> StoreError {
+        match self.command_status(org, id).await {
+            Ok(Some(status)) => {
+                StoreError::InvalidState(format!("a {status} command cannot be {verb}"))
+            }
+            Ok(None) => StoreError::NotFound,
+            Err(err) => err,
+        }
+    }
+
     async fn command_status(&self, org: OrgId, id: CommandId) -> StoreResult<Option<String>> {
         Ok(
             sqlx::query_scalar("SELECT status FROM commands WHERE org_id = ? AND id = ?")
@@ -587,12 +599,7 @@ impl Store for SqliteStore {
         .await?;
         match row {
             Some(row) => Ok(row.into_command()?.0),
-            None => match self.command_status(org, id).await? {
-                Some(status) => Err(StoreError::InvalidState(format!(
-                    "a {status} command cannot be cancelled"
-                ))),
-                None => Err(StoreError::NotFound),
-            },
+            None => Err(self.invalid_or_missing(org, id, "cancelled").await),
         }
     }
 
@@ -844,12 +851,7 @@ impl Store for SqliteStore {
         .await?;
         match row {
             Some(row) => Ok(row.into_command()?.0),
-            None => match self.command_status(org, id).await? {
-                Some(status) => Err(StoreError::InvalidState(format!(
-                    "a {status} command cannot be requeued"
-                ))),
-                None => Err(StoreError::NotFound),
-            },
+            None => Err(self.invalid_or_missing(org, id, "requeued").await),
         }
     }
 

@@ -552,20 +552,12 @@ async fn complete(
     Path(id): Path<String>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    caller.agent()?;
-    let id = command_id(&id)?;
-    check_size("result", &request.result)?;
+    let (id, token) = agent_report(&caller, &id, request.claim_token, "result", &request.result)?;
     let command = state
         .store
-        .complete(
-            caller.org(),
-            id,
-            &claim_token(request.claim_token)?,
-            request.result,
-        )
+        .complete(caller.org(), id, &token, request.result)
         .await?;
-    metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
-        .increment(1);
+    count_finished(&command);
     Ok(Json(command.into()))
 }
 
@@ -584,26 +576,39 @@ async fn fail(
     Path(id): Path<String>,
     Json(request): Json<FailRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    caller.agent()?;
-    let id = command_id(&id)?;
-    check_size("error", &request.error)?;
+    let (id, token) = agent_report(&caller, &id, request.claim_token, "error", &request.error)?;
     let command = state
         .store
-        .fail(
-            caller.org(),
-            id,
-            &claim_token(request.claim_token)?,
-            request.error,
-            request.retryable,
-        )
+        .fail(caller.org(), id, &token, request.error, request.retryable)
         .await?;
-    metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
-        .increment(1);
+    count_finished(&command);
     if command.status == CommandStatus::Pending {
         // Waiting claims look again, so they learn the retry's due time.
         state.wakeups.wake(caller.org());
     }
     Ok(Json(command.into()))
+}
+
+/// Checks what every completion and failure report needs: an agent key, a command id, a
+/// claim token and a reported value within the size limit.
+fn agent_report(
+    caller: &Caller,
+    id: &str,
+    token: String,
+    field: &'static str,
+    value: &Value,
+) -> Result<(CommandId, ClaimToken), ApiError> {
+    caller.agent()?;
+    let id = command_id(id)?;
+    check_size(field, value)?;
+    Ok((id, claim_token(token)?))
+}
+
+/// Counts a reported command by the status it reached (`pending` again after a retryable
+/// failure).
+fn count_finished(command: &Command) {
+    metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
+        .increment(1);
 }
 
 // ---------------------------------------------------------------------------------------------
