@@ -11,6 +11,9 @@ pub const ENV_VAR: &str = "KEEL_FAILPOINTS";
 /// A failpoint setting that could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum FailpointError {
+    /// No failpoint has this name (a typo would otherwise be silently ignored).
+    #[error("{ENV_VAR}: there is no failpoint named `{0}`")]
+    Unknown(String),
     /// A pair without `=`.
     #[error("{ENV_VAR}: `{0}` is not of the form name=action")]
     Malformed(String),
@@ -24,15 +27,27 @@ pub enum FailpointError {
     },
 }
 
-/// Applies `spec` (`name=action;name=action`); returns the names it configured.
-pub fn configure(spec: &str) -> Result<Vec<String>, FailpointError> {
-    let mut names = Vec::new();
+/// Applies `spec` (`name=action;name=action`); every name must be one of `known`. Returns the
+/// names it configured. Nothing is applied when one pair is wrong.
+pub fn configure(spec: &str, known: &[&str]) -> Result<Vec<String>, FailpointError> {
+    let mut pairs = Vec::new();
     for pair in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, action) = pair
             .split_once('=')
             .ok_or_else(|| FailpointError::Malformed(pair.to_owned()))?;
         let name = name.trim();
-        fail::cfg(name, action.trim()).map_err(|reason| FailpointError::BadAction {
+        if !known.contains(&name) {
+            return Err(FailpointError::Unknown(name.to_owned()));
+        }
+        pairs.push((name, action.trim()));
+    }
+    apply(&pairs)
+}
+
+fn apply(pairs: &[(&str, &str)]) -> Result<Vec<String>, FailpointError> {
+    let mut names = Vec::new();
+    for &(name, action) in pairs {
+        fail::cfg(name, action).map_err(|reason| FailpointError::BadAction {
             name: name.to_owned(),
             reason,
         })?;
@@ -42,9 +57,9 @@ pub fn configure(spec: &str) -> Result<Vec<String>, FailpointError> {
 }
 
 /// Applies `KEEL_FAILPOINTS` when it is set; returns the names it configured.
-pub fn configure_from_env() -> Result<Vec<String>, FailpointError> {
+pub fn configure_from_env(known: &[&str]) -> Result<Vec<String>, FailpointError> {
     match std::env::var(ENV_VAR) {
-        Ok(spec) => configure(&spec),
+        Ok(spec) => configure(&spec, known),
         Err(_) => Ok(Vec::new()),
     }
 }
@@ -53,19 +68,30 @@ pub fn configure_from_env() -> Result<Vec<String>, FailpointError> {
 mod tests {
     use super::*;
 
+    const KNOWN: &[&str] = &[
+        "guard.test.a",
+        "guard.test.b",
+        "guard.test.c",
+        "guard.test.d",
+    ];
+
     #[test]
     fn pairs_are_applied_and_bad_ones_named() {
         assert_eq!(
-            configure("guard.test.a=return; guard.test.b=off").unwrap(),
+            configure("guard.test.a=return; guard.test.b=off", KNOWN).unwrap(),
             vec!["guard.test.a", "guard.test.b"]
         );
         assert!(matches!(
-            configure("guard.test.c"),
+            configure("guard.test.c", KNOWN),
             Err(FailpointError::Malformed(_))
         ));
         assert!(matches!(
-            configure("guard.test.d=explode"),
+            configure("guard.test.d=explode", KNOWN),
             Err(FailpointError::BadAction { .. })
+        ));
+        assert!(matches!(
+            configure("guard.test.typo=panic", KNOWN),
+            Err(FailpointError::Unknown(name)) if name == "guard.test.typo"
         ));
         fail::remove("guard.test.a");
     }

@@ -5,12 +5,15 @@
 //! `keel_panics_total{component}`; keeps the report in a bounded list of recent panics; hands
 //! the report to the reporter (the logger, which turns it into an `error` stream record).
 //!
-//! Rules the hook keeps, because a panic inside a panic hook aborts the process:
-//! - it is guarded against re-entry (a panic while it runs on the same thread only gets a
-//!   stderr line);
-//! - it takes no lock the logger can hold: the reporter is loaded lock-free (`arc-swap`) and
-//!   the recent list has its own lock, taken with a timeout;
-//! - it formats only owned strings and never `unwrap`s.
+//! Re-entry: the standard library aborts the process when a panic starts while the hook runs
+//! on the same thread ("panicked while processing panic"), before any hook could be entered
+//! again. So the hook's guard against re-entry is that it cannot panic:
+//! - it formats only owned strings, never `unwrap`s, indexes or slices;
+//! - the reporter it calls (the logger's) only builds an owned record and `try_send`s it;
+//! - it takes no lock the logger can hold: the reporter is loaded lock-free (`arc-swap`), and
+//!   the recent list has its own lock, taken with a timeout, never waited on forever.
+//!
+//! Panics on other threads run the hook concurrently; everything it touches is thread-safe.
 
 use std::backtrace::Backtrace;
 use std::cell::Cell;
@@ -73,7 +76,6 @@ static BACKTRACE_WINDOW: AtomicU64 = AtomicU64::new(0);
 static BACKTRACES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
-    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
     static LAST_LOCATION: Cell<Option<String>> = const { Cell::new(None) };
 }
 
@@ -123,26 +125,7 @@ pub fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Resets `IN_HOOK` when the hook returns.
-struct HookEntry;
-
-impl Drop for HookEntry {
-    fn drop(&mut self) {
-        let _ = IN_HOOK.try_with(|flag| flag.set(false));
-    }
-}
-
 fn hook(info: &std::panic::PanicHookInfo<'_>) {
-    let reentered = IN_HOOK.try_with(|flag| flag.replace(true)).unwrap_or(true);
-    if reentered {
-        let _ = writeln!(
-            std::io::stderr(),
-            "keel: panic while reporting a panic (reporting skipped)"
-        );
-        return;
-    }
-    let _entry = HookEntry;
-
     let scope = scope::current();
     let component = scope
         .as_ref()
@@ -269,15 +252,27 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_reporter_is_not_reentered_forever() {
-        // A reporter must not panic; this proves only that the re-entry guard holds when a
-        // nested panic reaches the hook on the same thread from `Display` of a payload.
+    fn a_panic_caught_inside_isolated_code_is_reported_on_its_own() {
         install_hook();
-        let err = isolate("nested-test", || {
-            let _ = isolate("nested-inner", || panic!("inner"));
+        let err = isolate("outer-test", || {
+            let inner = isolate("inner-test", || panic!("inner"));
+            assert!(inner.is_err());
             panic!("outer")
         })
         .unwrap_err();
         assert_eq!(err.message, "outer");
+        let reports = recent();
+        let inner = reports
+            .iter()
+            .rev()
+            .find(|r| r.component == "inner-test")
+            .unwrap();
+        let outer = reports
+            .iter()
+            .rev()
+            .find(|r| r.component == "outer-test")
+            .unwrap();
+        assert_eq!(inner.message, "inner");
+        assert_eq!(outer.message, "outer");
     }
 }

@@ -129,7 +129,6 @@ impl Core {
         sinks.flush();
         drop(sinks);
         self.advance(handled);
-        metrics::gauge!("keel_log_queue_length").set(rx.len() as f64);
     }
 
     fn drain(&self, rx: &Receiver<Record>) {

@@ -132,6 +132,9 @@ named_enum!(
         CommandsRead => "commands:read",
         /// Act as the key's agent: check in, claim, heartbeat, complete, fail.
         Agent => "agent",
+        /// Operate the keel process itself: the `/v1/admin` routes (components, panics, jobs,
+        /// log filters), which are not scoped to one organisation.
+        Operator => "operator",
     }
 );
 

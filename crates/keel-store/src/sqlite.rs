@@ -144,7 +144,7 @@ impl SqliteStore {
     async fn invalid_or_missing(&self, org: OrgId, id: CommandId, verb: &str) -> StoreError {
         match self.command_status(org, id).await {
             Ok(Some(status)) => {
-                StoreError::InvalidState(format!("a {status} command cannot be {verb}"))
+                StoreError::InvalidState(format!("the command is {status}: it cannot be {verb}"))
             }
             Ok(None) => StoreError::NotFound,
             Err(err) => err,
@@ -433,13 +433,16 @@ impl Store for SqliteStore {
         }
         let (_, now_us) = self.now();
         // SET expressions read the row as it was, so `boot_id IS ?` compares with the old boot.
+        // The name is the key's agent's: a check-in may state it (and must state it right), never
+        // change it.
         let row: Option<AgentRow> = sqlx::query_as(&format!(
             "UPDATE agents SET \
-               name = COALESCE(?1, name), version = ?2, metadata = ?3, queues = ?4, \
+               version = ?2, metadata = ?3, queues = ?4, \
                boot_count = CASE WHEN boot_id IS ?5 THEN boot_count ELSE boot_count + 1 END, \
                booted_at = CASE WHEN boot_id IS ?5 THEN booted_at ELSE ?6 END, \
                boot_id = ?5, last_seen_at = ?6 \
-             WHERE org_id = ?7 AND id = ?8 RETURNING {AGENT_COLUMNS}"
+             WHERE org_id = ?7 AND id = ?8 AND (?1 IS NULL OR name = ?1) \
+             RETURNING {AGENT_COLUMNS}"
         ))
         .bind(check_in.name.as_deref())
         .bind(&check_in.version)
@@ -450,17 +453,17 @@ impl Store for SqliteStore {
         .bind(org)
         .bind(agent)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(|err| {
-            conflict_as(
-                StoreError::from(err),
-                format!(
-                    "an agent named `{}` exists",
-                    check_in.name.as_deref().unwrap_or_default()
-                ),
-            )
-        })?;
-        row.ok_or(StoreError::UnknownAgent)?.into_agent()
+        .await?;
+        match row {
+            Some(row) => row.into_agent(),
+            None => match self.get_agent(org, agent).await? {
+                Some(existing) => Err(StoreError::InvalidInput(format!(
+                    "name: this key acts as agent `{}`",
+                    existing.name
+                ))),
+                None => Err(StoreError::UnknownAgent),
+            },
+        }
     }
 
     async fn get_agent(&self, org: OrgId, agent: AgentId) -> StoreResult<Option<Agent>> {
@@ -779,7 +782,7 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn release_expired_leases(&self) -> StoreResult<Vec<Released>> {
+    async fn release_expired_leases(&self, org: Option<OrgId>) -> StoreResult<Vec<Released>> {
         let (_, now_us) = self.now();
         // One statement: each command is released entirely or not at all, and a heartbeat or a
         // completion that commits first keeps its command out of it (its lease is renewed or its
@@ -796,10 +799,11 @@ impl Store for SqliteStore {
                finished_at = CASE WHEN NOT cancel_requested AND attempts < max_attempts \
                              THEN NULL ELSE ?1 END, \
                claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
-             WHERE status = 'executing' AND lease_expires_at < ?1 \
+             WHERE status = 'executing' AND lease_expires_at < ?1 AND (?2 IS NULL OR org_id = ?2) \
              RETURNING id, org_id, attempts, status",
         )
         .bind(now_us)
+        .bind(org)
         .fetch_all(&self.pool)
         .await?;
         let mut released = rows

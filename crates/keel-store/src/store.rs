@@ -136,7 +136,7 @@ pub trait Store: Send + Sync {
     /// In every organisation: executing commands whose lease ended before now go back to
     /// pending (due now), or to dead (`lease_expired`) when their attempts are used up, or to
     /// cancelled when a cancel was requested.
-    async fn release_expired_leases(&self) -> StoreResult<Vec<Released>>;
+    async fn release_expired_leases(&self, org: Option<OrgId>) -> StoreResult<Vec<Released>>;
 
     /// The organisation's dead commands, newest first (see [`Store::list_commands`]).
     async fn list_dead(

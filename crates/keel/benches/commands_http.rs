@@ -458,6 +458,7 @@ async fn run(synchronous: &str, scale: usize) -> Report {
             let interesting = line.starts_with("keel_log_dropped_total")
                 || line.starts_with("keel_log_fallback_total")
                 || line.starts_with("keel_panics_total")
+                || line.starts_with("keel_commands_finished_total")
                 || (line.starts_with("keel_http_requests_total") && !line.contains("status=\"2"));
             interesting && !line.starts_with('#')
         })

@@ -7,6 +7,7 @@
 //! - [`http`]: the HTTP API: the request lifecycle layer (request id, panic catching, timeout,
 //!   access records), the one JSON error shape, health, metrics and admin routes.
 //! - [`telemetry`]: the Prometheus recorder.
+//! - [`failpoints`]: the names of every fault-injection point.
 //! - [`server`]: wires everything together, runs it and shuts it down on a signal.
 //! - [`commands`]: commands beyond the store: long-poll wake-ups and the release-stuck job.
 //! - [`admin`]: `keel admin`, organisations and API keys from the command line.
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod failpoints;
 pub mod http;
 pub mod server;
 pub mod telemetry;

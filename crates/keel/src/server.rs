@@ -36,7 +36,7 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// and the metrics recorder, which exist once per process.
 pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     keel_guard::panic::install_hook();
-    let failpoints = keel_guard::failpoints::configure_from_env()?;
+    let failpoints = keel_guard::failpoints::configure_from_env(crate::failpoints::KNOWN)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     config.log.dir = config.data_dir.join(&config.log.dir);
@@ -159,7 +159,7 @@ fn start_jobs(
             fail::fail_point!("job.telemetry");
             metrics.run_upkeep();
             let stats = logger.stats();
-            metrics::gauge!("keel_log_queue_len").set(stats.queue_len as f64);
+            metrics::gauge!("keel_log_queue_length").set(stats.queue_len as f64);
         }
     });
 }
@@ -189,7 +189,12 @@ async fn bootstrap(store: &dyn Store) -> anyhow::Result<()> {
             org.id,
             NewApiKey {
                 name: "bootstrap-admin".to_owned(),
-                scopes: vec![Scope::Admin, Scope::CommandsWrite, Scope::CommandsRead],
+                scopes: vec![
+                    Scope::Admin,
+                    Scope::CommandsWrite,
+                    Scope::CommandsRead,
+                    Scope::Operator,
+                ],
                 agent_name: None,
             },
         )
@@ -221,7 +226,7 @@ fn start_release_stuck(
             let store = store.clone();
             let wakeups = wakeups.clone();
             async move {
-                if let Err(error) = release_expired_leases(store.as_ref(), &wakeups).await {
+                if let Err(error) = release_expired_leases(store.as_ref(), &wakeups, None).await {
                     tracing::error!(%error, "release-stuck: the store failed; retrying at the next tick");
                 }
             }

@@ -27,5 +27,8 @@ fn describe() {
         "keel_http_request_duration_seconds",
         "Time from receiving a request to answering it"
     );
-    describe_gauge!("keel_log_queue_len", "Records waiting in the log queue");
+    describe_gauge!(
+        "keel_log_queue_length",
+        "Records waiting in the log queue, sampled by the telemetry job"
+    );
 }

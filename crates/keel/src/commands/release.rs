@@ -1,18 +1,19 @@
 //! The release-stuck job: commands whose lease expired go back to pending, or die.
 
-use keel_store::{ReleaseOutcome, Released, Store, StoreError};
+use keel_store::{OrgId, ReleaseOutcome, Released, Store, StoreError};
 
 use super::wakeups::Wakeups;
 
-/// Releases every expired lease (all organisations); each release is an `audit` record and
-/// counted in `keel_commands_released_total{outcome}`; organisations with requeued commands
-/// wake their waiting agents.
+/// Releases the expired leases of `org` (of every organisation when `None`, as the job does);
+/// each release is an `audit` record and counted in `keel_commands_released_total{outcome}`;
+/// organisations with requeued commands wake their waiting agents.
 pub async fn release_expired_leases(
     store: &dyn Store,
     wakeups: &Wakeups,
+    org: Option<OrgId>,
 ) -> Result<Vec<Released>, StoreError> {
     fail::fail_point!("commands.release_stuck");
-    let released = store.release_expired_leases().await?;
+    let released = store.release_expired_leases(org).await?;
     for release in &released {
         let outcome = outcome_name(release.outcome);
         tracing::info!(

@@ -1,5 +1,6 @@
-//! `/v1/admin/*`: component states, recent panics, job statistics and log filters. Every route
-//! needs `Authorization: Bearer <admin token>`.
+//! `/v1/admin/*`: component states, recent panics, job statistics and log filters: the keel
+//! process itself, not one organisation. Every route needs `Authorization: Bearer …` with the
+//! admin token or an API key with the `operator` scope.
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -9,6 +10,7 @@ use axum::routing::get;
 use keel_guard::components::{ComponentStatus, JobStats};
 use keel_guard::panic::PanicReport;
 use keel_log::FilterSet;
+use keel_store::Scope;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
@@ -23,21 +25,31 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .route("/panics", get(panics))
         .route("/jobs", get(jobs))
         .route("/log-filters", get(log_filters).put(set_log_filters))
-        .route_layer(middleware::from_fn_with_state(state, require_admin_token))
+        .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
 
-/// Refuses requests without the admin bearer token (compared in constant time).
-async fn require_admin_token(
+/// Admits the operator: the configured (or generated) admin token, compared in constant time,
+/// or an API key with the `operator` scope. No or an unknown credential: 401; a key without the
+/// scope: 403.
+async fn require_operator(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let presented = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
-    if bool::from(presented.as_bytes().ct_eq(state.admin_token.as_bytes())) {
-        Ok(next.run(request).await)
-    } else {
-        Err(ApiError::Unauthorized)
+    if !bool::from(presented.as_bytes().ct_eq(state.admin_token.as_bytes())) {
+        let principal = state
+            .store
+            .authenticate(presented)
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
+        if !principal.has_scope(Scope::Operator) {
+            return Err(ApiError::Forbidden(
+                "this key lacks the `operator` scope".to_owned(),
+            ));
+        }
     }
+    Ok(next.run(request).await)
 }
 
 /// Every supervised component: state, restarts, last panic, last and next tick.

@@ -13,6 +13,12 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
+use super::validate::{check_name, check_range, check_size};
+
+/// Most queues an agent may serve.
+const MAX_QUEUES: usize = 64;
+/// Largest agent metadata, serialised.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// The agent routes.
 pub fn routes() -> Router<AppState> {
@@ -86,8 +92,12 @@ async fn check_in(
             "version: 1 to 64 characters".to_owned(),
         ));
     }
-    if request.queues.len() > 64 {
-        return Err(ApiError::Validation("queues: at most 64".to_owned()));
+    check_range("queues (count)", request.queues.len(), 0, MAX_QUEUES)?;
+    for queue in &request.queues {
+        check_name("queues", queue)?;
+    }
+    if let Some(name) = &request.name {
+        check_name("name", name)?;
     }
     let metadata = request
         .metadata
@@ -97,12 +107,7 @@ async fn check_in(
             "metadata: must be a JSON object".to_owned(),
         ));
     }
-    if serde_json::to_vec(&metadata).map_or(usize::MAX, |b| b.len()) > 16 * 1024 {
-        return Err(ApiError::FieldTooLarge {
-            field: "metadata",
-            limit: 16 * 1024,
-        });
-    }
+    check_size("metadata", &metadata, MAX_METADATA_BYTES)?;
     let checked_in = state
         .store
         .check_in(

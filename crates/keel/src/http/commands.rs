@@ -22,9 +22,10 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
+use super::validate::{check_name, check_range, check_size};
 use crate::commands::release::{outcome_name, release_expired_leases};
 
-/// Largest `params` accepted, serialised.
+/// Largest `params` (and `progress`, `result`, `error`) accepted, serialised.
 pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
 /// Largest claim batch.
 pub const MAX_CLAIM_LIMIT: u32 = 100;
@@ -32,8 +33,6 @@ pub const MAX_CLAIM_LIMIT: u32 = 100;
 pub const MAX_WAIT_SECONDS: u64 = 60;
 /// Page size when `limit` is not given.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
-/// Longest name (command type, queue).
-const MAX_NAME_LEN: usize = 64;
 /// Longest `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
@@ -210,16 +209,11 @@ impl CreateCommand {
         command.priority = self.priority;
         command.run_at = self.run_at;
         if let Some(max_attempts) = self.max_attempts {
-            check_range("max_attempts", i64::from(max_attempts), 1, 100)?;
+            check_range("max_attempts", max_attempts, 1, 100)?;
             command.max_attempts = max_attempts;
         }
         if let Some(seconds) = self.lease_seconds {
-            check_range(
-                "lease_seconds",
-                i64::try_from(seconds).unwrap_or(i64::MAX),
-                5,
-                86_400,
-            )?;
+            check_range("lease_seconds", seconds, 5, 86_400)?;
             command.lease_duration = Duration::from_secs(seconds);
         }
         Ok(command)
@@ -233,9 +227,9 @@ async fn create(
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::CommandsWrite)?;
-    let idempotency = idempotency(&headers, &body)?;
     let request: CreateCommand = parse_body(body)?;
     let command = request.validate()?;
+    let idempotency = idempotency(&headers, &command)?;
     let created = state
         .store
         .create_command(caller.org(), command, idempotency)
@@ -250,8 +244,10 @@ async fn create(
     Ok((status, Json(CommandView::from(created.command))).into_response())
 }
 
-/// The `Idempotency-Key` header with a hash of the body, to tell a retry from a reuse.
-fn idempotency(headers: &HeaderMap, body: &Value) -> Result<Option<Idempotency>, ApiError> {
+/// The `Idempotency-Key` header with a hash of the validated request, to tell a retry from a
+/// reuse: bodies that mean the same command (keys in another order, a default spelt out or
+/// left out) hash the same.
+fn idempotency(headers: &HeaderMap, command: &NewCommand) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -264,12 +260,19 @@ fn idempotency(headers: &HeaderMap, body: &Value) -> Result<Option<Idempotency>,
                 "Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
             ))
         })?;
-    // `serde_json::Value` keeps object keys sorted, so equal bodies hash equally whatever
-    // their key order or spacing.
-    let canonical = body.to_string();
+    let canonical = serde_json::json!({
+        "type": command.command_type,
+        "target": command.target,
+        "params": command.params,
+        "priority": command.priority,
+        "run_at": command.run_at.map(|at| at.unix_timestamp_nanos().to_string()),
+        "max_attempts": command.max_attempts,
+        "lease_seconds": command.lease_duration.as_secs(),
+    });
+    // `serde_json::Value` keeps object keys sorted, so the text is canonical.
     Ok(Some(Idempotency {
         key: key.to_owned(),
-        request_hash: hex::encode(Sha256::digest(canonical.as_bytes())),
+        request_hash: hex::encode(Sha256::digest(canonical.to_string().as_bytes())),
     }))
 }
 
@@ -389,12 +392,11 @@ async fn release_stuck(
     caller: Caller,
 ) -> Result<Json<ReleaseStuckView>, ApiError> {
     caller.require(Scope::Admin)?;
-    let released = release_expired_leases(state.store.as_ref(), &state.wakeups).await?;
-    let org = caller.org();
+    let released =
+        release_expired_leases(state.store.as_ref(), &state.wakeups, Some(caller.org())).await?;
     Ok(Json(ReleaseStuckView {
         released: released
             .into_iter()
-            .filter(|release| release.org_id == org)
             .map(|release| ReleasedView {
                 command_id: release.command_id,
                 outcome: outcome_name(release.outcome),
@@ -520,7 +522,7 @@ async fn heartbeat(
     caller.agent()?;
     let id = command_id(&id)?;
     if let Some(progress) = &request.progress {
-        check_size("progress", progress)?;
+        check_size("progress", progress, MAX_PARAMS_BYTES)?;
     }
     let lease = state
         .store
@@ -600,7 +602,7 @@ fn agent_report(
 ) -> Result<(CommandId, ClaimToken), ApiError> {
     caller.agent()?;
     let id = command_id(id)?;
-    check_size(field, value)?;
+    check_size(field, value, MAX_PARAMS_BYTES)?;
     Ok((id, claim_token(token)?))
 }
 
@@ -637,49 +639,8 @@ fn claim_token(token: String) -> Result<ClaimToken, ApiError> {
 
 fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
-    check_range(
-        "limit",
-        i64::from(limit),
-        1,
-        i64::from(keel_store::MAX_PAGE_SIZE),
-    )?;
+    check_range("limit", limit, 1, keel_store::MAX_PAGE_SIZE)?;
     Ok(limit)
-}
-
-/// `a-z A-Z 0-9 _ . : -`, 1 to 64 characters.
-fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
-    let valid = (1..=MAX_NAME_LEN).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::Validation(format!(
-            "{field}: 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, _ . : -"
-        )))
-    }
-}
-
-fn check_range(field: &str, value: i64, min: i64, max: i64) -> Result<(), ApiError> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(ApiError::Validation(format!(
-            "{field}: must be between {min} and {max}, got {value}"
-        )))
-    }
-}
-
-fn check_size(field: &'static str, value: &Value) -> Result<(), ApiError> {
-    let size = serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len());
-    if size > MAX_PARAMS_BYTES {
-        return Err(ApiError::FieldTooLarge {
-            field,
-            limit: MAX_PARAMS_BYTES,
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -687,23 +648,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_checked() {
-        assert!(check_name("type", "run_job").is_ok());
-        assert!(check_name("type", "a.b:c-d").is_ok());
-        assert!(check_name("type", "").is_err());
-        assert!(check_name("type", "has space").is_err());
-        assert!(check_name("type", &"x".repeat(65)).is_err());
-    }
-
-    #[test]
-    fn equal_bodies_hash_equally_whatever_their_key_order() {
+    fn requests_that_mean_the_same_command_hash_equally() {
         let mut headers = HeaderMap::new();
         headers.insert("idempotency-key", "k1".parse().unwrap());
-        let a: Value = serde_json::from_str(r#"{"type":"x","queue":"q"}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{ "queue": "q", "type": "x" }"#).unwrap();
-        let c: Value = serde_json::from_str(r#"{"type":"y","queue":"q"}"#).unwrap();
-        let hash = |v: &Value| idempotency(&headers, v).unwrap().unwrap().request_hash;
-        assert_eq!(hash(&a), hash(&b));
-        assert_ne!(hash(&a), hash(&c));
+        let hash = |body: &str| {
+            let request: CreateCommand = serde_json::from_str(body).unwrap();
+            let command = request.validate().unwrap();
+            idempotency(&headers, &command)
+                .unwrap()
+                .unwrap()
+                .request_hash
+        };
+        let base = hash(r#"{"type":"x","queue":"q"}"#);
+        assert_eq!(base, hash(r#"{ "queue": "q", "type": "x" }"#));
+        assert_eq!(
+            base,
+            hash(r#"{"type":"x","queue":"q","params":{},"max_attempts":5}"#)
+        );
+        assert_ne!(base, hash(r#"{"type":"y","queue":"q"}"#));
+        assert_ne!(base, hash(r#"{"type":"x","queue":"q","priority":1}"#));
     }
 }

@@ -18,6 +18,7 @@ pub mod health;
 pub mod json;
 pub mod lifecycle;
 pub mod request_id;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -65,3 +65,22 @@ async fn without_a_configured_token_one_is_generated_and_kept_private() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn an_operator_key_opens_the_admin_routes_and_an_org_admin_key_does_not() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let operator = server.key("acme", "operator", None);
+    let org_admin = server.key("acme", "admin,commands:write,commands:read", None);
+    let components = operator.get("/v1/admin/components", 200).await;
+    assert!(
+        components
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "telemetry")
+    );
+    let refused = org_admin.get("/v1/admin/components", 403).await;
+    assert_eq!(refused["error"]["code"], "forbidden");
+    org_admin.get("/v1/admin/panics", 403).await;
+}

@@ -65,3 +65,18 @@ fn an_unknown_key_or_a_bad_value_is_an_error_that_names_it() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("body_limit"), "{stderr}");
 }
+
+#[test]
+fn a_misspelt_failpoint_stops_keel_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(dir.path())
+        .env("KEEL_FAILPOINTS", "http.handlr=panic")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("http.handlr"), "{stderr}");
+}

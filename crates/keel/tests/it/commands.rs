@@ -607,6 +607,20 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
     ops.get("/v1/commands?limit=0", 422).await;
     ops.get("/v1/commands?status=sleeping", 422).await;
 
+    // Check-in: a bad queue name, or another agent's name, is refused and renames nothing.
+    let boot = uuid::Uuid::new_v4();
+    for body in [
+        json!({"version": "1", "queues": ["has space"], "boot_id": boot}),
+        json!({"version": "1", "queues": [""], "boot_id": boot}),
+        json!({"version": "1", "name": "someone-else", "boot_id": boot}),
+        json!({"version": "1", "metadata": [1], "boot_id": boot}),
+    ] {
+        agent.post("/v1/agents/check-in", &body, 422).await;
+    }
+    let agents = ops.get("/v1/agents", 200).await;
+    assert_eq!(agents["agents"][0]["name"], "a1");
+    assert_eq!(agents["agents"][0]["queues"], json!(["q1"]));
+
     assert_eq!(ops.get("/v1/commands", 200).await, before);
     assert_eq!(ops.get(&path, 200).await["status"], "pending");
 }

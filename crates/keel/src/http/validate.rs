@@ -1,0 +1,85 @@
+//! Checks shared by the API's request bodies; each failure is a 422 (413 for sizes) naming the
+//! field.
+
+use std::fmt::Display;
+
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// Longest name (command type, queue).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A name: 1 to 64 characters of `a-z A-Z 0-9 _ . : -`.
+pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
+    let valid = (1..=MAX_NAME_LEN).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{field}: 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, _ . : -"
+        )))
+    }
+}
+
+/// A number within `min..=max`.
+pub fn check_range<T: PartialOrd + Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ApiError> {
+    if value >= min && value <= max {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(format!(
+            "{field}: must be between {min} and {max}, got {value}"
+        )))
+    }
+}
+
+/// A JSON value of at most `limit` bytes serialised (413 beyond).
+pub fn check_size(field: &'static str, value: &Value, limit: usize) -> Result<(), ApiError> {
+    let size = serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len());
+    if size > limit {
+        return Err(ApiError::FieldTooLarge { field, limit });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("type", "run_job").is_ok());
+        assert!(check_name("type", "a.b:c-d").is_ok());
+        assert!(check_name("type", "").is_err());
+        assert!(check_name("type", "has space").is_err());
+        assert!(check_name("type", &"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn ranges_are_inclusive() {
+        assert!(check_range("limit", 1_u32, 1, 100).is_ok());
+        assert!(check_range("limit", 100_u32, 1, 100).is_ok());
+        assert!(check_range("limit", 0_u32, 1, 100).is_err());
+        assert!(check_range("limit", u64::MAX, 0, 60).is_err());
+    }
+
+    #[test]
+    fn sizes_are_limited() {
+        assert!(check_size("params", &serde_json::json!({"a": 1}), 16).is_ok());
+        assert!(matches!(
+            check_size("params", &serde_json::json!({"a": "x".repeat(20)}), 16),
+            Err(ApiError::FieldTooLarge {
+                field: "params",
+                limit: 16
+            })
+        ));
+    }
+}
