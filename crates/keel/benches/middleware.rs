@@ -25,8 +25,17 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let logs = tempfile::tempdir().unwrap();
+    // Every record to one JSON file, as in production, but not to stdout (it would mix with
+    // criterion's report).
     let mut config = keel_log::LogConfig::production();
     config.dir = logs.path().to_path_buf();
+    config.sinks = vec![keel_log::SinkConfig {
+        name: "file".to_owned(),
+        kind: keel_log::SinkKind::File,
+        streams: keel_log::Stream::ALL.to_vec(),
+        format: keel_log::Format::Json,
+        file: Some(keel_log::FileConfig::new("bench.log")),
+    }];
     let (logger, layer) = keel_log::build(&config).unwrap();
     let subscriber = {
         use tracing_subscriber::layer::SubscriberExt;

@@ -22,6 +22,8 @@ pub struct Options {
     pub extra_toml: &'static str,
     /// Leave `admin.token` unset, so keel generates one.
     pub no_admin_token: bool,
+    /// Lines added to the `[log]` table.
+    pub log_extra: &'static str,
 }
 
 pub struct Server {
@@ -78,7 +80,7 @@ log_flush = "5s"
             } else {
                 format!("[admin]\ntoken = \"{ADMIN_TOKEN}\"\n")
             },
-            log = LOG_TOML,
+            log = LOG_TOML.replace("{log_extra}", options.log_extra),
             extra = options.extra_toml,
         );
         let config_path = dir.path().join("keel.toml");
@@ -385,6 +387,7 @@ pub const LOG_FILE: &str = "all.jsonl";
 const LOG_TOML: &str = r#"
 [log]
 dir = "logs"
+{log_extra}
 
 [[log.sinks]]
 name = "all"

@@ -98,3 +98,50 @@ async fn a_filter_set_at_run_time_silences_a_route_from_the_next_request_on() {
             .any(|r| r["stream"] == "audit" && r["action"] == "log_filters.update")
     );
 }
+
+#[tokio::test]
+async fn a_stalled_sink_blocks_no_request_drops_info_and_keeps_errors() {
+    // The first record written stalls the writer for 6 s; the queue holds 64 records, 16 of
+    // them kept for warnings and errors.
+    let server = Server::start_with(crate::harness::Options {
+        failpoints: Some("log.sink=1*sleep(6000);http.handler=3*panic(stalled-test)"),
+        extra_toml: "",
+        log_extra: "queue_capacity = 64\nreserved_for_warnings = 16\n",
+        ..Default::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..200 {
+        statuses.push(server.get("/healthz").await.status().as_u16());
+    }
+    // Every request was answered while the sink was still stalled: log calls did not block.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "200 requests took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(statuses.iter().filter(|&&s| s == 500).count(), 3);
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 197);
+    let metrics = server.metrics().await;
+    let dropped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("keel_log_dropped_total{") && l.contains("level=\"info\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        dropped > 100.0,
+        "info records dropped and counted: {metrics}"
+    );
+
+    // Once the sink is back, the three panic records (error stream) are all written.
+    poll_until(Duration::from_secs(20), || async {
+        server
+            .log_records()
+            .iter()
+            .filter(|r| r["stream"] == "error" && r["message"] == "stalled-test")
+            .count()
+            == 3
+    })
+    .await;
+}
