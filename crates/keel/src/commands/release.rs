@@ -27,7 +27,7 @@ pub async fn release_expired_leases(
         );
         metrics::counter!("keel_commands_released_total", "outcome" => outcome).increment(1);
         if release.outcome == ReleaseOutcome::Requeued {
-            wakeups.wake(release.org_id);
+            wakeups.wake_org(release.org_id);
         }
     }
     Ok(released)

@@ -236,7 +236,9 @@ async fn create(
         .await?;
     let status = if created.created {
         metrics::counter!("keel_commands_created_total").increment(1);
-        state.wakeups.wake(caller.org());
+        state
+            .wakeups
+            .wake_target(caller.org(), &created.command.target);
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -369,7 +371,7 @@ async fn requeue(
     let id = command_id(&id)?;
     let command = state.store.requeue(caller.org(), id).await?;
     tracing::info!(target: "keel::audit", action = "command.requeue", command_id = %id.0, "command requeued");
-    state.wakeups.wake(caller.org());
+    state.wakeups.wake_target(caller.org(), &command.target);
     Ok(Json(command.into()))
 }
 
@@ -463,11 +465,10 @@ async fn claim(
         .min(state.max_claim_wait)
         .min(state.request_timeout.saturating_sub(Duration::from_secs(1)));
     let deadline = tokio::time::Instant::now() + wait;
-    let notify = state.wakeups.of(org);
+    let waiter = state.wakeups.waiter(org, agent, &queues);
     loop {
-        let woken = notify.notified();
+        let woken = waiter.enable();
         tokio::pin!(woken);
-        woken.as_mut().enable();
         let claimed = state
             .store
             .claim(org, agent, &queues, request.limit)
@@ -586,7 +587,7 @@ async fn fail(
     count_finished(&command);
     if command.status == CommandStatus::Pending {
         // Waiting claims look again, so they learn the retry's due time.
-        state.wakeups.wake(caller.org());
+        state.wakeups.wake_target(caller.org(), &command.target);
     }
     Ok(Json(command.into()))
 }
