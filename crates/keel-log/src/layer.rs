@@ -10,7 +10,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::filter::RequestInfo;
-use crate::queue::Shared;
+use crate::queue::LogQueue;
 use crate::record::{FieldCollector, Origin, Record, SpanFields, str_field, upsert};
 use crate::stream::{Level, Stream, StreamSet};
 
@@ -18,7 +18,7 @@ use crate::stream::{Level, Stream, StreamSet};
 /// globally, [`crate::build`] hands it over.
 #[derive(Clone)]
 pub struct KeelLayer {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<LogQueue>,
 }
 
 impl std::fmt::Debug for KeelLayer {

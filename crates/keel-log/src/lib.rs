@@ -42,13 +42,13 @@ pub use sink::CustomSink;
 pub use stream::{Level, Stream};
 
 use filter::CompiledFilters;
-use queue::{Core, Shared};
+use queue::{LogQueue, WriterState};
 use sink::{Sink, Sinks};
 
 /// A handle on the logger: flush, shutdown, filters, stats. Cheap to clone.
 #[derive(Clone)]
 pub struct Logger {
-    shared: Arc<Shared>,
+    shared: Arc<LogQueue>,
 }
 
 impl std::fmt::Debug for Logger {
@@ -220,8 +220,8 @@ pub fn build_with_sinks(
     }
     sinks.extend(custom.into_iter().map(Sink::custom));
     let counters = sinks.iter().map(Sink::counters).collect();
-    let core = Core::new(Sinks::new(sinks), counters);
-    let shared = Shared::start(
+    let core = WriterState::new(Sinks::new(sinks), counters);
+    let shared = LogQueue::start(
         core,
         config.queue_capacity,
         config.reserved_for_warnings,

@@ -65,7 +65,7 @@ impl Counters {
 }
 
 /// What the writer thread needs: the sinks and the counters.
-pub(crate) struct Core {
+pub(crate) struct WriterState {
     pub(crate) sinks: Mutex<Sinks>,
     pub(crate) sink_counters: Vec<Arc<SinkCounters>>,
     pub(crate) counters: Counters,
@@ -77,7 +77,7 @@ pub(crate) struct Core {
     writer_alive: AtomicBool,
 }
 
-impl Core {
+impl WriterState {
     pub(crate) fn new(sinks: Sinks, sink_counters: Vec<Arc<SinkCounters>>) -> Self {
         Self {
             sinks: Mutex::new(sinks),
@@ -146,7 +146,7 @@ impl Core {
 }
 
 /// Marks the writer dead when its thread ends, however it ends.
-struct AliveGuard(Arc<Core>);
+struct AliveGuard(Arc<WriterState>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
@@ -156,7 +156,7 @@ impl Drop for AliveGuard {
     }
 }
 
-fn writer_thread(core: Arc<Core>, rx: Receiver<Record>, ctrl: Receiver<Control>) {
+fn writer_thread(core: Arc<WriterState>, rx: Receiver<Record>, ctrl: Receiver<Control>) {
     let _alive = AliveGuard(Arc::clone(&core));
     loop {
         // Ends the thread as if it had died, for the watchdog's tests.
@@ -178,7 +178,7 @@ fn writer_thread(core: Arc<Core>, rx: Receiver<Record>, ctrl: Receiver<Control>)
     }
 }
 
-fn run(core: &Core, rx: &Receiver<Record>, ctrl: &Receiver<Control>) {
+fn run(core: &WriterState, rx: &Receiver<Record>, ctrl: &Receiver<Control>) {
     loop {
         crossbeam_channel::select! {
             recv(rx) -> record => match record {
@@ -196,7 +196,7 @@ fn run(core: &Core, rx: &Receiver<Record>, ctrl: &Receiver<Control>) {
 }
 
 fn spawn_writer(
-    core: &Arc<Core>,
+    core: &Arc<WriterState>,
     rx: &Receiver<Record>,
     ctrl: &Receiver<Control>,
 ) -> io::Result<JoinHandle<()>> {
@@ -212,8 +212,8 @@ fn spawn_writer(
 }
 
 /// Everything a logger handle, the layer and the panic reporter share.
-pub(crate) struct Shared {
-    pub(crate) core: Arc<Core>,
+pub(crate) struct LogQueue {
+    pub(crate) core: Arc<WriterState>,
     tx: Sender<Record>,
     rx: Receiver<Record>,
     ctrl_tx: Sender<Control>,
@@ -231,9 +231,9 @@ pub(crate) struct Shared {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl Shared {
+impl LogQueue {
     pub(crate) fn start(
-        core: Core,
+        core: WriterState,
         capacity: usize,
         reserved: usize,
         filters: CompiledFilters,
