@@ -1,9 +1,10 @@
 //! The process-wide panic hook and the registry of recent panics.
 //!
 //! For each panic the hook, in this order: writes one line to stderr synchronously (component,
-//! message, location); captures a backtrace unless the rate limit says otherwise; counts
-//! `keel_panics_total{component}`; keeps the report in a bounded list of recent panics; hands
-//! the report to the reporter (the logger, which turns it into an `error` stream record).
+//! message, location); captures a backtrace unless the rate limit says otherwise; counts it per
+//! component (published as `keel_panics_total{component}` by [`export_metrics`]); hands the
+//! report to the reporter (the logger, which turns it into an `error` stream record); keeps it
+//! in a bounded list of recent panics.
 //!
 //! Re-entry: the standard library aborts the process when a panic starts while the hook runs
 //! on the same thread ("panicked while processing panic"), before any hook could be entered
@@ -17,7 +18,7 @@
 
 use std::backtrace::Backtrace;
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::Once;
@@ -70,6 +71,8 @@ pub type Reporter = dyn Fn(&PanicReport) + Send + Sync;
 static INSTALL: Once = Once::new();
 static REPORTER: ArcSwapOption<Box<Reporter>> = ArcSwapOption::const_empty();
 static TOTAL: AtomicU64 = AtomicU64::new(0);
+static BY_COMPONENT: Mutex<BTreeMap<String, u64>> = parking_lot::const_mutex(BTreeMap::new());
+static BACKTRACES_SKIPPED: AtomicU64 = AtomicU64::new(0);
 static RECENT: Mutex<VecDeque<PanicReport>> = parking_lot::const_mutex(VecDeque::new());
 static BACKTRACES_PER_SECOND: AtomicU32 = AtomicU32::new(DEFAULT_BACKTRACES_PER_SECOND);
 static BACKTRACE_WINDOW: AtomicU64 = AtomicU64::new(0);
@@ -102,6 +105,27 @@ pub fn set_backtraces_per_second(limit: u32) {
 /// How many panics the hook has seen since the process started.
 pub fn total() -> u64 {
     TOTAL.load(Ordering::Relaxed)
+}
+
+/// How many panics each component has had since the process started.
+pub fn counts_by_component() -> Vec<(String, u64)> {
+    BY_COMPONENT
+        .lock()
+        .iter()
+        .map(|(component, count)| (component.clone(), *count))
+        .collect()
+}
+
+/// Publishes the counts to the metrics recorder: `keel_panics_total{component}` and
+/// `keel_panic_backtraces_skipped_total`. `GET /metrics` calls it before rendering, so the
+/// exposition is always current. The hook itself never touches the recorder: the recorder's
+/// registry has locks that other code, the logger's among it, may hold when it panics.
+pub fn export_metrics() {
+    for (component, count) in counts_by_component() {
+        metrics::counter!("keel_panics_total", "component" => component).absolute(count);
+    }
+    metrics::counter!("keel_panic_backtraces_skipped_total")
+        .absolute(BACKTRACES_SKIPPED.load(Ordering::Relaxed));
 }
 
 /// The most recent panics, newest last (at most [`RECENT_CAPACITY`]).
@@ -151,11 +175,13 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
     let backtrace = take_backtrace_token().then(|| Backtrace::force_capture().to_string());
     let backtrace_skipped = backtrace.is_none();
     if backtrace_skipped {
-        metrics::counter!("keel_panic_backtraces_skipped_total").increment(1);
+        BACKTRACES_SKIPPED.fetch_add(1, Ordering::Relaxed);
     }
 
     TOTAL.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("keel_panics_total", "component" => component.clone()).increment(1);
+    if let Some(mut counts) = BY_COMPONENT.try_lock_for(Duration::from_millis(50)) {
+        *counts.entry(component.clone()).or_insert(0) += 1;
+    }
 
     let report = PanicReport {
         component,

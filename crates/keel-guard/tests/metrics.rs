@@ -145,6 +145,7 @@ async fn degraded_restarts_state_and_tick_metrics_are_emitted() {
         memory.gauge("keel_component_state{component=metered,state=running}"),
         Some(0.0)
     );
+    keel_guard::panic::export_metrics();
     assert_eq!(
         memory.counter("keel_panics_total{component=metered}"),
         Some(2)

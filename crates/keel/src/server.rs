@@ -157,6 +157,7 @@ fn start_jobs(
         let metrics = metrics.clone();
         async move {
             fail::fail_point!("job.telemetry");
+            keel_guard::panic::export_metrics();
             metrics.run_upkeep();
             let stats = logger.stats();
             metrics::gauge!("keel_log_queue_length").set(stats.queue_len as f64);

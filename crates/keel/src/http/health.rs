@@ -59,6 +59,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus text exposition.
 async fn metrics(State(state): State<AppState>) -> Response {
+    keel_guard::panic::export_metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
