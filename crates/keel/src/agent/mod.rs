@@ -193,8 +193,13 @@ impl Agent {
                             () = stop.cancelled() => {}
                         }
                     }
+                    // The server granted the leases when it answered, which for a long poll
+                    // can be many seconds after the claim was sent: the local view of each
+                    // lease starts now. (The server's fencing is what counts; this only bounds
+                    // how long a report is retried.)
+                    let leased_at = Instant::now();
                     for object in commands {
-                        self.start(object, claimed_at, &controls, &mut running);
+                        self.start(object, leased_at, &controls, &mut running);
                     }
                 }
                 Err(ClientError::Retryable(error)) => {

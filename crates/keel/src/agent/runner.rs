@@ -173,16 +173,16 @@ enum HeartbeatStop {
     Lost(String),
 }
 
-/// Runs `command` to the end: the program, heartbeats, and the report. `claimed_at` is when
-/// the claim request was sent (the lease cannot have started earlier).
+/// Runs `command` to the end: the program, heartbeats, and the report. `leased_at` is when
+/// the claim's answer arrived: the local view of when the lease started.
 pub async fn run(
     client: &Client,
     config: &RunnerConfig,
     command: ClaimedCommand,
-    claimed_at: Instant,
+    leased_at: Instant,
     controls: &Controls,
 ) -> Outcome {
-    let deadline = Arc::new(Mutex::new(claimed_at + command.lease));
+    let deadline = Arc::new(Mutex::new(leased_at + command.lease));
     let mut child = match spawn(&config.program, &command) {
         Ok(child) => child,
         Err(error) => {

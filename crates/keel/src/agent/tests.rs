@@ -100,6 +100,8 @@ mod fake {
         pub check_ins_unavailable: usize,
         pub check_in_status: Option<StatusCode>,
         pub claim_status: Option<StatusCode>,
+        /// How long a claim waits before it is answered, as a long poll does.
+        pub claim_delay: std::time::Duration,
         pub limits: Vec<u64>,
         pub outstanding: usize,
         pub max_outstanding: usize,
@@ -145,6 +147,8 @@ mod fake {
     }
 
     async fn claim(State(server): State<Shared>, Json(body): Json<Value>) -> Answer {
+        let delay = server.lock().claim_delay;
+        tokio::time::sleep(delay).await;
         let mut server = server.lock();
         if let Some(status) = server.claim_status {
             return error(status, "forbidden");
@@ -306,6 +310,30 @@ async fn claims_never_exceed_the_concurrency_and_every_command_is_reported() {
     assert!(server.fails.is_empty(), "{:?}", server.fails);
     assert!(server.max_outstanding <= 2, "{}", server.max_outstanding);
     assert!(server.limits.iter().all(|limit| (1..=2).contains(limit)));
+}
+
+#[tokio::test]
+async fn a_lease_granted_at_the_end_of_a_long_poll_is_reported_in_full() {
+    // The claim is answered 1.5 s after it was sent, with a 1 s lease: the lease runs from the
+    // answer, not from the request.
+    let (client, server) = fake::start(fake::Server {
+        pending: [fake::command(1, 1)].into(),
+        claim_delay: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    let agent = agent(client, 1, "cat >/dev/null; echo '{\"ok\": true}'");
+    let stop = CancellationToken::new();
+    let running = {
+        let stop = stop.clone();
+        tokio::spawn(async move { agent.run(&stop).await })
+    };
+    until("the command is completed", || {
+        server.lock().completed.len() == 1
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }
 
 #[tokio::test]
