@@ -339,7 +339,12 @@ async fn supervise<F, Fut>(
         } else {
             ComponentState::Restarting
         });
-        tracing::warn!(component = %name, restarts = total, "component {failure}; restarting in {delay:?}");
+        tracing::warn!(
+            component = %name,
+            restarts = total,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "component {failure}; restarting in {delay:?}"
+        );
 
         tokio::select! {
             () = cancel.cancelled() => break,

@@ -58,6 +58,15 @@ async fn a_task_that_always_panics_ends_degraded_and_readyz_names_it() {
         "{metrics}"
     );
 
+    // The restarts came after growing delays: 10 ms doubling to the 80 ms maximum.
+    poll_until(Duration::from_secs(5), || async {
+        restart_delays(&server).len() >= 6
+    })
+    .await;
+    let delays = restart_delays(&server);
+    assert_eq!(delays[..5], [10, 20, 40, 80, 80], "{delays:?}");
+    assert!(delays[5..].iter().all(|&d| d == 80), "{delays:?}");
+
     // The alert record is in the log.
     poll_until(Duration::from_secs(5), || async {
         server
@@ -66,4 +75,14 @@ async fn a_task_that_always_panics_ends_degraded_and_readyz_names_it() {
             .any(|r| r["target"] == "keel::alert" && r["component"] == "telemetry")
     })
     .await;
+}
+
+/// The delays before each restart of the telemetry job, in order, from the log.
+fn restart_delays(server: &Server) -> Vec<u64> {
+    server
+        .log_records()
+        .iter()
+        .filter(|r| r["component"] == "telemetry" && r["delay_ms"].is_u64())
+        .map(|r| r["delay_ms"].as_u64().unwrap())
+        .collect()
 }
