@@ -124,6 +124,19 @@ async fn a_panicking_tick_is_counted_and_the_next_tick_runs_on_time() {
     let job = telemetry(&jobs);
     assert_eq!(job["failures"], 1, "{job}");
     assert_eq!(job["interval_ms"], 100);
+    // The schedule is kept: the next tick is one interval after the last one began.
+    let at = |field: &str| {
+        time::OffsetDateTime::parse(
+            job[field].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let gap = at("next_tick") - at("last_tick");
+    assert!(
+        gap <= time::Duration::milliseconds(100) && gap > time::Duration::ZERO,
+        "{job}"
+    );
     let components = server.admin_get("/v1/admin/components").await;
     let component = components
         .as_array()
