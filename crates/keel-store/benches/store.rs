@@ -75,6 +75,7 @@ fn create_claim_complete(c: &mut Criterion) {
                                     store
                                         .complete(
                                             t.org,
+                                            t.agent,
                                             c.command.id,
                                             &c.claim_token,
                                             json!({"ok": true}),

@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             claim_not_before_run_at,
             claim_token_completes_once,
             stale_token_changes_nothing,
+            only_the_holder_reports,
             heartbeat_renews_lease,
             retryable_fail_backs_off,
             non_retryable_fail,
@@ -605,7 +606,13 @@ pub async fn claim_token_completes_once(store: &dyn Store, clock: &ManualClock) 
     let c = claim_one(store, &t, &["q"]).await;
     clock.advance(secs(5));
     let done = store
-        .complete(t.org, c.command.id, &c.claim_token, json!({"ok": true}))
+        .complete(
+            t.org,
+            t.agent,
+            c.command.id,
+            &c.claim_token,
+            json!({"ok": true}),
+        )
         .await
         .unwrap();
     assert_eq!(done.status, CommandStatus::Completed);
@@ -623,19 +630,32 @@ pub async fn claim_token_completes_once(store: &dyn Store, clock: &ManualClock) 
     clock.advance(secs(5));
     assert!(matches!(
         store
-            .complete(t.org, c.command.id, &c.claim_token, json!({"ok": "again"}))
+            .complete(
+                t.org,
+                t.agent,
+                c.command.id,
+                &c.claim_token,
+                json!({"ok": "again"})
+            )
             .await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
         store
-            .fail(t.org, c.command.id, &c.claim_token, json!("x"), true)
+            .fail(
+                t.org,
+                t.agent,
+                c.command.id,
+                &c.claim_token,
+                json!("x"),
+                true
+            )
             .await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
         store
-            .heartbeat(t.org, c.command.id, &c.claim_token, None)
+            .heartbeat(t.org, t.agent, c.command.id, &c.claim_token, None)
             .await,
         Err(StoreError::StaleClaim)
     ));
@@ -659,15 +679,19 @@ pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock)
     let before = store.get_command(t.org, id).await.unwrap().unwrap();
     clock.advance(secs(1));
     assert!(matches!(
-        store.complete(t.org, id, &wrong, json!(1)).await,
+        store.complete(t.org, t.agent, id, &wrong, json!(1)).await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
-        store.fail(t.org, id, &wrong, json!(1), false).await,
+        store
+            .fail(t.org, t.agent, id, &wrong, json!(1), false)
+            .await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
-        store.heartbeat(t.org, id, &wrong, Some(json!(50))).await,
+        store
+            .heartbeat(t.org, t.agent, id, &wrong, Some(json!(50)))
+            .await,
         Err(StoreError::StaleClaim)
     ));
     assert_eq!(store.get_command(t.org, id).await.unwrap().unwrap(), before);
@@ -682,18 +706,20 @@ pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock)
     clock.advance(secs(1));
     assert!(matches!(
         store
-            .complete(t.org, id, &first.claim_token, json!(1))
+            .complete(t.org, t.agent, id, &first.claim_token, json!(1))
             .await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
         store
-            .fail(t.org, id, &first.claim_token, json!(1), true)
+            .fail(t.org, t.agent, id, &first.claim_token, json!(1), true)
             .await,
         Err(StoreError::StaleClaim)
     ));
     assert!(matches!(
-        store.heartbeat(t.org, id, &first.claim_token, None).await,
+        store
+            .heartbeat(t.org, t.agent, id, &first.claim_token, None)
+            .await,
         Err(StoreError::StaleClaim)
     ));
     let after = store.get_command(t.org, id).await.unwrap().unwrap();
@@ -705,12 +731,18 @@ pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock)
     // A missing id is NotFound, not StaleClaim.
     assert!(matches!(
         store
-            .complete(t.org, CommandId::new(), &second.claim_token, json!(1))
+            .complete(
+                t.org,
+                t.agent,
+                CommandId::new(),
+                &second.claim_token,
+                json!(1)
+            )
             .await,
         Err(StoreError::NotFound)
     ));
     store
-        .complete(t.org, id, &second.claim_token, json!(1))
+        .complete(t.org, t.agent, id, &second.claim_token, json!(1))
         .await
         .unwrap();
 }
@@ -725,7 +757,13 @@ pub async fn heartbeat_renews_lease(store: &dyn Store, clock: &ManualClock) {
 
     clock.advance(secs(20));
     let lease = store
-        .heartbeat(t.org, id, &claimed.claim_token, Some(json!({"pct": 40})))
+        .heartbeat(
+            t.org,
+            t.agent,
+            id,
+            &claimed.claim_token,
+            Some(json!({"pct": 40})),
+        )
         .await
         .unwrap();
     assert_eq!(lease.expires_at, START + secs(50));
@@ -736,7 +774,7 @@ pub async fn heartbeat_renews_lease(store: &dyn Store, clock: &ManualClock) {
     assert!(store.release_expired_leases(None).await.unwrap().is_empty());
     // A heartbeat without progress keeps the last one.
     store
-        .heartbeat(t.org, id, &claimed.claim_token, None)
+        .heartbeat(t.org, t.agent, id, &claimed.claim_token, None)
         .await
         .unwrap();
     let c = store.get_command(t.org, id).await.unwrap().unwrap();
@@ -763,7 +801,14 @@ pub async fn retryable_fail_backs_off(store: &dyn Store, clock: &ManualClock) {
     // Attempt 1 fails: back to pending, not due before half of 5 s, due by 5 s.
     let claimed = claim_one(store, &t, &["q"]).await;
     let failed = store
-        .fail(t.org, id, &claimed.claim_token, json!({"e": 1}), true)
+        .fail(
+            t.org,
+            t.agent,
+            id,
+            &claimed.claim_token,
+            json!({"e": 1}),
+            true,
+        )
         .await
         .unwrap();
     assert_eq!(failed.status, CommandStatus::Pending);
@@ -783,7 +828,7 @@ pub async fn retryable_fail_backs_off(store: &dyn Store, clock: &ManualClock) {
     // The old token cannot fail it again.
     assert!(matches!(
         store
-            .fail(t.org, id, &claimed.claim_token, json!(2), true)
+            .fail(t.org, t.agent, id, &claimed.claim_token, json!(2), true)
             .await,
         Err(StoreError::StaleClaim)
     ));
@@ -793,7 +838,14 @@ pub async fn retryable_fail_backs_off(store: &dyn Store, clock: &ManualClock) {
     let claimed = claim_one(store, &t, &["q"]).await;
     assert_eq!(claimed.command.attempts, 2);
     let failed = store
-        .fail(t.org, id, &claimed.claim_token, json!({"e": 2}), true)
+        .fail(
+            t.org,
+            t.agent,
+            id,
+            &claimed.claim_token,
+            json!({"e": 2}),
+            true,
+        )
         .await
         .unwrap();
     let delay = failed.run_at - clock.now();
@@ -805,7 +857,14 @@ pub async fn retryable_fail_backs_off(store: &dyn Store, clock: &ManualClock) {
     let claimed = claim_one(store, &t, &["q"]).await;
     assert_eq!(claimed.command.attempts, 3);
     let failed = store
-        .fail(t.org, id, &claimed.claim_token, json!({"e": 3}), true)
+        .fail(
+            t.org,
+            t.agent,
+            id,
+            &claimed.claim_token,
+            json!({"e": 3}),
+            true,
+        )
         .await
         .unwrap();
     assert_eq!(failed.status, CommandStatus::Failed);
@@ -821,7 +880,14 @@ pub async fn non_retryable_fail(store: &dyn Store, _clock: &ManualClock) {
     let id = create(store, t.org, pooled("q")).await;
     let claimed = claim_one(store, &t, &["q"]).await;
     let failed = store
-        .fail(t.org, id, &claimed.claim_token, json!("bad params"), false)
+        .fail(
+            t.org,
+            t.agent,
+            id,
+            &claimed.claim_token,
+            json!("bad params"),
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(failed.status, CommandStatus::Failed);
@@ -887,6 +953,36 @@ pub async fn lease_expiry_requeues(store: &dyn Store, clock: &ManualClock) {
     assert_eq!(by_b[0].command.id, pooled_id);
     assert_eq!(by_b[0].command.attempts, 2);
     assert_eq!(by_b[0].command.claimed_by, Some(b));
+}
+
+pub async fn only_the_holder_reports(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = agent(store, t.org, "agent-2").await;
+    let id = create(store, t.org, pooled("q")).await;
+    let claimed = claim_one(store, &t, &["q"]).await;
+    let token = &claimed.claim_token;
+    let before = store.get_command(t.org, id).await.unwrap().unwrap();
+
+    // Another agent of the organisation, even with the right token, is refused.
+    assert!(matches!(
+        store
+            .heartbeat(t.org, other, id, token, Some(json!(1)))
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store.complete(t.org, other, id, token, json!("x")).await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert!(matches!(
+        store.fail(t.org, other, id, token, json!("x"), false).await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert_eq!(store.get_command(t.org, id).await.unwrap().unwrap(), before);
+    store
+        .complete(t.org, t.agent, id, token, json!("ok"))
+        .await
+        .unwrap();
 }
 
 pub async fn release_scoped_to_one_org(store: &dyn Store, clock: &ManualClock) {
@@ -1038,13 +1134,20 @@ pub async fn cancel(store: &dyn Store, clock: &ManualClock) {
     store.cancel_command(t.org, running).await.unwrap();
     clock.advance(secs(1));
     let lease = store
-        .heartbeat(t.org, running, &claimed.claim_token, None)
+        .heartbeat(t.org, t.agent, running, &claimed.claim_token, None)
         .await
         .unwrap();
     assert!(lease.cancel_requested);
     // The agent stops and reports a (retryable) failure: the command ends cancelled.
     let c = store
-        .fail(t.org, running, &claimed.claim_token, json!("stopped"), true)
+        .fail(
+            t.org,
+            t.agent,
+            running,
+            &claimed.claim_token,
+            json!("stopped"),
+            true,
+        )
         .await
         .unwrap();
     assert_eq!(c.status, CommandStatus::Cancelled);
@@ -1066,7 +1169,13 @@ pub async fn cancel(store: &dyn Store, clock: &ManualClock) {
     let claimed = claim_one(store, &t, &[]).await;
     store.cancel_command(t.org, finished).await.unwrap();
     let c = store
-        .complete(t.org, finished, &claimed.claim_token, json!("done"))
+        .complete(
+            t.org,
+            t.agent,
+            finished,
+            &claimed.claim_token,
+            json!("done"),
+        )
         .await
         .unwrap();
     assert_eq!(c.status, CommandStatus::Completed);
@@ -1140,16 +1249,20 @@ pub async fn org_isolation(store: &dyn Store, clock: &ManualClock) {
     let token = &b_running.claim_token;
     assert!(matches!(
         store
-            .heartbeat(a.org, b_pooled, token, Some(json!(1)))
+            .heartbeat(a.org, a.agent, b_pooled, token, Some(json!(1)))
             .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.complete(a.org, b_pooled, token, json!(1)).await,
+        store
+            .complete(a.org, a.agent, b_pooled, token, json!(1))
+            .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.fail(a.org, b_pooled, token, json!(1), false).await,
+        store
+            .fail(a.org, a.agent, b_pooled, token, json!(1), false)
+            .await,
         Err(StoreError::NotFound)
     ));
     // B's agent, claiming in A's organisation, is unknown there.
@@ -1184,7 +1297,7 @@ pub async fn org_isolation(store: &dyn Store, clock: &ManualClock) {
 
     // B still owns them.
     store
-        .complete(b.org, b_pooled, token, json!("ok"))
+        .complete(b.org, b.agent, b_pooled, token, json!("ok"))
         .await
         .unwrap();
     assert_eq!(
@@ -1315,7 +1428,7 @@ pub async fn concurrent_claims(store: Arc<dyn Store>, _clock: &ManualClock) {
                     for c in batch {
                         assert_eq!(c.command.claimed_by, Some(agent));
                         store
-                            .complete(t.org, c.command.id, &c.claim_token, json!(null))
+                            .complete(t.org, agent, c.command.id, &c.claim_token, json!(null))
                             .await
                             .unwrap();
                         mine.push(c.command.id);

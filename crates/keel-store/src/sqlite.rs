@@ -656,6 +656,7 @@ impl Store for SqliteStore {
     async fn heartbeat(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         progress: Option<Value>,
@@ -669,6 +670,7 @@ impl Store for SqliteStore {
                lease_expires_at = ?1 + lease_duration_ms * 1000, \
                progress = COALESCE(?2, progress), updated_at = ?1 \
              WHERE org_id = ?3 AND id = ?4 AND status = 'executing' AND claim_token = ?5 \
+               AND claimed_by = ?6 \
              RETURNING lease_expires_at, cancel_requested",
         )
         .bind(now_us)
@@ -676,6 +678,7 @@ impl Store for SqliteStore {
         .bind(org)
         .bind(id)
         .bind(token.as_str())
+        .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -690,6 +693,7 @@ impl Store for SqliteStore {
     async fn complete(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         result: Value,
@@ -703,6 +707,7 @@ impl Store for SqliteStore {
                status = 'completed', result = ?1, claim_token = NULL, lease_expires_at = NULL, \
                finished_at = ?2, updated_at = ?2 \
              WHERE org_id = ?3 AND id = ?4 AND status = 'executing' AND claim_token = ?5 \
+               AND claimed_by = ?6 \
              RETURNING {COMMAND_COLUMNS}"
         ))
         .bind(Json(&result))
@@ -710,6 +715,7 @@ impl Store for SqliteStore {
         .bind(org)
         .bind(id)
         .bind(token.as_str())
+        .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -721,6 +727,7 @@ impl Store for SqliteStore {
     async fn fail(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         error: Value,
@@ -728,18 +735,20 @@ impl Store for SqliteStore {
     ) -> StoreResult<Command> {
         // The backoff depends on the attempts so far: read them, then update fenced on them as
         // well as on the token, so the delay matches the row that is changed.
-        let current: Option<(String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT status, claim_token, attempts FROM commands WHERE org_id = ? AND id = ?",
+        let current: Option<(String, Option<String>, Option<AgentId>, i64)> = sqlx::query_as(
+            "SELECT status, claim_token, claimed_by, attempts FROM commands \
+             WHERE org_id = ? AND id = ?",
         )
         .bind(org)
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((status, claim_token, attempts)) = current else {
+        let Some((status, claim_token, holder, attempts)) = current else {
             return Err(StoreError::NotFound);
         };
         if status != CommandStatus::Executing.as_str()
             || claim_token.as_deref() != Some(token.as_str())
+            || holder != Some(agent)
         {
             return Err(StoreError::StaleClaim);
         }
@@ -763,7 +772,7 @@ impl Store for SqliteStore {
                              THEN NULL ELSE ?3 END, \
                error = ?4, claim_token = NULL, lease_expires_at = NULL, updated_at = ?3 \
              WHERE org_id = ?5 AND id = ?6 AND status = 'executing' AND claim_token = ?7 \
-               AND attempts = ?8 \
+               AND attempts = ?8 AND claimed_by = ?9 \
              RETURNING {COMMAND_COLUMNS}"
         ))
         .bind(retryable)
@@ -774,6 +783,7 @@ impl Store for SqliteStore {
         .bind(id)
         .bind(token.as_str())
         .bind(attempts)
+        .bind(agent)
         .fetch_optional(&self.pool)
         .await?;
         match row {

@@ -106,6 +106,7 @@ pub trait Store: Send + Sync {
     async fn heartbeat(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         progress: Option<Value>,
@@ -116,6 +117,7 @@ pub trait Store: Send + Sync {
     async fn complete(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         result: Value,
@@ -127,6 +129,7 @@ pub trait Store: Send + Sync {
     async fn fail(
         &self,
         org: OrgId,
+        agent: AgentId,
         id: CommandId,
         token: &ClaimToken,
         error: Value,

@@ -55,7 +55,9 @@ async fn failpoints_fail_or_panic_the_operation_and_change_nothing() {
 
     fail::cfg("store.heartbeat", "return").unwrap();
     assert!(matches!(
-        store.heartbeat(t.org, id, &token, Some(json!(1))).await,
+        store
+            .heartbeat(t.org, t.agent, id, &token, Some(json!(1)))
+            .await,
         Err(StoreError::Database(_))
     ));
     fail::remove("store.heartbeat");
@@ -74,7 +76,11 @@ async fn failpoints_fail_or_panic_the_operation_and_change_nothing() {
     let panicking = {
         let store = Arc::clone(&store);
         let token = token.clone();
-        tokio::spawn(async move { store.complete(t.org, id, &token, json!("ok")).await })
+        tokio::spawn(async move {
+            store
+                .complete(t.org, t.agent, id, &token, json!("ok"))
+                .await
+        })
     };
     assert!(panicking.await.unwrap_err().is_panic());
     fail::remove("store.complete");
@@ -82,7 +88,7 @@ async fn failpoints_fail_or_panic_the_operation_and_change_nothing() {
     assert_eq!(still.status, CommandStatus::Executing);
 
     let done = store
-        .complete(t.org, id, &token, json!("ok"))
+        .complete(t.org, t.agent, id, &token, json!("ok"))
         .await
         .unwrap();
     assert_eq!(done.status, CommandStatus::Completed);

@@ -99,7 +99,13 @@ async fn data_survives_reopening_the_file() {
         Some(pending)
     );
     let done = store
-        .complete(org.id, running.id, &claimed[0].claim_token, json!("ok"))
+        .complete(
+            org.id,
+            agent,
+            running.id,
+            &claimed[0].claim_token,
+            json!("ok"),
+        )
         .await
         .unwrap();
     assert_eq!(done.attempts, 1);

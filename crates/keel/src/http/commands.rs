@@ -520,7 +520,7 @@ async fn heartbeat(
     Path(id): Path<String>,
     Json(request): Json<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
-    caller.agent()?;
+    let agent = caller.agent()?;
     let id = command_id(&id)?;
     if let Some(progress) = &request.progress {
         check_size("progress", progress, MAX_PARAMS_BYTES)?;
@@ -529,6 +529,7 @@ async fn heartbeat(
         .store
         .heartbeat(
             caller.org(),
+            agent,
             id,
             &claim_token(request.claim_token)?,
             request.progress,
@@ -555,10 +556,11 @@ async fn complete(
     Path(id): Path<String>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    let (id, token) = agent_report(&caller, &id, request.claim_token, "result", &request.result)?;
+    let (agent, id, token) =
+        agent_report(&caller, &id, request.claim_token, "result", &request.result)?;
     let command = state
         .store
-        .complete(caller.org(), id, &token, request.result)
+        .complete(caller.org(), agent, id, &token, request.result)
         .await?;
     count_finished(&command);
     Ok(Json(command.into()))
@@ -579,10 +581,18 @@ async fn fail(
     Path(id): Path<String>,
     Json(request): Json<FailRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    let (id, token) = agent_report(&caller, &id, request.claim_token, "error", &request.error)?;
+    let (agent, id, token) =
+        agent_report(&caller, &id, request.claim_token, "error", &request.error)?;
     let command = state
         .store
-        .fail(caller.org(), id, &token, request.error, request.retryable)
+        .fail(
+            caller.org(),
+            agent,
+            id,
+            &token,
+            request.error,
+            request.retryable,
+        )
         .await?;
     count_finished(&command);
     if command.status == CommandStatus::Pending {
@@ -592,19 +602,19 @@ async fn fail(
     Ok(Json(command.into()))
 }
 
-/// Checks what every completion and failure report needs: an agent key, a command id, a
-/// claim token and a reported value within the size limit.
+/// Checks what every completion and failure report needs: an agent key (its agent must hold
+/// the lease), a command id, a claim token and a reported value within the size limit.
 fn agent_report(
     caller: &Caller,
     id: &str,
     token: String,
     field: &'static str,
     value: &Value,
-) -> Result<(CommandId, ClaimToken), ApiError> {
-    caller.agent()?;
+) -> Result<(AgentId, CommandId, ClaimToken), ApiError> {
+    let agent = caller.agent()?;
     let id = command_id(id)?;
     check_size(field, value, MAX_PARAMS_BYTES)?;
-    Ok((id, claim_token(token)?))
+    Ok((agent, id, claim_token(token)?))
 }
 
 /// Counts a reported command by the status it reached (`pending` again after a retryable

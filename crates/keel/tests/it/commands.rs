@@ -42,11 +42,7 @@ fn id(command: &Value) -> String {
 
 #[tokio::test]
 async fn a_command_goes_from_pending_to_completed_and_a_stale_token_changes_nothing() {
-    let Setup {
-        server: _server,
-        ops,
-        agent,
-    } = setup().await;
+    let Setup { server, ops, agent } = setup().await;
     let created = ops
         .post(
             "/v1/commands",
@@ -67,6 +63,21 @@ async fn a_command_goes_from_pending_to_completed_and_a_stale_token_changes_noth
     assert_eq!(command["attempts"], 1);
     let token = command["claim_token"].as_str().unwrap();
     let path = format!("/v1/commands/{}", id(command));
+
+    // Another agent of the organisation cannot report on it, even with the token.
+    let other = server.key("acme", "agent", Some("a2"));
+    for (action, body) in [
+        ("heartbeat", json!({"claim_token": token})),
+        ("complete", json!({"claim_token": token, "result": {}})),
+        (
+            "fail",
+            json!({"claim_token": token, "error": "x", "retryable": false}),
+        ),
+    ] {
+        let refused = other.post(&format!("{path}/{action}"), &body, 409).await;
+        assert_eq!(refused["error"]["code"], "stale_claim");
+    }
+    assert_eq!(ops.get(&path, 200).await["status"], "executing");
 
     let lease = agent
         .post(
