@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::Format;
@@ -40,10 +40,6 @@ thread_local! {
     /// Set while the writer writes a panic record: a panic of the logger itself at that moment
     /// is not turned into yet another panic record (that could loop forever).
     static WRITING_PANIC_RECORD: Cell<bool> = const { Cell::new(false) };
-}
-
-enum Control {
-    Stop,
 }
 
 /// Counters behind [`crate::LogStats`].
@@ -156,14 +152,17 @@ impl Drop for AliveGuard {
     }
 }
 
-fn writer_thread(core: Arc<WriterState>, rx: Receiver<Record>, ctrl: Receiver<Control>) {
+/// How often an idle writer looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+fn writer_thread(core: Arc<WriterState>, rx: Receiver<Record>, stop: Arc<AtomicBool>) {
     let _alive = AliveGuard(Arc::clone(&core));
     loop {
         // Ends the thread as if it had died, for the watchdog's tests.
         fail::fail_point!("log.writer.exit", |_| ());
         let outcome = keel_guard::isolate(log_scope(), || {
             fail::fail_point!("log.writer");
-            run(&core, &rx, &ctrl);
+            run(&core, &rx, &stop);
         });
         match outcome {
             Ok(()) => return,
@@ -178,19 +177,22 @@ fn writer_thread(core: Arc<WriterState>, rx: Receiver<Record>, ctrl: Receiver<Co
     }
 }
 
-fn run(core: &WriterState, rx: &Receiver<Record>, ctrl: &Receiver<Control>) {
+/// Writes records until stopped. It blocks on the one record channel only: a caller's send
+/// then wakes it through that channel's waker alone (a `select!` over a second, control
+/// channel made every wake-up take two wakers' locks, on the caller's path). Stop is a flag,
+/// looked at after every batch and every `STOP_POLL` while idle.
+fn run(core: &WriterState, rx: &Receiver<Record>, stop: &AtomicBool) {
     loop {
-        crossbeam_channel::select! {
-            recv(rx) -> record => match record {
-                Ok(record) => core.process_batch(record, rx),
-                Err(_) => return,
-            },
-            recv(ctrl) -> message => {
-                // Stop, or every logger handle is gone: write what waits, then end.
-                let (Ok(Control::Stop) | Err(_)) = message;
-                core.drain(rx);
-                return;
-            },
+        if stop.load(Ordering::SeqCst) {
+            // Write what waits, then end.
+            core.drain(rx);
+            return;
+        }
+        match rx.recv_timeout(STOP_POLL) {
+            Ok(record) => core.process_batch(record, rx),
+            Err(RecvTimeoutError::Timeout) => {}
+            // Every logger handle is gone.
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
@@ -198,13 +200,13 @@ fn run(core: &WriterState, rx: &Receiver<Record>, ctrl: &Receiver<Control>) {
 fn spawn_writer(
     core: &Arc<WriterState>,
     rx: &Receiver<Record>,
-    ctrl: &Receiver<Control>,
+    stop: &Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
     core.writer_alive.store(true, Ordering::SeqCst);
-    let (thread_core, rx, ctrl) = (Arc::clone(core), rx.clone(), ctrl.clone());
+    let (thread_core, rx, stop) = (Arc::clone(core), rx.clone(), Arc::clone(stop));
     let spawned = std::thread::Builder::new()
         .name("keel-log-writer".to_owned())
-        .spawn(move || writer_thread(thread_core, rx, ctrl));
+        .spawn(move || writer_thread(thread_core, rx, stop));
     if spawned.is_err() {
         core.writer_alive.store(false, Ordering::SeqCst);
     }
@@ -216,8 +218,8 @@ pub(crate) struct LogQueue {
     pub(crate) core: Arc<WriterState>,
     tx: Sender<Record>,
     rx: Receiver<Record>,
-    ctrl_tx: Sender<Control>,
-    ctrl_rx: Receiver<Control>,
+    /// Tells the writer to drain and end.
+    stop: Arc<AtomicBool>,
     /// Records successfully put on the queue.
     enqueued: AtomicU64,
     pub(crate) capacity: usize,
@@ -239,16 +241,15 @@ impl LogQueue {
         filters: CompiledFilters,
     ) -> io::Result<Arc<Self>> {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
-        let (ctrl_tx, ctrl_rx) = crossbeam_channel::unbounded();
+        let stop = Arc::new(AtomicBool::new(false));
         let core = Arc::new(core);
-        let handle = spawn_writer(&core, &rx, &ctrl_rx)?;
+        let handle = spawn_writer(&core, &rx, &stop)?;
         let min_rank = AtomicU8::new(filters.min_rank());
         Ok(Arc::new(Self {
             core,
             tx,
             rx,
-            ctrl_tx,
-            ctrl_rx,
+            stop,
             enqueued: AtomicU64::new(0),
             capacity,
             low_level_limit: capacity.saturating_sub(reserved),
@@ -357,7 +358,7 @@ impl LogQueue {
             return;
         }
         // The old thread has ended (or is ending); it is detached, not joined.
-        if let Ok(new) = spawn_writer(&self.core, &self.rx, &self.ctrl_rx) {
+        if let Ok(new) = spawn_writer(&self.core, &self.rx, &self.stop) {
             *handle = Some(new);
             self.core
                 .counters
@@ -417,8 +418,7 @@ impl LogQueue {
         let until = Instant::now() + deadline;
         self.synchronous.store(true, Ordering::SeqCst);
         let drained = self.wait_for_queue(until);
-        // The control channel is unbounded: this never blocks.
-        let _ = self.ctrl_tx.send(Control::Stop);
+        self.stop.store(true, Ordering::SeqCst);
         let handle = self.writer.lock().take();
         if let Some(handle) = handle {
             while !handle.is_finished() && Instant::now() < until {
