@@ -124,7 +124,7 @@ impl SqliteStore {
         &self.pool
     }
 
-    fn now(&self) -> (OffsetDateTime, i64) {
+    fn now_and_micros(&self) -> (OffsetDateTime, i64) {
         let now = truncate_to_micros(self.clock.now());
         (now, to_micros(now))
     }
@@ -267,6 +267,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
     async fn close(&self) {
         // Closing the pool waits for the connections, and SQLite checkpoints the WAL.
         self.pool.close().await;
@@ -278,7 +282,7 @@ impl Store for SqliteStore {
                 "organisation name is empty".to_owned(),
             ));
         }
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let row: OrgRow = sqlx::query_as(
             "INSERT INTO organisations (id, name, created_at) VALUES (?, ?, ?) \
              RETURNING id, name, created_at",
@@ -339,7 +343,7 @@ impl Store for SqliteStore {
             }
             (false, None) => None,
         };
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let mut tx = self.pool.begin().await?;
         let agent = match agent_name {
             Some(name) => {
@@ -385,7 +389,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()> {
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let done = sqlx::query(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE org_id = ? AND id = ?",
         )
@@ -431,7 +435,7 @@ impl Store for SqliteStore {
                 "agent metadata must be a JSON object".to_owned(),
             ));
         }
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         // SET expressions read the row as it was, so `boot_id IS ?` compares with the old boot.
         // The name is the key's agent's: a check-in may state it (and must state it right), never
         // change it.
@@ -508,7 +512,7 @@ impl Store for SqliteStore {
         {
             return Err(StoreError::UnknownAgent);
         }
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let run_at = command
             .run_at
             .map_or(now_us, |t| to_micros(truncate_to_micros(t)));
@@ -585,7 +589,7 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let row: Option<CommandRow> = sqlx::query_as(&format!(
             "UPDATE commands SET \
                status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END, \
@@ -615,7 +619,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Claimed>> {
         fail::fail_point!("store.claim", |_| Err(StoreError::injected("store.claim")));
         let limit = limit.clamp(1, MAX_CLAIM_BATCH);
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let rows: Vec<CommandRow> = sqlx::query_as(&format!(
             "UPDATE commands SET \
                status = 'executing', attempts = attempts + 1, \
@@ -664,7 +668,7 @@ impl Store for SqliteStore {
         fail::fail_point!("store.heartbeat", |_| Err(StoreError::injected(
             "store.heartbeat"
         )));
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let row: Option<(i64, bool)> = sqlx::query_as(
             "UPDATE commands SET \
                lease_expires_at = ?1 + lease_duration_ms * 1000, \
@@ -701,7 +705,7 @@ impl Store for SqliteStore {
         fail::fail_point!("store.complete", |_| Err(StoreError::injected(
             "store.complete"
         )));
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let row: Option<CommandRow> = sqlx::query_as(&format!(
             "UPDATE commands SET \
                status = 'completed', result = ?1, claim_token = NULL, lease_expires_at = NULL, \
@@ -752,7 +756,7 @@ impl Store for SqliteStore {
         {
             return Err(StoreError::StaleClaim);
         }
-        let (now, now_us) = self.now();
+        let (now, now_us) = self.now_and_micros();
         let delay = retry_backoff(
             u32::try_from(attempts).unwrap_or(u32::MAX),
             &mut rand::rng(),
@@ -793,7 +797,7 @@ impl Store for SqliteStore {
     }
 
     async fn release_expired_leases(&self, org: Option<OrgId>) -> StoreResult<Vec<Released>> {
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         // One statement: each command is released entirely or not at all, and a heartbeat or a
         // completion that commits first keeps its command out of it (its lease is renewed or its
         // status changed).
@@ -850,7 +854,7 @@ impl Store for SqliteStore {
     }
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        let (_, now_us) = self.now();
+        let (_, now_us) = self.now_and_micros();
         let row: Option<CommandRow> = sqlx::query_as(&format!(
             "UPDATE commands SET \
                status = 'pending', attempts = 0, dead_reason = NULL, run_at = ?1, \

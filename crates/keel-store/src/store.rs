@@ -164,4 +164,7 @@ pub trait Store: Send + Sync {
 
     /// Waits for the connections to close; called once at shutdown.
     async fn close(&self);
+
+    /// "Now" by the store's clock, the one its timestamps (run_at, leases, last seen) use.
+    fn now(&self) -> OffsetDateTime;
 }

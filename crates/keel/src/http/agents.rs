@@ -47,10 +47,9 @@ pub struct AgentView {
 }
 
 impl AgentView {
-    fn new(agent: Agent, online_window: std::time::Duration) -> Self {
+    fn new(agent: Agent, now: OffsetDateTime, online_window: std::time::Duration) -> Self {
         let online = agent.last_seen_at.is_some_and(|seen| {
-            (OffsetDateTime::now_utc() - seen)
-                <= time::Duration::try_from(online_window).unwrap_or(time::Duration::MAX)
+            (now - seen) <= time::Duration::try_from(online_window).unwrap_or(time::Duration::MAX)
         });
         Self {
             id: agent.id,
@@ -122,7 +121,11 @@ async fn check_in(
             },
         )
         .await?;
-    Ok(Json(AgentView::new(checked_in, state.agent_online_window)))
+    Ok(Json(AgentView::new(
+        checked_in,
+        state.store.now(),
+        state.agent_online_window,
+    )))
 }
 
 /// The answer of `GET /v1/agents`.
@@ -134,10 +137,11 @@ struct AgentList {
 async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<AgentList>, ApiError> {
     caller.require(Scope::CommandsRead)?;
     let agents = state.store.list_agents(caller.org()).await?;
+    let now = state.store.now();
     Ok(Json(AgentList {
         agents: agents
             .into_iter()
-            .map(|agent| AgentView::new(agent, state.agent_online_window))
+            .map(|agent| AgentView::new(agent, now, state.agent_online_window))
             .collect(),
     }))
 }

@@ -482,7 +482,7 @@ async fn claim(
         }
         let wake_at = match state.store.next_due_at(org, agent, &queues).await? {
             Some(due) => {
-                let until_due = due - OffsetDateTime::now_utc();
+                let until_due = due - state.store.now();
                 let until_due = Duration::try_from(until_due).unwrap_or(Duration::ZERO);
                 deadline.min(now + until_due)
             }
