@@ -620,6 +620,24 @@ impl Store for SqliteStore {
         fail::fail_point!("store.claim", |_| Err(StoreError::injected("store.claim")));
         let limit = limit.clamp(1, MAX_CLAIM_BATCH);
         let (_, now_us) = self.now_and_micros();
+        // A read first: most claims of idle agents and long polls find nothing, and a read does
+        // not queue for SQLite's one write lock as the claiming `UPDATE` does.
+        let due: bool = sqlx::query_scalar(&format!(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE {CLAIMABLE} AND run_at <= ?4)"
+        ))
+        .bind(agent)
+        .bind(org)
+        .bind(Json(queues))
+        .bind(now_us)
+        .fetch_one(&self.pool)
+        .await?;
+        if !due {
+            return if self.agent_exists(org, agent).await? {
+                Ok(Vec::new())
+            } else {
+                Err(StoreError::UnknownAgent)
+            };
+        }
         let rows: Vec<CommandRow> = sqlx::query_as(&format!(
             "UPDATE commands SET \
                status = 'executing', attempts = attempts + 1, \
