@@ -65,6 +65,8 @@ impl std::fmt::Debug for JobHandle {
 struct Shared {
     name: Arc<str>,
     interval: Mutex<Duration>,
+    /// The job's registry entry: a new interval shows there at once, not at the next wake.
+    slot: Slot,
     requests: Mutex<Requests>,
     /// Wakes the job loop: the interval changed or a tick was requested.
     wake: Notify,
@@ -91,7 +93,9 @@ impl JobHandle {
     /// then due one new interval after the previous tick was due (or the job started); when that
     /// time has already passed, it runs at once. The cadence goes on from there.
     pub fn set_interval(&self, interval: Duration) {
-        *self.shared.interval.lock() = clamp_interval(interval);
+        let interval = clamp_interval(interval);
+        *self.shared.interval.lock() = interval;
+        self.shared.slot.set_interval(interval);
         self.shared.wake.notify_one();
     }
 
@@ -151,6 +155,7 @@ where
     let shared = Arc::new(Shared {
         name,
         interval: Mutex::new(interval),
+        slot: slot.clone(),
         requests: Mutex::new(Requests::default()),
         wake: Notify::new(),
     });

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_guard::components::Components;
+use keel_guard::periodic::JobHandle;
 use keel_guard::supervisor::Supervisor;
 use keel_log::Logger;
 use keel_store::{NewApiKey, Scope, SqliteOptions, SqliteStore, Store, SystemClock};
@@ -87,8 +88,10 @@ pub async fn run(
         tracker.clone(),
     );
     let wakeups = Wakeups::default();
-    start_jobs(&supervisor, &config, &logger, &metrics);
-    start_release_stuck(&supervisor, &config, &store, &wakeups);
+    let jobs = [
+        start_telemetry(&supervisor, &config, &logger, &metrics),
+        start_release_stuck(&supervisor, &config, &store, &wakeups),
+    ];
 
     let state = AppState {
         components,
@@ -101,6 +104,11 @@ pub async fn run(
         request_timeout: config.http.request_timeout,
         max_claim_wait: Duration::from_secs(crate::http::commands::MAX_WAIT_SECONDS),
         agent_online_window: config.commands.agent_online_window,
+        jobs: Arc::new(
+            jobs.into_iter()
+                .map(|job| (job.name().to_owned(), job))
+                .collect(),
+        ),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,
@@ -143,13 +151,13 @@ pub async fn run(
     Ok(())
 }
 
-/// keel's own periodic jobs.
-fn start_jobs(
+/// The telemetry job: panic counts and histogram upkeep for the metrics, the log queue gauge.
+fn start_telemetry(
     supervisor: &Supervisor,
     config: &Config,
     logger: &Logger,
     metrics: &PrometheusHandle,
-) {
+) -> JobHandle {
     let logger = logger.clone();
     let metrics = metrics.clone();
     supervisor.every("telemetry", config.jobs.telemetry_interval, move || {
@@ -162,7 +170,7 @@ fn start_jobs(
             let stats = logger.stats();
             metrics::gauge!("keel_log_queue_length").set(stats.queue_len as f64);
         }
-    });
+    })
 }
 
 /// Opens the SQLite database in the data directory (created and migrated as needed).
@@ -217,7 +225,7 @@ fn start_release_stuck(
     config: &Config,
     store: &Arc<dyn Store>,
     wakeups: &Wakeups,
-) {
+) -> JobHandle {
     let store = store.clone();
     let wakeups = wakeups.clone();
     supervisor.every(
@@ -232,7 +240,7 @@ fn start_release_stuck(
                 }
             }
         },
-    );
+    )
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).

@@ -3,10 +3,11 @@
 //! admin token or an API key with the `operator` scope.
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, put};
 use keel_guard::components::{ComponentStatus, JobStats};
 use keel_guard::panic::PanicReport;
 use keel_log::FilterSet;
@@ -24,6 +25,7 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .route("/components", get(components))
         .route("/panics", get(panics))
         .route("/jobs", get(jobs))
+        .route("/jobs/{name}/interval", put(set_job_interval))
         .route("/log-filters", get(log_filters).put(set_log_filters))
         .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
@@ -67,6 +69,37 @@ async fn panics() -> Json<Vec<PanicReport>> {
 /// Per periodic job: runs, failures, durations, runs in the last hour.
 async fn jobs(State(state): State<AppState>) -> Json<Vec<JobStats>> {
     Json(state.components.jobs())
+}
+
+/// The body of `PUT /v1/admin/jobs/{name}/interval`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobInterval {
+    /// The new interval, as in the configuration (`"30s"`, `"500ms"`).
+    #[serde(with = "humantime_serde")]
+    interval: std::time::Duration,
+}
+
+/// Changes a periodic job's interval; it applies from the next tick on.
+async fn set_job_interval(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(request): Json<JobInterval>,
+) -> Result<Json<JobStats>, ApiError> {
+    use keel_guard::periodic::{MAX_INTERVAL, MIN_INTERVAL};
+    let job = state.jobs.get(&name).ok_or(ApiError::NotFound)?;
+    if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&request.interval) {
+        return Err(ApiError::Validation(format!(
+            "interval: must be between {MIN_INTERVAL:?} and {MAX_INTERVAL:?}"
+        )));
+    }
+    job.set_interval(request.interval);
+    tracing::info!(target: "keel::audit", action = "job.interval", job = %name, interval = ?request.interval, "job interval changed");
+    state
+        .components
+        .job(&name)
+        .map(Json)
+        .ok_or(ApiError::NotFound)
 }
 
 /// The log filters in force.

@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod request_id;
 pub mod validate;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use keel_guard::components::Components;
+use keel_guard::periodic::JobHandle;
 use keel_log::Logger;
 use keel_store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -58,6 +60,8 @@ pub struct AppState {
     pub max_claim_wait: Duration,
     /// An agent seen within this window is online.
     pub agent_online_window: Duration,
+    /// keel's periodic jobs by name, whose interval the admin API can change.
+    pub jobs: Arc<BTreeMap<String, JobHandle>>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.

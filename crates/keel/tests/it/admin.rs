@@ -84,3 +84,71 @@ async fn an_operator_key_opens_the_admin_routes_and_an_org_admin_key_does_not() 
     assert_eq!(refused["error"]["code"], "forbidden");
     org_admin.get("/v1/admin/panics", 403).await;
 }
+
+#[tokio::test]
+async fn a_jobs_interval_changes_at_run_time() {
+    use std::time::Duration;
+
+    use crate::harness::{ADMIN_TOKEN, poll_until};
+
+    let server = Server::start().await;
+    let put = |path: &str, body: serde_json::Value| {
+        server
+            .client
+            .put(server.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let changed = put(
+        "/v1/admin/jobs/telemetry/interval",
+        serde_json::json!({"interval": "100ms"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(changed.status(), StatusCode::OK);
+    let job: serde_json::Value = changed.json().await.unwrap();
+    assert_eq!(job["interval_ms"], 100);
+    // At 100 ms instead of the configured 5 s, ticks come quickly.
+    poll_until(Duration::from_secs(5), || async {
+        let jobs = server.admin_get("/v1/admin/jobs").await;
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["name"] == "telemetry" && j["runs"].as_u64().unwrap() >= 3)
+    })
+    .await;
+
+    let bad = put(
+        "/v1/admin/jobs/telemetry/interval",
+        serde_json::json!({"interval": "soon"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let zero = put(
+        "/v1/admin/jobs/telemetry/interval",
+        serde_json::json!({"interval": "0s"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(zero.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let missing = put(
+        "/v1/admin/jobs/no-such-job/interval",
+        serde_json::json!({"interval": "1s"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let jobs = server.admin_get("/v1/admin/jobs").await;
+    let telemetry = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "telemetry")
+        .unwrap();
+    assert_eq!(
+        telemetry["interval_ms"], 100,
+        "bad requests changed nothing"
+    );
+}
