@@ -152,6 +152,14 @@ impl Drop for AliveGuard {
     }
 }
 
+/// Where a fallback is counted. Inside the panic hook only the logger's own atomic counter is
+/// touched (`LogStats::fallback`): the metrics recorder has locks that panicking code may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    InMetrics,
+    InStatsOnly,
+}
+
 /// How often an idle writer looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -307,7 +315,7 @@ impl LogQueue {
             }
             Err(TrySendError::Full(record)) => {
                 if record.level.is_reserved() || record.origin == Origin::Panic {
-                    self.fallback(&record);
+                    self.fallback(&record, Counted::InMetrics);
                 } else {
                     self.count_drop(record.stream, record.level);
                 }
@@ -336,10 +344,12 @@ impl LogQueue {
     }
 
     /// The last resort for a record that must not be dropped: one line on stderr, now.
-    fn fallback(&self, record: &Record) {
+    fn fallback(&self, record: &Record, counted: Counted) {
         self.core.counters.fallback.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("keel_log_fallback_total", "stream" => record.stream.as_str())
-            .increment(1);
+        if counted == Counted::InMetrics {
+            metrics::counter!("keel_log_fallback_total", "stream" => record.stream.as_str())
+                .increment(1);
+        }
         let mut line = Vec::with_capacity(256);
         format::render_unchecked(record, record.stream, Format::Text, &mut line);
         let _ = io::stderr().write_all(&line);
@@ -421,7 +431,10 @@ impl LogQueue {
         self.stop.store(true, Ordering::SeqCst);
         let handle = self.writer.lock().take();
         if let Some(handle) = handle {
-            while !handle.is_finished() && Instant::now() < until {
+            // An idle writer sees the stop flag within `STOP_POLL`: give it that long even when
+            // the deadline is (nearly) spent, so it does not outlive the shutdown holding records.
+            let join_by = until.max(Instant::now() + 2 * STOP_POLL);
+            while !handle.is_finished() && Instant::now() < join_by {
                 std::thread::sleep(Duration::from_millis(1));
             }
             if handle.is_finished() {
@@ -477,7 +490,7 @@ impl LogQueue {
         };
         if self.is_synchronous() {
             // Sinks may panic, and a panic inside the panic hook aborts: stderr only.
-            self.fallback(&record);
+            self.fallback(&record, Counted::InStatsOnly);
             return;
         }
         match self.tx.try_send(record) {
@@ -485,7 +498,7 @@ impl LogQueue {
                 self.enqueued.fetch_add(1, Ordering::SeqCst);
             }
             Err(TrySendError::Full(record) | TrySendError::Disconnected(record)) => {
-                self.fallback(&record);
+                self.fallback(&record, Counted::InStatsOnly);
             }
         }
     }

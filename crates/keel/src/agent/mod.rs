@@ -225,7 +225,7 @@ impl Agent {
     fn start(
         &self,
         object: Value,
-        claimed_at: Instant,
+        leased_at: Instant,
         controls: &Controls,
         running: &mut JoinSet<(Uuid, Outcome)>,
     ) {
@@ -246,7 +246,7 @@ impl Agent {
                     &client,
                     &command,
                     json!({"agent_over_capacity": true}),
-                    claimed_at,
+                    leased_at,
                     &controls,
                 )
                 .await;
@@ -256,7 +256,7 @@ impl Agent {
         }
         let config = self.runner.clone();
         running.spawn(async move {
-            let outcome = runner::run(&client, &config, command, claimed_at, &controls).await;
+            let outcome = runner::run(&client, &config, command, leased_at, &controls).await;
             (id, outcome)
         });
     }

@@ -307,10 +307,10 @@ pub async fn hand_back(
     client: &Client,
     command: &ClaimedCommand,
     error: Value,
-    claimed_at: Instant,
+    leased_at: Instant,
     controls: &Controls,
 ) -> Outcome {
-    let deadline = Mutex::new(claimed_at + command.lease);
+    let deadline = Mutex::new(leased_at + command.lease);
     let report = Report::Fail {
         error,
         retryable: true,

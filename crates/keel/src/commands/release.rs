@@ -1,5 +1,7 @@
 //! The release-stuck job: commands whose lease expired go back to pending, or die.
 
+use std::collections::BTreeSet;
+
 use keel_store::{OrgId, ReleaseOutcome, Released, Store, StoreError};
 
 use super::wakeups::Wakeups;
@@ -26,9 +28,14 @@ pub async fn release_expired_leases(
             "lease expired"
         );
         metrics::counter!("keel_commands_released_total", "outcome" => outcome).increment(1);
-        if release.outcome == ReleaseOutcome::Requeued {
-            wakeups.wake_org(release.org_id);
-        }
+    }
+    let requeued_in: BTreeSet<OrgId> = released
+        .iter()
+        .filter(|release| release.outcome == ReleaseOutcome::Requeued)
+        .map(|release| release.org_id)
+        .collect();
+    for org in requeued_in {
+        wakeups.wake_org(org);
     }
     Ok(released)
 }

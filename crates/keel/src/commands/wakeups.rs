@@ -1,10 +1,13 @@
 //! Wakes long-polling claims when a command they could take becomes claimable.
 //!
-//! A waiting claim listens on its agent and on each queue it serves; an enqueue wakes the claims
-//! listening on the command's target only (a targeted command wakes its agent, a pooled one the
-//! claims on its queue), so agents waiting on other queues sleep on. Changes whose target the
-//! caller does not have at hand (a requeue, a release of expired leases, a retry) wake every
-//! waiting claim of the organisation.
+//! A waiting claim listens on its agent and on each queue it serves; a command that becomes
+//! claimable (created, requeued, or pending again after a retryable failure) wakes the claims
+//! listening on its target only (a targeted command wakes its agent, a pooled one the claims on
+//! its queue), so agents waiting on other queues sleep on. A release of expired leases, which
+//! does not report targets, wakes every waiting claim of the organisation.
+//!
+//! Memory stays bounded by the claims waiting now: an entry lives while a claim listens on it
+//! and is removed when the last such claim ends.
 //!
 //! A claim registers *before* it looks in the database ([`Waiter::enable`]), so a command
 //! enqueued between the look and the wait still wakes it.
@@ -17,47 +20,54 @@ use keel_store::{AgentId, OrgId, Target};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-/// What a claim waits for: work for one agent, or work on one queue, of one organisation.
+/// What a claim waits for, within its organisation: work for one agent, or on one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Interest {
-    Agent(OrgId, AgentId),
-    Queue(OrgId, String),
+    Agent(AgentId),
+    Queue(String),
 }
 
-impl Interest {
-    fn org(&self) -> OrgId {
-        match self {
-            Self::Agent(org, _) | Self::Queue(org, _) => *org,
-        }
-    }
-}
+type Registry = HashMap<OrgId, HashMap<Interest, Arc<Notify>>>;
 
-/// One [`Notify`] per interest that has had a waiting claim.
+/// The notifiers of the claims waiting now, by organisation and interest.
 #[derive(Debug, Clone, Default)]
 pub struct Wakeups {
-    by_interest: Arc<Mutex<HashMap<Interest, Arc<Notify>>>>,
+    registry: Arc<Mutex<Registry>>,
 }
 
 impl Wakeups {
-    /// The notifiers a claim of `agent` on `queues` listens on.
+    /// The notifiers a claim of `agent` on `queues` listens on, for as long as the returned
+    /// waiter lives.
     pub fn waiter(&self, org: OrgId, agent: AgentId, queues: &[String]) -> Waiter {
-        let mut map = self.by_interest.lock();
-        let interests = std::iter::once(Interest::Agent(org, agent))
-            .chain(queues.iter().map(|q| Interest::Queue(org, q.clone())));
+        let interests: Vec<Interest> = std::iter::once(Interest::Agent(agent))
+            .chain(queues.iter().cloned().map(Interest::Queue))
+            .collect();
+        let mut registry = self.registry.lock();
+        let of_org = registry.entry(org).or_default();
+        let notifies = interests
+            .iter()
+            .map(|interest| of_org.entry(interest.clone()).or_default().clone())
+            .collect();
         Waiter {
-            notifies: interests
-                .map(|interest| map.entry(interest).or_default().clone())
-                .collect(),
+            registry: self.registry.clone(),
+            org,
+            interests,
+            notifies,
         }
     }
 
-    /// A command for `target` was enqueued in `org`: wakes the claims that could take it.
+    /// A command for `target` became claimable in `org`: wakes the claims that could take it.
     pub fn wake_target(&self, org: OrgId, target: &Target) {
         let interest = match target {
-            Target::Agent(agent) => Interest::Agent(org, *agent),
-            Target::Queue(queue) => Interest::Queue(org, queue.clone()),
+            Target::Agent(agent) => Interest::Agent(*agent),
+            Target::Queue(queue) => Interest::Queue(queue.clone()),
         };
-        let notify = self.by_interest.lock().get(&interest).cloned();
+        let notify = self
+            .registry
+            .lock()
+            .get(&org)
+            .and_then(|of_org| of_org.get(&interest))
+            .cloned();
         if let Some(notify) = notify {
             notify.notify_waiters();
         }
@@ -66,21 +76,28 @@ impl Wakeups {
     /// Wakes every waiting claim of `org`.
     pub fn wake_org(&self, org: OrgId) {
         let notifies: Vec<Arc<Notify>> = self
-            .by_interest
+            .registry
             .lock()
-            .iter()
-            .filter(|(interest, _)| interest.org() == org)
-            .map(|(_, notify)| notify.clone())
-            .collect();
+            .get(&org)
+            .map(|of_org| of_org.values().cloned().collect())
+            .unwrap_or_default();
         for notify in notifies {
             notify.notify_waiters();
         }
     }
+
+    /// How many interests have waiting claims (for tests and gauges).
+    pub fn interests(&self) -> usize {
+        self.registry.lock().values().map(HashMap::len).sum()
+    }
 }
 
-/// The notifiers of one waiting claim.
+/// The notifiers of one waiting claim; dropping it removes the entries no other claim uses.
 #[derive(Debug)]
 pub struct Waiter {
+    registry: Arc<Mutex<Registry>>,
+    org: OrgId,
+    interests: Vec<Interest>,
     notifies: Vec<Arc<Notify>>,
 }
 
@@ -97,9 +114,29 @@ impl Waiter {
             future.as_mut().enable();
         }
         async move {
-            if !notified.is_empty() {
+            if notified.is_empty() {
+                std::future::pending::<()>().await;
+            } else {
                 select_all(notified).await;
             }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut registry = self.registry.lock();
+        let Some(of_org) = registry.get_mut(&self.org) else {
+            return;
+        };
+        for (interest, notify) in self.interests.iter().zip(self.notifies.drain(..)) {
+            // Two references: this waiter's and the registry's. No other claim listens.
+            if Arc::strong_count(&notify) == 2 {
+                of_org.remove(interest);
+            }
+        }
+        if of_org.is_empty() {
+            registry.remove(&self.org);
         }
     }
 }
@@ -146,6 +183,19 @@ mod tests {
         let wait_other = on_other.enable();
         wakeups.wake_target(org, &Target::Agent(other_agent));
         assert!(woken(wait_other).await);
+    }
+
+    #[test]
+    fn entries_live_only_while_a_claim_waits_on_them() {
+        let wakeups = Wakeups::default();
+        let (org, agent) = ids();
+        let first = wakeups.waiter(org, agent, &["q".to_owned(), "r".to_owned()]);
+        let second = wakeups.waiter(org, agent, &["q".to_owned()]);
+        assert_eq!(wakeups.interests(), 3);
+        drop(first);
+        assert_eq!(wakeups.interests(), 2, "agent and q are still waited on");
+        drop(second);
+        assert_eq!(wakeups.interests(), 0);
     }
 
     #[tokio::test]

@@ -13,10 +13,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
-use super::validate::{check_name, check_range, check_size};
+use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
 
-/// Most queues an agent may serve.
-const MAX_QUEUES: usize = 64;
 /// Largest agent metadata, serialised.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 

@@ -22,7 +22,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
-use super::validate::{check_name, check_range, check_size};
+use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
 use crate::commands::release::{outcome_name, release_expired_leases};
 
 /// Largest `params` (and `progress`, `result`, `error`) accepted, serialised.
@@ -448,6 +448,7 @@ async fn claim(
     let org = caller.org();
     let queues = match request.queues {
         Some(queues) => {
+            check_range("queues (count)", queues.len(), 0, MAX_QUEUES)?;
             for queue in &queues {
                 check_name("queues", queue)?;
             }

@@ -10,6 +10,9 @@ use super::error::ApiError;
 /// Longest name (command type, queue).
 pub const MAX_NAME_LEN: usize = 64;
 
+/// Most queues an agent may serve, or a claim may name.
+pub const MAX_QUEUES: usize = 64;
+
 /// A name: 1 to 64 characters of `a-z A-Z 0-9 _ . : -`.
 pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
     let valid = (1..=MAX_NAME_LEN).contains(&value.len())
