@@ -547,6 +547,14 @@ async fn bad_input_gets_its_documented_error_and_changes_nothing() {
     agent
         .post("/v1/commands/claim", &json!({"limit": "one"}), 422)
         .await;
+    let many: Vec<String> = (0..65).map(|n| format!("q{n}")).collect();
+    agent
+        .post(
+            "/v1/commands/claim",
+            &json!({"limit": 1, "queues": many}),
+            422,
+        )
+        .await;
     agent
         .post(
             "/v1/commands/claim",
