@@ -139,6 +139,34 @@ impl SqliteStore {
         }
     }
 
+    /// Applies `set` (SQL assignments; `?1` is now) to the command if its status is one of
+    /// `from` (a SQL list of quoted statuses); otherwise `NotFound` or `InvalidState` saying it
+    /// cannot be `verb`. Both arguments are constants of this file, never caller input.
+    async fn change_status(
+        &self,
+        org: OrgId,
+        id: CommandId,
+        set: &str,
+        from: &str,
+        verb: &str,
+    ) -> StoreResult<Command> {
+        let (_, now_us) = self.now_and_micros();
+        let row: Option<CommandRow> = sqlx::query_as(&format!(
+            "UPDATE commands SET {set}, updated_at = ?1 \
+             WHERE org_id = ?2 AND id = ?3 AND status IN ({from}) \
+             RETURNING {COMMAND_COLUMNS}"
+        ))
+        .bind(now_us)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.into_command()?.0),
+            None => Err(self.invalid_or_missing(org, id, verb).await),
+        }
+    }
+
     /// After a conditional update touched nothing: `NotFound` if the command is not in `org`,
     /// `InvalidState` (naming its status and what could not be done) otherwise.
     async fn invalid_or_missing(&self, org: OrgId, id: CommandId, verb: &str) -> StoreError {
@@ -589,25 +617,16 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        let (_, now_us) = self.now_and_micros();
-        let row: Option<CommandRow> = sqlx::query_as(&format!(
-            "UPDATE commands SET \
-               status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END, \
-               finished_at = CASE WHEN status = 'pending' THEN ?1 ELSE finished_at END, \
-               cancel_requested = CASE WHEN status = 'executing' THEN 1 ELSE cancel_requested END, \
-               updated_at = ?1 \
-             WHERE org_id = ?2 AND id = ?3 AND status IN ('pending', 'executing') \
-             RETURNING {COMMAND_COLUMNS}"
-        ))
-        .bind(now_us)
-        .bind(org)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => Ok(row.into_command()?.0),
-            None => Err(self.invalid_or_missing(org, id, "cancelled").await),
-        }
+        self.change_status(
+            org,
+            id,
+            "status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END, \
+             finished_at = CASE WHEN status = 'pending' THEN ?1 ELSE finished_at END, \
+             cancel_requested = CASE WHEN status = 'executing' THEN 1 ELSE cancel_requested END",
+            "'pending', 'executing'",
+            "cancelled",
+        )
+        .await
     }
 
     async fn claim(
@@ -872,23 +891,15 @@ impl Store for SqliteStore {
     }
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        let (_, now_us) = self.now_and_micros();
-        let row: Option<CommandRow> = sqlx::query_as(&format!(
-            "UPDATE commands SET \
-               status = 'pending', attempts = 0, dead_reason = NULL, run_at = ?1, \
-               finished_at = NULL, cancel_requested = 0, updated_at = ?1 \
-             WHERE org_id = ?2 AND id = ?3 AND status IN ('dead', 'failed') \
-             RETURNING {COMMAND_COLUMNS}"
-        ))
-        .bind(now_us)
-        .bind(org)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => Ok(row.into_command()?.0),
-            None => Err(self.invalid_or_missing(org, id, "requeued").await),
-        }
+        self.change_status(
+            org,
+            id,
+            "status = 'pending', attempts = 0, dead_reason = NULL, run_at = ?1, \
+             finished_at = NULL, cancel_requested = 0",
+            "'dead', 'failed'",
+            "requeued",
+        )
+        .await
     }
 
     async fn next_due_at(
