@@ -698,7 +698,14 @@ pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock)
 
     // The lease expires and the command is claimed again: the first token is now stale.
     clock.advance(secs(300));
-    assert_eq!(store.release_expired_leases(None).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .release_expired_leases(None, 1000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     let second = claim_one(store, &t, &["q"]).await;
     assert_ne!(second.claim_token, first.claim_token);
     assert_eq!(second.command.attempts, 2);
@@ -771,7 +778,13 @@ pub async fn heartbeat_renews_lease(store: &dyn Store, clock: &ManualClock) {
 
     // Past the first expiry, but the lease was renewed: nothing is released.
     clock.advance(secs(20));
-    assert!(store.release_expired_leases(None).await.unwrap().is_empty());
+    assert!(
+        store
+            .release_expired_leases(None, 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A heartbeat without progress keeps the last one.
     store
         .heartbeat(t.org, t.agent, id, &claimed.claim_token, None)
@@ -784,9 +797,22 @@ pub async fn heartbeat_renews_lease(store: &dyn Store, clock: &ManualClock) {
 
     // Exactly at the expiry instant the lease still holds; just after, it is released.
     clock.set(START + secs(70));
-    assert!(store.release_expired_leases(None).await.unwrap().is_empty());
+    assert!(
+        store
+            .release_expired_leases(None, 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     clock.advance(Duration::milliseconds(1));
-    assert_eq!(store.release_expired_leases(None).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .release_expired_leases(None, 1000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 // --- fail and retry ---
@@ -918,7 +944,7 @@ pub async fn lease_expiry_requeues(store: &dyn Store, clock: &ManualClock) {
 
     // Only the 60 s lease has ended.
     clock.advance(secs(61));
-    let released = store.release_expired_leases(None).await.unwrap();
+    let released = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].command_id, for_a);
     assert_eq!(released[0].org_id, t.org);
@@ -945,7 +971,7 @@ pub async fn lease_expiry_requeues(store: &dyn Store, clock: &ManualClock) {
 
     // The pooled one returns to the pool, where another agent can take it.
     clock.advance(secs(300));
-    let released = store.release_expired_leases(None).await.unwrap();
+    let released = store.release_expired_leases(None, 1000).await.unwrap();
     let ids: HashSet<_> = released.iter().map(|r| r.command_id).collect();
     assert_eq!(ids, HashSet::from([for_a, pooled_id]));
     let by_b = store.claim(t.org, b, &queues(&["q"]), 10).await.unwrap();
@@ -999,14 +1025,17 @@ pub async fn release_scoped_to_one_org(store: &dyn Store, clock: &ManualClock) {
     clock.advance(secs(61));
 
     // Released for one organisation: the other's expired lease is left for its own turn.
-    let released = store.release_expired_leases(Some(a.org)).await.unwrap();
+    let released = store
+        .release_expired_leases(Some(a.org), 1000)
+        .await
+        .unwrap();
     assert_eq!(
         released.iter().map(|r| r.command_id).collect::<Vec<_>>(),
         vec![ours]
     );
     let untouched = store.get_command(b.org, theirs).await.unwrap().unwrap();
     assert_eq!(untouched.status, CommandStatus::Executing);
-    let released = store.release_expired_leases(None).await.unwrap();
+    let released = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(
         released.iter().map(|r| r.command_id).collect::<Vec<_>>(),
         vec![theirs]
@@ -1051,12 +1080,12 @@ pub async fn lease_expiry_dead_and_requeue(store: &dyn Store, clock: &ManualCloc
 
     claim_one(store, &t, &["q"]).await;
     clock.advance(secs(11));
-    let r = store.release_expired_leases(None).await.unwrap();
+    let r = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(r[0].outcome, ReleaseOutcome::Requeued);
 
     claim_one(store, &t, &["q"]).await;
     clock.advance(secs(11));
-    let r = store.release_expired_leases(None).await.unwrap();
+    let r = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].outcome, ReleaseOutcome::Dead);
     assert_eq!(r[0].attempts, 2);
@@ -1071,7 +1100,13 @@ pub async fn lease_expiry_dead_and_requeue(store: &dyn Store, clock: &ManualCloc
             .unwrap()
             .is_empty()
     );
-    assert!(store.release_expired_leases(None).await.unwrap().is_empty());
+    assert!(
+        store
+            .release_expired_leases(None, 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let page = store.list_dead(t.org, None, 10).await.unwrap();
     assert_eq!(page.items, vec![dead]);
@@ -1158,7 +1193,7 @@ pub async fn cancel(store: &dyn Store, clock: &ManualClock) {
     claim_one(store, &t, &[]).await;
     store.cancel_command(t.org, lost).await.unwrap();
     clock.advance(secs(301));
-    let r = store.release_expired_leases(None).await.unwrap();
+    let r = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].outcome, ReleaseOutcome::Cancelled);
     let c = store.get_command(t.org, lost).await.unwrap().unwrap();
@@ -1207,7 +1242,7 @@ pub async fn org_isolation(store: &dyn Store, clock: &ManualClock) {
     b_claims.sort_by_key(|c| c.command.id);
     assert_eq!(b_claims.len(), 2);
     clock.advance(secs(2));
-    let released = store.release_expired_leases(None).await.unwrap();
+    let released = store.release_expired_leases(None, 1000).await.unwrap();
     assert_eq!(released.len(), 1);
     assert_eq!(released[0].org_id, b.org);
     let b_running = b_claims.iter().find(|c| c.command.id == b_pooled).unwrap();

@@ -34,6 +34,14 @@ pub enum StoreError {
     /// agent name).
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The store is too busy to take the operation now (its write queue stayed full, or the
+    /// database stayed locked); retrying later may succeed.
+    #[error("store busy: {0}")]
+    Busy(String),
+    /// The store cannot serve the operation: it is closed, or the operation was rolled back
+    /// because it panicked or its group failed to commit.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// Any other database error, with its source.
     #[error("database error")]
     Database(#[source] sqlx::Error),
@@ -52,6 +60,12 @@ impl From<sqlx::Error> for StoreError {
                     .unwrap_or("unique constraint");
                 StoreError::Conflict(format!("already exists ({what})"))
             }
+            sqlx::Error::PoolTimedOut => {
+                StoreError::Busy("no database connection free in time".to_owned())
+            }
+            sqlx::Error::Database(db) if is_busy_code(db.code().as_deref()) => {
+                StoreError::Busy(format!("database locked ({})", db.message()))
+            }
             _ => StoreError::Database(err),
         }
     }
@@ -65,11 +79,39 @@ impl StoreError {
         )))
     }
 
+    /// The same error for another caller: every caller of a group that failed to commit gets
+    /// one (a database error's source cannot be cloned, so it is kept as text).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            StoreError::Busy(what) => StoreError::Busy(what.clone()),
+            other => StoreError::Unavailable(format!("the commit failed: {}", error_chain(other))),
+        }
+    }
+
     /// Whether the database refused a write for a foreign key (a referenced row is missing).
     pub(crate) fn is_foreign_key_violation(&self) -> bool {
         matches!(self, StoreError::Database(sqlx::Error::Database(db))
             if db.kind() == ErrorKind::ForeignKeyViolation)
     }
+}
+
+/// SQLite's `SQLITE_BUSY` (5) and `SQLITE_LOCKED` (6), with their extended codes (the low byte
+/// is the primary code).
+fn is_busy_code(code: Option<&str>) -> bool {
+    code.and_then(|code| code.parse::<i64>().ok())
+        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+/// The error and its sources, as one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The result of a store operation.

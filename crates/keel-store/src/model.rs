@@ -167,6 +167,22 @@ impl CommandStatus {
 }
 
 named_enum!(
+    /// How one attempt at a command ended.
+    AttemptOutcome, "attempt outcome" {
+        /// The agent completed it.
+        Completed => "completed",
+        /// The agent reported a failure; the command went back to pending for a retry.
+        Retry => "retry",
+        /// The agent reported a failure that ended the command (`failed`).
+        Failed => "failed",
+        /// Its lease expired before the agent reported.
+        LeaseExpired => "lease_expired",
+        /// The command was cancelled while this attempt ran.
+        Cancelled => "cancelled",
+    }
+);
+
+named_enum!(
     /// Why a command is dead.
     DeadReason, "dead reason" {
         /// Its lease expired on its last allowed attempt.
@@ -504,4 +520,31 @@ pub struct Released {
     pub attempts: u32,
     /// What became of it.
     pub outcome: ReleaseOutcome,
+}
+
+/// One attempt at a command: one claim and how it ended. Every attempt is kept with its
+/// command (a requeue does not erase them); a claim handed back unused is not an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    /// 1 for the first claim, counting on across requeues.
+    pub number: u32,
+    /// The agent that held the lease.
+    pub agent_id: AgentId,
+    /// When it was claimed.
+    pub claimed_at: OffsetDateTime,
+    /// When it ended; `None` while it runs.
+    pub ended_at: Option<OffsetDateTime>,
+    /// How it ended; `None` while it runs.
+    pub outcome: Option<AttemptOutcome>,
+    /// The error the agent reported, for a failed attempt.
+    pub error: Option<Value>,
+}
+
+/// A command to create in a batch, with its idempotency key if it has one.
+#[derive(Debug, Clone)]
+pub struct NewCommandItem {
+    /// The command.
+    pub command: NewCommand,
+    /// Its idempotency key and request hash.
+    pub idempotency: Option<Idempotency>,
 }

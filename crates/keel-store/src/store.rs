@@ -6,13 +6,39 @@ use time::OffsetDateTime;
 
 use crate::error::StoreResult;
 use crate::model::{
-    Agent, AgentId, ApiKey, ApiKeyId, CheckIn, ClaimToken, Claimed, Command, CommandFilter,
-    CommandId, Created, CreatedApiKey, Idempotency, Lease, NewApiKey, NewCommand, OrgId,
-    Organisation, Page, Principal, Released,
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
+    CommandFilter, CommandId, Created, CreatedApiKey, Idempotency, Lease, NewApiKey, NewCommand,
+    NewCommandItem, OrgId, Organisation, Page, Principal, Released,
 };
+use crate::sqlite::WritePressure;
 
 /// The most commands one claim hands out.
 pub const MAX_CLAIM_BATCH: u32 = 100;
+
+/// The most queues one claim may name.
+pub const MAX_QUEUES_PER_CLAIM: usize = 64;
+
+/// The longest queue name.
+pub const MAX_QUEUE_NAME_LEN: usize = 64;
+
+/// The most commands one batch creates.
+pub const MAX_BATCH_CREATE: usize = 1000;
+
+/// The one rule for a queue name: 1 to [`MAX_QUEUE_NAME_LEN`] characters of
+/// `a-z A-Z 0-9 _ . : -`. `Err` says what is wrong.
+pub fn check_queue_name(name: &str) -> Result<(), String> {
+    let valid = (1..=MAX_QUEUE_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "1 to {MAX_QUEUE_NAME_LEN} characters of a-z, A-Z, 0-9, _ . : -"
+        ))
+    }
+}
 
 /// The most commands one page lists.
 pub const MAX_PAGE_SIZE: u32 = 500;
@@ -72,6 +98,14 @@ pub trait Store: Send + Sync {
         idempotency: Option<Idempotency>,
     ) -> StoreResult<Created>;
 
+    /// Creates several commands in one transaction: all of them or, on the first error, none.
+    /// Each item follows [`Store::create_command`]'s rules; answers are in request order.
+    async fn create_commands(
+        &self,
+        org: OrgId,
+        items: Vec<NewCommandItem>,
+    ) -> StoreResult<Vec<Created>>;
+
     /// One command of the organisation.
     async fn get_command(&self, org: OrgId, id: CommandId) -> StoreResult<Option<Command>>;
 
@@ -100,6 +134,19 @@ pub trait Store: Send + Sync {
         queues: &[String],
         limit: u32,
     ) -> StoreResult<Vec<Claimed>>;
+
+    /// Hands back commands claimed by `agent` that were never delivered (the claimer gave up
+    /// before it got them): each goes back to pending as it was before the claim, with its
+    /// attempt count and history unchanged. A pair whose token is no longer current is skipped.
+    async fn hand_back(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        claims: Vec<(CommandId, ClaimToken)>,
+    ) -> StoreResult<u64>;
+
+    /// Every attempt at the command, first first.
+    async fn list_attempts(&self, org: OrgId, id: CommandId) -> StoreResult<Vec<Attempt>>;
 
     /// Renews the lease (now + the command's lease duration) and stores `progress` if given.
     /// `StaleClaim` (and no change) unless the command is executing under `token`.
@@ -136,10 +183,19 @@ pub trait Store: Send + Sync {
         retryable: bool,
     ) -> StoreResult<Command>;
 
-    /// In every organisation: executing commands whose lease ended before now go back to
-    /// pending (due now), or to dead (`lease_expired`) when their attempts are used up, or to
-    /// cancelled when a cancel was requested.
-    async fn release_expired_leases(&self, org: Option<OrgId>) -> StoreResult<Vec<Released>>;
+    /// In `org` (every organisation when `None`): up to `limit` executing commands whose lease
+    /// ended before now, earliest expiry first, go back to pending (due now), or to dead
+    /// (`lease_expired`) when their attempts are used up, or to cancelled when a cancel was
+    /// requested. Fewer than `limit` released means none is left.
+    async fn release_expired_leases(
+        &self,
+        org: Option<OrgId>,
+        limit: u32,
+    ) -> StoreResult<Vec<Released>>;
+
+    /// Deletes up to `limit` commands (with their attempts and idempotency keys) that finished
+    /// before `before`, oldest first; returns how many. Fewer than `limit` means none is left.
+    async fn purge_finished(&self, before: OffsetDateTime, limit: u32) -> StoreResult<u64>;
 
     /// The organisation's dead commands, newest first (see [`Store::list_commands`]).
     async fn list_dead(
@@ -164,6 +220,11 @@ pub trait Store: Send + Sync {
 
     /// Waits for the connections to close; called once at shutdown.
     async fn close(&self);
+
+    /// How loaded the store's write path is (zero for a backend without a write queue).
+    fn write_pressure(&self) -> WritePressure {
+        WritePressure::default()
+    }
 
     /// "Now" by the store's clock, the one its timestamps (run_at, leases, last seen) use.
     fn now(&self) -> OffsetDateTime;

@@ -50,12 +50,36 @@ pub struct Config {
 }
 
 /// The database (embedded SQLite in `<data_dir>/keel.db`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `full` (default): a committed change survives a power loss; `normal`: it survives a
     /// process kill, and the last commits may be lost on a power loss. See docs/store.md.
     pub synchronous: keel_store::Synchronous,
+    /// Connections of the read pool.
+    pub read_connections: u32,
+    /// Writes that may wait for the writer; when it is full, a write waits up to
+    /// `write_timeout` for room, then the request gets 503 `store_busy`.
+    pub write_queue: usize,
+    /// The most writes committed together in one group.
+    pub max_group: usize,
+    /// How long a write waits for room in a full queue (and the writer for another process's
+    /// lock, a reader for a free connection).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let sqlite = keel_store::SqliteOptions::default();
+        Self {
+            synchronous: sqlite.synchronous,
+            read_connections: sqlite.read_connections,
+            write_queue: sqlite.writer.queue_capacity,
+            max_group: sqlite.writer.max_group,
+            write_timeout: sqlite.writer.enqueue_timeout,
+        }
+    }
 }
 
 /// Commands, agents and leases.
@@ -68,6 +92,13 @@ pub struct CommandsConfig {
     /// An agent seen within this window is listed as online.
     #[serde(with = "humantime_serde")]
     pub agent_online_window: Duration,
+    /// Finished commands (completed, failed, cancelled, dead) older than this are deleted,
+    /// with their attempts and idempotency keys.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the retention job runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
 }
 
 impl Default for CommandsConfig {
@@ -75,6 +106,8 @@ impl Default for CommandsConfig {
         Self {
             release_stuck_interval: Duration::from_secs(60),
             agent_online_window: Duration::from_secs(90),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            retention_interval: Duration::from_secs(600),
         }
     }
 }

@@ -14,13 +14,14 @@ use keel_guard::components::Components;
 use keel_guard::periodic::JobHandle;
 use keel_guard::supervisor::Supervisor;
 use keel_log::Logger;
-use keel_store::{NewApiKey, Scope, SqliteOptions, SqliteStore, Store, SystemClock};
+use keel_store::{NewApiKey, Scope, SqliteOptions, SqliteStore, Store, SystemClock, WriterOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::commands::release::release_expired_leases;
+use crate::commands::retention::purge_finished_commands;
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::lifecycle::Lifecycle;
@@ -91,6 +92,7 @@ pub async fn run(
     let jobs = [
         start_telemetry(&supervisor, &config, &logger, &metrics),
         start_release_stuck(&supervisor, &config, &store, &wakeups),
+        start_retention(&supervisor, &config, &store),
     ];
 
     let state = AppState {
@@ -176,9 +178,16 @@ fn start_telemetry(
 /// Opens the SQLite database in the data directory (created and migrated as needed).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let path = config.database_path();
+    let store_config = &config.store;
     let options = SqliteOptions {
-        synchronous: config.store.synchronous,
-        ..SqliteOptions::default()
+        synchronous: store_config.synchronous,
+        read_connections: store_config.read_connections,
+        busy_timeout: store_config.write_timeout,
+        writer: WriterOptions {
+            queue_capacity: store_config.write_queue,
+            max_group: store_config.max_group,
+            enqueue_timeout: store_config.write_timeout,
+        },
     };
     let store = SqliteStore::open(&path, options, Arc::new(SystemClock))
         .await
@@ -241,6 +250,20 @@ fn start_release_stuck(
             }
         },
     )
+}
+
+/// The retention job: finished commands past `commands.retention` are deleted.
+fn start_retention(supervisor: &Supervisor, config: &Config, store: &Arc<dyn Store>) -> JobHandle {
+    let store = store.clone();
+    let retention = config.commands.retention;
+    supervisor.every("retention", config.commands.retention_interval, move || {
+        let store = store.clone();
+        async move {
+            if let Err(error) = purge_finished_commands(store.as_ref(), retention).await {
+                tracing::error!(%error, "retention: the store failed; retrying at the next tick");
+            }
+        }
+    })
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).

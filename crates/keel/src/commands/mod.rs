@@ -2,6 +2,8 @@
 //!
 //! - [`wakeups`]: an enqueue wakes the agents of its organisation that wait in a claim.
 //! - [`release`]: the release-stuck job's work, with its audit records and metrics.
+//! - [`retention`]: the retention job's work: finished commands past their retention go.
 
 pub mod release;
+pub mod retention;
 pub mod wakeups;

@@ -6,16 +6,29 @@ use keel_store::{OrgId, ReleaseOutcome, Released, Store, StoreError};
 
 use super::wakeups::Wakeups;
 
-/// Releases the expired leases of `org` (of every organisation when `None`, as the job does);
-/// each release is an `audit` record and counted in `keel_commands_released_total{outcome}`;
-/// organisations with requeued commands wake their waiting agents.
+/// How many leases one store call releases: each batch is its own short write, so heartbeats
+/// and reports are not held up behind one long release.
+pub const RELEASE_BATCH: u32 = 500;
+
+/// Releases the expired leases of `org` (of every organisation when `None`, as the job does),
+/// in batches of [`RELEASE_BATCH`] until none is left; each release is an `audit` record and
+/// counted in `keel_commands_released_total{outcome}`; organisations with requeued commands
+/// wake their waiting agents.
 pub async fn release_expired_leases(
     store: &dyn Store,
     wakeups: &Wakeups,
     org: Option<OrgId>,
 ) -> Result<Vec<Released>, StoreError> {
     fail::fail_point!("commands.release_stuck");
-    let released = store.release_expired_leases(org).await?;
+    let mut released = Vec::new();
+    loop {
+        let batch = store.release_expired_leases(org, RELEASE_BATCH).await?;
+        let last = batch.len() < RELEASE_BATCH as usize;
+        released.extend(batch);
+        if last {
+            break;
+        }
+    }
     for release in &released {
         let outcome = outcome_name(release.outcome);
         tracing::info!(

@@ -65,6 +65,9 @@ pub enum ApiError {
     /// The body is JSON but not a valid request (422 `validation_failed`).
     #[error("{0}")]
     Validation(String),
+    /// The store is too busy to take the request now (503 `store_busy`, with `Retry-After`).
+    #[error("the store is busy; retry after a moment")]
+    StoreBusy(String),
     /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
     #[error("internal error")]
     Internal(String),
@@ -89,6 +92,7 @@ impl ApiError {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::StoreBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +114,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
+            Self::StoreBusy(_) => "store_busy",
             Self::Internal(_) => "internal",
         }
     }
@@ -146,9 +151,10 @@ impl From<keel_store::StoreError> for ApiError {
                 Self::Validation("agent_id: no such agent in this organisation".to_owned())
             }
             StoreError::InvalidInput(what) => Self::Validation(what),
-            error @ (StoreError::Database(_) | StoreError::Migrate(_)) => {
-                Self::Internal(error_chain(&error))
-            }
+            StoreError::Busy(what) => Self::StoreBusy(what),
+            error @ (StoreError::Database(_)
+            | StoreError::Migrate(_)
+            | StoreError::Unavailable(_)) => Self::Internal(error_chain(&error)),
         }
     }
 }
@@ -186,9 +192,10 @@ pub struct ErrorDetail {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let detail = match &self {
-            Self::Internal(detail) => Some(detail.clone()),
+            Self::Internal(detail) | Self::StoreBusy(detail) => Some(detail.clone()),
             _ => None,
         };
+        let retry_after = matches!(self, Self::StoreBusy(_));
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
@@ -197,6 +204,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
+        if retry_after {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
         // The lifecycle layer logs internal errors with their detail; it reads this marker.
         response.extensions_mut().insert(ErrorMarker { detail });
         response

@@ -1,0 +1,51 @@
+-- Queue core at scale: every query shape has an index that serves it, and every attempt is kept.
+--
+-- Claims hand out due pending commands best priority first, then earliest due (`run_at`), then
+-- by id. Each claim index is in exactly that order, so a claim reads the first rows of the index
+-- and stops: its cost does not grow with the backlog.
+
+DROP INDEX commands_claim_agent;
+DROP INDEX commands_claim_queue;
+DROP INDEX commands_org_status;
+
+CREATE INDEX commands_claim_agent
+    ON commands (org_id, target_agent_id, priority DESC, run_at, id)
+    WHERE status = 'pending' AND target_agent_id IS NOT NULL;
+CREATE INDEX commands_claim_queue
+    ON commands (org_id, queue, priority DESC, run_at, id)
+    WHERE status = 'pending' AND target_agent_id IS NULL;
+
+-- "Is anything due?" and "when is the next one due?" (the claim's probe and the long poll).
+CREATE INDEX commands_due_agent
+    ON commands (org_id, target_agent_id, run_at)
+    WHERE status = 'pending' AND target_agent_id IS NOT NULL;
+CREATE INDEX commands_due_queue
+    ON commands (org_id, queue, run_at)
+    WHERE status = 'pending' AND target_agent_id IS NULL;
+
+-- Listing, newest first (ids are UUIDv7, so id order is age order). One index per filter; a
+-- listing with several filters reads the index of one of them, in order, and checks the others
+-- on its rows.
+CREATE INDEX commands_list ON commands (org_id, id);
+CREATE INDEX commands_list_status ON commands (org_id, status, id);
+CREATE INDEX commands_list_agent ON commands (org_id, target_agent_id, id)
+    WHERE target_agent_id IS NOT NULL;
+CREATE INDEX commands_list_queue ON commands (org_id, queue, id) WHERE queue IS NOT NULL;
+CREATE INDEX commands_list_type ON commands (org_id, command_type, id);
+
+-- Retention: finished commands, oldest first.
+CREATE INDEX commands_finished ON commands (finished_at)
+    WHERE status IN ('completed', 'failed', 'cancelled', 'dead');
+
+-- One row per attempt: who ran it, when, how it ended. Deleted with its command.
+CREATE TABLE command_attempts (
+    command_id  BLOB    NOT NULL REFERENCES commands (id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    agent_id    BLOB    NOT NULL,
+    claimed_at  INTEGER NOT NULL,
+    ended_at    INTEGER,
+    -- NULL while running; then completed, failed, retry, lease_expired, cancelled, handed_back.
+    outcome     TEXT,
+    error       TEXT,
+    PRIMARY KEY (command_id, attempt)
+) WITHOUT ROWID;

@@ -1,0 +1,541 @@
+//! The lease engine: claim, heartbeat, complete, fail with backoff, release of expired leases,
+//! dead letters, requeue, hand-back, attempt history and retention, written once for every
+//! table whose rows are leased to workers.
+//!
+//! A leased table has these columns, by these names: `id`, `org_id`, `status` (`pending`,
+//! `executing`, `completed`, `failed`, `cancelled`, `dead`), `run_at`, `priority`, `attempts`,
+//! `max_attempts`, `lease_duration_ms`, `claim_token`, `lease_expires_at`, `claimed_by`,
+//! `progress`, `result`, `error`, `dead_reason`, `cancel_requested`, `updated_at`,
+//! `finished_at`. Its attempts table has `(owner, attempt)` as key and `agent_id`,
+//! `claimed_at`, `ended_at`, `outcome`, `error`.
+//!
+//! Every function runs on the writer's connection inside the caller's savepoint, so a read
+//! followed by a write here sees no other writer in between. Fencing is by conditional
+//! `UPDATE`: `status = 'executing' AND claim_token = ? AND claimed_by = ?`.
+
+use serde_json::Value;
+use sqlx::sqlite::SqliteRow;
+use sqlx::types::Json;
+use sqlx::{FromRow, SqliteConnection};
+
+use crate::backoff::retry_backoff;
+use crate::error::{StoreError, StoreResult};
+use crate::model::{AgentId, ClaimToken, OrgId};
+
+/// A table whose rows are leased, and where its attempts are kept.
+#[derive(Debug)]
+pub(super) struct LeaseTable {
+    /// The leased table.
+    pub(super) table: &'static str,
+    /// The columns a row type reads, in its order.
+    pub(super) columns: &'static str,
+    /// The table of attempts.
+    pub(super) attempts: &'static str,
+    /// The attempts table's column that names the leased row.
+    pub(super) owner: &'static str,
+}
+
+/// What a fenced report names: the row, the holder and its token.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fence<'a> {
+    pub(super) org: OrgId,
+    pub(super) agent: AgentId,
+    pub(super) id: uuid::Uuid,
+    pub(super) token: &'a ClaimToken,
+}
+
+/// What a claim asks for.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Claim<'a> {
+    /// `SELECT id …` of the candidates, in claim order (see [`LeaseTable::claim`]).
+    pub(super) candidates: &'a str,
+    pub(super) org: OrgId,
+    pub(super) agent: AgentId,
+    /// Bound from `?10` on.
+    pub(super) extra: &'a [String],
+    pub(super) now_us: i64,
+    pub(super) limit: u32,
+}
+
+/// One released row: id, organisation, attempts, new status.
+pub(super) type ReleasedRow = (uuid::Uuid, OrgId, i64, String);
+
+impl LeaseTable {
+    /// Leases up to `limit` rows among `candidates` (a `SELECT id …` in claim order, which may
+    /// use the numbered parameters `?1` agent, `?2` organisation, `?3` now, `?4` limit, and
+    /// `?10` onwards for `extra`) to `agent`, each with a new token and one more attempt, and
+    /// opens an attempt for each.
+    pub(super) async fn claim<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        claim: Claim<'_>,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin + LeasedRow,
+    {
+        let Claim {
+            candidates,
+            org,
+            agent,
+            extra,
+            now_us,
+            limit,
+        } = claim;
+        let Self { table, columns, .. } = self;
+        let sql = format!(
+            "UPDATE {table} SET \
+               status = 'executing', attempts = attempts + 1, \
+               claim_token = lower(hex(randomblob(16))), \
+               lease_expires_at = ?3 + lease_duration_ms * 1000, \
+               claimed_by = ?1, updated_at = ?3 \
+             WHERE status = 'pending' AND id IN ({candidates}) \
+             RETURNING {columns}"
+        );
+        let mut query = sqlx::query_as::<_, R>(&sql)
+            .bind(agent)
+            .bind(org)
+            .bind(now_us)
+            .bind(i64::from(limit));
+        if !extra.is_empty() {
+            // ?5 .. ?9 are unused; the extra parameters start at ?10.
+            for _ in 5..10 {
+                query = query.bind(None::<i64>);
+            }
+        }
+        for value in extra {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(&mut *conn).await?;
+        for row in &rows {
+            self.open_attempt(conn, row.lease_id(), agent, now_us)
+                .await?;
+        }
+        Ok(rows)
+    }
+
+    async fn open_attempt(
+        &self,
+        conn: &mut SqliteConnection,
+        id: uuid::Uuid,
+        agent: AgentId,
+        now_us: i64,
+    ) -> StoreResult<()> {
+        let Self {
+            attempts, owner, ..
+        } = self;
+        sqlx::query(&format!(
+            "INSERT INTO {attempts} ({owner}, attempt, agent_id, claimed_at) \
+             VALUES (?1, (SELECT COALESCE(MAX(attempt), 0) + 1 FROM {attempts} WHERE {owner} = ?1), \
+                     ?2, ?3)"
+        ))
+        .bind(id)
+        .bind(agent)
+        .bind(now_us)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Closes the open attempt of `id` with `outcome` (and the reported error).
+    async fn close_attempt(
+        &self,
+        conn: &mut SqliteConnection,
+        id: uuid::Uuid,
+        outcome: &str,
+        error: Option<&Value>,
+        now_us: i64,
+    ) -> StoreResult<()> {
+        let Self {
+            attempts, owner, ..
+        } = self;
+        sqlx::query(&format!(
+            "UPDATE {attempts} SET ended_at = ?1, outcome = ?2, error = ?3 \
+             WHERE {owner} = ?4 AND ended_at IS NULL"
+        ))
+        .bind(now_us)
+        .bind(outcome)
+        .bind(error.map(Json))
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Renews the lease and stores `progress` if given; `(lease expiry, cancel requested)`.
+    pub(super) async fn heartbeat(
+        &self,
+        conn: &mut SqliteConnection,
+        fence: Fence<'_>,
+        progress: Option<Value>,
+        now_us: i64,
+    ) -> StoreResult<(i64, bool)> {
+        let table = self.table;
+        let row: Option<(i64, bool)> = sqlx::query_as(&format!(
+            "UPDATE {table} SET \
+               lease_expires_at = ?1 + lease_duration_ms * 1000, \
+               progress = COALESCE(?2, progress), updated_at = ?1 \
+             WHERE org_id = ?3 AND id = ?4 AND status = 'executing' AND claim_token = ?5 \
+               AND claimed_by = ?6 \
+             RETURNING lease_expires_at, cancel_requested"
+        ))
+        .bind(now_us)
+        .bind(progress.map(Json))
+        .bind(fence.org)
+        .bind(fence.id)
+        .bind(fence.token.as_str())
+        .bind(fence.agent)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match row {
+            Some(lease) => Ok(lease),
+            None => Err(self.stale_or_missing(conn, fence.org, fence.id).await),
+        }
+    }
+
+    /// Completes the row with `result`.
+    pub(super) async fn complete<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        fence: Fence<'_>,
+        result: Value,
+        now_us: i64,
+    ) -> StoreResult<R>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        let Self { table, columns, .. } = self;
+        let row: Option<R> = sqlx::query_as(&format!(
+            "UPDATE {table} SET \
+               status = 'completed', result = ?1, claim_token = NULL, lease_expires_at = NULL, \
+               finished_at = ?2, updated_at = ?2 \
+             WHERE org_id = ?3 AND id = ?4 AND status = 'executing' AND claim_token = ?5 \
+               AND claimed_by = ?6 \
+             RETURNING {columns}"
+        ))
+        .bind(Json(&result))
+        .bind(now_us)
+        .bind(fence.org)
+        .bind(fence.id)
+        .bind(fence.token.as_str())
+        .bind(fence.agent)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match row {
+            Some(row) => {
+                self.close_attempt(conn, fence.id, "completed", None, now_us)
+                    .await?;
+                Ok(row)
+            }
+            None => Err(self.stale_or_missing(conn, fence.org, fence.id).await),
+        }
+    }
+
+    /// Records a failed attempt: back to pending after a backoff when `retryable` and attempts
+    /// are left, otherwise `failed` (`cancelled` if a cancel was requested).
+    pub(super) async fn fail<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        fence: Fence<'_>,
+        error: Value,
+        retryable: bool,
+        now: time::OffsetDateTime,
+        now_us: i64,
+    ) -> StoreResult<R>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin + LeasedRow,
+    {
+        let Self { table, columns, .. } = self;
+        // The backoff depends on the attempts so far. This runs on the one writer, so nothing
+        // changes the row between this read and the update below.
+        let attempts: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT attempts FROM {table} WHERE org_id = ? AND id = ?"
+        ))
+        .bind(fence.org)
+        .bind(fence.id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(attempts) = attempts else {
+            return Err(StoreError::NotFound);
+        };
+        let delay = retry_backoff(
+            u32::try_from(attempts).unwrap_or(u32::MAX),
+            &mut rand::rng(),
+        );
+        let retry_at = super::rows::to_micros(
+            now.saturating_add(delay.try_into().unwrap_or(time::Duration::MAX)),
+        );
+        let row: Option<R> = sqlx::query_as(&format!(
+            "UPDATE {table} SET \
+               status = CASE WHEN cancel_requested THEN 'cancelled' \
+                             WHEN ?1 AND attempts < max_attempts THEN 'pending' \
+                             ELSE 'failed' END, \
+               run_at = CASE WHEN NOT cancel_requested AND ?1 AND attempts < max_attempts \
+                             THEN ?2 ELSE run_at END, \
+               finished_at = CASE WHEN NOT cancel_requested AND ?1 AND attempts < max_attempts \
+                             THEN NULL ELSE ?3 END, \
+               error = ?4, claim_token = NULL, lease_expires_at = NULL, updated_at = ?3 \
+             WHERE org_id = ?5 AND id = ?6 AND status = 'executing' AND claim_token = ?7 \
+               AND claimed_by = ?8 \
+             RETURNING {columns}"
+        ))
+        .bind(retryable)
+        .bind(retry_at)
+        .bind(now_us)
+        .bind(Json(&error))
+        .bind(fence.org)
+        .bind(fence.id)
+        .bind(fence.token.as_str())
+        .bind(fence.agent)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match row {
+            Some(row) => {
+                let outcome = match row.lease_status() {
+                    "pending" => "retry",
+                    "cancelled" => "cancelled",
+                    _ => "failed",
+                };
+                self.close_attempt(conn, fence.id, outcome, Some(&error), now_us)
+                    .await?;
+                Ok(row)
+            }
+            None => Err(self.stale_or_missing(conn, fence.org, fence.id).await),
+        }
+    }
+
+    /// Releases up to `limit` expired leases, earliest expiry first.
+    pub(super) async fn release_expired(
+        &self,
+        conn: &mut SqliteConnection,
+        org: Option<OrgId>,
+        now_us: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ReleasedRow>> {
+        let table = self.table;
+        let rows: Vec<ReleasedRow> = sqlx::query_as(&format!(
+            "UPDATE {table} SET \
+               status = CASE WHEN cancel_requested THEN 'cancelled' \
+                             WHEN attempts < max_attempts THEN 'pending' \
+                             ELSE 'dead' END, \
+               dead_reason = CASE WHEN NOT cancel_requested AND attempts >= max_attempts \
+                             THEN 'lease_expired' ELSE NULL END, \
+               run_at = CASE WHEN NOT cancel_requested AND attempts < max_attempts \
+                             THEN ?1 ELSE run_at END, \
+               finished_at = CASE WHEN NOT cancel_requested AND attempts < max_attempts \
+                             THEN NULL ELSE ?1 END, \
+               claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
+             WHERE id IN (SELECT id FROM {table} \
+                          WHERE status = 'executing' AND lease_expires_at < ?1 \
+                            AND (?2 IS NULL OR org_id = ?2) \
+                          ORDER BY lease_expires_at LIMIT ?3) \
+             RETURNING id, org_id, attempts, status"
+        ))
+        .bind(now_us)
+        .bind(org)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        for (id, _, _, status) in &rows {
+            let outcome = if status == "cancelled" {
+                "cancelled"
+            } else {
+                "lease_expired"
+            };
+            self.close_attempt(conn, *id, outcome, None, now_us).await?;
+        }
+        Ok(rows)
+    }
+
+    /// Puts the claims back as they were before they were made: pending, one attempt fewer,
+    /// the attempt record removed. Returns how many were handed back.
+    pub(super) async fn hand_back(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        agent: AgentId,
+        claims: &[(uuid::Uuid, ClaimToken)],
+        now_us: i64,
+    ) -> StoreResult<u64> {
+        let Self {
+            table,
+            attempts,
+            owner,
+            ..
+        } = self;
+        let mut handed_back = 0;
+        for (id, token) in claims {
+            let done = sqlx::query(&format!(
+                "UPDATE {table} SET status = 'pending', attempts = attempts - 1, \
+                   claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
+                 WHERE org_id = ?2 AND id = ?3 AND status = 'executing' AND claim_token = ?4 \
+                   AND claimed_by = ?5"
+            ))
+            .bind(now_us)
+            .bind(org)
+            .bind(*id)
+            .bind(token.as_str())
+            .bind(agent)
+            .execute(&mut *conn)
+            .await?;
+            if done.rows_affected() == 1 {
+                sqlx::query(&format!(
+                    "DELETE FROM {attempts} WHERE {owner} = ? AND ended_at IS NULL"
+                ))
+                .bind(*id)
+                .execute(&mut *conn)
+                .await?;
+                handed_back += 1;
+            }
+        }
+        Ok(handed_back)
+    }
+
+    /// Puts a dead or failed row back to pending, due now, with its attempts reset (its
+    /// attempt history stays).
+    pub(super) async fn requeue<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        id: uuid::Uuid,
+        now_us: i64,
+    ) -> StoreResult<R>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        self.change_status(
+            conn,
+            org,
+            id,
+            now_us,
+            "status = 'pending', attempts = 0, dead_reason = NULL, run_at = ?1, \
+             finished_at = NULL, cancel_requested = 0",
+            "'dead', 'failed'",
+            "requeued",
+        )
+        .await
+    }
+
+    /// Cancels a row: a pending one at once, an executing one by flagging it.
+    pub(super) async fn cancel<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        id: uuid::Uuid,
+        now_us: i64,
+    ) -> StoreResult<R>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        self.change_status(
+            conn,
+            org,
+            id,
+            now_us,
+            "status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END, \
+             finished_at = CASE WHEN status = 'pending' THEN ?1 ELSE finished_at END, \
+             cancel_requested = CASE WHEN status = 'executing' THEN 1 ELSE cancel_requested END",
+            "'pending', 'executing'",
+            "cancelled",
+        )
+        .await
+    }
+
+    /// Deletes up to `limit` rows that finished before `before_us`, oldest first.
+    pub(super) async fn purge_finished(
+        &self,
+        conn: &mut SqliteConnection,
+        before_us: i64,
+        limit: u32,
+    ) -> StoreResult<u64> {
+        let table = self.table;
+        let done = sqlx::query(&format!(
+            "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
+               WHERE status IN ('completed', 'failed', 'cancelled', 'dead') \
+                 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2)"
+        ))
+        .bind(before_us)
+        .bind(i64::from(limit))
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Applies `set` (SQL assignments; `?1` is now) if the status is one of `from` (a SQL list
+    /// of quoted statuses); otherwise `NotFound` or `InvalidState` saying it cannot be `verb`.
+    /// Both are constants of this file, never caller input.
+    #[allow(clippy::too_many_arguments)] // Each argument is a distinct part of the statement.
+    async fn change_status<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        id: uuid::Uuid,
+        now_us: i64,
+        set: &str,
+        from: &str,
+        verb: &str,
+    ) -> StoreResult<R>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        let Self { table, columns, .. } = self;
+        let row: Option<R> = sqlx::query_as(&format!(
+            "UPDATE {table} SET {set}, updated_at = ?1 \
+             WHERE org_id = ?2 AND id = ?3 AND status IN ({from}) \
+             RETURNING {columns}"
+        ))
+        .bind(now_us)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match row {
+            Some(row) => Ok(row),
+            None => match self.status_of(conn, org, id).await {
+                Ok(Some(status)) => Err(StoreError::InvalidState(format!(
+                    "it is {status}: it cannot be {verb}"
+                ))),
+                Ok(None) => Err(StoreError::NotFound),
+                Err(err) => Err(err),
+            },
+        }
+    }
+
+    /// After a fenced update touched nothing: `NotFound` if the row is not in `org`,
+    /// `StaleClaim` otherwise.
+    async fn stale_or_missing(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        id: uuid::Uuid,
+    ) -> StoreError {
+        match self.status_of(conn, org, id).await {
+            Ok(Some(_)) => StoreError::StaleClaim,
+            Ok(None) => StoreError::NotFound,
+            Err(err) => err,
+        }
+    }
+
+    async fn status_of(
+        &self,
+        conn: &mut SqliteConnection,
+        org: OrgId,
+        id: uuid::Uuid,
+    ) -> StoreResult<Option<String>> {
+        let table = self.table;
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT status FROM {table} WHERE org_id = ? AND id = ?"
+        ))
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?)
+    }
+}
+
+/// What the engine reads of a leased row it returns.
+pub(super) trait LeasedRow {
+    /// Its id.
+    fn lease_id(&self) -> uuid::Uuid;
+    /// Its status, as stored.
+    fn lease_status(&self) -> &str;
+}

@@ -1,0 +1,1101 @@
+//! The SQLite backend: one database file, WAL, migrations applied at open.
+//!
+//! - [`writer`]: the one write connection, fed by a group-commit task; every change goes
+//!   through it, so writes never wait on SQLite's lock and a group of them costs one commit.
+//! - [`lease`]: the lease engine (claim, heartbeat, complete, fail, release, requeue,
+//!   hand-back, attempts, retention), written once for every leased table.
+//! - `rows`: rows as stored and their encoding.
+//!
+//! Reads use their own pool of `query_only` connections: under WAL they never wait for the
+//! writer.
+
+mod lease;
+mod rows;
+pub mod writer;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, SqliteConnection};
+use time::OffsetDateTime;
+
+use self::lease::{Claim, Fence, LeaseTable, LeasedRow};
+use self::rows::{
+    AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
+    parse_status, to_micros, to_u32, truncate_to_micros,
+};
+use self::writer::Writer;
+pub use self::writer::{WritePressure, WriterOptions};
+use crate::clock::Clock;
+use crate::error::{StoreError, StoreResult};
+use crate::model::{
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
+    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, Idempotency, Lease, NewApiKey,
+    NewCommand, NewCommandItem, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released,
+    Scope, Target,
+};
+use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
+use crate::token;
+
+/// How SQLite syncs the WAL to disk (`PRAGMA synchronous`). See `docs/store.md` for what each
+/// setting keeps across a process kill and a power loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Sync the WAL at every commit: a committed change survives a power loss.
+    #[default]
+    Full,
+    /// Sync only at checkpoints: a committed change survives a process kill, but the last
+    /// commits may be lost on a power loss (the database stays consistent).
+    Normal,
+}
+
+/// How to open the SQLite database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// Connections in the read pool (reads run in parallel with each other and the writer).
+    pub read_connections: u32,
+    /// How long the writer waits for another process's write lock (`keel admin` on the same
+    /// file), and a reader for a free connection.
+    pub busy_timeout: Duration,
+    /// The writer's queue and group limits.
+    pub writer: WriterOptions,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            read_connections: 4,
+            busy_timeout: Duration::from_secs(5),
+            writer: WriterOptions::default(),
+        }
+    }
+}
+
+/// The [`Store`] on an SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    writer: Writer,
+    clock: Arc<dyn Clock>,
+}
+
+/// How many times a key is generated again when its random prefix is taken.
+const PREFIX_ATTEMPTS: u32 = 3;
+
+/// The command columns, in [`CommandRow`] order.
+const COMMAND_COLUMNS: &str = "id, org_id, command_type, target_agent_id, queue, params, \
+     priority, run_at, max_attempts, lease_duration_ms, status, attempts, claim_token, \
+     lease_expires_at, claimed_by, progress, result, error, dead_reason, cancel_requested, \
+     idempotency_key, request_hash, created_at, updated_at, finished_at";
+
+const AGENT_COLUMNS: &str = "id, org_id, name, version, metadata, queues, boot_id, boot_count, \
+     booted_at, last_seen_at, created_at";
+
+const API_KEY_COLUMNS: &str =
+    "id, org_id, name, prefix, token_hash, scopes, agent_id, created_at, revoked_at";
+
+/// Commands are leased to agents.
+const COMMANDS: LeaseTable = LeaseTable {
+    table: "commands",
+    columns: COMMAND_COLUMNS,
+    attempts: "command_attempts",
+    owner: "command_id",
+};
+
+impl LeasedRow for CommandRow {
+    fn lease_id(&self) -> uuid::Uuid {
+        self.id.0
+    }
+
+    fn lease_status(&self) -> &str {
+        &self.status
+    }
+}
+
+/// Claim order, the order of the claim indexes.
+const CLAIM_ORDER: &str = "priority DESC, run_at, id";
+
+/// The pending commands an agent could claim, one `SELECT` per source (its own commands, then
+/// one per queue), each served by its claim index in claim order, merged in claim order.
+/// Parameters: `?1` agent, `?2` organisation, `?3` now, `?4` limit, `?10…` the queues.
+/// `columns` is what each arm selects; `due` adds `run_at <= now`.
+fn claimable(queues: usize, columns: &str, due: bool) -> String {
+    let due = if due { " AND run_at <= ?3" } else { "" };
+    let mut sql = format!(
+        "SELECT {columns} FROM commands INDEXED BY commands_claim_agent \
+         WHERE org_id = ?2 AND target_agent_id = ?1 AND status = 'pending'{due}"
+    );
+    for n in 0..queues {
+        let _ = write!(
+            sql,
+            " UNION ALL SELECT {columns} FROM commands INDEXED BY commands_claim_queue \
+             WHERE org_id = ?2 AND queue = ?{} AND target_agent_id IS NULL \
+             AND status = 'pending'{due}",
+            10 + n
+        );
+    }
+    sql
+}
+
+/// The earliest `run_at` among the pending commands an agent could claim: one indexed `MIN`
+/// per source.
+fn next_due_sql(queues: usize) -> String {
+    let mut sql = "SELECT MIN(due) FROM (SELECT MIN(run_at) AS due FROM commands \
+         INDEXED BY commands_due_agent \
+         WHERE org_id = ?2 AND target_agent_id = ?1 AND status = 'pending'"
+        .to_owned();
+    for n in 0..queues {
+        let _ = write!(
+            sql,
+            " UNION ALL SELECT MIN(run_at) FROM commands INDEXED BY commands_due_queue \
+             WHERE org_id = ?2 AND queue = ?{} AND target_agent_id IS NULL \
+             AND status = 'pending'",
+            10 + n
+        );
+    }
+    sql.push(')');
+    sql
+}
+
+/// A listing's statement: only the filters given, on the index of the most selective one, in
+/// id order. Parameters: `?1` organisation, `?2` status, `?3` agent, `?4` queue, `?5` type,
+/// `?6` cursor, `?7` limit (the unused ones are bound and ignored).
+fn list_sql(filter: &CommandFilter, cursor: bool) -> String {
+    let index = if filter.agent.is_some() {
+        "commands_list_agent"
+    } else if filter.queue.is_some() {
+        "commands_list_queue"
+    } else if filter.command_type.is_some() {
+        "commands_list_type"
+    } else if filter.status.is_some() {
+        "commands_list_status"
+    } else {
+        "commands_list"
+    };
+    let mut sql =
+        format!("SELECT {COMMAND_COLUMNS} FROM commands INDEXED BY {index} WHERE org_id = ?1");
+    for (present, condition) in [
+        (filter.status.is_some(), " AND status = ?2"),
+        (filter.agent.is_some(), " AND target_agent_id = ?3"),
+        (filter.queue.is_some(), " AND queue = ?4"),
+        (filter.command_type.is_some(), " AND command_type = ?5"),
+        (cursor, " AND id < ?6"),
+    ] {
+        if present {
+            sql.push_str(condition);
+        }
+    }
+    // SQLite counts parameters up to the highest number used (`?7`), so all seven are bound
+    // whether the filters use them or not.
+    sql.push_str(" ORDER BY id DESC LIMIT ?7");
+    sql
+}
+
+impl SqliteStore {
+    /// Opens (creating it if needed) the database at `path`, applies the migrations and
+    /// starts the writer.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+        clock: Arc<dyn Clock>,
+    ) -> StoreResult<Self> {
+        let synchronous = match options.synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        };
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(synchronous)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true);
+        let mut conn = connect.connect().await?;
+        sqlx::migrate!("./migrations/sqlite").run(&mut conn).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(options.read_connections.max(1))
+            .acquire_timeout(options.busy_timeout)
+            .connect_with(connect.clone().pragma("query_only", "1"))
+            .await?;
+        let writer = Writer::start(conn, connect, options.writer);
+        Ok(Self {
+            read,
+            writer,
+            clock,
+        })
+    }
+
+    /// The read pool (for health checks).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.read
+    }
+
+    fn now_and_micros(&self) -> (OffsetDateTime, i64) {
+        let now = truncate_to_micros(self.clock.now());
+        (now, to_micros(now))
+    }
+
+    /// Runs `write` on the writer's connection in the next group commit.
+    async fn write<T, F>(&self, write: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.writer.write(write).await
+    }
+
+    async fn list_page(
+        &self,
+        org: OrgId,
+        filter: CommandFilter,
+        cursor: Option<CommandId>,
+        limit: u32,
+    ) -> StoreResult<Page> {
+        let limit = limit.clamp(1, MAX_PAGE_SIZE);
+        let sql = list_sql(&filter, cursor.is_some());
+        let rows: Vec<CommandRow> = sqlx::query_as(&sql)
+            .bind(org)
+            .bind(filter.status.map(CommandStatus::as_str))
+            .bind(filter.agent)
+            .bind(filter.queue)
+            .bind(filter.command_type)
+            .bind(cursor)
+            // One more than asked, to know whether there is a next page.
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.read)
+            .await?;
+        let mut items = rows
+            .into_iter()
+            .map(|row| row.into_command().map(|(command, _)| command))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|c| c.id)
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn next_due_micros(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        queues: &[String],
+    ) -> StoreResult<Option<i64>> {
+        let sql = next_due_sql(queues.len());
+        let mut query = sqlx::query_scalar(&sql).bind(agent).bind(org);
+        if !queues.is_empty() {
+            for _ in 3..10 {
+                query = query.bind(None::<i64>);
+            }
+        }
+        for queue in queues {
+            query = query.bind(queue);
+        }
+        Ok(query.fetch_one(&self.read).await?)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    fn write_pressure(&self) -> WritePressure {
+        self.writer.pressure()
+    }
+
+    async fn close(&self) {
+        // The writer commits what is queued and closes its connection; SQLite checkpoints the
+        // WAL when the last connection closes.
+        self.writer.close().await;
+        self.read.close().await;
+    }
+
+    async fn create_organisation(&self, name: &str) -> StoreResult<Organisation> {
+        if name.trim().is_empty() {
+            return Err(StoreError::InvalidInput(
+                "organisation name is empty".to_owned(),
+            ));
+        }
+        let (_, now_us) = self.now_and_micros();
+        let name = name.to_owned();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let row: OrgRow = sqlx::query_as(
+                    "INSERT INTO organisations (id, name, created_at) VALUES (?, ?, ?) \
+                     RETURNING id, name, created_at",
+                )
+                .bind(OrgId::new())
+                .bind(&name)
+                .bind(now_us)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|err| {
+                    conflict_as(
+                        StoreError::from(err),
+                        format!("organisation `{name}` exists"),
+                    )
+                })?;
+                row.into_organisation()
+            })
+        })
+        .await
+    }
+
+    async fn list_organisations(&self) -> StoreResult<Vec<Organisation>> {
+        let rows: Vec<OrgRow> =
+            sqlx::query_as("SELECT id, name, created_at FROM organisations ORDER BY name")
+                .fetch_all(&self.read)
+                .await?;
+        rows.into_iter().map(OrgRow::into_organisation).collect()
+    }
+
+    async fn find_org_by_name(&self, name: &str) -> StoreResult<Option<Organisation>> {
+        let row: Option<OrgRow> =
+            sqlx::query_as("SELECT id, name, created_at FROM organisations WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.read)
+                .await?;
+        row.map(OrgRow::into_organisation).transpose()
+    }
+
+    async fn create_api_key(&self, org: OrgId, key: NewApiKey) -> StoreResult<CreatedApiKey> {
+        let scopes: Vec<Scope> = Scope::ALL
+            .iter()
+            .copied()
+            .filter(|s| key.scopes.contains(s))
+            .collect();
+        if scopes.is_empty() {
+            return Err(StoreError::InvalidInput(
+                "an API key needs a scope".to_owned(),
+            ));
+        }
+        let agent_name = match (scopes.contains(&Scope::Agent), &key.agent_name) {
+            (true, Some(name)) if !name.trim().is_empty() => Some(name.clone()),
+            (true, _) => {
+                return Err(StoreError::InvalidInput(
+                    "an agent key needs an agent name".to_owned(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(StoreError::InvalidInput(
+                    "only a key with the agent scope is bound to an agent".to_owned(),
+                ));
+            }
+            (false, None) => None,
+        };
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let agent = match agent_name {
+                    Some(name) => {
+                        sqlx::query(
+                            "INSERT INTO agents (id, org_id, name, created_at) \
+                             VALUES (?, ?, ?, ?) ON CONFLICT (org_id, name) DO NOTHING",
+                        )
+                        .bind(AgentId::new())
+                        .bind(org)
+                        .bind(&name)
+                        .bind(now_us)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|err| missing_as(StoreError::from(err), StoreError::NotFound))?;
+                        let id: AgentId = sqlx::query_scalar(
+                            "SELECT id FROM agents WHERE org_id = ? AND name = ?",
+                        )
+                        .bind(org)
+                        .bind(&name)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                        Some(id)
+                    }
+                    None => None,
+                };
+                insert_api_key(conn, org, &key, &scopes, agent, now_us)
+                    .await
+                    .map_err(|err| missing_as(err, StoreError::NotFound))
+            })
+        })
+        .await
+    }
+
+    async fn list_api_keys(&self, org: OrgId) -> StoreResult<Vec<ApiKey>> {
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = ? ORDER BY created_at, id"
+        ))
+        .bind(org)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(ApiKeyRow::into_api_key).collect()
+    }
+
+    async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()> {
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) \
+                     WHERE org_id = ? AND id = ?",
+                )
+                .bind(now_us)
+                .bind(org)
+                .bind(key)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn authenticate(&self, token: &str) -> StoreResult<Option<Principal>> {
+        let Some(prefix) = token::prefix_of(token) else {
+            return Ok(None);
+        };
+        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE prefix = ?"
+        ))
+        .bind(prefix)
+        .fetch_optional(&self.read)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        if row.revoked_at.is_some() || !token::matches(token, &row.token_hash) {
+            return Ok(None);
+        }
+        let key = row.into_api_key()?;
+        Ok(Some(Principal {
+            key_id: key.id,
+            org_id: key.org_id,
+            scopes: key.scopes,
+            agent_id: key.agent_id,
+        }))
+    }
+
+    async fn check_in(&self, org: OrgId, agent: AgentId, check_in: CheckIn) -> StoreResult<Agent> {
+        if !check_in.metadata.is_object() {
+            return Err(StoreError::InvalidInput(
+                "agent metadata must be a JSON object".to_owned(),
+            ));
+        }
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                // SET expressions read the row as it was, so `boot_id IS ?` compares with the
+                // old boot. The name is the key's agent's: a check-in may state it (and must
+                // state it right), never change it.
+                let row: Option<AgentRow> = sqlx::query_as(&format!(
+                    "UPDATE agents SET \
+                       version = ?2, metadata = ?3, queues = ?4, \
+                       boot_count = CASE WHEN boot_id IS ?5 THEN boot_count ELSE boot_count + 1 END, \
+                       booted_at = CASE WHEN boot_id IS ?5 THEN booted_at ELSE ?6 END, \
+                       boot_id = ?5, last_seen_at = ?6 \
+                     WHERE org_id = ?7 AND id = ?8 AND (?1 IS NULL OR name = ?1) \
+                     RETURNING {AGENT_COLUMNS}"
+                ))
+                .bind(check_in.name.as_deref())
+                .bind(&check_in.version)
+                .bind(Json(&check_in.metadata))
+                .bind(Json(&check_in.queues))
+                .bind(check_in.boot_id)
+                .bind(now_us)
+                .bind(org)
+                .bind(agent)
+                .fetch_optional(&mut *conn)
+                .await?;
+                match row {
+                    Some(row) => row.into_agent(),
+                    None => {
+                        let name: Option<String> = sqlx::query_scalar(
+                            "SELECT name FROM agents WHERE org_id = ? AND id = ?",
+                        )
+                        .bind(org)
+                        .bind(agent)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        match name {
+                            Some(name) => Err(StoreError::InvalidInput(format!(
+                                "name: this key acts as agent `{name}`"
+                            ))),
+                            None => Err(StoreError::UnknownAgent),
+                        }
+                    }
+                }
+            })
+        })
+        .await
+    }
+
+    async fn get_agent(&self, org: OrgId, agent: AgentId) -> StoreResult<Option<Agent>> {
+        let row: Option<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE org_id = ? AND id = ?"
+        ))
+        .bind(org)
+        .bind(agent)
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(AgentRow::into_agent).transpose()
+    }
+
+    async fn list_agents(&self, org: OrgId) -> StoreResult<Vec<Agent>> {
+        let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+            "SELECT {AGENT_COLUMNS} FROM agents WHERE org_id = ? ORDER BY name"
+        ))
+        .bind(org)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(AgentRow::into_agent).collect()
+    }
+
+    async fn create_command(
+        &self,
+        org: OrgId,
+        command: NewCommand,
+        idempotency: Option<Idempotency>,
+    ) -> StoreResult<Created> {
+        validate_new_command(&command)?;
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move { insert_command(conn, org, command, idempotency, now_us).await })
+        })
+        .await
+    }
+
+    async fn create_commands(
+        &self,
+        org: OrgId,
+        items: Vec<NewCommandItem>,
+    ) -> StoreResult<Vec<Created>> {
+        if items.len() > MAX_BATCH_CREATE {
+            return Err(StoreError::InvalidInput(format!(
+                "a batch holds at most {MAX_BATCH_CREATE} commands"
+            )));
+        }
+        for (n, item) in items.iter().enumerate() {
+            validate_new_command(&item.command).map_err(|err| match err {
+                StoreError::InvalidInput(what) => {
+                    StoreError::InvalidInput(format!("commands[{n}]: {what}"))
+                }
+                other => other,
+            })?;
+        }
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let mut created = Vec::with_capacity(items.len());
+                for item in items {
+                    created.push(
+                        insert_command(conn, org, item.command, item.idempotency, now_us).await?,
+                    );
+                }
+                Ok(created)
+            })
+        })
+        .await
+    }
+
+    async fn get_command(&self, org: OrgId, id: CommandId) -> StoreResult<Option<Command>> {
+        let row: Option<CommandRow> = sqlx::query_as(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE org_id = ? AND id = ?"
+        ))
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row
+            .map(CommandRow::into_command)
+            .transpose()?
+            .map(|(c, _)| c))
+    }
+
+    async fn list_commands(
+        &self,
+        org: OrgId,
+        filter: CommandFilter,
+        cursor: Option<CommandId>,
+        limit: u32,
+    ) -> StoreResult<Page> {
+        self.list_page(org, filter, cursor, limit).await
+    }
+
+    async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let row: CommandRow = COMMANDS.cancel(conn, org, id.0, now_us).await?;
+                Ok(row.into_command()?.0)
+            })
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        queues: &[String],
+        limit: u32,
+    ) -> StoreResult<Vec<Claimed>> {
+        fail::fail_point!("store.claim", |_| Err(StoreError::injected("store.claim")));
+        let limit = limit.clamp(1, MAX_CLAIM_BATCH);
+        let (_, now_us) = self.now_and_micros();
+        // A read first: most claims of idle agents and long polls find nothing, and a read does
+        // not queue for the writer.
+        let due = self
+            .next_due_micros(org, agent, queues)
+            .await?
+            .is_some_and(|due| due <= now_us);
+        if !due {
+            return if agent_exists(&self.read, org, agent).await? {
+                Ok(Vec::new())
+            } else {
+                Err(StoreError::UnknownAgent)
+            };
+        }
+        let candidates = format!(
+            "{} ORDER BY {CLAIM_ORDER} LIMIT ?4",
+            claimable(queues.len(), "id, priority, run_at", true)
+        );
+        let candidates = format!("SELECT id FROM ({candidates})");
+        let queues = queues.to_vec();
+        let hand_back = self.writer.clone();
+        let claimed = self
+            .writer
+            .write_or_else(
+                move |conn| {
+                    Box::pin(async move {
+                        let rows: Vec<CommandRow> = COMMANDS
+                            .claim(
+                                conn,
+                                Claim {
+                                    candidates: &candidates,
+                                    org,
+                                    agent,
+                                    extra: &queues,
+                                    now_us,
+                                    limit,
+                                },
+                            )
+                            .await
+                            .map_err(|err| missing_as(err, StoreError::UnknownAgent))?;
+                        rows.into_iter()
+                            .map(CommandRow::into_claimed)
+                            .collect::<StoreResult<Vec<_>>>()
+                    })
+                },
+                // The claimer left before the commit answered (its request timed out or its
+                // connection closed): nobody will run these, so they go back at once.
+                Box::new(move |claimed: Vec<Claimed>| {
+                    let claims: Vec<(uuid::Uuid, ClaimToken)> = claimed
+                        .into_iter()
+                        .map(|c| (c.command.id.0, c.claim_token))
+                        .collect();
+                    hand_back.write_detached(move |conn| {
+                        Box::pin(async move {
+                            COMMANDS
+                                .hand_back(conn, org, agent, &claims, now_us)
+                                .await
+                                .map(|_| ())
+                        })
+                    });
+                }),
+            )
+            .await?;
+        if claimed.is_empty() && !agent_exists(&self.read, org, agent).await? {
+            return Err(StoreError::UnknownAgent);
+        }
+        let mut claimed = claimed;
+        claimed.sort_by(|a, b| {
+            b.command
+                .priority
+                .cmp(&a.command.priority)
+                .then(a.command.run_at.cmp(&b.command.run_at))
+                .then(a.command.id.cmp(&b.command.id))
+        });
+        Ok(claimed)
+    }
+
+    async fn hand_back(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        claims: Vec<(CommandId, ClaimToken)>,
+    ) -> StoreResult<u64> {
+        let (_, now_us) = self.now_and_micros();
+        let claims: Vec<(uuid::Uuid, ClaimToken)> = claims
+            .into_iter()
+            .map(|(id, token)| (id.0, token))
+            .collect();
+        self.write(move |conn| {
+            Box::pin(async move { COMMANDS.hand_back(conn, org, agent, &claims, now_us).await })
+        })
+        .await
+    }
+
+    async fn list_attempts(&self, org: OrgId, id: CommandId) -> StoreResult<Vec<Attempt>> {
+        let rows: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT a.attempt, a.agent_id, a.claimed_at, a.ended_at, a.outcome, a.error \
+             FROM command_attempts a JOIN commands c ON c.id = a.command_id \
+             WHERE c.org_id = ? AND c.id = ? ORDER BY a.attempt",
+        )
+        .bind(org)
+        .bind(id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(AttemptRow::into_attempt).collect()
+    }
+
+    async fn heartbeat(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        id: CommandId,
+        token: &ClaimToken,
+        progress: Option<Value>,
+    ) -> StoreResult<Lease> {
+        fail::fail_point!("store.heartbeat", |_| Err(StoreError::injected(
+            "store.heartbeat"
+        )));
+        let (_, now_us) = self.now_and_micros();
+        let token = token.clone();
+        let (expires_at, cancel_requested) = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let fence = Fence {
+                        org,
+                        agent,
+                        id: id.0,
+                        token: &token,
+                    };
+                    COMMANDS.heartbeat(conn, fence, progress, now_us).await
+                })
+            })
+            .await?;
+        Ok(Lease {
+            expires_at: from_micros(expires_at)?,
+            cancel_requested,
+        })
+    }
+
+    async fn complete(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        id: CommandId,
+        token: &ClaimToken,
+        result: Value,
+    ) -> StoreResult<Command> {
+        fail::fail_point!("store.complete", |_| Err(StoreError::injected(
+            "store.complete"
+        )));
+        let (_, now_us) = self.now_and_micros();
+        let token = token.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let fence = Fence {
+                    org,
+                    agent,
+                    id: id.0,
+                    token: &token,
+                };
+                let row: CommandRow = COMMANDS.complete(conn, fence, result, now_us).await?;
+                Ok(row.into_command()?.0)
+            })
+        })
+        .await
+    }
+
+    async fn fail(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        id: CommandId,
+        token: &ClaimToken,
+        error: Value,
+        retryable: bool,
+    ) -> StoreResult<Command> {
+        let (now, now_us) = self.now_and_micros();
+        let token = token.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let fence = Fence {
+                    org,
+                    agent,
+                    id: id.0,
+                    token: &token,
+                };
+                let row: CommandRow = COMMANDS
+                    .fail(conn, fence, error, retryable, now, now_us)
+                    .await?;
+                Ok(row.into_command()?.0)
+            })
+        })
+        .await
+    }
+
+    async fn release_expired_leases(
+        &self,
+        org: Option<OrgId>,
+        limit: u32,
+    ) -> StoreResult<Vec<Released>> {
+        let (_, now_us) = self.now_and_micros();
+        let limit = limit.max(1);
+        let rows = self
+            .write(move |conn| {
+                Box::pin(async move { COMMANDS.release_expired(conn, org, now_us, limit).await })
+            })
+            .await?;
+        let mut released = rows
+            .into_iter()
+            .map(|(command_id, org_id, attempts, status)| {
+                let outcome = match parse_status(&status)? {
+                    CommandStatus::Pending => ReleaseOutcome::Requeued,
+                    CommandStatus::Cancelled => ReleaseOutcome::Cancelled,
+                    _ => ReleaseOutcome::Dead,
+                };
+                Ok(Released {
+                    command_id: CommandId(command_id),
+                    org_id,
+                    attempts: to_u32(attempts)?,
+                    outcome,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        released.sort_by_key(|r| r.command_id);
+        Ok(released)
+    }
+
+    async fn purge_finished(&self, before: OffsetDateTime, limit: u32) -> StoreResult<u64> {
+        let before_us = to_micros(before);
+        let limit = limit.max(1);
+        self.write(move |conn| {
+            Box::pin(async move { COMMANDS.purge_finished(conn, before_us, limit).await })
+        })
+        .await
+    }
+
+    async fn list_dead(
+        &self,
+        org: OrgId,
+        cursor: Option<CommandId>,
+        limit: u32,
+    ) -> StoreResult<Page> {
+        let filter = CommandFilter {
+            status: Some(CommandStatus::Dead),
+            ..CommandFilter::default()
+        };
+        self.list_page(org, filter, cursor, limit).await
+    }
+
+    async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
+        let (_, now_us) = self.now_and_micros();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let row: CommandRow = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                Ok(row.into_command()?.0)
+            })
+        })
+        .await
+    }
+
+    async fn next_due_at(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        queues: &[String],
+    ) -> StoreResult<Option<OffsetDateTime>> {
+        self.next_due_micros(org, agent, queues)
+            .await?
+            .map(from_micros)
+            .transpose()
+    }
+}
+
+async fn agent_exists(read: &SqlitePool, org: OrgId, agent: AgentId) -> StoreResult<bool> {
+    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE org_id = ? AND id = ?")
+        .bind(org)
+        .bind(agent)
+        .fetch_optional(read)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// Inserts one command (on the writer's connection), or answers an earlier one with the same
+/// idempotency key.
+async fn insert_command(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    command: NewCommand,
+    idempotency: Option<Idempotency>,
+    now_us: i64,
+) -> StoreResult<Created> {
+    if let Some(idem) = &idempotency {
+        let existing: Option<CommandRow> = sqlx::query_as(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE org_id = ? AND idempotency_key = ?"
+        ))
+        .bind(org)
+        .bind(&idem.key)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(existing) = existing {
+            return replay(existing, idem);
+        }
+    }
+    let (target_agent, queue) = match &command.target {
+        Target::Agent(agent) => (Some(*agent), None),
+        Target::Queue(queue) => (None, Some(queue.as_str())),
+    };
+    let run_at = command
+        .run_at
+        .map_or(now_us, |t| to_micros(truncate_to_micros(t)));
+    let row: CommandRow = sqlx::query_as(&format!(
+        "INSERT INTO commands (id, org_id, command_type, target_agent_id, queue, params, \
+           priority, run_at, max_attempts, lease_duration_ms, status, idempotency_key, \
+           request_hash, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) \
+         RETURNING {COMMAND_COLUMNS}"
+    ))
+    .bind(CommandId::new())
+    .bind(org)
+    .bind(&command.command_type)
+    .bind(target_agent)
+    .bind(queue)
+    .bind(Json(&command.params))
+    .bind(command.priority)
+    .bind(run_at)
+    .bind(i64::from(command.max_attempts))
+    .bind(duration_millis(command.lease_duration))
+    .bind(idempotency.as_ref().map(|i| i.key.as_str()))
+    .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
+    .bind(now_us)
+    .bind(now_us)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|err| {
+        let missing = if target_agent.is_some() {
+            StoreError::UnknownAgent
+        } else {
+            StoreError::NotFound
+        };
+        missing_as(StoreError::from(err), missing)
+    })?;
+    Ok(Created {
+        command: row.into_command()?.0,
+        created: true,
+    })
+}
+
+async fn insert_api_key(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    key: &NewApiKey,
+    scopes: &[Scope],
+    agent: Option<AgentId>,
+    now_us: i64,
+) -> StoreResult<CreatedApiKey> {
+    let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let new = token::generate();
+        let inserted = sqlx::query_as::<_, ApiKeyRow>(&format!(
+            "INSERT INTO api_keys (id, org_id, name, prefix, token_hash, scopes, agent_id, \
+             created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(ApiKeyId::new())
+        .bind(org)
+        .bind(&key.name)
+        .bind(&new.prefix)
+        .bind(&new.hash)
+        .bind(Json(&scope_names))
+        .bind(agent)
+        .bind(now_us)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(StoreError::from);
+        match inserted {
+            Ok(row) => {
+                return Ok(CreatedApiKey {
+                    key: row.into_api_key()?,
+                    token: new.token,
+                });
+            }
+            // Only the random prefix can collide: draw another token.
+            Err(StoreError::Conflict(_)) if attempt < PREFIX_ATTEMPTS => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// The answer to a create whose idempotency key was seen before.
+fn replay(existing: CommandRow, idem: &Idempotency) -> StoreResult<Created> {
+    if existing.request_hash.as_deref() != Some(idem.request_hash.as_str()) {
+        return Err(StoreError::IdempotencyMismatch);
+    }
+    Ok(Created {
+        command: existing.into_command()?.0,
+        created: false,
+    })
+}
+
+fn validate_new_command(command: &NewCommand) -> StoreResult<()> {
+    let invalid = |msg: &str| Err(StoreError::InvalidInput(msg.to_owned()));
+    if command.command_type.trim().is_empty() {
+        return invalid("command type is empty");
+    }
+    if let Target::Queue(queue) = &command.target
+        && let Err(rule) = crate::store::check_queue_name(queue)
+    {
+        return Err(StoreError::InvalidInput(format!("queue: {rule}")));
+    }
+    if command.max_attempts == 0 {
+        return invalid("max_attempts must be at least 1");
+    }
+    if command.lease_duration < Duration::from_millis(1) {
+        return invalid("lease_duration must be at least 1 ms");
+    }
+    Ok(())
+}
+
+/// Rewrites a `Conflict` with a message that names what exists.
+fn conflict_as(err: StoreError, message: String) -> StoreError {
+    match err {
+        StoreError::Conflict(_) => StoreError::Conflict(message),
+        other => other,
+    }
+}
+
+/// Turns a foreign key violation (a referenced row is missing) into `missing`.
+fn missing_as(err: StoreError, missing: StoreError) -> StoreError {
+    if err.is_foreign_key_violation() {
+        missing
+    } else {
+        err
+    }
+}
+
+#[cfg(test)]
+mod query_plans;

@@ -1,0 +1,240 @@
+//! Rows as SQLite stores them, and their encoding (UUID blobs, microsecond instants, JSON text).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::types::Json;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::{
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, ClaimToken, Claimed, Command, CommandId,
+    CommandStatus, DeadReason, OrgId, Organisation, Scope, Target,
+};
+
+pub(super) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
+    from_micros(to_micros(t)).unwrap_or(t)
+}
+
+pub(super) fn to_micros(t: OffsetDateTime) -> i64 {
+    let micros = t.unix_timestamp_nanos().div_euclid(1000);
+    i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
+}
+
+pub(super) fn from_micros(micros: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .map_err(|err| corrupt(format!("instant {micros} µs: {err}")))
+}
+
+pub(super) fn duration_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+pub(super) fn to_u32(value: i64) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| corrupt(format!("{value} is not a count")))
+}
+
+pub(super) fn parse_status(status: &str) -> StoreResult<CommandStatus> {
+    status.parse().map_err(corrupt)
+}
+
+/// A stored value the code cannot read back.
+pub(super) fn corrupt(what: impl ToString) -> StoreError {
+    StoreError::Database(sqlx::Error::Decode(what.to_string().into()))
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct OrgRow {
+    pub(super) id: OrgId,
+    pub(super) name: String,
+    pub(super) created_at: i64,
+}
+
+impl OrgRow {
+    pub(super) fn into_organisation(self) -> StoreResult<Organisation> {
+        Ok(Organisation {
+            id: self.id,
+            name: self.name,
+            created_at: from_micros(self.created_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct ApiKeyRow {
+    pub(super) id: ApiKeyId,
+    pub(super) org_id: OrgId,
+    pub(super) name: String,
+    pub(super) prefix: String,
+    pub(super) token_hash: String,
+    pub(super) scopes: Json<Vec<String>>,
+    pub(super) agent_id: Option<AgentId>,
+    pub(super) created_at: i64,
+    pub(super) revoked_at: Option<i64>,
+}
+
+impl ApiKeyRow {
+    pub(super) fn into_api_key(self) -> StoreResult<ApiKey> {
+        let scopes = self
+            .scopes
+            .0
+            .iter()
+            .map(|s| s.parse::<Scope>().map_err(corrupt))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(ApiKey {
+            id: self.id,
+            org_id: self.org_id,
+            name: self.name,
+            prefix: self.prefix,
+            scopes,
+            agent_id: self.agent_id,
+            created_at: from_micros(self.created_at)?,
+            revoked_at: self.revoked_at.map(from_micros).transpose()?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AgentRow {
+    pub(super) id: AgentId,
+    pub(super) org_id: OrgId,
+    pub(super) name: String,
+    pub(super) version: Option<String>,
+    pub(super) metadata: Json<Value>,
+    pub(super) queues: Json<Vec<String>>,
+    pub(super) boot_id: Option<Uuid>,
+    pub(super) boot_count: i64,
+    pub(super) booted_at: Option<i64>,
+    pub(super) last_seen_at: Option<i64>,
+    pub(super) created_at: i64,
+}
+
+impl AgentRow {
+    pub(super) fn into_agent(self) -> StoreResult<Agent> {
+        Ok(Agent {
+            id: self.id,
+            org_id: self.org_id,
+            name: self.name,
+            version: self.version,
+            metadata: self.metadata.0,
+            queues: self.queues.0,
+            boot_id: self.boot_id,
+            boot_count: to_u32(self.boot_count)?,
+            booted_at: self.booted_at.map(from_micros).transpose()?,
+            last_seen_at: self.last_seen_at.map(from_micros).transpose()?,
+            created_at: from_micros(self.created_at)?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct CommandRow {
+    pub(super) id: CommandId,
+    pub(super) org_id: OrgId,
+    pub(super) command_type: String,
+    pub(super) target_agent_id: Option<AgentId>,
+    pub(super) queue: Option<String>,
+    pub(super) params: Json<Value>,
+    pub(super) priority: i32,
+    pub(super) run_at: i64,
+    pub(super) max_attempts: i64,
+    pub(super) lease_duration_ms: i64,
+    pub(super) status: String,
+    pub(super) attempts: i64,
+    pub(super) claim_token: Option<String>,
+    pub(super) lease_expires_at: Option<i64>,
+    pub(super) claimed_by: Option<AgentId>,
+    pub(super) progress: Option<Json<Value>>,
+    pub(super) result: Option<Json<Value>>,
+    pub(super) error: Option<Json<Value>>,
+    pub(super) dead_reason: Option<String>,
+    pub(super) cancel_requested: bool,
+    pub(super) idempotency_key: Option<String>,
+    pub(super) request_hash: Option<String>,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+    pub(super) finished_at: Option<i64>,
+}
+
+impl CommandRow {
+    /// The command, and its claim token if it is executing.
+    pub(super) fn into_command(self) -> StoreResult<(Command, Option<ClaimToken>)> {
+        let target = match (self.target_agent_id, self.queue) {
+            (Some(agent), None) => Target::Agent(agent),
+            (None, Some(queue)) => Target::Queue(queue),
+            _ => return Err(corrupt(format!("command {}: bad target", self.id))),
+        };
+        let command = Command {
+            id: self.id,
+            org_id: self.org_id,
+            command_type: self.command_type,
+            target,
+            params: self.params.0,
+            priority: self.priority,
+            run_at: from_micros(self.run_at)?,
+            max_attempts: to_u32(self.max_attempts)?,
+            lease_duration: Duration::from_millis(
+                u64::try_from(self.lease_duration_ms).map_err(corrupt)?,
+            ),
+            status: parse_status(&self.status)?,
+            attempts: to_u32(self.attempts)?,
+            claimed_by: self.claimed_by,
+            lease_expires_at: self.lease_expires_at.map(from_micros).transpose()?,
+            progress: self.progress.map(|j| j.0),
+            result: self.result.map(|j| j.0),
+            error: self.error.map(|j| j.0),
+            dead_reason: self
+                .dead_reason
+                .map(|r| r.parse::<DeadReason>().map_err(corrupt))
+                .transpose()?,
+            cancel_requested: self.cancel_requested,
+            idempotency_key: self.idempotency_key,
+            created_at: from_micros(self.created_at)?,
+            updated_at: from_micros(self.updated_at)?,
+            finished_at: self.finished_at.map(from_micros).transpose()?,
+        };
+        Ok((command, self.claim_token.map(ClaimToken)))
+    }
+
+    pub(super) fn into_claimed(self) -> StoreResult<Claimed> {
+        let (command, token) = self.into_command()?;
+        match (token, command.lease_expires_at) {
+            (Some(claim_token), Some(lease_expires_at)) => Ok(Claimed {
+                command,
+                claim_token,
+                lease_expires_at,
+            }),
+            _ => Err(corrupt(format!(
+                "claimed command {} has no lease",
+                command.id
+            ))),
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AttemptRow {
+    pub(super) attempt: i64,
+    pub(super) agent_id: AgentId,
+    pub(super) claimed_at: i64,
+    pub(super) ended_at: Option<i64>,
+    pub(super) outcome: Option<String>,
+    pub(super) error: Option<Json<Value>>,
+}
+
+impl AttemptRow {
+    pub(super) fn into_attempt(self) -> StoreResult<Attempt> {
+        Ok(Attempt {
+            number: to_u32(self.attempt)?,
+            agent_id: self.agent_id,
+            claimed_at: from_micros(self.claimed_at)?,
+            ended_at: self.ended_at.map(from_micros).transpose()?,
+            outcome: self
+                .outcome
+                .map(|o| o.parse().map_err(corrupt))
+                .transpose()?,
+            error: self.error.map(|j| j.0),
+        })
+    }
+}

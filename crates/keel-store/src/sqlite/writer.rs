@@ -1,0 +1,411 @@
+//! SQLite's one writer, fed by a group-commit task.
+//!
+//! SQLite lets one connection write at a time, and under `synchronous = FULL` every commit costs
+//! an `fsync`. One task owns the write connection. Callers hand it operations through a bounded
+//! queue; it takes every operation waiting (up to [`WriterOptions::max_group`]), runs each inside
+//! its own savepoint of one transaction, commits the group once, and only then answers each
+//! caller with its own result. An operation that fails (or panics) is rolled back to its
+//! savepoint alone: the others of its group still commit.
+//!
+//! What a caller sees:
+//! - its result only once the group that carries it is durable;
+//! - [`StoreError::Busy`] when the queue stays full for [`WriterOptions::enqueue_timeout`];
+//! - nothing done at all when it gave up (dropped its future) before its turn came;
+//! - [`StoreError::Unavailable`] when the store is closed.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{StoreError, StoreResult};
+
+/// How the writer queues and groups operations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Operations that may wait for the writer; beyond that, callers wait for room.
+    pub queue_capacity: usize,
+    /// The most operations committed together.
+    pub max_group: usize,
+    /// How long a caller waits for room in a full queue before [`StoreError::Busy`].
+    pub enqueue_timeout: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 4096,
+            max_group: 256,
+            enqueue_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How loaded the writer is, for load shedding and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WritePressure {
+    /// Operations waiting for the writer.
+    pub queue_depth: usize,
+    /// The queue's capacity.
+    pub queue_capacity: usize,
+    /// How long the last group took, from its first statement to its durable commit.
+    pub commit_latency: Duration,
+    /// How many operations the last group carried.
+    pub last_group: usize,
+}
+
+/// A write to run on the writer's connection, inside a savepoint of the group's transaction.
+type WriteFn<T> =
+    Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>> + Send>;
+
+/// One queued operation, its result type erased.
+trait Operation: Send {
+    /// Whether the caller still waits for the answer.
+    fn is_wanted(&self) -> bool;
+    /// Runs the write; `true` when it succeeded (its savepoint is kept).
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool>;
+    /// Answers the caller once the group's fate is known: its own result if the group
+    /// committed, the commit's error otherwise.
+    fn answer(self: Box<Self>, committed: Result<(), &StoreError>);
+}
+
+struct Typed<T> {
+    write: Option<WriteFn<T>>,
+    result: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+    /// What to do with a successful result nobody received any more (a claim hands its
+    /// commands back).
+    orphaned: Option<Box<dyn FnOnce(T) + Send>>,
+}
+
+impl<T: Send + 'static> Operation for Typed<T> {
+    fn is_wanted(&self) -> bool {
+        !self.reply.is_closed()
+    }
+
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
+        Box::pin(async move {
+            let Some(write) = self.write.take() else {
+                return false;
+            };
+            let outcome = AssertUnwindSafe(write(conn)).catch_unwind().await;
+            let result = outcome.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the write panicked; it was rolled back".to_owned(),
+                ))
+            });
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn answer(self: Box<Self>, committed: Result<(), &StoreError>) {
+        let this = *self;
+        let result = match (committed, this.result) {
+            (Ok(()), Some(result)) => result,
+            (Ok(()), None) => Err(StoreError::Unavailable("the write did not run".to_owned())),
+            (Err(err), _) => Err(err.duplicate()),
+        };
+        if let Err(Ok(value)) = this.reply.send(result)
+            && let Some(orphaned) = this.orphaned
+        {
+            orphaned(value);
+        }
+    }
+}
+
+enum Message {
+    Write(Box<dyn Operation>),
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle callers use to reach the writer task.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    queue: mpsc::Sender<Message>,
+    stats: Arc<Stats>,
+    options: WriterOptions,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    commit_latency_us: AtomicU64,
+    last_group: AtomicU64,
+}
+
+impl Writer {
+    /// Starts the writer task on `conn` (already migrated); `connect` opens a new connection if
+    /// this one breaks.
+    pub(crate) fn start(
+        conn: SqliteConnection,
+        connect: SqliteConnectOptions,
+        options: WriterOptions,
+    ) -> Self {
+        let (queue, inbox) = mpsc::channel(options.queue_capacity.max(1));
+        let stats = Arc::new(Stats::default());
+        let task = GroupCommit {
+            conn: Some(conn),
+            connect,
+            inbox,
+            max_group: options.max_group.max(1),
+            stats: stats.clone(),
+        };
+        tokio::spawn(task.run());
+        Self {
+            queue,
+            stats,
+            options,
+        }
+    }
+
+    /// Runs `write` in the next group and answers once that group is durable.
+    pub(crate) async fn write<T, F>(&self, write: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.submit(Box::new(write), None).await
+    }
+
+    /// Like [`Writer::write`]; when the caller has gone by the time the write committed, its
+    /// successful result is handed to `orphaned` instead.
+    pub(crate) async fn write_or_else<T, F>(
+        &self,
+        write: F,
+        orphaned: Box<dyn FnOnce(T) + Send>,
+    ) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.submit(Box::new(write), Some(orphaned)).await
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        write: WriteFn<T>,
+        orphaned: Option<Box<dyn FnOnce(T) + Send>>,
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        let operation = Typed {
+            write: Some(write),
+            result: None,
+            reply,
+            orphaned,
+        };
+        self.queue
+            .send_timeout(
+                Message::Write(Box::new(operation)),
+                self.options.enqueue_timeout,
+            )
+            .await
+            .map_err(|err| match err {
+                mpsc::error::SendTimeoutError::Timeout(_) => StoreError::Busy(format!(
+                    "the write queue stayed full ({} waiting) for {:?}",
+                    self.options.queue_capacity, self.options.enqueue_timeout
+                )),
+                mpsc::error::SendTimeoutError::Closed(_) => closed(),
+            })?;
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Sends `write` without waiting for its answer (for work nobody waits on, such as handing
+    /// back a claim whose caller left). Dropped when the queue is full.
+    pub(crate) fn write_detached<F>(&self, write: F)
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<()>>
+            + Send
+            + 'static,
+    {
+        let (reply, _answer) = oneshot::channel::<StoreResult<()>>();
+        // The answer is not awaited, but the operation must still run: keep its receiver alive
+        // inside the operation itself.
+        let operation = Detached {
+            inner: Typed {
+                write: Some(Box::new(write)),
+                result: None,
+                reply,
+                orphaned: None,
+            },
+        };
+        if self
+            .queue
+            .try_send(Message::Write(Box::new(operation)))
+            .is_err()
+        {
+            tracing::warn!("store writer queue full: a detached write was dropped");
+        }
+    }
+
+    /// The queue depth and the last group's commit latency.
+    pub(crate) fn pressure(&self) -> WritePressure {
+        WritePressure {
+            queue_depth: self.queue.max_capacity() - self.queue.capacity(),
+            queue_capacity: self.queue.max_capacity(),
+            commit_latency: Duration::from_micros(
+                self.stats.commit_latency_us.load(Ordering::Relaxed),
+            ),
+            last_group: usize::try_from(self.stats.last_group.load(Ordering::Relaxed))
+                .unwrap_or(usize::MAX),
+        }
+    }
+
+    /// Commits what is queued, closes the connection and stops the task.
+    pub(crate) async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Message::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+/// A write whose caller does not wait: always wanted.
+struct Detached {
+    inner: Typed<()>,
+}
+
+impl Operation for Detached {
+    fn is_wanted(&self) -> bool {
+        true
+    }
+
+    fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
+        self.inner.run(conn)
+    }
+
+    fn answer(self: Box<Self>, committed: Result<(), &StoreError>) {
+        if let (Ok(()), Some(Err(err))) = (committed, &self.inner.result) {
+            tracing::warn!(error = %err, "store: a detached write failed");
+        }
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".to_owned())
+}
+
+/// The writer task's state.
+struct GroupCommit {
+    conn: Option<SqliteConnection>,
+    connect: SqliteConnectOptions,
+    inbox: mpsc::Receiver<Message>,
+    max_group: usize,
+    stats: Arc<Stats>,
+}
+
+impl GroupCommit {
+    async fn run(mut self) {
+        let mut group: Vec<Box<dyn Operation>> = Vec::with_capacity(self.max_group);
+        loop {
+            let Some(first) = self.inbox.recv().await else {
+                break;
+            };
+            let mut closing = None;
+            match first {
+                Message::Write(op) => group.push(op),
+                Message::Close(done) => closing = Some(done),
+            }
+            while closing.is_none() && group.len() < self.max_group {
+                match self.inbox.try_recv() {
+                    Ok(Message::Write(op)) => group.push(op),
+                    Ok(Message::Close(done)) => closing = Some(done),
+                    Err(_) => break,
+                }
+            }
+            group.retain(|op| op.is_wanted());
+            if !group.is_empty() {
+                // A panic here would be a bug of this file; catching it keeps the writer (and so
+                // the whole store) alive, and the group's callers get an error.
+                let batch = std::mem::take(&mut group);
+                let committed = AssertUnwindSafe(self.commit_group(batch))
+                    .catch_unwind()
+                    .await;
+                if committed.is_err() {
+                    tracing::error!("store writer: a group commit panicked; reconnecting");
+                    self.conn = None;
+                }
+            }
+            if let Some(done) = closing {
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.close().await;
+                }
+                let _ = done.send(());
+                break;
+            }
+        }
+    }
+
+    /// Runs one group in one transaction and answers its callers.
+    async fn commit_group(&mut self, mut group: Vec<Box<dyn Operation>>) {
+        let started = Instant::now();
+        let outcome = self.run_group(&mut group).await;
+        self.stats.commit_latency_us.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.stats
+            .last_group
+            .store(group.len() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(()) => {
+                for op in group {
+                    op.answer(Ok(()));
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, ops = group.len(), "store writer: group not committed");
+                for op in group {
+                    op.answer(Err(&err));
+                }
+            }
+        }
+    }
+
+    async fn run_group(&mut self, group: &mut [Box<dyn Operation>]) -> StoreResult<()> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect.connect().await?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(closed());
+        };
+        let result = run_in_transaction(conn, group).await;
+        if result.is_err() {
+            // Leave no transaction open behind; if even that fails, the connection is replaced.
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                self.conn = None;
+            }
+        }
+        result
+    }
+}
+
+async fn run_in_transaction(
+    conn: &mut SqliteConnection,
+    group: &mut [Box<dyn Operation>],
+) -> StoreResult<()> {
+    // IMMEDIATE takes the write lock now (waiting up to the busy timeout for another process,
+    // such as `keel admin`), so no statement of the group can fail to upgrade later.
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    for op in group.iter_mut() {
+        sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
+        if op.run(conn).await {
+            sqlx::query("RELEASE op").execute(&mut *conn).await?;
+        } else {
+            sqlx::query("ROLLBACK TO op").execute(&mut *conn).await?;
+            sqlx::query("RELEASE op").execute(&mut *conn).await?;
+        }
+    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    Ok(())
+}
