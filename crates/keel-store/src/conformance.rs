@@ -29,6 +29,7 @@ use crate::{
     Idempotency, ManualClock, NewApiKey, NewCommand, OrgId, ReleaseOutcome, Scope, Store,
     StoreError, Target,
 };
+use crate::{AttemptOutcome, NewCommandItem};
 
 /// The instant the suite's clock starts at.
 pub const START: OffsetDateTime = datetime!(2030-01-01 00:00 UTC);
@@ -61,7 +62,13 @@ macro_rules! conformance_tests {
             check_in_never_renames,
             cancel,
             org_isolation,
-            list_commands
+            list_commands,
+            claim_order_by_due_time,
+            attempts_are_kept,
+            hand_back_restores_the_claim,
+            batch_create_is_all_or_nothing,
+            release_in_bounded_batches,
+            purge_finished_commands
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1431,6 +1438,311 @@ pub async fn list_commands(store: &dyn Store, _clock: &ManualClock) {
         .await,
         Vec::<CommandId>::new()
     );
+}
+
+// --- queue core: order, attempts, hand-back, batches, retention ---
+
+/// Within one priority, the command due first is claimed first, whatever the creation order.
+pub async fn claim_order_by_due_time(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut later = pooled("q");
+    later.run_at = Some(START + secs(20));
+    let later = create(store, t.org, later).await;
+    let mut sooner = pooled("q");
+    sooner.run_at = Some(START + secs(10));
+    let sooner = create(store, t.org, sooner).await;
+    let mut urgent = pooled("q");
+    urgent.run_at = Some(START + secs(30));
+    urgent.priority = 1;
+    let urgent = create(store, t.org, urgent).await;
+    clock.advance(secs(60));
+    let got: Vec<_> = store
+        .claim(t.org, t.agent, &queues(&["q"]), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.command.id)
+        .collect();
+    assert_eq!(got, vec![urgent, sooner, later]);
+}
+
+/// Every attempt is kept with its agent, times, outcome and error, across requeues.
+pub async fn attempts_are_kept(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = agent(store, t.org, "agent-2").await;
+    let mut command = pooled("q");
+    command.max_attempts = 3;
+    let id = create(store, t.org, command).await;
+    assert!(store.list_attempts(t.org, id).await.unwrap().is_empty());
+
+    // 1: fails, retryable.
+    let c = claim_one(store, &t, &["q"]).await;
+    clock.advance(secs(1));
+    store
+        .fail(t.org, t.agent, id, &c.claim_token, json!({"n": 1}), true)
+        .await
+        .unwrap();
+    // 2: its lease expires (claimed by the second agent).
+    clock.advance(secs(3600));
+    let c2 = store
+        .claim(t.org, other, &queues(&["q"]), 1)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(c2.command.id, id);
+    let running = store.list_attempts(t.org, id).await.unwrap();
+    assert_eq!(running.len(), 2);
+    assert_eq!(running[1].outcome, None);
+    assert_eq!(running[1].ended_at, None);
+    clock.advance(secs(301));
+    store.release_expired_leases(None, 1000).await.unwrap();
+    // 3: fails for good.
+    let c3 = claim_one(store, &t, &["q"]).await;
+    store
+        .fail(t.org, t.agent, id, &c3.claim_token, json!({"n": 3}), false)
+        .await
+        .unwrap();
+    // Requeued: its attempts start over, its history stays; 4: completes.
+    store.requeue(t.org, id).await.unwrap();
+    let c4 = claim_one(store, &t, &["q"]).await;
+    assert_eq!(c4.command.attempts, 1);
+    store
+        .complete(t.org, t.agent, id, &c4.claim_token, json!("ok"))
+        .await
+        .unwrap();
+
+    let attempts = store.list_attempts(t.org, id).await.unwrap();
+    let summary: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.number, a.agent_id, a.outcome, a.error.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                1,
+                t.agent,
+                Some(AttemptOutcome::Retry),
+                Some(json!({"n": 1}))
+            ),
+            (2, other, Some(AttemptOutcome::LeaseExpired), None),
+            (
+                3,
+                t.agent,
+                Some(AttemptOutcome::Failed),
+                Some(json!({"n": 3}))
+            ),
+            (4, t.agent, Some(AttemptOutcome::Completed), None),
+        ]
+    );
+    assert_eq!(attempts[0].claimed_at, START);
+    assert_eq!(attempts[0].ended_at, Some(START + secs(1)));
+    assert!(attempts.iter().all(|a| a.ended_at.is_some()));
+    // Another organisation sees none of them.
+    let b = tenant(store, "beta").await;
+    assert!(store.list_attempts(b.org, id).await.unwrap().is_empty());
+}
+
+/// A claim handed back is as if it never happened: pending, attempts and history unchanged;
+/// a stale token or another agent hands back nothing.
+pub async fn hand_back_restores_the_claim(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = agent(store, t.org, "agent-2").await;
+    let id = create(store, t.org, pooled("q")).await;
+    let c = claim_one(store, &t, &["q"]).await;
+    assert_eq!(
+        store
+            .hand_back(t.org, other, vec![(id, c.claim_token.clone())])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .hand_back(t.org, t.agent, vec![(id, ClaimToken("stale".into()))])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .hand_back(t.org, t.agent, vec![(id, c.claim_token.clone())])
+            .await
+            .unwrap(),
+        1
+    );
+    let command = store.get_command(t.org, id).await.unwrap().unwrap();
+    assert_eq!(command.status, CommandStatus::Pending);
+    assert_eq!(command.attempts, 0);
+    assert!(store.list_attempts(t.org, id).await.unwrap().is_empty());
+    // The old token is dead; the command is claimable again at once.
+    assert!(matches!(
+        store
+            .complete(t.org, t.agent, id, &c.claim_token, json!(null))
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    assert_eq!(claim_one(store, &t, &["q"]).await.command.attempts, 1);
+}
+
+/// A batch is created whole, in order, or not at all.
+pub async fn batch_create_is_all_or_nothing(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let item = |command: NewCommand, key: Option<&str>| NewCommandItem {
+        command,
+        idempotency: key.map(|key| Idempotency {
+            key: key.to_owned(),
+            request_hash: "h".to_owned(),
+        }),
+    };
+    let created = store
+        .create_commands(
+            t.org,
+            vec![
+                item(pooled("a"), Some("k1")),
+                item(targeted(t.agent), None),
+                item(pooled("b"), None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.len(), 3);
+    assert!(created.iter().all(|c| c.created));
+    assert_eq!(created[0].command.target, Target::Queue("a".into()));
+    assert_eq!(created[2].command.target, Target::Queue("b".into()));
+
+    // A bad item (an agent of no organisation) stops the whole batch: nothing is created.
+    let before = store
+        .list_commands(t.org, CommandFilter::default(), None, 100)
+        .await
+        .unwrap()
+        .items
+        .len();
+    let err = store
+        .create_commands(
+            t.org,
+            vec![
+                item(pooled("c"), Some("k2")),
+                item(targeted(AgentId::new()), None),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::UnknownAgent), "{err:?}");
+    let after = store
+        .list_commands(t.org, CommandFilter::default(), None, 100)
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(before, after);
+    // The key of the refused batch is free; the key of the accepted one replays.
+    let again = store
+        .create_commands(
+            t.org,
+            vec![item(pooled("c"), Some("k2")), item(pooled("a"), Some("k1"))],
+        )
+        .await
+        .unwrap();
+    assert!(again[0].created);
+    assert!(!again[1].created);
+    assert_eq!(again[1].command.id, created[0].command.id);
+}
+
+/// Release hands back at most `limit` leases per call, earliest expiry first.
+pub async fn release_in_bounded_batches(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let mut c = pooled("q");
+        c.lease_duration = StdDuration::from_secs(10 + n);
+        ids.push(create(store, t.org, c).await);
+    }
+    store
+        .claim(t.org, t.agent, &queues(&["q"]), 10)
+        .await
+        .unwrap();
+    clock.advance(secs(60));
+    let first = store.release_expired_leases(None, 2).await.unwrap();
+    let mut first_ids: Vec<_> = first.iter().map(|r| r.command_id).collect();
+    first_ids.sort();
+    let mut expected = vec![ids[0], ids[1]];
+    expected.sort();
+    assert_eq!(first_ids, expected);
+    assert_eq!(
+        store.release_expired_leases(None, 2).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        store.release_expired_leases(None, 2).await.unwrap().len(),
+        1
+    );
+    assert!(
+        store
+            .release_expired_leases(None, 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Retention deletes finished commands older than the cut-off, oldest first, in batches, with
+/// their attempts and idempotency keys; pending and executing ones stay.
+pub async fn purge_finished_commands(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let keyed = store
+        .create_command(
+            t.org,
+            pooled("q"),
+            Some(Idempotency {
+                key: "once".into(),
+                request_hash: "h".into(),
+            }),
+        )
+        .await
+        .unwrap()
+        .command
+        .id;
+    let c = claim_one(store, &t, &["q"]).await;
+    store
+        .complete(t.org, t.agent, keyed, &c.claim_token, json!(1))
+        .await
+        .unwrap();
+    let cancelled = create(store, t.org, pooled("q")).await;
+    store.cancel_command(t.org, cancelled).await.unwrap();
+    clock.advance(secs(100));
+    let recent = create(store, t.org, pooled("q")).await;
+    store.cancel_command(t.org, recent).await.unwrap();
+    let pending = create(store, t.org, pooled("other")).await;
+    let running = create(store, t.org, pooled("q")).await;
+    claim_one(store, &t, &["q"]).await;
+
+    let cut = START + secs(50);
+    assert_eq!(store.purge_finished(cut, 1).await.unwrap(), 1);
+    assert_eq!(store.purge_finished(cut, 1).await.unwrap(), 1);
+    assert_eq!(store.purge_finished(cut, 1).await.unwrap(), 0);
+    for gone in [keyed, cancelled] {
+        assert_eq!(store.get_command(t.org, gone).await.unwrap(), None);
+        assert!(store.list_attempts(t.org, gone).await.unwrap().is_empty());
+    }
+    for kept in [recent, pending, running] {
+        assert!(store.get_command(t.org, kept).await.unwrap().is_some());
+    }
+    // The idempotency key went with its command: the same key creates a new one.
+    let again = store
+        .create_command(
+            t.org,
+            pooled("q"),
+            Some(Idempotency {
+                key: "once".into(),
+                request_hash: "h".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(again.created);
+    assert_ne!(again.command.id, keyed);
 }
 
 // --- concurrency ---

@@ -16,6 +16,8 @@ pub const KNOWN: &[&str] = &[
     "store.claim",
     "store.heartbeat",
     "store.complete",
+    "store.write",
+    "store.commit",
     // keel
     "http.handler",
     "http.delay",

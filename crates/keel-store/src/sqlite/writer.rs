@@ -94,7 +94,12 @@ impl<T: Send + 'static> Operation for Typed<T> {
             let Some(write) = self.write.take() else {
                 return false;
             };
-            let outcome = AssertUnwindSafe(write(conn)).catch_unwind().await;
+            let outcome = AssertUnwindSafe(async move {
+                fail::fail_point!("store.write", |_| Err(StoreError::injected("store.write")));
+                write(conn).await
+            })
+            .catch_unwind()
+            .await;
             let result = outcome.unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
                     "the write panicked; it was rolled back".to_owned(),
@@ -406,6 +411,9 @@ async fn run_in_transaction(
             sqlx::query("RELEASE op").execute(&mut *conn).await?;
         }
     }
+    fail::fail_point!("store.commit", |_| Err(StoreError::injected(
+        "store.commit"
+    )));
     sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(())
 }

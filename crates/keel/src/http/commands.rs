@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_store::{
-    AgentId, ClaimToken, Claimed, Command, CommandFilter, CommandId, CommandStatus, DeadReason,
-    Idempotency, NewCommand, Page, Scope, Target,
+    AgentId, AttemptOutcome, ClaimToken, Claimed, Command, CommandFilter, CommandId, CommandStatus,
+    DeadReason, Idempotency, NewCommand, Page, Scope, Target,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,6 +43,8 @@ pub fn routes() -> Router<AppState> {
         .route("/claim", post(claim))
         .route("/release-stuck", post(release_stuck))
         .route("/dead", get(list_dead))
+        .route("/batch", post(super::command_batches::create_batch))
+        .route("/reports", post(super::command_batches::report_batch))
         .route("/{id}", get(get_one))
         .route("/{id}/cancel", post(cancel))
         .route("/{id}/requeue", post(requeue))
@@ -164,7 +166,7 @@ impl From<Page> for PageView {
 /// The body of `POST /v1/commands`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateCommand {
+pub(super) struct CreateCommand {
     #[serde(rename = "type")]
     command_type: String,
     agent_id: Option<AgentId>,
@@ -180,7 +182,7 @@ struct CreateCommand {
 }
 
 impl CreateCommand {
-    fn validate(self) -> Result<NewCommand, ApiError> {
+    pub(super) fn validate(self) -> Result<NewCommand, ApiError> {
         check_name("type", &self.command_type)?;
         let target = match (self.agent_id, self.queue) {
             (Some(agent), None) => Target::Agent(agent),
@@ -249,7 +251,10 @@ async fn create(
 /// The `Idempotency-Key` header with a hash of the validated request, to tell a retry from a
 /// reuse: bodies that mean the same command (keys in another order, a default spelt out or
 /// left out) hash the same.
-fn idempotency(headers: &HeaderMap, command: &NewCommand) -> Result<Option<Idempotency>, ApiError> {
+pub(super) fn idempotency(
+    headers: &HeaderMap,
+    command: &NewCommand,
+) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -278,11 +283,32 @@ fn idempotency(headers: &HeaderMap, command: &NewCommand) -> Result<Option<Idemp
     }))
 }
 
+/// One attempt, as `GET /v1/commands/{id}` shows it in `attempt_history`.
+#[derive(Debug, Serialize)]
+struct AttemptView {
+    attempt: u32,
+    agent_id: AgentId,
+    #[serde(with = "time::serde::rfc3339")]
+    claimed_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    ended_at: Option<OffsetDateTime>,
+    outcome: Option<AttemptOutcome>,
+    error: Option<Value>,
+}
+
+/// A command with every attempt at it.
+#[derive(Debug, Serialize)]
+struct CommandDetailView {
+    #[serde(flatten)]
+    command: CommandView,
+    attempt_history: Vec<AttemptView>,
+}
+
 async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<CommandView>, ApiError> {
+) -> Result<Json<CommandDetailView>, ApiError> {
     caller.require(Scope::CommandsRead)?;
     let id = command_id(&id)?;
     let command = state
@@ -290,7 +316,21 @@ async fn get_one(
         .get_command(caller.org(), id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    Ok(Json(command.into()))
+    let attempts = state.store.list_attempts(caller.org(), id).await?;
+    Ok(Json(CommandDetailView {
+        command: command.into(),
+        attempt_history: attempts
+            .into_iter()
+            .map(|a| AttemptView {
+                attempt: a.number,
+                agent_id: a.agent_id,
+                claimed_at: a.claimed_at,
+                ended_at: a.ended_at,
+                outcome: a.outcome,
+                error: a.error,
+            })
+            .collect(),
+    }))
 }
 
 /// The query of `GET /v1/commands`.
@@ -605,7 +645,7 @@ async fn fail(
 
 /// Checks what every completion and failure report needs: an agent key (its agent must hold
 /// the lease), a command id, a claim token and a reported value within the size limit.
-fn agent_report(
+pub(super) fn agent_report(
     caller: &Caller,
     id: &str,
     token: String,
@@ -620,7 +660,7 @@ fn agent_report(
 
 /// Counts a reported command by the status it reached (`pending` again after a retryable
 /// failure).
-fn count_finished(command: &Command) {
+pub(super) fn count_finished(command: &Command) {
     metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
         .increment(1);
 }
@@ -629,7 +669,7 @@ fn count_finished(command: &Command) {
 // Validation.
 
 /// Deserialises a JSON body already parsed as a `Value`; errors name the field.
-fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_json::from_value(body).map_err(|e| ApiError::Validation(e.to_string()))
 }
 

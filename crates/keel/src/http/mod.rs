@@ -7,11 +7,13 @@
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: `/v1/admin/*`, behind the operator's admin token.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
-//!   API (`docs/commands.md`).
+//!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
+//!   made, in one request.
 
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod command_batches;
 pub mod commands;
 pub mod error;
 pub mod health;

@@ -18,5 +18,6 @@ mod isolation;
 mod logging;
 mod panics;
 mod profiles;
+mod queue_core;
 mod shutdown;
 mod supervision;

@@ -1,0 +1,236 @@
+//! Many commands in one request: `POST /v1/commands/batch` creates up to
+//! [`MAX_BATCH_CREATE`] commands all or nothing; `POST /v1/commands/reports` completes or fails
+//! up to [`MAX_CLAIM_BATCH`] claimed commands, each on its own. `docs/commands.md` is the
+//! reference.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keel_store::{
+    CommandStatus, Idempotency, MAX_BATCH_CREATE, MAX_CLAIM_BATCH, NewCommandItem, Scope,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::AppState;
+use super::auth::Caller;
+use super::commands::{
+    CommandView, CreateCommand, agent_report, count_finished, idempotency, parse_body,
+};
+use super::error::ApiError;
+use super::json::Json;
+
+/// The body of `POST /v1/commands/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBatch {
+    commands: Vec<Value>,
+}
+
+/// The answer of a batch create: the commands, in request order.
+#[derive(Debug, Serialize)]
+struct BatchView {
+    commands: Vec<CommandView>,
+}
+
+/// Creates every command of the batch, or none: the first invalid item is a 422 naming it
+/// (`commands[3].queue: …`) and nothing is created. With an `Idempotency-Key` header `K`, item
+/// `n` is created under the key `K#n`: a retried batch answers the same commands (200).
+pub(super) async fn create_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::CommandsWrite)?;
+    let batch: CreateBatch = parse_body(body)?;
+    if batch.commands.is_empty() || batch.commands.len() > MAX_BATCH_CREATE {
+        return Err(ApiError::Validation(format!(
+            "commands: 1 to {MAX_BATCH_CREATE} commands"
+        )));
+    }
+    let mut items = Vec::with_capacity(batch.commands.len());
+    for (n, raw) in batch.commands.into_iter().enumerate() {
+        let item = parse_body::<CreateCommand>(raw)
+            .and_then(CreateCommand::validate)
+            .and_then(|command| {
+                let idempotency = idempotency(&headers, &command)?.map(|idem| Idempotency {
+                    key: format!("{}#{n}", idem.key),
+                    request_hash: idem.request_hash,
+                });
+                Ok(NewCommandItem {
+                    command,
+                    idempotency,
+                })
+            })
+            .map_err(|err| at_item(n, err))?;
+        items.push(item);
+    }
+    let created = state
+        .store
+        .create_commands(caller.org(), items)
+        .await
+        .map_err(ApiError::from)?;
+    let new = created.iter().filter(|c| c.created).count();
+    metrics::counter!("keel_commands_created_total").increment(new as u64);
+    for command in created.iter().filter(|c| c.created) {
+        state
+            .wakeups
+            .wake_target(caller.org(), &command.command.target);
+    }
+    let status = if new > 0 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let commands = created
+        .into_iter()
+        .map(|c| CommandView::from(c.command))
+        .collect();
+    Ok((status, Json(BatchView { commands })).into_response())
+}
+
+/// The error of item `n`, naming it.
+fn at_item(n: usize, err: ApiError) -> ApiError {
+    match err {
+        ApiError::Validation(what) => ApiError::Validation(format!("commands[{n}]: {what}")),
+        ApiError::FieldTooLarge { field, limit } => {
+            ApiError::Validation(format!("commands[{n}].{field}: larger than {limit} bytes"))
+        }
+        other => other,
+    }
+}
+
+/// The body of `POST /v1/commands/reports`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBatch {
+    reports: Vec<Report>,
+}
+
+/// One report: a completion or a failure of one claimed command.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Report {
+    id: String,
+    claim_token: String,
+    outcome: ReportOutcome,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Value,
+    #[serde(default)]
+    retryable: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ReportOutcome {
+    Completed,
+    Failed,
+}
+
+/// What became of one report: the command's status, or the error it got.
+#[derive(Debug, Serialize)]
+struct ReportResult {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<CommandStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ReportError>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReportError {
+    code: &'static str,
+    message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ReportsView {
+    results: Vec<ReportResult>,
+}
+
+/// Completes or fails each reported command on its own (one stale token does not stop the
+/// others); the answer lists each report's outcome in request order. The reports are written
+/// together, so a batch costs about one commit.
+pub(super) async fn report_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<Value>,
+) -> Result<Json<ReportsView>, ApiError> {
+    caller.agent()?;
+    let batch: ReportBatch = parse_body(body)?;
+    if batch.reports.is_empty() || batch.reports.len() > MAX_CLAIM_BATCH as usize {
+        return Err(ApiError::Validation(format!(
+            "reports: 1 to {MAX_CLAIM_BATCH} reports"
+        )));
+    }
+    let org = caller.org();
+    let reports = batch.reports.into_iter().map(|report| {
+        let state = state.clone();
+        let caller = &caller;
+        async move {
+            let id = report.id.clone();
+            let outcome = async {
+                let (field, value) = match report.outcome {
+                    ReportOutcome::Completed => ("result", &report.result),
+                    ReportOutcome::Failed => ("error", &report.error),
+                };
+                let (agent, command_id, token) =
+                    agent_report(caller, &report.id, report.claim_token, field, value)?;
+                let command = match report.outcome {
+                    ReportOutcome::Completed => {
+                        state
+                            .store
+                            .complete(org, agent, command_id, &token, report.result)
+                            .await?
+                    }
+                    ReportOutcome::Failed => {
+                        state
+                            .store
+                            .fail(
+                                org,
+                                agent,
+                                command_id,
+                                &token,
+                                report.error,
+                                report.retryable,
+                            )
+                            .await?
+                    }
+                };
+                Ok::<_, ApiError>(command)
+            }
+            .await;
+            match outcome {
+                Ok(command) => {
+                    count_finished(&command);
+                    if command.status == CommandStatus::Pending {
+                        state.wakeups.wake_target(org, &command.target);
+                    }
+                    ReportResult {
+                        id,
+                        status: Some(command.status),
+                        error: None,
+                    }
+                }
+                Err(err) => {
+                    if let ApiError::Internal(detail) = &err {
+                        tracing::error!(command_id = %id, %detail, "report failed inside keel");
+                    }
+                    ReportResult {
+                        id,
+                        status: None,
+                        error: Some(ReportError {
+                            code: err.code(),
+                            message: err.to_string(),
+                        }),
+                    }
+                }
+            }
+        }
+    });
+    let results = futures::future::join_all(reports).await;
+    Ok(Json(ReportsView { results }))
+}
