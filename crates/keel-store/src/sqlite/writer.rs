@@ -13,18 +13,19 @@
 //! - nothing done at all when it gave up (dropped its future) before its turn came;
 //! - [`StoreError::Unavailable`] when the store is closed.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{StoreError, StoreResult};
+
+/// The component a panic inside the writer is counted under.
+pub const WRITER_COMPONENT: &str = "store.writer";
 
 /// How the writer queues and groups operations.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,16 +95,16 @@ impl<T: Send + 'static> Operation for Typed<T> {
             let Some(write) = self.write.take() else {
                 return false;
             };
-            let outcome = AssertUnwindSafe(async move {
+            // A panic is counted and logged once by the panic hook, under `store.writer`.
+            let outcome = keel_guard::isolate_async(WRITER_COMPONENT, async move {
                 fail::fail_point!("store.write", |_| Err(StoreError::injected("store.write")));
                 write(conn).await
             })
-            .catch_unwind()
             .await;
-            let result = outcome.unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(
-                    "the write panicked; it was rolled back".to_owned(),
-                ))
+            let result = outcome.unwrap_or_else(|panicked| {
+                Err(StoreError::Unavailable(format!(
+                    "the write was rolled back: {panicked}"
+                )))
             });
             let ok = result.is_ok();
             self.result = Some(result);
@@ -333,9 +334,8 @@ impl GroupCommit {
                 // A panic here would be a bug of this file; catching it keeps the writer (and so
                 // the whole store) alive, and the group's callers get an error.
                 let batch = std::mem::take(&mut group);
-                let committed = AssertUnwindSafe(self.commit_group(batch))
-                    .catch_unwind()
-                    .await;
+                let committed =
+                    keel_guard::isolate_async(WRITER_COMPONENT, self.commit_group(batch)).await;
                 if committed.is_err() {
                     tracing::error!("store writer: a group commit panicked; reconnecting");
                     self.conn = None;
