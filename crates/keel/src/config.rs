@@ -90,6 +90,17 @@ pub struct HttpConfig {
     /// A request not answered within this time gets 408.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Once the first byte of a request arrives, its head (request line and headers) must be
+    /// complete within this time, or the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed when the next request does not start
+    /// within this time (from its opening or its previous response).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once (lowered to fit the open-file limit); at the cap a new
+    /// connection replaces the oldest idle one. Health probes have reserved places beyond it.
+    pub max_connections: usize,
 }
 
 /// Access to the admin routes.
@@ -145,6 +156,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7740)),
             body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -245,6 +259,15 @@ impl Config {
         }
         if self.http.request_timeout.is_zero() {
             return invalid("http.request_timeout", "must be longer than 0s");
+        }
+        if self.http.header_read_timeout.is_zero() {
+            return invalid("http.header_read_timeout", "must be longer than 0s");
+        }
+        if self.http.idle_timeout.is_zero() {
+            return invalid("http.idle_timeout", "must be longer than 0s");
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be at least 1");
         }
         if self.jobs.telemetry_interval.is_zero() {
             return invalid("jobs.telemetry_interval", "must be longer than 0s");

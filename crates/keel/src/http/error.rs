@@ -65,6 +65,15 @@ pub enum ApiError {
     /// The body is JSON but not a valid request (422 `validation_failed`).
     #[error("{0}")]
     Validation(String),
+    /// keel cannot serve this request now; the client may retry after `retry_after` seconds
+    /// (503 `unavailable`, with `Retry-After`).
+    #[error("{reason}; retry after {retry_after} s")]
+    Unavailable {
+        /// Why.
+        reason: &'static str,
+        /// Seconds, as in the `Retry-After` header.
+        retry_after: u32,
+    },
     /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
     #[error("internal error")]
     Internal(String),
@@ -89,6 +98,7 @@ impl ApiError {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +120,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
+            Self::Unavailable { .. } => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -197,6 +208,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
+        if let Self::Unavailable { retry_after, .. } = self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after),
+            );
+        }
         // The lifecycle layer logs internal errors with their detail; it reads this marker.
         response.extensions_mut().insert(ErrorMarker { detail });
         response
