@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::commands::release::release_expired_leases;
+use crate::commands::release::{self, release_expired_leases};
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::connections::{self, ConnectionLimits};
@@ -238,7 +238,7 @@ fn start_release_stuck(
     let store = store.clone();
     let wakeups = wakeups.clone();
     supervisor.every(
-        "release-stuck",
+        release::JOB_NAME,
         config.commands.release_stuck_interval,
         move || {
             let store = store.clone();

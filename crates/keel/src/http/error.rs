@@ -164,6 +164,22 @@ impl From<keel_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::commands::release::ReleaseNowError> for ApiError {
+    fn from(error: crate::commands::release::ReleaseNowError) -> Self {
+        use crate::commands::release::ReleaseNowError;
+        use keel_guard::periodic::RunNowError;
+        match error {
+            ReleaseNowError::Store(error) => error.into(),
+            // The panic hook has logged the panic with its backtrace.
+            ReleaseNowError::Job(RunNowError::Panicked(_)) => Self::Internal(String::new()),
+            ReleaseNowError::Job(RunNowError::Stopped(_)) => Self::Unavailable {
+                reason: "keel is shutting down",
+                retry_after: 1,
+            },
+        }
+    }
+}
+
 /// An error and its sources, for the log.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
