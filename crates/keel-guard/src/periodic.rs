@@ -13,7 +13,11 @@
 //! statistics ([`crate::components::Components::jobs`]); failed ticks are also counted in
 //! `keel_job_tick_failures_total{job}`.
 //!
-//! Failpoint: `periodic.tick`, evaluated at the start of every tick, inside the isolation.
+//! [`JobHandle::run_now`] runs the job's tick now, [`JobHandle::run_with`] runs given work as a
+//! tick (a manual run that differs from the scheduled one); both are recorded like any tick.
+//!
+//! Failpoint: `periodic.tick`, evaluated at the start of every tick (`run_now` and `run_with`
+//! included), inside the isolation.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -75,6 +79,8 @@ struct Shared {
 #[derive(Default)]
 struct Requests {
     waiters: Vec<oneshot::Sender<Result<(), Panicked>>>,
+    /// Work given to [`JobHandle::run_with`], each run as a tick of its own.
+    work: Vec<(TickFuture, oneshot::Sender<Result<(), Panicked>>)>,
     closed: bool,
 }
 
@@ -120,15 +126,55 @@ impl JobHandle {
         }
     }
 
-    /// Refuses further `run_now` requests and answers the pending ones with `Stopped`.
+    /// Runs `work` now as a tick of this job, instead of the job's own tick, and returns its
+    /// output: like a tick it never overlaps another one, is isolated (a panic is
+    /// [`RunNowError::Panicked`]), and is recorded in the job's statistics,
+    /// `keel_job_tick_seconds` and, when it panics, `keel_job_tick_failures_total`. For a
+    /// manual run that differs from the scheduled tick (one organisation's share, say) and
+    /// whose result the caller needs. The schedule is not moved.
+    ///
+    /// Fails with [`RunNowError::Stopped`] once the job has stopped.
+    pub async fn run_with<T, W>(&self, work: W) -> Result<T, RunNowError>
+    where
+        T: Send + 'static,
+        W: Future<Output = T> + Send + 'static,
+    {
+        let (output_sender, output) = oneshot::channel();
+        let tick: TickFuture = Box::pin(async move {
+            // The caller may have given up waiting; nothing to do then.
+            let _ = output_sender.send(work.await);
+        });
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut requests = self.shared.requests.lock();
+            if requests.closed {
+                return Err(RunNowError::Stopped(self.shared.name.to_string()));
+            }
+            requests.work.push((tick, sender));
+        }
+        self.shared.wake.notify_one();
+        let stopped = || RunNowError::Stopped(self.shared.name.to_string());
+        match receiver.await {
+            // A tick that completed has sent its output.
+            Ok(Ok(())) => output.await.map_err(|_| stopped()),
+            Ok(Err(panicked)) => Err(RunNowError::Panicked(panicked)),
+            Err(_) => Err(stopped()),
+        }
+    }
+
+    /// Refuses further `run_now` and `run_with` requests and answers the pending ones with
+    /// `Stopped`.
     pub(crate) fn close(&self) {
-        let waiters = {
+        let pending = {
             let mut requests = self.shared.requests.lock();
             requests.closed = true;
-            std::mem::take(&mut requests.waiters)
+            (
+                std::mem::take(&mut requests.waiters),
+                std::mem::take(&mut requests.work),
+            )
         };
-        // Dropping a sender answers its `run_now` with `Stopped`.
-        drop(waiters);
+        // Dropping a sender answers its `run_now` or `run_with` with `Stopped`.
+        drop(pending);
     }
 }
 
@@ -214,13 +260,27 @@ async fn job_loop(
             () = sleep_until(next) => due = true,
         }
 
-        let waiters = std::mem::take(&mut shared.requests.lock().waiters);
+        let (waiters, work) = {
+            let mut requests = shared.requests.lock();
+            (
+                std::mem::take(&mut requests.waiters),
+                std::mem::take(&mut requests.work),
+            )
+        };
         if !waiters.is_empty() {
             let result = run_tick(&shared.name, &slot, &mut make).await;
             for waiter in waiters {
                 // The caller may have given up waiting; nothing to do then.
                 let _ = waiter.send(result.clone());
             }
+        }
+        for (tick, waiter) in work {
+            let mut tick = Some(tick);
+            let mut once =
+                move || -> TickFuture { tick.take().unwrap_or_else(|| Box::pin(async {})) };
+            let result = run_tick(&shared.name, &slot, &mut once).await;
+            // The caller may have given up waiting; nothing to do then.
+            let _ = waiter.send(result);
         }
 
         let current = *shared.interval.lock();

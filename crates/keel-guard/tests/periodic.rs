@@ -1,4 +1,5 @@
-//! Periodic jobs: schedule, isolation of ticks, statistics, `set_interval`, `run_now`.
+//! Periodic jobs: schedule, isolation of ticks, statistics, `set_interval`, `run_now`,
+//! `run_with`.
 //!
 //! Time is paused: the runtime jumps to the next timer whenever every task is idle, so tick
 //! instants and durations are exact.
@@ -258,4 +259,41 @@ async fn runs_in_the_last_hour_are_counted_by_minute() {
     // Minutes 61..=120 are inside the window: the ticks at 70, 80, ..., 120.
     assert_eq!(stats.runs_last_hour, 6);
     shut_down(cancel, tracker).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_with_runs_work_as_a_counted_tick_that_never_overlaps_one() {
+    let (supervisor, cancel, tracker) = supervisor();
+    let in_tick = Arc::new(AtomicBool::new(false));
+    let flag = in_tick.clone();
+    let job = supervisor.every("manual", ms(100), move || {
+        let flag = flag.clone();
+        async move {
+            flag.store(true, Ordering::SeqCst);
+            tokio::time::sleep(ms(50)).await;
+            flag.store(false, Ordering::SeqCst);
+        }
+    });
+    // Wait into the first scheduled tick, then ask for manual work: it waits for the tick.
+    tokio::time::sleep(ms(110)).await;
+    assert!(in_tick.load(Ordering::SeqCst));
+    let flag = in_tick.clone();
+    let output = job
+        .run_with(async move { (flag.load(Ordering::SeqCst), 42) })
+        .await
+        .unwrap();
+    assert_eq!(output, (false, 42), "ran after the tick, not during it");
+
+    let failed = job.run_with(async { panic!("manual run failed") }).await;
+    assert!(matches!(failed, Err(RunNowError::Panicked(p)) if p.message == "manual run failed"));
+
+    let stats = supervisor.components().job("manual").unwrap();
+    assert_eq!(stats.runs, 3, "one scheduled tick and two manual runs");
+    assert_eq!(stats.failures, 1);
+
+    shut_down(cancel, tracker).await;
+    assert!(matches!(
+        job.run_with(async {}).await,
+        Err(RunNowError::Stopped(name)) if name == "manual"
+    ));
 }

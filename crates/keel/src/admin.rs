@@ -2,10 +2,11 @@
 //! database (safe while `keel serve` runs: SQLite's WAL lets both use it).
 
 use anyhow::Context as _;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
 use keel_store::{ApiKeyId, NewApiKey, OrgId, Scope, Store};
 
-use crate::cli::ConfigArgs;
+use crate::cli::SourceArgs;
 use crate::config::Config;
 use crate::server::open_store;
 
@@ -14,7 +15,7 @@ use crate::server::open_store;
 pub struct AdminArgs {
     /// Where the configuration (and so the data directory) comes from.
     #[command(flatten)]
-    pub config: ConfigArgs,
+    pub config: SourceArgs,
     /// What to do.
     #[command(subcommand)]
     pub action: AdminAction,
@@ -38,9 +39,9 @@ pub enum AdminAction {
         /// A name for the key (who or what uses it).
         #[arg(long)]
         name: String,
-        /// Comma-separated scopes: admin, commands:write, commands:read, agent.
-        #[arg(long, value_delimiter = ',', required = true)]
-        scopes: Vec<String>,
+        /// Comma-separated scopes (`operator`: the keel process's `/v1/admin/*` routes).
+        #[arg(long, value_delimiter = ',', required = true, value_parser = scope_parser())]
+        scopes: Vec<Scope>,
         /// For an `agent` key: the agent it is bound to (created if new).
         #[arg(long)]
         agent: Option<String>,
@@ -59,6 +60,12 @@ pub enum AdminAction {
         /// The key's id.
         id: uuid::Uuid,
     },
+}
+
+/// Parses a scope; `--help` lists every scope the store knows.
+fn scope_parser() -> impl TypedValueParser<Value = Scope> {
+    PossibleValuesParser::new(Scope::ALL.iter().map(|scope| scope.as_str()))
+        .try_map(|name| name.parse::<Scope>())
 }
 
 /// Runs one `keel admin` action.
@@ -90,10 +97,6 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
             agent,
         } => {
             let org = org_id(store, &org).await?;
-            let scopes = scopes
-                .iter()
-                .map(|scope| scope.trim().parse::<Scope>())
-                .collect::<Result<Vec<_>, _>>()?;
             let created = store
                 .create_api_key(
                     org,

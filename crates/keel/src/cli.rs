@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Overrides;
 
-/// keel: hands commands to remote agents and delivers notifications, and does not fall over.
+/// keel: hands commands to remote agents, and does not fall over.
 #[derive(Debug, Parser)]
 #[command(name = "keel", version, about, propagate_version = true)]
 pub struct Cli {
@@ -29,18 +29,37 @@ pub enum Command {
     Agent(crate::agent::AgentArgs),
 }
 
-/// Where the configuration comes from.
+/// Where the configuration comes from; accepted before or after a subcommand
+/// (`keel admin list-orgs --data-dir D`).
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// The TOML configuration file (default: ./keel.toml when it exists).
+    #[arg(long, env = "KEEL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// The flags that override the configuration.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: None,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+}
+
+/// The configuration of `serve` and `config`: its sources and the listen address.
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
-    /// The TOML configuration file (default: ./keel.toml when it exists).
-    #[arg(long, env = "KEEL_CONFIG")]
-    pub config: Option<PathBuf>,
+    /// The configuration file and the data directory.
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Address to listen on (overrides `http.listen`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Data directory (overrides `data_dir`).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
 }
 
 impl ConfigArgs {
@@ -48,7 +67,7 @@ impl ConfigArgs {
     pub fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen,
-            data_dir: self.data_dir.clone(),
+            ..self.source.overrides()
         }
     }
 }

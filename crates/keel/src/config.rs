@@ -22,6 +22,10 @@ pub const DEFAULT_CONFIG_FILE: &str = "keel.toml";
 /// The SQLite database, in the data directory.
 pub const DATABASE_FILE: &str = "keel.db";
 
+/// How `keel config` shows an unset `admin.token`.
+const UNSET_ADMIN_TOKEN: &str =
+    "[admin]\n# token is unset: keel serve generates one in <data_dir>/admin-token\n";
+
 /// Environment variables with the `KEEL_` prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
 
@@ -123,6 +127,17 @@ pub struct HttpConfig {
     /// A request not answered within this time gets 408.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Once the first byte of a request arrives, its head (request line and headers) must be
+    /// complete within this time, or the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed when the next request does not start
+    /// within this time (from its opening or its previous response).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once (lowered to fit the open-file limit); at the cap a new
+    /// connection replaces the oldest idle one. Health probes have reserved places beyond it.
+    pub max_connections: usize,
 }
 
 /// Access to the admin routes.
@@ -178,6 +193,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7740)),
             body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -202,9 +220,10 @@ impl Default for JobsConfig {
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A source could not be read or a key is unknown or has the wrong type.
-    #[error("configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    /// A source could not be read or a key is unknown or has the wrong type; the message names
+    /// the key as `keel.toml` spells it, whichever source gave it.
+    #[error("configuration: {}", describe(.0))]
+    Load(Box<figment::Error>),
     /// `--config` names a file that does not exist.
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
@@ -219,6 +238,35 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(error: Box<figment::Error>) -> Self {
+        Self::Load(error)
+    }
+}
+
+/// Each of figment's errors as "`dotted.key`: what is wrong (from where)". figment's own text
+/// names the key as the source spells it (`HTTP.BODY_LIMIT` from the environment) and with the
+/// profile (`default.http.body_limit`).
+fn describe(error: &figment::Error) -> String {
+    let each = error.clone().into_iter().map(|error| {
+        // keel's keys are lower case; the environment's are upper case.
+        let key: Vec<String> = error.path.iter().map(|part| part.to_lowercase()).collect();
+        let from = match &error.metadata {
+            Some(metadata) => match &metadata.source {
+                Some(source) => format!(" (from {} {source})", metadata.name),
+                None => format!(" (from {})", metadata.name),
+            },
+            None => String::new(),
+        };
+        if key.is_empty() {
+            format!("{}{from}", error.kind)
+        } else {
+            format!("`{}`: {}{from}", key.join("."), error.kind)
+        }
+    });
+    each.collect::<Vec<_>>().join("; ")
 }
 
 /// Values given on the command line; each overrides every other source.
@@ -279,6 +327,15 @@ impl Config {
         if self.http.request_timeout.is_zero() {
             return invalid("http.request_timeout", "must be longer than 0s");
         }
+        if self.http.header_read_timeout.is_zero() {
+            return invalid("http.header_read_timeout", "must be longer than 0s");
+        }
+        if self.http.idle_timeout.is_zero() {
+            return invalid("http.idle_timeout", "must be longer than 0s");
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be at least 1");
+        }
         if self.jobs.telemetry_interval.is_zero() {
             return invalid("jobs.telemetry_interval", "must be longer than 0s");
         }
@@ -299,13 +356,18 @@ impl Config {
         self.data_dir.join(DATABASE_FILE)
     }
 
-    /// The configuration as TOML with secrets replaced by `<redacted>`.
+    /// The configuration as TOML, every key with its effective value, secrets replaced by
+    /// `<redacted>`; an unset `admin.token` (TOML has no null) is a comment saying so.
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
         let mut shown = self.clone();
         if shown.admin.token.is_some() {
             shown.admin.token = Some("<redacted>".to_owned());
         }
-        toml::to_string_pretty(&shown)
+        let mut text = toml::to_string_pretty(&shown)?;
+        if shown.admin.token.is_none() {
+            text = text.replacen("[admin]\n", UNSET_ADMIN_TOKEN, 1);
+        }
+        Ok(text)
     }
 }
 
@@ -366,7 +428,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("keel.toml", "[http]\nlisten_on = \"x\"\n")?;
             let err = load_in_jail(jail, None).unwrap_err().to_string();
-            assert!(err.contains("listen_on"), "{err}");
+            assert!(err.contains("`http.listen_on`"), "{err}");
             Ok(())
         });
     }
@@ -376,7 +438,14 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("KEEL_HTTP__REQUEST_TIMEOUT", "soon");
             let err = load_in_jail(jail, None).unwrap_err().to_string();
-            assert!(err.to_lowercase().contains("http.request_timeout"), "{err}");
+            assert!(err.contains("`http.request_timeout`"), "{err}");
+            assert!(!err.contains("HTTP.REQUEST_TIMEOUT"), "{err}");
+            jail.set_env("KEEL_HTTP__REQUEST_TIMEOUT", "5s");
+            jail.create_file("keel.toml", "[http]\nbody_limit = \"big\"\n")?;
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("`http.body_limit`"), "{err}");
+            assert!(!err.contains("default."), "{err}");
+            jail.create_file("keel.toml", "")?;
             jail.set_env("KEEL_HTTP__REQUEST_TIMEOUT", "5s");
             jail.set_env("KEEL_HTTP__BODY_LIMIT", "0");
             let err = load_in_jail(jail, None).unwrap_err().to_string();

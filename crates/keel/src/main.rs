@@ -10,14 +10,16 @@ use keel::config::Config;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => match Config::load(args.config.as_deref(), &args.overrides()) {
-            Ok(config) => block_on(keel::server::serve(config)),
-            Err(error) => fail(&error),
-        },
+        Command::Serve(args) => {
+            match Config::load(args.source.config.as_deref(), &args.overrides()) {
+                Ok(config) => block_on(keel::server::serve(config)),
+                Err(error) => fail(&error),
+            }
+        }
         Command::Agent(args) => block_on(keel::agent::run(args)),
         Command::Admin(args) => block_on(keel::admin::run(args)),
         Command::Config(args) => {
-            match Config::load(args.config.as_deref(), &args.overrides())
+            match Config::load(args.source.config.as_deref(), &args.overrides())
                 .map_err(anyhow::Error::from)
                 .and_then(|config| Ok(config.to_redacted_toml()?))
             {

@@ -20,10 +20,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::commands::release::release_expired_leases;
+use crate::commands::release::{self, release_expired_leases};
 use crate::commands::retention::purge_finished_commands;
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
+use crate::http::connections::{self, ConnectionLimits};
 use crate::http::lifecycle::Lifecycle;
 use crate::http::{self, AppState};
 use crate::telemetry;
@@ -118,13 +119,22 @@ pub async fn run(
     };
     let app = http::router(state, lifecycle);
     let address = listener.local_addr().context("reading the bound address")?;
-    let stop_accepting = cancel.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop_accepting.cancelled_owned())
-            .await
-    });
-    tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), "keel is listening");
+    let open_files = connections::raise_open_file_limit();
+    let limits = ConnectionLimits {
+        header_read_timeout: config.http.header_read_timeout,
+        idle_timeout: config.http.idle_timeout,
+        max_connections: connections::connection_cap(config.http.max_connections, open_files),
+    };
+    if limits.max_connections < config.http.max_connections {
+        tracing::warn!(
+            configured = config.http.max_connections,
+            cap = limits.max_connections,
+            open_file_limit = open_files,
+            "http.max_connections lowered to fit the open-file limit"
+        );
+    }
+    let server = tokio::spawn(connections::serve(listener, app, limits, cancel.clone()));
+    tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), max_connections = limits.max_connections, "keel is listening");
 
     shutdown.await;
     tracing::info!(grace = ?config.shutdown.grace, "shutting down");
@@ -137,8 +147,7 @@ pub async fn run(
     })
     .await;
     match drained {
-        Ok(Ok(Ok(()))) => tracing::info!("in-flight work finished"),
-        Ok(Ok(Err(error))) => tracing::error!(%error, "the HTTP server stopped with an error"),
+        Ok(Ok(())) => tracing::info!("in-flight work finished"),
         Ok(Err(error)) => tracing::error!(%error, "the HTTP server task failed"),
         Err(_) => tracing::warn!("shutdown grace elapsed; abandoning in-flight work"),
     }
@@ -238,7 +247,7 @@ fn start_release_stuck(
     let store = store.clone();
     let wakeups = wakeups.clone();
     supervisor.every(
-        "release-stuck",
+        release::JOB_NAME,
         config.commands.release_stuck_interval,
         move || {
             let store = store.clone();

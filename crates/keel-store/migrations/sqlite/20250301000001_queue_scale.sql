@@ -23,15 +23,20 @@ CREATE INDEX commands_due_queue
     ON commands (org_id, queue, run_at)
     WHERE status = 'pending' AND target_agent_id IS NULL;
 
--- Listing, newest first (ids are UUIDv7, so id order is age order). One index per filter; a
--- listing with several filters reads the index of one of them, in order, and checks the others
--- on its rows.
+-- Listing, newest first (ids are UUIDv7, so id order is age order): one index per filter, and
+-- one per filter together with the status. A listing with more filters reads the index of two
+-- of them, in order, and checks the others on its rows.
 CREATE INDEX commands_list ON commands (org_id, id);
 CREATE INDEX commands_list_status ON commands (org_id, status, id);
 CREATE INDEX commands_list_agent ON commands (org_id, target_agent_id, id)
     WHERE target_agent_id IS NOT NULL;
+CREATE INDEX commands_list_agent_status ON commands (org_id, target_agent_id, status, id)
+    WHERE target_agent_id IS NOT NULL;
 CREATE INDEX commands_list_queue ON commands (org_id, queue, id) WHERE queue IS NOT NULL;
+CREATE INDEX commands_list_queue_status ON commands (org_id, queue, status, id)
+    WHERE queue IS NOT NULL;
 CREATE INDEX commands_list_type ON commands (org_id, command_type, id);
+CREATE INDEX commands_list_type_status ON commands (org_id, command_type, status, id);
 
 -- Retention: finished commands, oldest first.
 CREATE INDEX commands_finished ON commands (finished_at)

@@ -171,20 +171,24 @@ fn next_due_sql(queues: usize) -> String {
     sql
 }
 
-/// A listing's statement: only the filters given, on the index of the most selective one, in
-/// id order. Parameters: `?1` organisation, `?2` status, `?3` agent, `?4` queue, `?5` type,
+/// A listing's statement: only the filters given, on the index of the most selective one (with
+/// the status when it is given), in id order. Parameters: `?1` organisation, `?2` status, `?3` agent, `?4` queue, `?5` type,
 /// `?6` cursor, `?7` limit (the unused ones are bound and ignored).
 fn list_sql(filter: &CommandFilter, cursor: bool) -> String {
-    let index = if filter.agent.is_some() {
-        "commands_list_agent"
-    } else if filter.queue.is_some() {
-        "commands_list_queue"
-    } else if filter.command_type.is_some() {
-        "commands_list_type"
-    } else if filter.status.is_some() {
-        "commands_list_status"
-    } else {
-        "commands_list"
+    let by_status = filter.status.is_some();
+    let index = match (
+        filter.agent.is_some(),
+        filter.queue.is_some(),
+        filter.command_type.is_some(),
+    ) {
+        (true, _, _) if by_status => "commands_list_agent_status",
+        (true, _, _) => "commands_list_agent",
+        (_, true, _) if by_status => "commands_list_queue_status",
+        (_, true, _) => "commands_list_queue",
+        (_, _, true) if by_status => "commands_list_type_status",
+        (_, _, true) => "commands_list_type",
+        _ if by_status => "commands_list_status",
+        _ => "commands_list",
     };
     let mut sql =
         format!("SELECT {COMMAND_COLUMNS} FROM commands INDEXED BY {index} WHERE org_id = ?1");

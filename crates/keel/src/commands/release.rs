@@ -1,7 +1,9 @@
 //! The release-stuck job: commands whose lease expired go back to pending, or die.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
+use keel_guard::periodic::{JobHandle, RunNowError};
 use keel_store::{OrgId, ReleaseOutcome, Released, Store, StoreError};
 
 use super::wakeups::Wakeups;
@@ -9,6 +11,35 @@ use super::wakeups::Wakeups;
 /// How many leases one store call releases: each batch is its own short write, so heartbeats
 /// and reports are not held up behind one long release.
 pub const RELEASE_BATCH: u32 = 500;
+
+/// The name of the release-stuck job.
+pub const JOB_NAME: &str = "release-stuck";
+
+/// Why a manual release-stuck run did not release.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseNowError {
+    /// The store failed; nothing was released.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run panicked (logged and counted as a failed tick) or the job has stopped.
+    #[error(transparent)]
+    Job(#[from] RunNowError),
+}
+
+/// Runs the release-stuck job now for `org` (`POST /v1/commands/release-stuck`), as a tick of
+/// `job`: it waits for a tick in progress, and is counted in the job's statistics and metrics
+/// like a scheduled tick.
+pub async fn release_now(
+    job: &JobHandle,
+    store: Arc<dyn Store>,
+    wakeups: Wakeups,
+    org: OrgId,
+) -> Result<Vec<Released>, ReleaseNowError> {
+    let released = job
+        .run_with(async move { release_expired_leases(store.as_ref(), &wakeups, Some(org)).await })
+        .await??;
+    Ok(released)
+}
 
 /// Releases the expired leases of `org` (of every organisation when `None`, as the job does),
 /// in batches of [`RELEASE_BATCH`] until none is left; each release is an `audit` record and

@@ -107,15 +107,36 @@ async fn log_filters(State(state): State<AppState>) -> Json<FilterSet> {
     Json(state.logger.filters())
 }
 
-/// Replaces the log filters; they apply from the next record on.
+/// Replaces the log filters; they apply from the next record on. The body names every stream,
+/// as `GET` answers: a body that names none (`{}`, `[]`) would silently reset them all.
 async fn set_log_filters(
     State(state): State<AppState>,
-    Json(filters): Json<FilterSet>,
+    Json(body): Json<serde_json::Value>,
 ) -> Result<Json<FilterSet>, ApiError> {
+    let streams = stream_names();
+    let names_every_stream = body
+        .as_object()
+        .is_some_and(|given| streams.iter().all(|stream| given.contains_key(stream)));
+    if !names_every_stream {
+        return Err(ApiError::Validation(format!(
+            "body: an object naming every stream ({}), as GET /v1/admin/log-filters answers",
+            streams.join(", ")
+        )));
+    }
+    let filters: FilterSet = serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError::Validation(format!("{}: {}", e.path(), e.inner())))?;
     state
         .logger
         .set_filters(filters)
         .map_err(|e| ApiError::Validation(e.to_string()))?;
     tracing::info!(target: "keel::audit", action = "log_filters.update", "log filters replaced");
     Ok(Json(state.logger.filters()))
+}
+
+/// The streams a filter set names, as it serialises.
+fn stream_names() -> Vec<String> {
+    match serde_json::to_value(FilterSet::default()) {
+        Ok(serde_json::Value::Object(streams)) => streams.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
 }

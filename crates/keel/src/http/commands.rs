@@ -23,7 +23,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
 use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
-use crate::commands::release::{outcome_name, release_expired_leases};
+use crate::commands::release::{self, outcome_name};
 
 /// Largest `params` (and `progress`, `result`, `error`) accepted, serialised.
 pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
@@ -262,6 +262,8 @@ pub(super) fn idempotency(
         .to_str()
         .ok()
         .filter(|key| (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len()))
+        // `to_str` lets a tab through; the key is printable ASCII only.
+        .filter(|key| key.bytes().all(|b| matches!(b, b' '..=b'~')))
         .ok_or_else(|| {
             ApiError::Validation(format!(
                 "Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
@@ -434,8 +436,17 @@ async fn release_stuck(
     caller: Caller,
 ) -> Result<Json<ReleaseStuckView>, ApiError> {
     caller.require(Scope::Admin)?;
-    let released =
-        release_expired_leases(state.store.as_ref(), &state.wakeups, Some(caller.org())).await?;
+    let job = state
+        .jobs
+        .get(release::JOB_NAME)
+        .ok_or_else(|| ApiError::Internal(format!("no job named {}", release::JOB_NAME)))?;
+    let released = release::release_now(
+        job,
+        state.store.clone(),
+        state.wakeups.clone(),
+        caller.org(),
+    )
+    .await?;
     Ok(Json(ReleaseStuckView {
         released: released
             .into_iter()
@@ -719,5 +730,28 @@ mod tests {
         );
         assert_ne!(base, hash(r#"{"type":"y","queue":"q"}"#));
         assert_ne!(base, hash(r#"{"type":"x","queue":"q","priority":1}"#));
+    }
+
+    #[test]
+    fn an_idempotency_key_is_printable_ascii_only() {
+        let command = serde_json::from_str::<CreateCommand>(r#"{"type":"x","queue":"q"}"#)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let with_key = |key: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(key).unwrap(),
+            );
+            idempotency(&headers, &command)
+        };
+        assert!(with_key(b"order 42/retry~1").is_ok());
+        for bad in [&b"a\tb"[..], b"caf\xc3\xa9"] {
+            assert!(
+                matches!(with_key(bad), Err(ApiError::Validation(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

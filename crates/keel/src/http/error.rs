@@ -68,6 +68,15 @@ pub enum ApiError {
     /// The store is too busy to take the request now (503 `store_busy`, with `Retry-After`).
     #[error("the store is busy; retry after a moment")]
     StoreBusy(String),
+    /// keel cannot serve this request now; the client may retry after `retry_after` seconds
+    /// (503 `unavailable`, with `Retry-After`).
+    #[error("{reason}; retry after {retry_after} s")]
+    Unavailable {
+        /// Why.
+        reason: &'static str,
+        /// Seconds, as in the `Retry-After` header.
+        retry_after: u32,
+    },
     /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
     #[error("internal error")]
     Internal(String),
@@ -93,6 +102,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::StoreBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +125,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
             Self::StoreBusy(_) => "store_busy",
+            Self::Unavailable { .. } => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -159,6 +170,22 @@ impl From<keel_store::StoreError> for ApiError {
     }
 }
 
+impl From<crate::commands::release::ReleaseNowError> for ApiError {
+    fn from(error: crate::commands::release::ReleaseNowError) -> Self {
+        use crate::commands::release::ReleaseNowError;
+        use keel_guard::periodic::RunNowError;
+        match error {
+            ReleaseNowError::Store(error) => error.into(),
+            // The panic hook has logged the panic with its backtrace.
+            ReleaseNowError::Job(RunNowError::Panicked(_)) => Self::Internal(String::new()),
+            ReleaseNowError::Job(RunNowError::Stopped(_)) => Self::Unavailable {
+                reason: "keel is shutting down",
+                retry_after: 1,
+            },
+        }
+    }
+}
+
 /// An error and its sources, for the log.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -195,7 +222,6 @@ impl IntoResponse for ApiError {
             Self::Internal(detail) | Self::StoreBusy(detail) => Some(detail.clone()),
             _ => None,
         };
-        let retry_after = matches!(self, Self::StoreBusy(_));
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
@@ -204,10 +230,15 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if retry_after {
+        let retry_after = match &self {
+            Self::StoreBusy(_) => Some(1),
+            Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
+        if let Some(retry_after) = retry_after {
             response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("1"),
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after),
             );
         }
         // The lifecycle layer logs internal errors with their detail; it reads this marker.

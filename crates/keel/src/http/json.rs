@@ -1,11 +1,14 @@
-//! `Json<T>`: axum's JSON extractor with its rejections turned into keel's error shape.
+//! `Json<T>`: axum's JSON extractor with its rejections turned into keel's error shape: a body
+//! that is not well-formed JSON (truncated included) is 400 `malformed_json`, well-formed JSON of
+//! the wrong shape is 422 `validation_failed`.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 use super::error::ApiError;
 
@@ -29,10 +32,36 @@ where
             .extensions()
             .get::<BodyLimit>()
             .map_or(0, |limit| limit.0);
+        // The body is read first and kept: when serde meets a wrong field before the end of a
+        // truncated body, axum calls it a data error, and only the bytes can tell it is not JSON.
+        let (head, body) = req.into_parts();
+        let bytes = Bytes::from_request(Request::from_parts(head.clone(), body), state)
+            .await
+            .map_err(|rejection| bytes_rejection_to_error(&rejection, limit))?;
+        let req = Request::from_parts(head, Body::from(bytes.clone()));
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Json(value)),
+            Err(JsonRejection::JsonDataError(error)) => match not_json(&bytes) {
+                Some(syntax) => Err(ApiError::MalformedJson(syntax)),
+                None => Err(ApiError::Validation(error.body_text())),
+            },
             Err(rejection) => Err(rejection_to_error(rejection, limit)),
         }
+    }
+}
+
+/// Why `bytes` is not well-formed JSON, or `None` when it is.
+fn not_json(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<IgnoredAny>(bytes)
+        .err()
+        .map(|error| format!("Failed to parse the request body as JSON: {error}"))
+}
+
+fn bytes_rejection_to_error(rejection: &BytesRejection, limit: usize) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge { limit }
+    } else {
+        ApiError::BadRequest(rejection.body_text())
     }
 }
 
@@ -41,9 +70,7 @@ fn rejection_to_error(rejection: JsonRejection, limit: usize) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
         JsonRejection::JsonSyntaxError(e) => ApiError::MalformedJson(e.body_text()),
         JsonRejection::JsonDataError(e) => ApiError::Validation(e.body_text()),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::PayloadTooLarge { limit }
-        }
+        JsonRejection::BytesRejection(e) => bytes_rejection_to_error(&e, limit),
         other => ApiError::BadRequest(other.body_text()),
     }
 }

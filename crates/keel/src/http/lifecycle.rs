@@ -2,12 +2,15 @@
 //!
 //! 1. the request id (from `X-Request-Id` or new), returned in the response header;
 //! 2. the `request` span (`request_id`, `method`, `route`) around everything the request logs;
-//! 3. the timeout: a request not answered in time gets 408;
-//! 4. panic isolation: a panicking handler gets a JSON 500 with the request id, never the panic
+//! 3. requests refused before any handler runs: a `Content-Length` above the body limit gets
+//!    413 at once; on a reserved connection (see [`super::connections`]) every route but the
+//!    health probes gets 503;
+//! 4. the timeout: a request not answered in time gets 408;
+//! 5. panic isolation: a panicking handler gets a JSON 500 with the request id, never the panic
 //!    text; the panic hook counts it under component `http` with the route as context;
-//! 5. the JSON safety net: an error status produced outside keel's handlers (axum's own 405,
+//! 6. the JSON safety net: an error status produced outside keel's handlers (axum's own 405,
 //!    for one) is given keel's error shape;
-//! 6. the access record and the request metrics.
+//! 7. the access record and the request metrics.
 //!
 //! One hand-written layer rather than tower-http's `CatchPanicLayer`, `TimeoutLayer` and
 //! `SetRequestIdLayer`: their error responses cannot see the request id or the route, and each
@@ -22,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use keel_guard::{Scope, isolate_async};
 use tracing::Instrument;
 
+use super::connections::{RESERVED_ROUTES, ReservedConnection};
 use super::error::{ApiError, ErrorMarker};
 use super::json::BodyLimit;
 use super::request_id;
@@ -58,6 +62,9 @@ pub async fn lifecycle(
     let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
     let handled = request_id::scope(id.clone(), async {
         let scope = Scope::new("http").with_context(format!("{method} {route} request_id={id}"));
+        if let Some(refused) = refused_before_handling(&request, &route, lifecycle.body_limit) {
+            return with_error_shape(refused.into_response(), lifecycle.body_limit);
+        }
         let response = match tokio::time::timeout(
             lifecycle.timeout,
             isolate_async(scope, async move {
@@ -88,6 +95,29 @@ pub async fn lifecycle(
     }
     span.in_scope(|| record_access(&method, &route, &response, started.elapsed()));
     response
+}
+
+/// The answer to a request refused before any handler runs: a body announced larger than the
+/// limit (413 at once, rather than after the client sent it or the timeout), or a route other
+/// than the health probes on a reserved connection (503).
+fn refused_before_handling(request: &Request, route: &str, body_limit: usize) -> Option<ApiError> {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > body_limit as u64) {
+        return Some(ApiError::PayloadTooLarge { limit: body_limit });
+    }
+    if request.extensions().get::<ReservedConnection>().is_some()
+        && !RESERVED_ROUTES.contains(&route)
+    {
+        return Some(ApiError::Unavailable {
+            reason: "every connection is busy",
+            retry_after: 1,
+        });
+    }
+    None
 }
 
 /// Gives an error response made outside keel's handlers (a bare status, a text body) the JSON

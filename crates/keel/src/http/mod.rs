@@ -4,6 +4,7 @@
 //!   isolation, JSON error safety net, access record).
 //! - [`error`]: the one error type and its JSON shape; [`json`]: the JSON extractor that
 //!   answers bad bodies in that shape; [`request_id`]: the request id.
+//! - [`connections`]: the accept loop, connection timeouts and the connection cap.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: `/v1/admin/*`, behind the operator's admin token.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
@@ -15,6 +16,7 @@ pub mod agents;
 pub mod auth;
 pub mod command_batches;
 pub mod commands;
+pub mod connections;
 pub mod error;
 pub mod health;
 pub mod json;

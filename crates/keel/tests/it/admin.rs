@@ -152,3 +152,54 @@ async fn a_jobs_interval_changes_at_run_time() {
         "bad requests changed nothing"
     );
 }
+
+/// The `release-stuck` entry of `/v1/admin/jobs`.
+async fn release_stuck_stats(server: &Server) -> serde_json::Value {
+    let jobs = server.admin_get("/v1/admin/jobs").await;
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|job| job["name"] == "release-stuck")
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
+async fn a_manual_release_stuck_run_is_counted_like_a_tick() {
+    let server = Server::start_with(crate::harness::Options {
+        // The first manual run succeeds, the second panics; no scheduled tick comes between.
+        failpoints: Some("commands.release_stuck=1*off->panic"),
+        extra_toml: "[commands]\nrelease_stuck_interval = \"1h\"\n",
+        ..crate::harness::Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let admin = server.key("acme", "admin", None);
+    let before = release_stuck_stats(&server).await;
+    assert_eq!(before["runs"], 0, "{before}");
+
+    let released = admin
+        .post("/v1/commands/release-stuck", &serde_json::json!({}), 200)
+        .await;
+    assert_eq!(released["released"], serde_json::json!([]));
+    let after_one = release_stuck_stats(&server).await;
+    assert_eq!(after_one["runs"], 1, "{after_one}");
+    assert_eq!(after_one["failures"], 0, "{after_one}");
+
+    let failed = admin
+        .post("/v1/commands/release-stuck", &serde_json::json!({}), 500)
+        .await;
+    assert_eq!(failed["error"]["code"], "internal");
+    let after_two = release_stuck_stats(&server).await;
+    assert_eq!(after_two["runs"], 2, "{after_two}");
+    assert_eq!(after_two["failures"], 1, "{after_two}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        crate::harness::metric(
+            &metrics,
+            "keel_job_tick_failures_total{job=\"release-stuck\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}

@@ -47,6 +47,74 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
 }
 
 #[test]
+fn config_prints_every_key_with_its_effective_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel(dir.path(), &["config"]);
+    assert!(output.status.success(), "{output:?}");
+    let shown = String::from_utf8(output.stdout).unwrap();
+    assert!(shown.ends_with('\n'), "the last line is complete: {shown}");
+    assert!(
+        shown.contains("agent_online_window = \"1m 30s\"\n"),
+        "{shown}"
+    );
+    assert!(shown.contains("# token is unset"), "{shown}");
+    let printed: toml::Value = toml::from_str(&shown).unwrap();
+    let effective = toml::Value::try_from(keel::config::Config::default()).unwrap();
+    assert_eq!(printed, effective);
+}
+
+#[test]
+fn admin_takes_its_options_after_the_subcommand_and_refuses_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let created = keel(
+        dir.path(),
+        &["admin", "create-org", "acme", "--data-dir", data],
+    );
+    assert!(created.status.success(), "{created:?}");
+    let listed = keel(dir.path(), &["admin", "list-orgs", "--data-dir", data]);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(String::from_utf8(listed.stdout).unwrap().contains("\tacme"));
+    // Before the subcommand too.
+    let listed = keel(dir.path(), &["admin", "--data-dir", data, "list-orgs"]);
+    assert!(String::from_utf8(listed.stdout).unwrap().contains("\tacme"));
+
+    let refused = keel(
+        dir.path(),
+        &[
+            "admin",
+            "--listen",
+            "127.0.0.1:1",
+            "list-orgs",
+            "--data-dir",
+            data,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8(refused.stderr)
+            .unwrap()
+            .contains("--listen")
+    );
+}
+
+#[test]
+fn create_key_help_lists_every_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = keel(dir.path(), &["admin", "create-key", "--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8(output.stdout).unwrap();
+    for scope in keel_store::Scope::ALL {
+        assert!(
+            help.contains(scope.as_str()),
+            "{scope:?} missing from {help}"
+        );
+    }
+    assert!(help.contains("operator"), "{help}");
+}
+
+#[test]
 fn an_unknown_key_or_a_bad_value_is_an_error_that_names_it() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keel.toml"), "[http]\nlisten_at = \"x\"\n").unwrap();
@@ -63,7 +131,20 @@ fn an_unknown_key_or_a_bad_value_is_an_error_that_names_it() {
     let output = keel(dir.path(), &["serve"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("body_limit"), "{stderr}");
+    assert!(stderr.contains("`http.body_limit`"), "{stderr}");
+
+    // From the environment, the key is named as keel.toml spells it.
+    std::fs::remove_file(dir.path().join("keel.toml")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("config")
+        .current_dir(dir.path())
+        .env("KEEL_HTTP__BODY_LIMIT", "big")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("`http.body_limit`"), "{stderr}");
+    assert!(!stderr.contains("BODY_LIMIT"), "{stderr}");
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub struct Options {
     pub no_admin_token: bool,
     /// Lines added to the `[log]` table.
     pub log_extra: &'static str,
+    /// Start the server under `ulimit -n` of this many open files.
+    pub open_file_limit: Option<u32>,
 }
 
 pub struct Server {
@@ -86,7 +88,12 @@ log_flush = "5s"
         let config_path = dir.path().join("keel.toml");
         std::fs::write(&config_path, config).unwrap();
 
-        let child = spawn_serve(&config_path, dir.path(), options.failpoints);
+        let child = spawn_serve(
+            &config_path,
+            dir.path(),
+            options.failpoints,
+            options.open_file_limit,
+        );
         let server = Server {
             child: Some(child),
             config_path,
@@ -183,7 +190,7 @@ impl Server {
     /// Starts `keel serve` again on the same configuration, data directory and port.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill the server first");
-        let child = spawn_serve(&self.config_path, self.dir.path(), None);
+        let child = spawn_serve(&self.config_path, self.dir.path(), None, None);
         self.child = Some(child);
         wait_for_port(&self.base).await;
     }
@@ -297,8 +304,25 @@ impl Drop for Server {
     }
 }
 
-fn spawn_serve(config: &Path, dir: &Path, failpoints: Option<&str>) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+fn spawn_serve(
+    config: &Path,
+    dir: &Path,
+    failpoints: Option<&str>,
+    open_file_limit: Option<u32>,
+) -> Child {
+    let keel = env!("CARGO_BIN_EXE_keel");
+    let mut command = match open_file_limit {
+        // `exec` keeps the pid: signals and kills reach keel itself.
+        Some(limit) => {
+            let mut shell = Command::new("sh");
+            shell
+                .arg("-c")
+                .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                .arg(keel);
+            shell
+        }
+        None => Command::new(keel),
+    };
     command
         .arg("serve")
         .arg("--config")

@@ -143,3 +143,141 @@ async fn a_request_not_answered_in_time_gets_408() {
     assert_eq!(error["code"], "timeout");
     assert_eq!(error["request_id"], "slow-1");
 }
+
+#[tokio::test]
+async fn a_truncated_body_is_malformed_json_even_after_a_wrong_field() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let agent = server.key("acme", "agent", Some("a1"));
+    let id = "0193a1b2-0000-7000-8000-000000000000";
+    // A wrong field comes before the end: serde meets it first, yet the body is not JSON.
+    let truncated = "{\"not_a_field\": 1, \"limit\": ";
+    let mut routes = vec![
+        ("POST", "/v1/commands/claim".to_owned(), agent.token.clone()),
+        (
+            "POST",
+            "/v1/agents/check-in".to_owned(),
+            agent.token.clone(),
+        ),
+        (
+            "PUT",
+            "/v1/admin/jobs/telemetry/interval".to_owned(),
+            ADMIN_TOKEN.to_owned(),
+        ),
+        (
+            "PUT",
+            "/v1/admin/log-filters".to_owned(),
+            ADMIN_TOKEN.to_owned(),
+        ),
+    ];
+    for action in ["heartbeat", "complete", "fail"] {
+        routes.push((
+            "POST",
+            format!("/v1/commands/{id}/{action}"),
+            agent.token.clone(),
+        ));
+    }
+    for (method, path, token) in routes {
+        let response = server
+            .client
+            .request(method.parse().unwrap(), server.url(&path))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(truncated)
+            .send()
+            .await
+            .unwrap();
+        let (status, error) = error_of(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {error}");
+        assert_eq!(error["code"], "malformed_json", "{method} {path}");
+        // The complete body with the same wrong field is well-formed: 422.
+        let response = server
+            .client
+            .request(method.parse().unwrap(), server.url(&path))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body("{\"not_a_field\": 1}")
+            .send()
+            .await
+            .unwrap();
+        let (status, error) = error_of(response).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path}: {error}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn log_filters_that_name_no_stream_are_refused_and_change_nothing() {
+    let server = Server::start().await;
+    let url = server.url("/v1/admin/log-filters");
+    let mut filters = server.admin_get("/v1/admin/log-filters").await;
+    filters["app"]["level"] = "warn".into();
+    let response = server
+        .client
+        .put(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&filters)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let before = server.admin_get("/v1/admin/log-filters").await;
+    assert_eq!(before["app"]["level"], "warn");
+
+    for body in [
+        serde_json::json!({}),
+        serde_json::json!([]),
+        serde_json::json!({"app": before["app"].clone()}),
+    ] {
+        let response = server
+            .client
+            .put(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, error) = error_of(response).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(error["code"], "validation_failed");
+        assert!(
+            error["message"].as_str().unwrap().contains("every stream"),
+            "{error}"
+        );
+    }
+    assert_eq!(server.admin_get("/v1/admin/log-filters").await, before);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_with_a_tab_is_refused() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let response = server
+        .client
+        .post(server.url("/v1/commands"))
+        .bearer_auth(&ops.token)
+        .header(
+            "idempotency-key",
+            reqwest::header::HeaderValue::from_bytes(b"order\t42").unwrap(),
+        )
+        .json(&serde_json::json!({"type": "t", "queue": "q1"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = error_of(response).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"),
+        "{error}"
+    );
+    // Nothing was created.
+    let listed = ops.get("/v1/commands", 200).await;
+    assert_eq!(listed["items"], serde_json::json!([]), "{listed}");
+}

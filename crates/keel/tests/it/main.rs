@@ -12,6 +12,7 @@ mod admin;
 mod agents;
 mod cli;
 mod commands;
+mod connections;
 mod harness;
 mod http_errors;
 mod isolation;
