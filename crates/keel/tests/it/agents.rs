@@ -14,7 +14,18 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
+    /// Starts `keel agent`; its programs get `KEEL_TEST_DIR`, the server's directory.
     fn start(server: &Server, key: &Api, script: &Path, args: &[&str]) -> AgentProcess {
+        Self::start_with_env(server, key, script, args, &[])
+    }
+
+    fn start_with_env(
+        server: &Server,
+        key: &Api,
+        script: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
             .arg("agent")
             .arg("--server")
@@ -22,7 +33,9 @@ impl AgentProcess {
             .arg("--exec")
             .arg(script)
             .args(["--wait-seconds", "5", "--log-level", "warn"])
+            .args(["--env-pass", "KEEL_TEST_DIR"])
             .args(args)
+            .envs(env.iter().copied())
             .env("KEEL_AGENT_TOKEN", &key.token)
             .env("KEEL_TEST_DIR", server.dir.path())
             .current_dir(server.dir.path())
@@ -295,4 +308,227 @@ async fn accepted_commands_survive_a_server_kill_and_are_run_after_the_restart()
     for id in &ids {
         assert_eq!(command(&ops, id).await["result"], json!({"ok": true}));
     }
+}
+
+/// Whether process `pid` is gone (a zombie left to a parent that does not reap counts).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn a_lost_lease_stops_the_program_and_its_grandchildren() {
+    let mut server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("cut-off"));
+    // The program starts a background grandchild, writes both pids, and waits.
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\nsleep 300 &\necho $! > \"$KEEL_TEST_DIR/pids.tmp\"\necho $$ >> \"$KEEL_TEST_DIR/pids.tmp\"\nmv \"$KEEL_TEST_DIR/pids.tmp\" \"$KEEL_TEST_DIR/pids\"\nwait",
+    );
+    ops.post(
+        "/v1/commands",
+        &json!({"type": "t", "queue": "work", "lease_seconds": 5}),
+        201,
+    )
+    .await;
+    let _agent = AgentProcess::start(
+        &server,
+        &agent,
+        &work,
+        &["--kill-grace", "1s", "--queues", "work"],
+    );
+    let pids_file = server.dir.path().join("pids");
+    poll_until(Duration::from_secs(20), || async { pids_file.exists() }).await;
+    let pids: Vec<String> = std::fs::read_to_string(&pids_file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert!(!gone(&pids[0]) && !gone(&pids[1]));
+
+    // No renewal can succeed now: within the 5 s lease (and the 1 s kill grace) the agent
+    // stops the whole group, grandchild included.
+    server.kill9();
+    poll_until(Duration::from_secs(15), || async {
+        pids.iter().all(|pid| gone(pid))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_program_sees_only_the_allowed_environment() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("clean"));
+    let work = script(&server, "work.sh", "cat > /dev/null\nenv");
+    let created = ops
+        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let _agent = AgentProcess::start_with_env(
+        &server,
+        &agent,
+        &work,
+        &["--queues", "work", "--env-pass", "KEEL_PASSED_Y"],
+        &[("KEEL_SECRET_X", "1"), ("KEEL_PASSED_Y", "yes")],
+    );
+    poll_until(Duration::from_secs(30), || async {
+        command(&ops, id).await["status"] == "completed"
+    })
+    .await;
+    let done = command(&ops, id).await;
+    let env = done["result"]["stdout"].as_str().unwrap();
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(env.lines().any(|line| line == "KEEL_PASSED_Y=yes"), "{env}");
+    assert!(
+        env.lines()
+            .any(|line| line == format!("KEEL_COMMAND_ID={id}")),
+        "{env}"
+    );
+    assert!(names.contains(&"PATH"), "{env}");
+    assert!(!names.contains(&"KEEL_SECRET_X"), "{env}");
+    assert!(!names.contains(&"KEEL_AGENT_TOKEN"), "{env}");
+}
+
+#[tokio::test]
+async fn a_program_printing_700_kb_completes_with_the_end_of_its_output() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("chatty"));
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\nhead -c 700000 /dev/zero | tr '\\0' 'a'\necho\necho THE-END",
+    );
+    let created = ops
+        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
+    poll_until(Duration::from_secs(30), || async {
+        let status = command(&ops, id).await["status"].clone();
+        status == "completed" || status == "failed" || status == "dead"
+    })
+    .await;
+    let done = command(&ops, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempts"], 1);
+    let result = &done["result"];
+    assert_eq!(result["stdout_truncated"], true);
+    assert_eq!(result["stdout_bytes"], 700_000 + 1 + 8);
+    let stdout = result["stdout"].as_str().unwrap();
+    assert!(
+        stdout.starts_with("[keel agent: output truncated; the last "),
+        "{}",
+        stdout.get(..80).unwrap_or(stdout)
+    );
+    assert!(stdout.ends_with("aaaa\nTHE-END\n"));
+    // As much as the default 64 KiB limit takes, less the agent's margin.
+    let size = serde_json::to_vec(result).unwrap().len();
+    assert!((60_000..=64 * 1024).contains(&size), "{size}");
+}
+
+#[tokio::test]
+async fn an_oversize_progress_line_costs_neither_the_lease_nor_the_attempt() {
+    let server = Server::start_with(Options {
+        extra_toml: FAST_RELEASE,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("busy"));
+    // 60 KB as written; 90 KB once the server parses and re-serialises it (`1e2` -> `100.0`).
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\necho 'KEEL_PROGRESS {\"pct\": 10}' >&2\nprintf 'KEEL_PROGRESS [%s]\\n' \"$(yes 1e2 | head -n 15000 | paste -sd, -)\" >&2\nsleep 8\necho done",
+    );
+    let created = ops
+        .post(
+            "/v1/commands",
+            &json!({"type": "t", "queue": "work", "lease_seconds": 5}),
+            201,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
+    poll_until(Duration::from_secs(40), || async {
+        let status = command(&ops, id).await["status"].clone();
+        status == "completed" || status == "failed" || status == "dead"
+    })
+    .await;
+    let done = command(&ops, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["result"], json!({"stdout": "done\n"}));
+    // The last progress that fit is the one the server kept.
+    assert_eq!(done["progress"], json!({"pct": 10}));
+    // No heartbeat was refused.
+    let metrics = server.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("keel_http_requests_total")
+                && (l.contains("status=\"413\"") || l.contains("status=\"409\""))),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn agents_learn_the_configured_limits_at_check_in_and_keep_to_them() {
+    let server = Server::start_with(Options {
+        extra_toml: "[commands.limits]\nresult_bytes = 2048\nprogress_bytes = 1024\n",
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("small"));
+    let checked_in = agent.check_in(&["work"]).await;
+    assert_eq!(
+        checked_in["limits"],
+        json!({"params_bytes": 65536, "result_bytes": 2048, "error_bytes": 65536, "progress_bytes": 1024})
+    );
+    // The server refuses a larger result itself.
+    let work = script(
+        &server,
+        "work.sh",
+        "cat > /dev/null\nhead -c 10000 /dev/zero | tr '\\0' 'b'\necho THE-END",
+    );
+    let created = ops
+        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
+        .await;
+    let id = created["id"].as_str().unwrap();
+    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
+    poll_until(Duration::from_secs(30), || async {
+        let status = command(&ops, id).await["status"].clone();
+        status == "completed" || status == "failed" || status == "dead"
+    })
+    .await;
+    let done = command(&ops, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["attempts"], 1);
+    let size = serde_json::to_vec(&done["result"]).unwrap().len();
+    assert!((1500..=2048).contains(&size), "{size}");
+    assert!(
+        done["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .ends_with("bbbTHE-END\n")
+    );
 }
