@@ -48,6 +48,30 @@ impl AgentProcess {
         AgentProcess { child: Some(child) }
     }
 
+    /// Sends SIGTERM, as a service manager or a first Ctrl-C would.
+    fn terminate(&self) {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the agent to exit, at most `deadline`.
+    async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(started.elapsed() < deadline, "keel agent did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGKILL: the agent dies mid-command without a word.
     fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -324,35 +348,7 @@ fn gone(pid: &str) -> bool {
 async fn a_lost_lease_stops_the_program_and_its_grandchildren() {
     let mut server = Server::start().await;
     server.create_org("acme");
-    let ops = server.key("acme", "commands:write,commands:read", None);
-    let agent = server.key("acme", "agent", Some("cut-off"));
-    // The program starts a background grandchild, writes both pids, and waits.
-    let work = script(
-        &server,
-        "work.sh",
-        "cat > /dev/null\nsleep 300 &\necho $! > \"$KEEL_TEST_DIR/pids.tmp\"\necho $$ >> \"$KEEL_TEST_DIR/pids.tmp\"\nmv \"$KEEL_TEST_DIR/pids.tmp\" \"$KEEL_TEST_DIR/pids\"\nwait",
-    );
-    ops.post(
-        "/v1/commands",
-        &json!({"type": "t", "queue": "work", "lease_seconds": 5}),
-        201,
-    )
-    .await;
-    let _agent = AgentProcess::start(
-        &server,
-        &agent,
-        &work,
-        &["--kill-grace", "1s", "--queues", "work"],
-    );
-    let pids_file = server.dir.path().join("pids");
-    poll_until(Duration::from_secs(20), || async { pids_file.exists() }).await;
-    let pids: Vec<String> = std::fs::read_to_string(&pids_file)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(pids.len(), 2);
-    assert!(!gone(&pids[0]) && !gone(&pids[1]));
+    let (_agent, pids) = start_waiting_program(&server, "cut-off", &["--kill-grace", "1s"]).await;
 
     // No renewal can succeed now: within the 5 s lease (and the 1 s kill grace) the agent
     // stops the whole group, grandchild included.
@@ -363,29 +359,106 @@ async fn a_lost_lease_stops_the_program_and_its_grandchildren() {
     .await;
 }
 
+/// Starts a command whose program runs a background grandchild and waits, under `agent`;
+/// answers the program's and the grandchild's pids once both run.
+async fn start_waiting_program(
+    server: &Server,
+    name: &str,
+    args: &[&str],
+) -> (AgentProcess, Vec<String>) {
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some(name));
+    let work = script(
+        server,
+        "work.sh",
+        "cat > /dev/null\nsleep 300 &\necho $! > \"$KEEL_TEST_DIR/pids.tmp\"\necho $$ >> \"$KEEL_TEST_DIR/pids.tmp\"\nmv \"$KEEL_TEST_DIR/pids.tmp\" \"$KEEL_TEST_DIR/pids\"\nwait",
+    );
+    ops.post(
+        "/v1/commands",
+        &json!({"type": "t", "queue": "work", "lease_seconds": 5}),
+        201,
+    )
+    .await;
+    let mut all_args = vec!["--queues", "work"];
+    all_args.extend_from_slice(args);
+    let process = AgentProcess::start(server, &agent, &work, &all_args);
+    let pids_file = server.dir.path().join("pids");
+    poll_until(Duration::from_secs(20), || async { pids_file.exists() }).await;
+    let pids: Vec<String> = std::fs::read_to_string(&pids_file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|pid| !gone(pid)));
+    (process, pids)
+}
+
+#[tokio::test]
+async fn a_second_signal_kills_the_programs_whole_group_as_the_agent_exits() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let (mut agent, pids) =
+        start_waiting_program(&server, "impatient", &["--shutdown-grace", "60s"]).await;
+    agent.terminate();
+    // The first signal waits for the program (60 s grace): it is still there a moment later.
+    // (The pause also keeps two back-to-back signals from arriving as one.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(pids.iter().all(|pid| !gone(pid)));
+    agent.terminate();
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2));
+    poll_until(Duration::from_secs(5), || async {
+        pids.iter().all(|pid| gone(pid))
+    })
+    .await;
+}
+
+/// Queues one command (`command`, on queue `work`), runs `keel agent` with `program` (after
+/// `cat > /dev/null`) until the command is finished, and answers the command.
+async fn run_one(
+    server: &Server,
+    agent: &Api,
+    program: &str,
+    command: Value,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Value {
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let work = script(server, "work.sh", &format!("cat > /dev/null\n{program}"));
+    let mut body = json!({"type": "t", "queue": "work"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(command.as_object().unwrap().clone());
+    let created = ops.post("/v1/commands", &body, 201).await;
+    let id = created["id"].as_str().unwrap();
+    let mut all_args = vec!["--queues", "work"];
+    all_args.extend_from_slice(args);
+    let _agent = AgentProcess::start_with_env(server, agent, &work, &all_args, env);
+    poll_until(Duration::from_secs(40), || async {
+        let status = self::command(&ops, id).await["status"].clone();
+        status == "completed" || status == "failed" || status == "dead"
+    })
+    .await;
+    self::command(&ops, id).await
+}
+
 #[tokio::test]
 async fn the_program_sees_only_the_allowed_environment() {
     let server = Server::start().await;
     server.create_org("acme");
-    let ops = server.key("acme", "commands:write,commands:read", None);
     let agent = server.key("acme", "agent", Some("clean"));
-    let work = script(&server, "work.sh", "cat > /dev/null\nenv");
-    let created = ops
-        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
-        .await;
-    let id = created["id"].as_str().unwrap();
-    let _agent = AgentProcess::start_with_env(
+    let done = run_one(
         &server,
         &agent,
-        &work,
-        &["--queues", "work", "--env-pass", "KEEL_PASSED_Y"],
+        "env",
+        json!({}),
         &[("KEEL_SECRET_X", "1"), ("KEEL_PASSED_Y", "yes")],
-    );
-    poll_until(Duration::from_secs(30), || async {
-        command(&ops, id).await["status"] == "completed"
-    })
+        &["--env-pass", "KEEL_PASSED_Y"],
+    )
     .await;
-    let done = command(&ops, id).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let id = done["id"].as_str().unwrap();
     let env = done["result"]["stdout"].as_str().unwrap();
     let names: Vec<&str> = env
         .lines()
@@ -407,24 +480,9 @@ async fn the_program_sees_only_the_allowed_environment() {
 async fn a_program_printing_700_kb_completes_with_the_end_of_its_output() {
     let server = Server::start().await;
     server.create_org("acme");
-    let ops = server.key("acme", "commands:write,commands:read", None);
     let agent = server.key("acme", "agent", Some("chatty"));
-    let work = script(
-        &server,
-        "work.sh",
-        "cat > /dev/null\nhead -c 700000 /dev/zero | tr '\\0' 'a'\necho\necho THE-END",
-    );
-    let created = ops
-        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
-        .await;
-    let id = created["id"].as_str().unwrap();
-    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
-    poll_until(Duration::from_secs(30), || async {
-        let status = command(&ops, id).await["status"].clone();
-        status == "completed" || status == "failed" || status == "dead"
-    })
-    .await;
-    let done = command(&ops, id).await;
+    let program = "head -c 700000 /dev/zero | tr '\\0' 'a'\necho\necho THE-END";
+    let done = run_one(&server, &agent, program, json!({}), &[], &[]).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["attempts"], 1);
     let result = &done["result"];
@@ -450,29 +508,12 @@ async fn an_oversize_progress_line_costs_neither_the_lease_nor_the_attempt() {
     })
     .await;
     server.create_org("acme");
-    let ops = server.key("acme", "commands:write,commands:read", None);
     let agent = server.key("acme", "agent", Some("busy"));
     // 60 KB as written; 90 KB once the server parses and re-serialises it (`1e2` -> `100.0`).
-    let work = script(
-        &server,
-        "work.sh",
-        "cat > /dev/null\necho 'KEEL_PROGRESS {\"pct\": 10}' >&2\nprintf 'KEEL_PROGRESS [%s]\\n' \"$(yes 1e2 | head -n 15000 | paste -sd, -)\" >&2\nsleep 8\necho done",
-    );
-    let created = ops
-        .post(
-            "/v1/commands",
-            &json!({"type": "t", "queue": "work", "lease_seconds": 5}),
-            201,
-        )
-        .await;
-    let id = created["id"].as_str().unwrap();
-    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
-    poll_until(Duration::from_secs(40), || async {
-        let status = command(&ops, id).await["status"].clone();
-        status == "completed" || status == "failed" || status == "dead"
-    })
-    .await;
-    let done = command(&ops, id).await;
+    // The program runs past its 5 s lease, so the lease must be renewed.
+    let program = "echo 'KEEL_PROGRESS {\"pct\": 10}' >&2\nprintf 'KEEL_PROGRESS [%s]\\n' \"$(yes 1e2 | head -n 15000 | paste -sd, -)\" >&2\nsleep 8\necho done";
+    let command = json!({"lease_seconds": 5});
+    let done = run_one(&server, &agent, program, command, &[], &[]).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["attempts"], 1);
     assert_eq!(done["result"], json!({"stdout": "done\n"}));
@@ -497,7 +538,6 @@ async fn agents_learn_the_configured_limits_at_check_in_and_keep_to_them() {
     })
     .await;
     server.create_org("acme");
-    let ops = server.key("acme", "commands:write,commands:read", None);
     let agent = server.key("acme", "agent", Some("small"));
     let checked_in = agent.check_in(&["work"]).await;
     assert_eq!(
@@ -505,22 +545,8 @@ async fn agents_learn_the_configured_limits_at_check_in_and_keep_to_them() {
         json!({"params_bytes": 65536, "result_bytes": 2048, "error_bytes": 65536, "progress_bytes": 1024})
     );
     // The server refuses a larger result itself.
-    let work = script(
-        &server,
-        "work.sh",
-        "cat > /dev/null\nhead -c 10000 /dev/zero | tr '\\0' 'b'\necho THE-END",
-    );
-    let created = ops
-        .post("/v1/commands", &json!({"type": "t", "queue": "work"}), 201)
-        .await;
-    let id = created["id"].as_str().unwrap();
-    let _agent = AgentProcess::start(&server, &agent, &work, &["--queues", "work"]);
-    poll_until(Duration::from_secs(30), || async {
-        let status = command(&ops, id).await["status"].clone();
-        status == "completed" || status == "failed" || status == "dead"
-    })
-    .await;
-    let done = command(&ops, id).await;
+    let program = "head -c 10000 /dev/zero | tr '\\0' 'b'\necho THE-END";
+    let done = run_one(&server, &agent, program, json!({}), &[], &[]).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["attempts"], 1);
     let size = serde_json::to_vec(&done["result"]).unwrap().len();
