@@ -56,7 +56,8 @@ pub struct AgentArgs {
     /// An API key with the `agent` scope.
     #[arg(long, env = "KEEL_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// The program run once per command (the command arrives as JSON on its stdin).
+    /// The program run once per command: the command arrives as JSON on its stdin; its stdout
+    /// becomes the result (its end only, when larger than the server's result limit).
     #[arg(long)]
     pub exec: PathBuf,
     /// Queues to claim pooled commands from, comma-separated (targeted commands always come).

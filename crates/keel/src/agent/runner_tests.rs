@@ -283,6 +283,19 @@ fn gone(pid: &str) -> bool {
     }
 }
 
+/// Waits up to 5 s for every process of `pids` to be gone (a signal is delivered, and a
+/// process ends, a moment after `kill` returns).
+async fn all_gone_soon(pids: &[String]) {
+    let started = Instant::now();
+    while !pids.iter().all(|pid| gone(pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{pids:?} outlived the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Reads the pids a script wrote to `path` (one per line), waiting up to 10 s for `count`.
 async fn pids(path: &std::path::Path, count: usize) -> Vec<String> {
     let started = Instant::now();
@@ -487,9 +500,7 @@ async fn a_lease_not_renewed_in_time_stops_the_whole_group_and_reports_nothing()
         "{:?}",
         started.elapsed()
     );
-    for pid in pids(&file, 2).await {
-        assert!(gone(&pid), "process {pid} outlived the lease");
-    }
+    all_gone_soon(&pids(&file, 2).await).await;
     let recorded = fake.recorded.lock();
     assert!(!recorded.heartbeats.is_empty());
     assert!(recorded.completes.is_empty() && recorded.fails.is_empty());
@@ -513,9 +524,7 @@ async fn a_cancel_sends_sigterm_then_sigkill_to_the_group_after_the_grace() {
     let outcome = run_to_end(&client, &config, 1, &Controls::default()).await;
     assert_eq!(outcome, Outcome::Cancelled);
     assert!(termed.exists(), "SIGTERM came first");
-    for pid in pids(&file, 2).await {
-        assert!(gone(&pid), "process {pid} outlived SIGKILL");
-    }
+    all_gone_soon(&pids(&file, 2).await).await;
     assert_eq!(fake.recorded.lock().fails.len(), 1);
 }
 

@@ -558,3 +558,88 @@ async fn agents_learn_the_configured_limits_at_check_in_and_keep_to_them() {
             .ends_with("bbbTHE-END\n")
     );
 }
+
+#[tokio::test]
+async fn the_server_holds_every_report_to_its_configured_limit() {
+    let server = Server::start_with(Options {
+        extra_toml: "[commands.limits]\nparams_bytes = 1024\nresult_bytes = 2048\nerror_bytes = 1500\nprogress_bytes = 1200\n",
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("strict"));
+    agent.check_in(&["work"]).await;
+    let text = |bytes: usize| "x".repeat(bytes);
+    // `{"s":"…"}` is 8 bytes around the text.
+    let refused = ops
+        .post(
+            "/v1/commands",
+            &json!({"type": "t", "queue": "work", "params": {"s": text(1017)}}),
+            413,
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], "payload_too_large");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`params` is larger than 1024 bytes"),
+        "{refused}"
+    );
+    ops.post(
+        "/v1/commands",
+        &json!({"type": "t", "queue": "work", "params": {"s": text(1016)}}),
+        201,
+    )
+    .await;
+    let claimed = agent
+        .post("/v1/commands/claim", &json!({"limit": 1}), 200)
+        .await;
+    let id = claimed["commands"][0]["id"].as_str().unwrap().to_owned();
+    let token = claimed["commands"][0]["claim_token"].clone();
+    let at = |route: &str| format!("/v1/commands/{id}/{route}");
+    for (route, field, limit) in [
+        ("heartbeat", "progress", 1200),
+        ("complete", "result", 2048),
+        ("fail", "error", 1500),
+    ] {
+        let body = json!({"claim_token": token, field: {"s": text(limit - 7)}, "retryable": true});
+        let mut body = body.as_object().unwrap().clone();
+        if route != "fail" {
+            body.remove("retryable");
+        }
+        let refused = agent.post(&at(route), &Value::Object(body), 413).await;
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("`{field}` is larger than {limit} bytes")),
+            "{message}"
+        );
+    }
+    // Measured as serialised: 200 numbers written `1e2` (3 bytes) count as `100.0` (5 bytes).
+    let numbers: Vec<Value> = vec![json!(1e2); 200];
+    let written = format!(
+        "{{\"claim_token\":{token},\"progress\":[{}]}}",
+        vec!["1e2"; 200].join(",")
+    );
+    assert!(written.len() < 1200);
+    assert!(serde_json::to_vec(&numbers).unwrap().len() > 1200);
+    let response = agent
+        .client
+        .post(format!("{}{}", agent.base, at("heartbeat")))
+        .bearer_auth(&agent.token)
+        .header("content-type", "application/json")
+        .body(written)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    // Nothing changed: the command completes with a result within the limit.
+    agent
+        .post(
+            &at("complete"),
+            &json!({"claim_token": token, "result": {"s": text(2040)}}),
+            200,
+        )
+        .await;
+}
