@@ -103,6 +103,8 @@ pub struct CommandsConfig {
     /// How often the retention job runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
+    /// The largest `params`, `result`, `error` and `progress`; agents learn them at check-in.
+    pub limits: CommandLimits,
 }
 
 impl Default for CommandsConfig {
@@ -112,6 +114,42 @@ impl Default for CommandsConfig {
             agent_online_window: Duration::from_secs(90),
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(600),
+            limits: CommandLimits::default(),
+        }
+    }
+}
+
+/// The largest JSON values a command carries, each measured as keel serialises the parsed
+/// value (compact, so `1e2` counts as `100.0`). Larger ones get 413 `payload_too_large`.
+/// The check-in answer tells agents these numbers under `limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandLimits {
+    /// The largest `params` a command is created with, in bytes.
+    pub params_bytes: usize,
+    /// The largest `result` a completion reports, in bytes.
+    pub result_bytes: usize,
+    /// The largest `error` a failure reports, in bytes.
+    pub error_bytes: usize,
+    /// The largest `progress` a heartbeat stores, in bytes.
+    pub progress_bytes: usize,
+}
+
+impl CommandLimits {
+    /// The smallest limit accepted: room for a truncated report and its marker.
+    pub const MIN_BYTES: usize = 1024;
+    /// How far below `http.body_limit` each limit must stay: room for the rest of the
+    /// request body (claim token, field names, `retryable`).
+    pub const BODY_MARGIN: usize = 1024;
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        Self {
+            params_bytes: 64 * 1024,
+            result_bytes: 64 * 1024,
+            error_bytes: 64 * 1024,
+            progress_bytes: 64 * 1024,
         }
     }
 }
@@ -342,11 +380,40 @@ impl Config {
         if self.commands.release_stuck_interval.is_zero() {
             return invalid("commands.release_stuck_interval", "must be longer than 0s");
         }
+        self.validate_command_limits()?;
         self.supervisor.validate()?;
         if let Some(token) = &self.admin.token
             && token.len() < 16
         {
             return invalid("admin.token", "must be at least 16 characters");
+        }
+        Ok(())
+    }
+
+    /// Each command limit is at least [`CommandLimits::MIN_BYTES`] and fits, with
+    /// [`CommandLimits::BODY_MARGIN`] to spare, in a request body.
+    fn validate_command_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.commands.limits;
+        let most = self
+            .http
+            .body_limit
+            .saturating_sub(CommandLimits::BODY_MARGIN);
+        for (key, value) in [
+            ("commands.limits.params_bytes", limits.params_bytes),
+            ("commands.limits.result_bytes", limits.result_bytes),
+            ("commands.limits.error_bytes", limits.error_bytes),
+            ("commands.limits.progress_bytes", limits.progress_bytes),
+        ] {
+            if value < CommandLimits::MIN_BYTES || value > most {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: format!(
+                        "must be between {} and `http.body_limit` - {} ({most}), got {value}",
+                        CommandLimits::MIN_BYTES,
+                        CommandLimits::BODY_MARGIN,
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -450,6 +517,30 @@ mod tests {
             jail.set_env("KEEL_HTTP__BODY_LIMIT", "0");
             let err = load_in_jail(jail, None).unwrap_err().to_string();
             assert!(err.contains("http.body_limit"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn command_limits_are_configurable_and_stay_below_the_body_limit() {
+        Jail::expect_with(|jail| {
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.commands.limits.result_bytes, 64 * 1024);
+            jail.create_file(
+                "keel.toml",
+                "[http]\nbody_limit = 2097152\n[commands.limits]\nresult_bytes = 1048576\n",
+            )?;
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.commands.limits.result_bytes, 1024 * 1024);
+            assert_eq!(config.commands.limits.progress_bytes, 64 * 1024);
+            // As large as the body limit leaves no room for the rest of the body.
+            jail.set_env("KEEL_HTTP__BODY_LIMIT", "1048576");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("commands.limits.result_bytes"), "{err}");
+            jail.set_env("KEEL_HTTP__BODY_LIMIT", "2097152");
+            jail.set_env("KEEL_COMMANDS__LIMITS__PROGRESS_BYTES", "100");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("commands.limits.progress_bytes"), "{err}");
             Ok(())
         });
     }

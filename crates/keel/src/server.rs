@@ -107,6 +107,7 @@ pub async fn run(
         request_timeout: config.http.request_timeout,
         max_claim_wait: Duration::from_secs(crate::http::commands::MAX_WAIT_SECONDS),
         agent_online_window: config.commands.agent_online_window,
+        command_limits: config.commands.limits,
         jobs: Arc::new(
             jobs.into_iter()
                 .map(|job| (job.name().to_owned(), job))

@@ -3,12 +3,16 @@
 //! - [`client`]: the typed HTTP client for the agent routes of `docs/commands.md`.
 //! - [`runner`]: one command: the program, its progress, heartbeats and the report.
 //! - [`backoff`]: exponential backoff with jitter for retries.
+//! - [`process`]: the program's process group, and stopping it.
+//! - [`report`]: fitting results, errors and progress to the server's limits.
 //!
 //! This module checks in, runs the claim loop and shuts down on SIGTERM/SIGINT. The program
 //! contract and the retry and shutdown behaviour are described in `docs/agent.md`.
 
 pub mod backoff;
 pub mod client;
+pub mod process;
+pub mod report;
 pub mod runner;
 
 use std::path::PathBuf;
@@ -22,8 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::filter::LevelFilter;
 use uuid::Uuid;
 
+use parking_lot::Mutex;
+use std::sync::Arc;
+
 use self::backoff::Backoff;
 use self::client::{CheckIn, Client, ClientError};
+use self::report::ReportLimits;
 use self::runner::{ClaimedCommand, Controls, Outcome, Program, RunnerConfig};
 
 /// How often the agent checks in again, so the server sees it online.
@@ -48,7 +56,8 @@ pub struct AgentArgs {
     /// An API key with the `agent` scope.
     #[arg(long, env = "KEEL_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
-    /// The program run once per command (the command arrives as JSON on its stdin).
+    /// The program run once per command: the command arrives as JSON on its stdin; its stdout
+    /// becomes the result (its end only, when larger than the server's result limit).
     #[arg(long)]
     pub exec: PathBuf,
     /// Queues to claim pooled commands from, comma-separated (targeted commands always come).
@@ -69,6 +78,16 @@ pub struct AgentArgs {
     #[arg(long, env = "KEEL_AGENT_SHUTDOWN_GRACE", default_value = "30s",
           value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// When a program is stopped (cancel, lost lease, end of the shutdown grace), how long its
+    /// process group has between SIGTERM and SIGKILL (e.g. `5s`, `500ms`).
+    #[arg(long, env = "KEEL_AGENT_KILL_GRACE", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub kill_grace: Duration,
+    /// A variable of the agent's environment to pass on to the program (repeatable). The
+    /// program's environment is otherwise cleared: it gets only PATH, HOME, LANG and the
+    /// KEEL_COMMAND_* variables.
+    #[arg(long = "env-pass", value_name = "NAME", value_parser = env_name)]
+    pub env_pass: Vec<String>,
     /// The least severe log level written to stderr (error, warn, info, debug, trace).
     #[arg(long, env = "KEEL_AGENT_LOG_LEVEL", default_value = "info")]
     pub log_level: LevelFilter,
@@ -99,6 +118,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("stopped before the first check-in");
         return Ok(());
     };
+    let limits = Arc::new(Mutex::new(ReportLimits::from_check_in(&agent)));
     let agent_id = agent.get("id").and_then(Value::as_str).unwrap_or("?");
     tracing::info!(
         server = client.server(),
@@ -107,9 +127,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         ?queues,
         concurrency = args.concurrency,
         program = %args.exec.display(),
+        limits = ?*limits.lock(),
         "checked in; claiming commands"
     );
-    let check_ins = tokio::spawn(keep_checking_in(client.clone(), check_in));
+    let check_ins = tokio::spawn(keep_checking_in(
+        client.clone(),
+        check_in,
+        Arc::clone(&limits),
+    ));
 
     let agent = Agent {
         client,
@@ -117,10 +142,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         concurrency: usize::try_from(args.concurrency).unwrap_or(1),
         wait_seconds: args.wait_seconds,
         shutdown_grace: args.shutdown_grace,
-        runner: RunnerConfig::new(Program {
-            path: args.exec,
-            args: Vec::new(),
-        }),
+        runner: RunnerConfig {
+            kill_grace: args.kill_grace,
+            env_pass: args.env_pass,
+            limits,
+            ..RunnerConfig::new(Program {
+                path: args.exec,
+                args: Vec::new(),
+            })
+        },
         idle_pause: IDLE_PAUSE,
     };
     let result = tokio::select! {
@@ -285,7 +315,9 @@ impl Agent {
                     if hand_back_end.is_none() {
                         tracing::warn!(running = running.len(), "shutdown grace over; killing the remaining programs");
                         controls.kill.cancel();
-                        hand_back_end = Some(Instant::now() + HAND_BACK_WINDOW);
+                        // Stopping takes up to the kill grace before the reports go out.
+                        hand_back_end =
+                            Some(Instant::now() + self.runner.kill_grace + HAND_BACK_WINDOW);
                     } else {
                         tracing::warn!(running = running.len(), "hand-back window over; giving up the remaining reports");
                         controls.abandon.cancel();
@@ -345,15 +377,23 @@ fn refusal(client: &Client, error: &ClientError) -> anyhow::Error {
     anyhow::anyhow!("{} refused the check-in: {error} ({hint})", client.server())
 }
 
-/// Checks in every [`CHECK_IN_INTERVAL`]; failures are logged and tried at the next tick.
-async fn keep_checking_in(client: Client, body: CheckIn) {
+/// Checks in every [`CHECK_IN_INTERVAL`], learning the server's limits anew; failures are
+/// logged and tried at the next tick.
+async fn keep_checking_in(client: Client, body: CheckIn, limits: Arc<Mutex<ReportLimits>>) {
     let mut ticks = tokio::time::interval(CHECK_IN_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     loop {
         ticks.tick().await;
         match client.check_in(&body).await {
-            Ok(_) => tracing::debug!("checked in"),
+            Ok(agent) => {
+                let learnt = ReportLimits::from_check_in(&agent);
+                let mut limits = limits.lock();
+                if *limits != learnt {
+                    tracing::info!(limits = ?learnt, "the server's limits changed");
+                    *limits = learnt;
+                }
+            }
             Err(error @ ClientError::Retryable(_)) => tracing::warn!(%error, "check-in failed"),
             Err(error) => tracing::error!(%error, "check-in refused"),
         }
@@ -381,6 +421,20 @@ fn queues(raw: &[String]) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(queues)
+}
+
+/// An `--env-pass` name: a variable name other than the agent's token.
+fn env_name(name: &str) -> Result<String, String> {
+    let valid = !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{name:?} is not a variable name (A-Z a-z 0-9 _)"));
+    }
+    if name == "KEEL_AGENT_TOKEN" {
+        return Err("the agent's token is never passed to the program".to_owned());
+    }
+    Ok(name.to_owned())
 }
 
 /// What the agent tells about itself on check-in.

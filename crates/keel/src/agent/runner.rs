@@ -1,6 +1,5 @@
 //! Runs one claimed command: the program, its progress, heartbeats and the report.
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -20,18 +19,25 @@ use uuid::Uuid;
 
 use super::backoff::Backoff;
 use super::client::{Client, ClientError};
+use super::process::ProcessGroup;
+use super::report::{self, ReportLimits, Tail};
 
 /// The prefix of a progress line on the program's stderr: `KEEL_PROGRESS <json>`.
 pub const PROGRESS_PREFIX: &str = "KEEL_PROGRESS";
 
-/// At most this much of the program's stdout is kept; the rest is read and dropped.
+/// At least this much of the end of the program's stdout is kept (more when the server's
+/// result limit is larger); earlier output is read and dropped.
 pub const STDOUT_LIMIT: usize = 512 * 1024;
 
 /// At most this much of the program's other stderr lines is kept (the last bytes).
 pub const STDERR_TAIL_LIMIT: usize = 8 * 1024;
 
-/// A stderr line longer than this is cut; a progress line that long is not progress.
+/// A stderr line longer than this (or than the progress limit and 1 KiB, when that is more) is
+/// cut; a progress line that long is not progress.
 pub const LINE_LIMIT: usize = 64 * 1024;
+
+/// The agent's variables a program gets, besides `--env-pass` and `KEEL_COMMAND_*`.
+pub const ENV_KEPT: [&str; 3] = ["PATH", "HOME", "LANG"];
 
 /// The lease assumed when a claimed command does not say (the server always does).
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -55,15 +61,25 @@ pub struct RunnerConfig {
     /// After the program exits, how long to wait for its stdout and stderr to close (a
     /// background child may hold them open).
     pub output_settle: Duration,
+    /// When the program is stopped, how long its process group has between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Variables of the agent's environment passed on to the program (`--env-pass`).
+    pub env_pass: Vec<String>,
+    /// The server's limits, less margins; refreshed at every check-in.
+    pub limits: Arc<Mutex<ReportLimits>>,
 }
 
 impl RunnerConfig {
-    /// The agent's pacing: heartbeats at most every second, 5 s for output to settle.
+    /// The agent's pacing: heartbeats at most every second, 5 s for output to settle, 5 s
+    /// between SIGTERM and SIGKILL; keel's default limits; no variable passed on.
     pub fn new(program: Program) -> Self {
         Self {
             program,
             heartbeat_floor: Duration::from_secs(1),
             output_settle: Duration::from_secs(5),
+            kill_grace: Duration::from_secs(5),
+            env_pass: Vec::new(),
+            limits: Arc::new(Mutex::new(ReportLimits::default())),
         }
     }
 }
@@ -166,6 +182,17 @@ enum Ended {
     Shutdown,
 }
 
+/// Returns once the local lease deadline has passed without a renewal moving it.
+async fn lease_lapse(deadline: &Mutex<Instant>) {
+    loop {
+        let at = *deadline.lock();
+        tokio::time::sleep_until(at).await;
+        if *deadline.lock() <= Instant::now() {
+            return;
+        }
+    }
+}
+
 /// What the heartbeat task tells the runner.
 #[derive(Debug)]
 enum HeartbeatStop {
@@ -183,7 +210,8 @@ pub async fn run(
     controls: &Controls,
 ) -> Outcome {
     let deadline = Arc::new(Mutex::new(leased_at + command.lease));
-    let mut child = match spawn(&config.program, &command) {
+    let limits = *config.limits.lock();
+    let mut child = match spawn(config, &command) {
         Ok(child) => child,
         Err(error) => {
             tracing::error!(command_id = %command.id, program = %config.program.path.display(), %error, "cannot start the program");
@@ -196,8 +224,11 @@ pub async fn run(
         }
     };
     tracing::info!(command_id = %command.id, r#type = %command.kind, attempt = command.attempts, pid = child.id(), "running");
+    // Armed until the program's group is known to be stopped: dropping the runner (a second
+    // signal) kills the whole group, not only the program.
+    let mut group = ProcessGroup::of(&child);
 
-    let output = Arc::new(Mutex::new(Output::default()));
+    let output = Arc::new(Mutex::new(Output::new(&limits)));
     let mut tasks: Vec<AbortOnDropHandle<()>> = Vec::new();
     if let Some(mut stdin) = child.stdin.take() {
         let bytes = serde_json::to_vec(&command.object).unwrap_or_default();
@@ -240,27 +271,37 @@ pub async fn run(
                 Ended::Lost
             }
         },
+        () = lease_lapse(&deadline) => {
+            tracing::warn!(command_id = %command.id, "the lease could not be renewed before it ran out; stopping the program and dropping the command");
+            Ended::Lost
+        }
         () = controls.kill.cancelled() => Ended::Shutdown,
     };
     drop(heartbeats);
 
     let report = match ended {
         Ended::Exited(status) => {
+            // The program was reaped: its process id, and so the group's, may be reused.
+            group.disarm();
             drop(tasks);
             settle(stdout, stderr, config.output_settle).await;
-            let output = std::mem::take(&mut *output.lock());
+            let output = std::mem::replace(&mut *output.lock(), Output::new(&limits));
             match status {
                 Ok(status) if status.success() => {
-                    Report::Complete(stdout_result(&output.stdout, output.stdout_truncated))
+                    if output.stdout.is_cut() {
+                        tracing::info!(command_id = %command.id, bytes = output.stdout.seen(), "the program's output is larger than the result may be; its end is kept");
+                    }
+                    Report::Complete(report::stdout_result(&output.stdout, limits.result))
                 }
                 Ok(status) => {
                     tracing::warn!(command_id = %command.id, %status, "the program failed");
                     Report::Fail {
-                        error: json!({
-                            "exit_code": status.code(),
-                            "signal": status.signal(),
-                            "stderr_tail": output.tail.text(),
-                        }),
+                        error: report::exit_error(
+                            status.code(),
+                            status.signal(),
+                            &output.tail.text(),
+                            limits.error,
+                        ),
                         retryable: true,
                         then: Outcome::Failed,
                     }
@@ -273,14 +314,11 @@ pub async fn run(
             }
         }
         Ended::Cancel | Ended::Lost | Ended::Shutdown => {
-            if let Err(error) = child.start_kill() {
-                tracing::debug!(command_id = %command.id, %error, "kill");
-            }
-            let _ = child.wait().await;
+            group.stop(&mut child, config.kill_grace).await;
             drop((tasks, stdout, stderr));
             match ended {
                 Ended::Cancel => {
-                    tracing::info!(command_id = %command.id, "cancel requested; program killed");
+                    tracing::info!(command_id = %command.id, "cancel requested; program stopped");
                     Report::Fail {
                         error: json!({"cancelled": true}),
                         retryable: false,
@@ -288,7 +326,7 @@ pub async fn run(
                     }
                 }
                 Ended::Shutdown => {
-                    tracing::warn!(command_id = %command.id, "shutdown grace over; program killed, handing the command back");
+                    tracing::warn!(command_id = %command.id, "shutdown grace over; program stopped, handing the command back");
                     Report::Fail {
                         error: json!({"agent_shutdown": true}),
                         retryable: true,
@@ -319,15 +357,29 @@ pub async fn hand_back(
     deliver(client, command, report, &deadline, controls).await
 }
 
-/// Starts the program with the command on stdin (written by the caller) and its env.
-fn spawn(program: &Program, command: &ClaimedCommand) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new(&program.path)
-        .args(&program.args)
+/// Starts the program in a process group of its own, with the command on stdin (written by
+/// the caller) and a cleared environment: [`ENV_KEPT`], the `--env-pass` variables and
+/// `KEEL_COMMAND_*`. The program gets the command, never the agent's credentials.
+fn spawn(
+    config: &RunnerConfig,
+    command: &ClaimedCommand,
+) -> std::io::Result<tokio::process::Child> {
+    let mut program = tokio::process::Command::new(&config.program.path);
+    program.args(&config.program.args).env_clear();
+    let passed = ENV_KEPT
+        .iter()
+        .copied()
+        .chain(config.env_pass.iter().map(String::as_str));
+    for name in passed {
+        if let Some(value) = std::env::var_os(name) {
+            program.env(name, value);
+        }
+    }
+    program
         .env("KEEL_COMMAND_ID", command.id.to_string())
         .env("KEEL_COMMAND_TYPE", &command.kind)
         .env("KEEL_COMMAND_ATTEMPT", command.attempts.to_string())
-        // The program gets the command, not the agent's credentials.
-        .env_remove("KEEL_AGENT_TOKEN")
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -397,6 +449,15 @@ async fn heartbeat_loop(
                 wait = backoff.next_delay().min(interval);
                 tracing::warn!(command_id = %id, %error, retry_in = ?wait, "heartbeat failed");
             }
+            Err(ClientError::Fatal { status: 413, .. }) if progress.is_some() => {
+                // The server takes less than the agent learnt: the lease comes first.
+                tracing::warn!(command_id = %id, "the server refused the progress as too large; renewing the lease without it");
+                let mut output = output.lock();
+                if output.progress == progress {
+                    output.progress = None;
+                }
+                wait = Duration::ZERO;
+            }
             Err(error @ ClientError::Fatal { .. }) => {
                 wait = interval;
                 tracing::error!(command_id = %id, %error, "heartbeat refused");
@@ -415,6 +476,7 @@ async fn deliver(
 ) -> Outcome {
     let deadline = *deadline.lock();
     let mut backoff = Backoff::new();
+    let mut shrunk = false;
     loop {
         let attempt = async {
             match &report {
@@ -453,12 +515,25 @@ async fn deliver(
                 tracing::warn!(command_id = %command.id, %reason, "lease lost; the report was refused and the command dropped");
                 return Outcome::LeaseLost;
             }
-            ClientError::Fatal { status: 413, .. } if matches!(report, Report::Complete(_)) => {
-                tracing::warn!(command_id = %command.id, "the result is too large for the server; failing the command instead");
-                report = Report::Fail {
-                    error: json!({"result_too_large": true}),
-                    retryable: false,
-                    then: Outcome::Failed,
+            ClientError::Fatal { status: 413, .. } if !shrunk => {
+                // The server's limits are below those the agent learnt (changed since the
+                // last check-in): send what fits any keel server, keeping the outcome.
+                tracing::warn!(command_id = %command.id, "the server refused the report as too large; sending a shorter one");
+                shrunk = true;
+                let least = ReportLimits::smallest();
+                report = match report {
+                    Report::Complete(result) => {
+                        Report::Complete(report::shrink(&result, least.result))
+                    }
+                    Report::Fail {
+                        error,
+                        retryable,
+                        then,
+                    } => Report::Fail {
+                        error: report::shrink(&error, least.error),
+                        retryable,
+                        then,
+                    },
                 };
             }
             error @ ClientError::Fatal { .. } => {
@@ -482,12 +557,28 @@ fn not_reported(command: &ClaimedCommand, reason: &str) -> Outcome {
 }
 
 /// What the program wrote, as far as it is kept.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Output {
-    stdout: Vec<u8>,
-    stdout_truncated: bool,
+    /// The end of stdout: at least [`STDOUT_LIMIT`], at least the result limit.
+    stdout: Tail,
+    /// The latest progress that fits the progress limit.
     progress: Option<Value>,
+    progress_budget: usize,
+    /// The stderr lines that were not progress.
     tail: Tail,
+    line_limit: usize,
+}
+
+impl Output {
+    fn new(limits: &ReportLimits) -> Self {
+        Self {
+            stdout: Tail::new(STDOUT_LIMIT.max(limits.result)),
+            progress: None,
+            progress_budget: limits.progress,
+            tail: Tail::new(STDERR_TAIL_LIMIT),
+            line_limit: LINE_LIMIT.max(limits.progress.saturating_add(1024)),
+        }
+    }
 }
 
 async fn read_stdout(mut pipe: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
@@ -497,20 +588,17 @@ async fn read_stdout(mut pipe: impl AsyncRead + Unpin, output: Arc<Mutex<Output>
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        let chunk = buffer.get(..read).unwrap_or_default();
-        let mut output = output.lock();
-        let room = STDOUT_LIMIT.saturating_sub(output.stdout.len());
-        let (kept, dropped) = chunk.split_at(room.min(chunk.len()));
-        output.stdout.extend_from_slice(kept);
-        if !dropped.is_empty() {
-            output.stdout_truncated = true;
-        }
+        output
+            .lock()
+            .stdout
+            .push(buffer.get(..read).unwrap_or_default());
     }
 }
 
 async fn read_stderr(mut pipe: impl AsyncRead + Unpin, output: Arc<Mutex<Output>>) {
     let mut buffer = vec![0u8; 16 * 1024];
-    let mut lines = LineSplitter::new(LINE_LIMIT);
+    let line_limit = output.lock().line_limit;
+    let mut lines = LineSplitter::new(line_limit);
     loop {
         let read = match pipe.read(&mut buffer).await {
             Ok(0) | Err(_) => break,
@@ -526,9 +614,14 @@ async fn read_stderr(mut pipe: impl AsyncRead + Unpin, output: Arc<Mutex<Output>
 }
 
 fn take_stderr_line(output: &Mutex<Output>, line: &str) {
+    let mut output = output.lock();
     match parse_progress(line) {
-        Some(progress) => output.lock().progress = Some(progress),
-        None => output.lock().tail.push_line(line),
+        Some(progress) => {
+            if report::progress_fits(&progress, output.progress_budget) {
+                output.progress = Some(progress);
+            }
+        }
+        None => output.tail.push_line(line),
     }
 }
 
@@ -540,24 +633,6 @@ pub fn parse_progress(line: &str) -> Option<Value> {
         return None;
     }
     serde_json::from_str(rest.trim()).ok()
-}
-
-/// The `result` for a program that exited 0: its stdout as JSON when it parses, else
-/// `{"stdout": "<text>"}` (invalid UTF-8 replaced); output cut at [`STDOUT_LIMIT`] is never
-/// parsed and adds `"stdout_truncated": true`.
-pub fn stdout_result(stdout: &[u8], truncated: bool) -> Value {
-    if !truncated && let Ok(value) = serde_json::from_slice::<Value>(stdout) {
-        return value;
-    }
-    let mut result = Map::new();
-    result.insert(
-        "stdout".to_owned(),
-        Value::String(String::from_utf8_lossy(stdout).into_owned()),
-    );
-    if truncated {
-        result.insert("stdout_truncated".to_owned(), Value::Bool(true));
-    }
-    Value::Object(result)
 }
 
 /// Splits a byte stream into lines of at most `limit` bytes (longer ones are cut).
@@ -610,48 +685,6 @@ impl LineSplitter {
             line.pop();
         }
         String::from_utf8_lossy(&line).into_owned()
-    }
-}
-
-/// The last [`STDERR_TAIL_LIMIT`] bytes of the stderr lines that were not progress.
-#[derive(Debug)]
-pub struct Tail {
-    bytes: VecDeque<u8>,
-    limit: usize,
-}
-
-impl Default for Tail {
-    fn default() -> Self {
-        Self::new(STDERR_TAIL_LIMIT)
-    }
-}
-
-impl Tail {
-    /// A tail of at most `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        Self {
-            bytes: VecDeque::new(),
-            limit,
-        }
-    }
-
-    /// Appends `line` and a newline, dropping the oldest bytes beyond the limit.
-    pub fn push_line(&mut self, line: &str) {
-        self.bytes.extend(line.as_bytes());
-        self.bytes.push_back(b'\n');
-        let excess = self.bytes.len().saturating_sub(self.limit);
-        self.bytes.drain(..excess);
-    }
-
-    /// The tail as text; a character cut at the front is dropped.
-    pub fn text(&self) -> String {
-        let bytes: Vec<u8> = self
-            .bytes
-            .iter()
-            .copied()
-            .skip_while(|byte| byte & 0b1100_0000 == 0b1000_0000)
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 
 use super::*;
+use crate::agent::report::ReportLimits;
 
 #[test]
 fn progress_lines_are_recognised() {
@@ -28,54 +29,6 @@ fn progress_lines_are_recognised() {
 }
 
 #[test]
-fn stdout_becomes_the_result() {
-    assert_eq!(
-        stdout_result(b"{\"ok\": true}\n", false),
-        json!({"ok": true})
-    );
-    assert_eq!(stdout_result(b"  [1, 2]  ", false), json!([1, 2]));
-    assert_eq!(stdout_result(b"42", false), json!(42));
-    assert_eq!(
-        stdout_result(b"restarted nginx\n", false),
-        json!({"stdout": "restarted nginx\n"})
-    );
-    assert_eq!(stdout_result(b"", false), json!({"stdout": ""}));
-    assert_eq!(
-        stdout_result(b"caf\xff", false),
-        json!({"stdout": "caf\u{fffd}"})
-    );
-    assert_eq!(
-        stdout_result(b"{\"cut\": tr", true),
-        json!({"stdout": "{\"cut\": tr", "stdout_truncated": true})
-    );
-    // Even output that parses is not trusted once cut.
-    assert_eq!(
-        stdout_result(b"12", true),
-        json!({"stdout": "12", "stdout_truncated": true})
-    );
-}
-
-#[test]
-fn the_stderr_tail_is_bounded_and_keeps_the_end() {
-    let mut tail = Tail::new(64);
-    for n in 0..100 {
-        tail.push_line(&format!("line {n}"));
-    }
-    let text = tail.text();
-    assert!(text.len() <= 64, "{}", text.len());
-    assert!(text.ends_with("line 98\nline 99\n"), "{text:?}");
-
-    let mut tail = Tail::default();
-    tail.push_line(&"x".repeat(3 * STDERR_TAIL_LIMIT));
-    assert_eq!(tail.text().len(), STDERR_TAIL_LIMIT);
-
-    // A character cut in half at the front is dropped, not garbled.
-    let mut tail = Tail::new(4);
-    tail.push_line("ééé");
-    assert_eq!(tail.text(), "é\n");
-}
-
-#[test]
 fn lines_are_split_across_chunks_and_cut_when_too_long() {
     let mut lines = LineSplitter::new(8);
     assert!(lines.push(b"hel").is_empty());
@@ -88,22 +41,41 @@ fn lines_are_split_across_chunks_and_cut_when_too_long() {
 
 #[tokio::test]
 async fn stdout_is_capped_and_read_to_the_end() {
-    let output = Arc::new(Mutex::new(Output::default()));
+    let output = Arc::new(Mutex::new(Output::new(&ReportLimits::default())));
     let big = vec![b'a'; STDOUT_LIMIT + 100_000];
     read_stdout(big.as_slice(), Arc::clone(&output)).await;
     let output = output.lock();
-    assert_eq!(output.stdout.len(), STDOUT_LIMIT);
-    assert!(output.stdout_truncated);
+    assert_eq!(output.stdout.bytes().len(), STDOUT_LIMIT);
+    assert_eq!(output.stdout.seen(), (STDOUT_LIMIT + 100_000) as u64);
+    assert!(output.stdout.is_cut());
 }
 
 #[tokio::test]
 async fn stderr_feeds_progress_and_the_tail() {
-    let output = Arc::new(Mutex::new(Output::default()));
+    let output = Arc::new(Mutex::new(Output::new(&ReportLimits::default())));
     let stderr = b"starting\nKEEL_PROGRESS {\"pct\": 10}\nKEEL_PROGRESS {\"pct\": 20}\nKEEL_PROGRESS oops\ndone";
     read_stderr(stderr.as_slice(), Arc::clone(&output)).await;
     let output = output.lock();
     assert_eq!(output.progress, Some(json!({"pct": 20})));
     assert_eq!(output.tail.text(), "starting\nKEEL_PROGRESS oops\ndone\n");
+}
+
+#[tokio::test]
+async fn a_progress_value_over_the_limit_is_dropped_and_the_last_one_that_fit_kept() {
+    let limits = ReportLimits {
+        progress: 100,
+        ..ReportLimits::default()
+    };
+    let output = Arc::new(Mutex::new(Output::new(&limits)));
+    // 60 characters of `1e2` are 180 bytes as written but 300 once parsed and serialised
+    // (`100.0`): the measure is the serialised value, as the server's.
+    let numbers = vec!["1e2"; 60].join(",");
+    let stderr = format!("KEEL_PROGRESS {{\"pct\": 5}}\nKEEL_PROGRESS [{numbers}]\n");
+    assert!(stderr.len() < 300);
+    read_stderr(stderr.as_bytes(), Arc::clone(&output)).await;
+    let output = output.lock();
+    assert_eq!(output.progress, Some(json!({"pct": 5})));
+    assert_eq!(output.tail.text(), "");
 }
 
 #[test]
@@ -160,6 +132,10 @@ enum HeartbeatMode {
     CancelAfterProgress,
     /// 409 `stale_claim`.
     Stale,
+    /// 503: the server cannot renew the lease.
+    Unavailable,
+    /// 413 when the heartbeat carries progress, else 200.
+    RefuseProgress,
 }
 
 #[derive(Default)]
@@ -207,6 +183,14 @@ async fn heartbeat(
     fake.recorded.lock().heartbeats.push(body);
     match fake.mode {
         HeartbeatMode::Stale => stale(),
+        HeartbeatMode::Unavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": {"code": "unavailable", "message": "overloaded"}})),
+        ),
+        HeartbeatMode::RefuseProgress if has_progress => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"error": {"code": "payload_too_large", "message": "progress"}})),
+        ),
         mode => {
             let cancel = mode == HeartbeatMode::CancelAfterProgress && has_progress;
             (
@@ -280,12 +264,52 @@ async fn fake_server(mode: HeartbeatMode, unavailable: usize) -> (Client, Fake) 
 
 fn shell(script: &str) -> RunnerConfig {
     RunnerConfig {
-        program: Program {
+        heartbeat_floor: Duration::from_millis(20),
+        kill_grace: Duration::from_millis(500),
+        ..RunnerConfig::new(Program {
             path: PathBuf::from("sh"),
             args: vec!["-c".into(), script.into()],
-        },
-        heartbeat_floor: Duration::from_millis(20),
-        output_settle: Duration::from_secs(5),
+        })
+    }
+}
+
+/// Whether process `pid` is gone (a zombie waiting for a parent that never reaps counts).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+/// Waits up to 5 s for every process of `pids` to be gone (a signal is delivered, and a
+/// process ends, a moment after `kill` returns).
+async fn all_gone_soon(pids: &[String]) {
+    let started = Instant::now();
+    while !pids.iter().all(|pid| gone(pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{pids:?} outlived the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads the pids a script wrote to `path` (one per line), waiting up to 10 s for `count`.
+async fn pids(path: &std::path::Path, count: usize) -> Vec<String> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let pids: Vec<String> = text.lines().map(str::to_owned).collect();
+        if pids.len() >= count {
+            return pids;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no pids in {path:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -455,4 +479,99 @@ async fn a_program_that_cannot_start_fails_retryable() {
     };
     assert_eq!(body["retryable"], true);
     assert!(body["error"]["spawn_error"].is_string());
+}
+
+#[tokio::test]
+async fn a_lease_not_renewed_in_time_stops_the_whole_group_and_reports_nothing() {
+    let (client, fake) = fake_server(HeartbeatMode::Unavailable, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pids");
+    // The program starts a grandchild, then waits; both ignore nothing.
+    let script = format!(
+        "sleep 60 &\necho $! >> {file}\necho $$ >> {file}\nwait",
+        file = file.display()
+    );
+    let started = Instant::now();
+    let outcome = run_to_end(&client, &shell(&script), 1, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::LeaseLost);
+    // Stopped at the 1 s lease deadline, not when the 60 s sleep ended.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    all_gone_soon(&pids(&file, 2).await).await;
+    let recorded = fake.recorded.lock();
+    assert!(!recorded.heartbeats.is_empty());
+    assert!(recorded.completes.is_empty() && recorded.fails.is_empty());
+}
+
+#[tokio::test]
+async fn a_cancel_sends_sigterm_then_sigkill_to_the_group_after_the_grace() {
+    let (client, fake) = fake_server(HeartbeatMode::CancelAfterProgress, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pids");
+    let termed = dir.path().join("termed");
+    // The program notes SIGTERM and ignores it; its grandchild ignores it too.
+    let script = format!(
+        "trap 'touch {termed}' TERM\n(trap '' TERM; sleep 60) &\necho $! >> {file}\necho $$ >> {file}\n\
+         echo 'KEEL_PROGRESS 1' >&2\nwhile true; do sleep 0.05; done",
+        file = file.display(),
+        termed = termed.display(),
+    );
+    let mut config = shell(&script);
+    config.kill_grace = Duration::from_millis(700);
+    let outcome = run_to_end(&client, &config, 1, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Cancelled);
+    assert!(termed.exists(), "SIGTERM came first");
+    all_gone_soon(&pids(&file, 2).await).await;
+    assert_eq!(fake.recorded.lock().fails.len(), 1);
+}
+
+#[tokio::test]
+async fn the_program_gets_a_cleared_environment() {
+    let (client, fake) = fake_server(HeartbeatMode::Renew, 0).await;
+    let mut config = shell("env");
+    // The test process's own variables: PATH is kept, CARGO_PKG_NAME only when passed.
+    config.env_pass = vec!["CARGO_PKG_NAME".to_owned()];
+    let outcome = run_to_end(&client, &config, 30, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let recorded = fake.recorded.lock();
+    let env = recorded.completes[0]["result"]["stdout"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(names.contains(&"PATH"), "{env}");
+    assert!(names.contains(&"CARGO_PKG_NAME"), "{env}");
+    assert!(names.contains(&"KEEL_COMMAND_ID"), "{env}");
+    assert!(!names.contains(&"CARGO_MANIFEST_DIR"), "{env}");
+}
+
+#[tokio::test]
+async fn a_heartbeat_refused_for_its_progress_is_resent_without_it_and_the_lease_kept() {
+    let (client, fake) = fake_server(HeartbeatMode::RefuseProgress, 0).await;
+    // Runs past three leases of 1 s while its progress is refused.
+    let script = "echo 'KEEL_PROGRESS {\"pct\": 1}' >&2\nsleep 3\necho done";
+    let outcome = run_to_end(&client, &shell(script), 1, &Controls::default()).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let recorded = fake.recorded.lock();
+    assert!(
+        recorded
+            .heartbeats
+            .iter()
+            .any(|body| body.get("progress").is_some())
+    );
+    assert!(
+        recorded
+            .heartbeats
+            .last()
+            .unwrap()
+            .get("progress")
+            .is_none()
+    );
 }

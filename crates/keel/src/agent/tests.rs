@@ -39,6 +39,17 @@ fn flags_parse_with_defaults() {
     assert_eq!(cli.agent.wait_seconds, 30);
     assert_eq!(cli.agent.shutdown_grace, Duration::from_secs(30));
     assert!(cli.agent.name.is_none());
+    assert_eq!(cli.agent.kill_grace, Duration::from_secs(5));
+    assert!(cli.agent.env_pass.is_empty());
+    let base = ["keel", "--server", "s", "--token", "t", "--exec", "x"];
+    let with = |extra: &[&'static str]| Cli::try_parse_from(base.iter().chain(extra));
+    let passed = with(&["--env-pass", "AWS_REGION", "--env-pass", "TZ"]).unwrap();
+    assert_eq!(passed.agent.env_pass, ["AWS_REGION", "TZ"]);
+    // The agent's key never reaches a program; a name must be a variable name.
+    assert!(with(&["--env-pass", "KEEL_AGENT_TOKEN"]).is_err());
+    assert!(with(&["--env-pass", "A=B"]).is_err());
+    assert!(with(&["--env-pass", ""]).is_err());
+    assert!(with(&["--kill-grace", "soon"]).is_err());
     assert!(
         Cli::try_parse_from([
             "keel",

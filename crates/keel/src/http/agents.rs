@@ -14,6 +14,7 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::json::Json;
 use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
+use crate::config::CommandLimits;
 
 /// Largest agent metadata, serialised.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
@@ -65,6 +66,14 @@ impl AgentView {
     }
 }
 
+/// The answer of a check-in: the agent, and the limits its reports must keep to.
+#[derive(Debug, Serialize)]
+struct CheckInView {
+    #[serde(flatten)]
+    agent: AgentView,
+    limits: CommandLimits,
+}
+
 /// The body of `POST /v1/agents/check-in`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +91,7 @@ async fn check_in(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<CheckInRequest>,
-) -> Result<Json<AgentView>, ApiError> {
+) -> Result<Json<CheckInView>, ApiError> {
     let agent = caller.agent()?;
     if request.version.is_empty() || request.version.len() > 64 {
         return Err(ApiError::Validation(
@@ -119,11 +128,10 @@ async fn check_in(
             },
         )
         .await?;
-    Ok(Json(AgentView::new(
-        checked_in,
-        state.store.now(),
-        state.agent_online_window,
-    )))
+    Ok(Json(CheckInView {
+        agent: AgentView::new(checked_in, state.store.now(), state.agent_online_window),
+        limits: state.command_limits,
+    }))
 }
 
 /// The answer of `GET /v1/agents`.

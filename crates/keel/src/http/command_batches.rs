@@ -52,7 +52,7 @@ pub(super) async fn create_batch(
     let mut items = Vec::with_capacity(batch.commands.len());
     for (n, raw) in batch.commands.into_iter().enumerate() {
         let item = parse_body::<CreateCommand>(raw)
-            .and_then(CreateCommand::validate)
+            .and_then(|request| request.validate(&state.command_limits))
             .and_then(|command| {
                 let idempotency = idempotency(&headers, &command)?.map(|idem| Idempotency {
                     key: format!("{}#{n}", idem.key),
@@ -173,12 +173,13 @@ pub(super) async fn report_batch(
         async move {
             let id = report.id.clone();
             let outcome = async {
-                let (field, value) = match report.outcome {
-                    ReportOutcome::Completed => ("result", &report.result),
-                    ReportOutcome::Failed => ("error", &report.error),
+                let limits = &state.command_limits;
+                let checked = match report.outcome {
+                    ReportOutcome::Completed => ("result", &report.result, limits.result_bytes),
+                    ReportOutcome::Failed => ("error", &report.error, limits.error_bytes),
                 };
                 let (agent, command_id, token) =
-                    agent_report(caller, &report.id, report.claim_token, field, value)?;
+                    agent_report(caller, &report.id, report.claim_token, checked)?;
                 let command = match report.outcome {
                     ReportOutcome::Completed => {
                         state

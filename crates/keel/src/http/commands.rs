@@ -24,9 +24,8 @@ use super::error::ApiError;
 use super::json::Json;
 use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
 use crate::commands::release::{self, outcome_name};
+use crate::config::CommandLimits;
 
-/// Largest `params` (and `progress`, `result`, `error`) accepted, serialised.
-pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
 /// Largest claim batch.
 pub const MAX_CLAIM_LIMIT: u32 = 100;
 /// Longest long-poll wait a claim may ask for.
@@ -182,7 +181,7 @@ pub(super) struct CreateCommand {
 }
 
 impl CreateCommand {
-    pub(super) fn validate(self) -> Result<NewCommand, ApiError> {
+    pub(super) fn validate(self, limits: &CommandLimits) -> Result<NewCommand, ApiError> {
         check_name("type", &self.command_type)?;
         let target = match (self.agent_id, self.queue) {
             (Some(agent), None) => Target::Agent(agent),
@@ -199,13 +198,7 @@ impl CreateCommand {
         let params = self
             .params
             .unwrap_or_else(|| Value::Object(Default::default()));
-        let size = serde_json::to_vec(&params).map_or(usize::MAX, |bytes| bytes.len());
-        if size > MAX_PARAMS_BYTES {
-            return Err(ApiError::FieldTooLarge {
-                field: "params",
-                limit: MAX_PARAMS_BYTES,
-            });
-        }
+        check_size("params", &params, limits.params_bytes)?;
         check_range("priority", i64::from(self.priority), -1000, 1000)?;
         let mut command = NewCommand::new(self.command_type, target, params);
         command.priority = self.priority;
@@ -230,7 +223,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::CommandsWrite)?;
     let request: CreateCommand = parse_body(body)?;
-    let command = request.validate()?;
+    let command = request.validate(&state.command_limits)?;
     let idempotency = idempotency(&headers, &command)?;
     let created = state
         .store
@@ -575,7 +568,7 @@ async fn heartbeat(
     let agent = caller.agent()?;
     let id = command_id(&id)?;
     if let Some(progress) = &request.progress {
-        check_size("progress", progress, MAX_PARAMS_BYTES)?;
+        check_size("progress", progress, state.command_limits.progress_bytes)?;
     }
     let lease = state
         .store
@@ -608,8 +601,13 @@ async fn complete(
     Path(id): Path<String>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    let (agent, id, token) =
-        agent_report(&caller, &id, request.claim_token, "result", &request.result)?;
+    let limit = state.command_limits.result_bytes;
+    let (agent, id, token) = agent_report(
+        &caller,
+        &id,
+        request.claim_token,
+        ("result", &request.result, limit),
+    )?;
     let command = state
         .store
         .complete(caller.org(), agent, id, &token, request.result)
@@ -633,8 +631,13 @@ async fn fail(
     Path(id): Path<String>,
     Json(request): Json<FailRequest>,
 ) -> Result<Json<CommandView>, ApiError> {
-    let (agent, id, token) =
-        agent_report(&caller, &id, request.claim_token, "error", &request.error)?;
+    let limit = state.command_limits.error_bytes;
+    let (agent, id, token) = agent_report(
+        &caller,
+        &id,
+        request.claim_token,
+        ("error", &request.error, limit),
+    )?;
     let command = state
         .store
         .fail(
@@ -660,12 +663,11 @@ pub(super) fn agent_report(
     caller: &Caller,
     id: &str,
     token: String,
-    field: &'static str,
-    value: &Value,
+    (field, value, limit): (&'static str, &Value, usize),
 ) -> Result<(AgentId, CommandId, ClaimToken), ApiError> {
     let agent = caller.agent()?;
     let id = command_id(id)?;
-    check_size(field, value, MAX_PARAMS_BYTES)?;
+    check_size(field, value, limit)?;
     Ok((agent, id, claim_token(token)?))
 }
 
@@ -716,7 +718,7 @@ mod tests {
         headers.insert("idempotency-key", "k1".parse().unwrap());
         let hash = |body: &str| {
             let request: CreateCommand = serde_json::from_str(body).unwrap();
-            let command = request.validate().unwrap();
+            let command = request.validate(&CommandLimits::default()).unwrap();
             idempotency(&headers, &command)
                 .unwrap()
                 .unwrap()
@@ -736,7 +738,7 @@ mod tests {
     fn an_idempotency_key_is_printable_ascii_only() {
         let command = serde_json::from_str::<CreateCommand>(r#"{"type":"x","queue":"q"}"#)
             .unwrap()
-            .validate()
+            .validate(&CommandLimits::default())
             .unwrap();
         let with_key = |key: &[u8]| {
             let mut headers = HeaderMap::new();

@@ -64,6 +64,8 @@ pub struct AppState {
     pub max_claim_wait: Duration,
     /// An agent seen within this window is online.
     pub agent_online_window: Duration,
+    /// The largest `params`, `result`, `error` and `progress` (told to agents at check-in).
+    pub command_limits: crate::config::CommandLimits,
     /// keel's periodic jobs by name, whose interval the admin API can change.
     pub jobs: Arc<BTreeMap<String, JobHandle>>,
 }

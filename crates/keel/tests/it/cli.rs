@@ -27,7 +27,7 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("keel.toml"),
-        "[admin]\ntoken = \"super-secret-admin-token\"\n[http]\nbody_limit = 4096\n",
+        "[admin]\ntoken = \"super-secret-admin-token\"\n[http]\nbody_limit = 2097152\n",
     )
     .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_keel"))
@@ -41,7 +41,11 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
     assert!(!shown.contains("super-secret"), "{shown}");
     let parsed: toml::Value = toml::from_str(&shown).unwrap();
     assert_eq!(parsed["admin"]["token"].as_str(), Some("<redacted>"));
-    assert_eq!(parsed["http"]["body_limit"].as_integer(), Some(4096));
+    assert_eq!(parsed["http"]["body_limit"].as_integer(), Some(2_097_152));
+    assert_eq!(
+        parsed["commands"]["limits"]["result_bytes"].as_integer(),
+        Some(65536)
+    );
     assert_eq!(parsed["http"]["listen"].as_str(), Some("127.0.0.1:9999"));
     assert_eq!(parsed["shutdown"]["grace"].as_str(), Some("7s"));
 }
