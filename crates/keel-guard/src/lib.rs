@@ -6,6 +6,7 @@
 //!
 //! - [`mod@panic`]: the process-wide panic hook, the registry of recent panics and the reporter the
 //!   logger plugs into.
+//! - [`backoff`]: exponential backoff with equal jitter, the one every retry in keel uses.
 //! - [`scope`]: the component tag that tells the hook where a panic came from.
 //! - [`mod@isolate`]: run a closure or a future and get `Err(Panicked)` instead of an unwind.
 //! - [`components`]: the state of every named long-lived part, as `/readyz` and the admin API see it.
@@ -13,6 +14,7 @@
 //! - [`periodic`]: periodic jobs whose ticks are isolated one by one and timed.
 //! - [`failpoints`]: named fault-injection points, configured from `KEEL_FAILPOINTS`.
 
+pub mod backoff;
 pub mod components;
 pub mod failpoints;
 pub mod isolate;

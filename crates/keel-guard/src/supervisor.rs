@@ -9,6 +9,7 @@
 //!
 //! Failpoint: `supervisor.task`, evaluated at the start of every run, inside the isolation.
 
+use crate::backoff::Backoff;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
@@ -236,7 +237,7 @@ async fn supervise<F, Fut>(
     F: FnMut(CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), TaskError>>,
 {
-    let mut backoff = policy.initial_backoff;
+    let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
     let mut restarts: VecDeque<Instant> = VecDeque::new();
     let mut degraded = false;
     let max_restarts = usize::try_from(policy.max_restarts).unwrap_or(usize::MAX);
@@ -326,9 +327,8 @@ async fn supervise<F, Fut>(
         let delay = if degraded {
             policy.max_backoff
         } else {
-            let delay = backoff;
-            backoff = backoff.saturating_mul(2).min(policy.max_backoff);
-            delay
+            // Restart delays are exact (no jitter): one task restarts alone.
+            backoff.next_ceiling()
         };
         let next_restart = OffsetDateTime::now_utc()
             .checked_add(time::Duration::try_from(delay).unwrap_or(time::Duration::MAX))
@@ -361,11 +361,11 @@ fn on_clean_run(
     name: &str,
     slot: &Slot,
     policy: &RestartPolicy,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
     restarts: &mut VecDeque<Instant>,
     degraded: &mut bool,
 ) {
-    *backoff = policy.initial_backoff;
+    backoff.reset();
     restarts.clear();
     if *degraded {
         *degraded = false;

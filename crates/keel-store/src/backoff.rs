@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use keel_guard::backoff::{Backoff, equal_jitter};
 use rand::Rng;
 
 /// The delay after the first failed attempt; it doubles with each further attempt.
@@ -16,15 +17,8 @@ pub const RETRY_CAP: Duration = Duration::from_secs(600);
 /// half of the step is fixed and the other half random, so retries of commands that failed
 /// together spread out while each still waits at least half its step.
 pub fn retry_backoff<R: Rng + ?Sized>(attempts: u32, rng: &mut R) -> Duration {
-    let doublings = attempts.saturating_sub(1).min(31);
-    let step = RETRY_BASE.saturating_mul(1u32 << doublings).min(RETRY_CAP);
-    let half = step / 2;
-    let jitter_ms = rng.random_range(0..=millis(half));
-    half.saturating_add(Duration::from_millis(jitter_ms))
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    let ceiling = Backoff::new(RETRY_BASE, RETRY_CAP).ceiling_after(attempts.saturating_sub(1));
+    equal_jitter(ceiling, rng)
 }
 
 #[cfg(test)]

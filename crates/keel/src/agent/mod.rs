@@ -2,14 +2,12 @@
 //!
 //! - [`client`]: the typed HTTP client for the agent routes of `docs/commands.md`.
 //! - [`runner`]: one command: the program, its progress, heartbeats and the report.
-//! - [`backoff`]: exponential backoff with jitter for retries.
 //! - [`process`]: the program's process group, and stopping it.
 //! - [`report`]: fitting results, errors and progress to the server's limits.
 //!
 //! This module checks in, runs the claim loop and shuts down on SIGTERM/SIGINT. The program
 //! contract and the retry and shutdown behaviour are described in `docs/agent.md`.
 
-pub mod backoff;
 pub mod client;
 pub mod process;
 pub mod report;
@@ -19,6 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use keel_guard::backoff::Backoff;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -29,7 +28,6 @@ use uuid::Uuid;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
-use self::backoff::Backoff;
 use self::client::{CheckIn, Client, ClientError};
 use self::report::ReportLimits;
 use self::runner::{ClaimedCommand, Controls, Outcome, Program, RunnerConfig};
@@ -45,7 +43,7 @@ pub const HAND_BACK_WINDOW: Duration = Duration::from_secs(15);
 pub const IDLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// The most commands one claim may ask for (`docs/commands.md`).
-const CLAIM_LIMIT_MAX: usize = 100;
+const CLAIM_LIMIT_MAX: usize = keel_store::MAX_CLAIM_BATCH as usize;
 
 /// `keel agent` flags.
 #[derive(Debug, Clone, Args)]
@@ -185,7 +183,7 @@ impl Agent {
     async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
         let controls = Controls::default();
         let mut running: JoinSet<(Uuid, Outcome)> = JoinSet::new();
-        let mut backoff = Backoff::new();
+        let mut backoff = server_backoff();
         let mut refused = None;
         loop {
             while let Some(done) = running.try_join_next() {
@@ -342,7 +340,7 @@ async fn first_check_in(
     body: &CheckIn,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<Value>> {
-    let mut backoff = Backoff::new();
+    let mut backoff = server_backoff();
     loop {
         let answer = tokio::select! {
             answer = client.check_in(body) => answer,
@@ -407,14 +405,8 @@ fn queues(raw: &[String]) -> anyhow::Result<Vec<String>> {
         if queue.is_empty() {
             continue;
         }
-        let valid = queue.len() <= 64
-            && queue
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
-        if !valid {
-            anyhow::bail!(
-                "--queues: {queue:?} is not a queue name (1–64 characters of a-z A-Z 0-9 _ . : -)"
-            );
+        if let Err(rule) = keel_store::check_queue_name(queue) {
+            anyhow::bail!("--queues: {queue:?} is not a queue name ({rule})");
         }
         if !queues.iter().any(|known| known == queue) {
             queues.push(queue.to_owned());
@@ -486,6 +478,11 @@ impl Signals {
         });
         Ok(signals)
     }
+}
+
+/// The agent's retries towards the server: 200 ms doubling to 30 s, with equal jitter.
+pub(crate) fn server_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
 }
 
 #[cfg(test)]

@@ -17,10 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use uuid::Uuid;
 
-use super::backoff::Backoff;
 use super::client::{Client, ClientError};
 use super::process::ProcessGroup;
 use super::report::{self, ReportLimits, Tail};
+use super::server_backoff;
 
 /// The prefix of a progress line on the program's stderr: `KEEL_PROGRESS <json>`.
 pub const PROGRESS_PREFIX: &str = "KEEL_PROGRESS";
@@ -422,7 +422,7 @@ async fn heartbeat_loop(
     stop: mpsc::Sender<HeartbeatStop>,
 ) {
     let timeout = interval.clamp(Duration::from_secs(1), super::client::REQUEST_TIMEOUT);
-    let mut backoff = Backoff::new();
+    let mut backoff = server_backoff();
     let mut wait = interval;
     loop {
         tokio::time::sleep(wait).await;
@@ -475,7 +475,7 @@ async fn deliver(
     controls: &Controls,
 ) -> Outcome {
     let deadline = *deadline.lock();
-    let mut backoff = Backoff::new();
+    let mut backoff = server_backoff();
     let mut shrunk = false;
     loop {
         let attempt = async {

@@ -27,7 +27,7 @@ use crate::commands::release::{self, outcome_name};
 use crate::config::CommandLimits;
 
 /// Largest claim batch.
-pub const MAX_CLAIM_LIMIT: u32 = 100;
+pub const MAX_CLAIM_LIMIT: u32 = keel_store::MAX_CLAIM_BATCH;
 /// Longest long-poll wait a claim may ask for.
 pub const MAX_WAIT_SECONDS: u64 = 60;
 /// Page size when `limit` is not given.

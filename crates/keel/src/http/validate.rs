@@ -8,24 +8,16 @@ use serde_json::Value;
 use super::error::ApiError;
 
 /// Longest name (command type, queue).
-pub const MAX_NAME_LEN: usize = 64;
+pub const MAX_NAME_LEN: usize = keel_store::MAX_QUEUE_NAME_LEN;
 
 /// Most queues an agent may serve, or a claim may name.
-pub const MAX_QUEUES: usize = 64;
+pub const MAX_QUEUES: usize = keel_store::MAX_QUEUES_PER_CLAIM;
 
-/// A name: 1 to 64 characters of `a-z A-Z 0-9 _ . : -`.
+/// A name (queue, command type): the store's one rule, 1 to 64 characters of
+/// `a-z A-Z 0-9 _ . : -`.
 pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
-    let valid = (1..=MAX_NAME_LEN).contains(&value.len())
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::Validation(format!(
-            "{field}: 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, _ . : -"
-        )))
-    }
+    keel_store::check_queue_name(value)
+        .map_err(|rule| ApiError::Validation(format!("{field}: {rule}")))
 }
 
 /// A number within `min..=max`.
