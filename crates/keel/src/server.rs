@@ -24,6 +24,7 @@ use crate::commands::release::release_expired_leases;
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::lifecycle::Lifecycle;
+use crate::http::overload::{Overload, Unmeasured};
 use crate::http::{self, AppState};
 use crate::telemetry;
 
@@ -104,6 +105,7 @@ pub async fn run(
         request_timeout: config.http.request_timeout,
         max_claim_wait: Duration::from_secs(crate::http::commands::MAX_WAIT_SECONDS),
         agent_online_window: config.commands.agent_online_window,
+        overload: Arc::new(Overload::new(&config.overload, Arc::new(Unmeasured))),
         jobs: Arc::new(
             jobs.into_iter()
                 .map(|job| (job.name().to_owned(), job))

@@ -2,7 +2,9 @@
 //! `{"error":{"code":"…","message":"…","request_id":"…"}}`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -65,6 +67,24 @@ pub enum ApiError {
     /// The body is JSON but not a valid request (422 `validation_failed`).
     #[error("{0}")]
     Validation(String),
+    /// Over an organisation's rate limit or a cap on waiting claims (429 `rate_limited`); the
+    /// answer carries `Retry-After`.
+    #[error("{message}")]
+    RateLimited {
+        /// What limit, for the client.
+        message: String,
+        /// When to try again (sent in whole seconds, rounded up).
+        retry_after: Duration,
+    },
+    /// keel is shedding load or the database is busy (503 `overloaded`); the answer carries
+    /// `Retry-After`.
+    #[error("{message}")]
+    Overloaded {
+        /// Why, for the client.
+        message: String,
+        /// When to try again (sent in whole seconds, rounded up).
+        retry_after: Duration,
+    },
     /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
     #[error("internal error")]
     Internal(String),
@@ -89,6 +109,8 @@ impl ApiError {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -110,6 +132,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::Internal(_) => "internal",
         }
     }
@@ -146,10 +170,35 @@ impl From<keel_store::StoreError> for ApiError {
                 Self::Validation("agent_id: no such agent in this organisation".to_owned())
             }
             StoreError::InvalidInput(what) => Self::Validation(what),
+            StoreError::Database(error) if store_busy(&error) => {
+                metrics::counter!("keel_overload_rejected_total", "reason" => "store_busy")
+                    .increment(1);
+                Self::Overloaded {
+                    message: "the database is busy; retry later".to_owned(),
+                    retry_after: Duration::from_secs(1),
+                }
+            }
             error @ (StoreError::Database(_) | StoreError::Migrate(_)) => {
                 Self::Internal(error_chain(&error))
             }
         }
+    }
+}
+
+/// Whether the database could not take the request now: no pooled connection came within the
+/// pool's timeout, or SQLite answered `SQLITE_BUSY` (5) or `SQLITE_LOCKED` (6), by primary code
+/// (the low byte of an extended code such as `SQLITE_BUSY_SNAPSHOT`), never by message text.
+fn store_busy(error: &sqlx::Error) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    match error {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+            .and_then(sqlx::error::DatabaseError::code)
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, SQLITE_BUSY | SQLITE_LOCKED)),
+        _ => false,
     }
 }
 
@@ -196,7 +245,18 @@ impl IntoResponse for ApiError {
                 request_id: request_id::current(),
             },
         };
+        let retry_after = match &self {
+            Self::RateLimited { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
+                Some(super::rate_limit::retry_after_seconds(*retry_after))
+            }
+            _ => None,
+        };
         let mut response = (self.status(), Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         // The lifecycle layer logs internal errors with their detail; it reads this marker.
         response.extensions_mut().insert(ErrorMarker { detail });
         response
@@ -209,4 +269,46 @@ impl IntoResponse for ApiError {
 pub struct ErrorMarker {
     /// What went wrong inside keel, for the log only.
     pub detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_store::StoreError;
+    use sqlx::Connection;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+    #[tokio::test]
+    async fn a_busy_database_answers_503_with_retry_after_and_other_errors_stay_500() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.db"))
+            .create_if_missing(true)
+            .busy_timeout(Duration::ZERO);
+        let mut holder = SqliteConnection::connect_with(&options).await.unwrap();
+        let mut other = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+
+        let error = ApiError::from(StoreError::from(busy));
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.code(), "overloaded");
+        let response = error.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        let pool = ApiError::from(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert_eq!(pool.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other = ApiError::from(StoreError::Database(sqlx::Error::Protocol("x".into())));
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

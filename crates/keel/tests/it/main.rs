@@ -16,6 +16,7 @@ mod harness;
 mod http_errors;
 mod isolation;
 mod logging;
+mod overload;
 mod panics;
 mod profiles;
 mod shutdown;

@@ -1,0 +1,2 @@
+//! The fairness run (being written).
+fn main() {}
