@@ -62,6 +62,28 @@ async fn exhaust_work_bucket(ops: &Api) -> Answer {
     panic!("100 requests at 1 per second with a burst of 3 were never limited");
 }
 
+/// A server with `extra_toml` and the organisations `a` and `b`.
+async fn start_with_orgs_a_and_b(extra_toml: &'static str) -> Server {
+    let server = Server::start_with(Options {
+        extra_toml,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("a");
+    server.create_org("b");
+    server
+}
+
+/// Claims one command as `agent`: its id and the body that carries its claim token.
+async fn claim_one(agent: &Api) -> (String, Value) {
+    let claimed = agent
+        .post("/v1/commands/claim", &json!({"limit": 1}), 200)
+        .await;
+    let command = &claimed["commands"][0];
+    let id = command["id"].as_str().unwrap().to_owned();
+    (id, json!({"claim_token": command["claim_token"]}))
+}
+
 async fn admin_put_mode(server: &Server, mode: &str) -> reqwest::Response {
     server
         .client
@@ -117,13 +139,7 @@ async fn an_org_over_its_rate_limit_gets_429_with_retry_after_while_others_are_s
 
 #[tokio::test]
 async fn agent_reports_go_through_while_their_org_and_another_are_rate_limited_on_work() {
-    let server = Server::start_with(Options {
-        extra_toml: SMALL_WORK_BUCKET,
-        ..Options::default()
-    })
-    .await;
-    server.create_org("a");
-    server.create_org("b");
+    let server = start_with_orgs_a_and_b(SMALL_WORK_BUCKET).await;
     let a_ops = server.key("a", "commands:write,commands:read", None);
     let a_agent = server.key("a", "agent", Some("a1"));
     let b_ops = server.key("b", "commands:write,commands:read", None);
@@ -140,12 +156,7 @@ async fn agent_reports_go_through_while_their_org_and_another_are_rate_limited_o
 
     // Both organisations' agents claim, heartbeat and complete: their bucket is another.
     for agent in [&a_agent, &b_agent] {
-        let claimed = agent
-            .post("/v1/commands/claim", &json!({"limit": 1}), 200)
-            .await;
-        let command = &claimed["commands"][0];
-        let id = command["id"].as_str().unwrap();
-        let token = json!({"claim_token": command["claim_token"]});
+        let (id, token) = claim_one(agent).await;
         agent
             .post(&format!("/v1/commands/{id}/heartbeat"), &token, 200)
             .await;
@@ -158,13 +169,10 @@ async fn agent_reports_go_through_while_their_org_and_another_are_rate_limited_o
 
 #[tokio::test]
 async fn waiting_long_polls_are_capped_per_agent_and_per_org() {
-    let server = Server::start_with(Options {
-        extra_toml: "[overload]\nmax_waiting_claims_per_agent = 1\nmax_waiting_claims_per_org = 2\n",
-        ..Options::default()
-    })
+    let server = start_with_orgs_a_and_b(
+        "[overload]\nmax_waiting_claims_per_agent = 1\nmax_waiting_claims_per_org = 2\n",
+    )
     .await;
-    server.create_org("a");
-    server.create_org("b");
     let ops = server.key("a", "commands:write", None);
     let agents: Vec<Api> = ["a1", "a2", "a3"]
         .into_iter()
@@ -262,24 +270,15 @@ async fn hold_a_slot(server: &Server, api: &Api) -> tokio::net::TcpStream {
 
 #[tokio::test]
 async fn over_the_in_flight_limit_requests_get_503_and_reports_still_go_through() {
-    let server = Server::start_with(Options {
-        extra_toml: "[overload]\nmax_in_flight = 2\nreserved_for_reports = 1\n",
-        ..Options::default()
-    })
-    .await;
-    server.create_org("a");
-    server.create_org("b");
+    let server =
+        start_with_orgs_a_and_b("[overload]\nmax_in_flight = 2\nreserved_for_reports = 1\n").await;
     let a_ops = server.key("a", "commands:write,commands:read", None);
     let b_ops = server.key("b", "commands:write,commands:read", None);
     let b_agent = server.key("b", "agent", Some("b1"));
     b_agent.check_in(&["q"]).await;
     b_ops.post("/v1/commands", &create_body(0), 201).await;
-    let claimed = b_agent
-        .post("/v1/commands/claim", &json!({"limit": 1}), 200)
-        .await;
-    let command = &claimed["commands"][0];
-    let heartbeat = format!("/v1/commands/{}/heartbeat", command["id"].as_str().unwrap());
-    let token = json!({"claim_token": command["claim_token"]});
+    let (id, token) = claim_one(&b_agent).await;
+    let heartbeat = format!("/v1/commands/{id}/heartbeat");
 
     let held = hold_a_slot(&server, &a_ops).await;
     poll_until(Duration::from_secs(10), || async {
@@ -320,12 +319,7 @@ async fn an_operator_set_pressure_sheds_low_priority_creates_and_not_reports() {
     let agent = server.key("a", "agent", Some("a1"));
     agent.check_in(&["q"]).await;
     ops.post("/v1/commands", &create_body(0), 201).await;
-    let claimed = agent
-        .post("/v1/commands/claim", &json!({"limit": 1}), 200)
-        .await;
-    let command = &claimed["commands"][0];
-    let id = command["id"].as_str().unwrap();
-    let token = json!({"claim_token": command["claim_token"]});
+    let (id, token) = claim_one(&agent).await;
     assert_eq!(
         metric(&server.metrics().await, "keel_overload_pressure"),
         Some(0.0)
