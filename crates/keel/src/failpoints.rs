@@ -21,6 +21,7 @@ pub const KNOWN: &[&str] = &[
     "http.delay",
     "job.telemetry",
     "commands.release_stuck",
+    "overload.pressure",
 ];
 
 #[cfg(test)]

@@ -182,17 +182,34 @@ pub trait PressureSource: Send + Sync {
     fn commit_latency(&self) -> Duration;
 }
 
-/// The source used until the store exposes its writer's figures: always idle, so pressure is
-/// `normal` unless an operator sets it.
+/// The source used until the store exposes its writer's figures: idle (no write waiting, no
+/// latency), so pressure is `normal` unless an operator sets it, or unless the failpoint
+/// `overload.pressure` injects figures.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Unmeasured;
 
+impl Unmeasured {
+    /// Failpoint `overload.pressure`: `return(DEPTH,MS)` reports DEPTH writes waiting and MS
+    /// milliseconds of commit latency.
+    fn injected() -> Option<(usize, Duration)> {
+        fail::fail_point!("overload.pressure", |figures| {
+            let figures = figures?;
+            let (depth, ms) = figures.split_once(',')?;
+            Some((
+                depth.trim().parse().ok()?,
+                Duration::from_millis(ms.trim().parse().ok()?),
+            ))
+        });
+        None
+    }
+}
+
 impl PressureSource for Unmeasured {
     fn queue_depth(&self) -> usize {
-        0
+        Self::injected().map_or(0, |(depth, _)| depth)
     }
     fn commit_latency(&self) -> Duration {
-        Duration::ZERO
+        Self::injected().map_or(Duration::ZERO, |(_, latency)| latency)
     }
 }
 

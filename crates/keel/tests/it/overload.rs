@@ -382,3 +382,47 @@ async fn an_operator_set_pressure_sheds_low_priority_creates_and_not_reports() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn measured_pressure_sheds_low_priority_creates_and_shows_in_metrics_and_admin() {
+    // 2 000 writes waiting: between `elevated_queue_depth` (1 000) and `critical` (5 000).
+    let server = Server::start_with(Options {
+        failpoints: Some("overload.pressure=return(2000,0)"),
+        ..Options::default()
+    })
+    .await;
+    server.create_org("a");
+    let ops = server.key("a", "commands:write,commands:read", None);
+    let agent = server.key("a", "agent", Some("a1"));
+    agent.check_in(&["q"]).await;
+
+    let view = server.admin_get("/v1/admin/overload").await;
+    assert_eq!(view["mode"], "auto");
+    assert_eq!(view["pressure"], "elevated");
+    assert_eq!(view["queue_depth"], 2000);
+    let metrics = server.metrics().await;
+    assert_eq!(metric(&metrics, "keel_overload_pressure"), Some(1.0));
+    assert_eq!(
+        metric(&metrics, "keel_overload_pressure_measured"),
+        Some(1.0)
+    );
+
+    let shed = send(&ops, Method::POST, "/v1/commands", Some(&create_body(-1))).await;
+    assert_refused(&shed, StatusCode::SERVICE_UNAVAILABLE, "overloaded");
+    ops.post("/v1/commands", &create_body(0), 201).await;
+    let (id, token) = claim_one(&agent).await;
+    agent
+        .post(&format!("/v1/commands/{id}/heartbeat"), &token, 200)
+        .await;
+
+    // The operator's `normal` wins over what is measured.
+    assert_eq!(admin_put_mode(&server, "normal").await.status(), 200);
+    ops.post("/v1/commands", &create_body(-1), 201).await;
+    let metrics = server.metrics().await;
+    assert_eq!(metric(&metrics, "keel_overload_pressure"), Some(0.0));
+    assert_eq!(
+        metric(&metrics, "keel_overload_pressure_measured"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&metrics, "keel_overload_mode_override"), Some(1.0));
+}
