@@ -152,6 +152,14 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge { limit: body_limit },
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             StatusCode::UNPROCESSABLE_ENTITY => Self::Validation("invalid request".to_owned()),
+            StatusCode::TOO_MANY_REQUESTS => Self::RateLimited {
+                message: "too many requests".to_owned(),
+                retry_after: Duration::from_secs(1),
+            },
+            StatusCode::SERVICE_UNAVAILABLE => Self::Overloaded {
+                message: "keel is overloaded; retry later".to_owned(),
+                retry_after: Duration::from_secs(1),
+            },
             _ => Self::Internal(format!("status {status} without a body")),
         }
     }
@@ -310,5 +318,17 @@ mod tests {
         assert_eq!(pool.status(), StatusCode::SERVICE_UNAVAILABLE);
         let other = ApiError::from(StoreError::Database(sqlx::Error::Protocol("x".into())));
         assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_bare_429_or_503_keeps_its_status_and_gets_retry_after() {
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            let response = ApiError::from_status(status, 1).into_response();
+            assert_eq!(response.status(), status);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        }
     }
 }

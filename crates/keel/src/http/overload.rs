@@ -74,8 +74,11 @@ impl Default for OverloadConfig {
 impl OverloadConfig {
     /// Checks what serde cannot; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.max_in_flight == 0 {
-            return Err(("overload.max_in_flight", "must be at least 1".to_owned()));
+        if !(1..=Semaphore::MAX_PERMITS).contains(&self.max_in_flight) {
+            return Err((
+                "overload.max_in_flight",
+                format!("must be between 1 and {}", Semaphore::MAX_PERMITS),
+            ));
         }
         if self.reserved_for_reports >= self.max_in_flight {
             return Err((
@@ -128,6 +131,19 @@ impl Default for PressureConfig {
 
 impl PressureConfig {
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        // A zero threshold would hold at every figure: pressure would never be `normal`.
+        if self.elevated_queue_depth == 0 {
+            return Err((
+                "overload.pressure.elevated_queue_depth",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.elevated_commit_latency.is_zero() {
+            return Err((
+                "overload.pressure.elevated_commit_latency",
+                "must be longer than 0s".to_owned(),
+            ));
+        }
         if self.elevated_queue_depth > self.critical_queue_depth {
             return Err((
                 "overload.pressure.elevated_queue_depth",
@@ -259,6 +275,16 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The pressure in force under this mode; `measured` is asked only in `auto`.
+    fn in_force(self, measured: impl FnOnce() -> Pressure) -> Pressure {
+        match self {
+            Self::Auto => measured(),
+            Self::Normal => Pressure::Normal,
+            Self::Elevated => Pressure::Elevated,
+            Self::Critical => Pressure::Critical,
+        }
+    }
+
     /// The name, as in `PUT /v1/admin/overload`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -367,12 +393,8 @@ impl Overload {
 
     /// The pressure in force: the operator's, or the measured one.
     pub fn pressure(&self) -> Pressure {
-        match *self.mode.read() {
-            Mode::Auto => self.measured(),
-            Mode::Normal => Pressure::Normal,
-            Mode::Elevated => Pressure::Elevated,
-            Mode::Critical => Pressure::Critical,
-        }
+        let mode = *self.mode.read();
+        mode.in_force(|| self.measured())
     }
 
     fn measured(&self) -> Pressure {
@@ -472,13 +494,12 @@ impl Overload {
     }
 
     fn refresh_gauges(&self) {
-        metrics::gauge!("keel_overload_pressure").set(self.pressure().gauge());
-        metrics::gauge!("keel_overload_pressure_measured").set(self.measured().gauge());
-        metrics::gauge!("keel_overload_mode_override").set(if *self.mode.read() == Mode::Auto {
-            0.0
-        } else {
-            1.0
-        });
+        let mode = *self.mode.read();
+        let measured = self.measured();
+        let overridden = if mode == Mode::Auto { 0.0 } else { 1.0 };
+        metrics::gauge!("keel_overload_pressure").set(mode.in_force(|| measured).gauge());
+        metrics::gauge!("keel_overload_pressure_measured").set(measured.gauge());
+        metrics::gauge!("keel_overload_mode_override").set(overridden);
     }
 }
 
