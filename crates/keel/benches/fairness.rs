@@ -8,8 +8,10 @@
 //! twice, and A's status-code histogram (201/429/503 expected, never 500).
 //!
 //! `cargo bench -p keel --bench fairness`; `FAIRNESS_SECONDS` sets the flood's length (default
-//! 60), `FAIRNESS_FLOODERS` its concurrent clients (default 16); `FAIRNESS_UNLIMITED=1` lifts the
-//! rate and in-flight limits, for comparison. Results: `docs/benchmarks.md`.
+//! 60), `FAIRNESS_FLOODERS` its concurrent clients (default 16); `FAIRNESS_WORK_PER_SECOND=N`
+//! sets every organisation's `work` bucket to N a second with bursts of 2N;
+//! `FAIRNESS_UNLIMITED=1` lifts the rate and in-flight limits, for comparison. Results:
+//! `docs/benchmarks.md`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -54,13 +56,27 @@ const UNLIMITED: &str = "[commands]\nrelease_stuck_interval = \"1s\"\n\
 fn main() {
     let seconds = env_number("FAIRNESS_SECONDS", 60);
     let flooders = env_number("FAIRNESS_FLOODERS", 16);
-    let unlimited = std::env::var_os("FAIRNESS_UNLIMITED").is_some();
+    let extra_toml = if std::env::var_os("FAIRNESS_UNLIMITED").is_some() {
+        println!("rate and in-flight limits lifted (FAIRNESS_UNLIMITED)");
+        UNLIMITED.to_owned()
+    } else if let Ok(rate) = std::env::var("FAIRNESS_WORK_PER_SECOND") {
+        let rate: u32 = rate.parse().expect("FAIRNESS_WORK_PER_SECOND: a number");
+        println!("work buckets: {rate}/s, bursts of {}", 2 * rate);
+        format!(
+            "{RELEASE_EVERY_SECOND}[overload.rate_limits]\nwork_per_second = {rate}\nwork_burst = {}\n",
+            2 * rate
+        )
+    } else {
+        RELEASE_EVERY_SECOND.to_owned()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run(Duration::from_secs(seconds), flooders, unlimited));
+    // The harness takes its configuration as a `&'static str`; this one lives for the run.
+    let extra_toml: &'static str = extra_toml.leak();
+    runtime.block_on(run(Duration::from_secs(seconds), flooders, extra_toml));
 }
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -134,19 +150,12 @@ struct Phase {
     unexpected: BTreeMap<String, u64>,
 }
 
-async fn run(flood_for: Duration, flooders: u64, unlimited: bool) {
+async fn run(flood_for: Duration, flooders: u64, extra_toml: &'static str) {
     let server = Server::start_with(Options {
-        extra_toml: if unlimited {
-            UNLIMITED
-        } else {
-            RELEASE_EVERY_SECOND
-        },
+        extra_toml,
         ..Options::default()
     })
     .await;
-    if unlimited {
-        println!("rate and in-flight limits lifted (FAIRNESS_UNLIMITED)");
-    }
     server.create_org("a");
     server.create_org("b");
     let a_ops = server.key("a", "commands:write", None);

@@ -32,11 +32,19 @@ pub struct RateLimits {
 impl Default for RateLimits {
     fn default() -> Self {
         Self {
-            work_per_second: NonZeroU32::MIN.saturating_add(199),
-            work_burst: NonZeroU32::MIN.saturating_add(399),
-            agent_per_second: NonZeroU32::MIN.saturating_add(999),
-            agent_burst: NonZeroU32::MIN.saturating_add(1999),
+            work_per_second: nonzero(1_000),
+            work_burst: nonzero(2_000),
+            agent_per_second: nonzero(5_000),
+            agent_burst: nonzero(10_000),
         }
+    }
+}
+
+/// `n` as a `NonZeroU32`, for the defaults (1 for 0, which they do not use).
+const fn nonzero(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => NonZeroU32::MIN,
     }
 }
 
