@@ -51,6 +51,9 @@ pub struct Config {
     pub store: StoreConfig,
     /// Commands, agents and leases.
     pub commands: CommandsConfig,
+    /// Fair sharing and load shedding: rate limits, long-poll caps, the in-flight limit and
+    /// pressure (docs/overload.md).
+    pub overload: crate::http::overload::OverloadConfig,
 }
 
 /// The database (embedded SQLite in `<data_dir>/keel.db`).
@@ -63,7 +66,7 @@ pub struct StoreConfig {
     /// Connections of the read pool.
     pub read_connections: u32,
     /// Writes that may wait for the writer; when it is full, a write waits up to
-    /// `write_timeout` for room, then the request gets 503 `store_busy`.
+    /// `write_timeout` for room, then the request gets 503 `overloaded`.
     pub write_queue: usize,
     /// The most writes committed together in one group.
     pub max_group: usize,
@@ -221,6 +224,7 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             store: StoreConfig::default(),
             commands: CommandsConfig::default(),
+            overload: crate::http::overload::OverloadConfig::default(),
         }
     }
 }
@@ -382,6 +386,9 @@ impl Config {
         }
         self.validate_command_limits()?;
         self.supervisor.validate()?;
+        self.overload
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         if let Some(token) = &self.admin.token
             && token.len() < 16
         {
@@ -541,6 +548,27 @@ mod tests {
             jail.set_env("KEEL_COMMANDS__LIMITS__PROGRESS_BYTES", "100");
             let err = load_in_jail(jail, None).unwrap_err().to_string();
             assert!(err.contains("commands.limits.progress_bytes"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn overload_keys_are_read_and_checked() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "keel.toml",
+                "[overload]\nmax_in_flight = 100\n[overload.orgs.acme]\nwork_per_second = 5\n",
+            )?;
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.overload.max_in_flight, 100);
+            assert_eq!(config.overload.orgs["acme"].work_per_second.get(), 5);
+            jail.set_env("KEEL_OVERLOAD__RATE_LIMITS__AGENT_BURST", "0");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("agent_burst"), "{err}");
+            jail.set_env("KEEL_OVERLOAD__RATE_LIMITS__AGENT_BURST", "10");
+            jail.set_env("KEEL_OVERLOAD__RESERVED_FOR_REPORTS", "100");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("overload.reserved_for_reports"), "{err}");
             Ok(())
         });
     }

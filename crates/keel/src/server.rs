@@ -26,6 +26,7 @@ use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::connections::{self, ConnectionLimits};
 use crate::http::lifecycle::Lifecycle;
+use crate::http::overload::{Overload, StorePressure};
 use crate::http::{self, AppState};
 use crate::telemetry;
 
@@ -108,6 +109,10 @@ pub async fn run(
         max_claim_wait: Duration::from_secs(crate::http::commands::MAX_WAIT_SECONDS),
         agent_online_window: config.commands.agent_online_window,
         command_limits: config.commands.limits,
+        overload: Arc::new(Overload::new(
+            &config.overload,
+            Arc::new(StorePressure::new(store.clone())),
+        )),
         jobs: Arc::new(
             jobs.into_iter()
                 .map(|job| (job.name().to_owned(), job))

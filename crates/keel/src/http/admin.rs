@@ -18,6 +18,7 @@ use super::AppState;
 use super::auth::bearer_token;
 use super::error::ApiError;
 use super::json::Json;
+use super::overload::{Mode, OverloadView};
 
 /// The admin routes, behind the token check.
 pub fn routes(state: AppState) -> axum::Router<AppState> {
@@ -27,6 +28,7 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .route("/jobs", get(jobs))
         .route("/jobs/{name}/interval", put(set_job_interval))
         .route("/log-filters", get(log_filters).put(set_log_filters))
+        .route("/overload", get(overload).put(set_overload_mode))
         .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
 
@@ -100,6 +102,30 @@ async fn set_job_interval(
         .job(&name)
         .map(Json)
         .ok_or(ApiError::NotFound)
+}
+
+/// The pressure in force, where it comes from, and the load.
+async fn overload(State(state): State<AppState>) -> Json<OverloadView> {
+    Json(state.overload.view())
+}
+
+/// The body of `PUT /v1/admin/overload`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverloadMode {
+    /// `auto` (the measured pressure) or the pressure to put in force.
+    mode: Mode,
+}
+
+/// Puts a pressure in force whatever is measured, or returns to the measured one; until the
+/// next change or restart.
+async fn set_overload_mode(
+    State(state): State<AppState>,
+    Json(request): Json<OverloadMode>,
+) -> Json<OverloadView> {
+    state.overload.set_mode(request.mode);
+    tracing::info!(target: "keel::audit", action = "overload.mode", mode = request.mode.as_str(), "overload mode changed");
+    Json(state.overload.view())
 }
 
 /// The log filters in force.

@@ -66,6 +66,11 @@ pub(super) async fn create_batch(
             .map_err(|err| at_item(n, err))?;
         items.push(item);
     }
+    // Under pressure a batch is shed as its lowest priority would be.
+    let lowest = items.iter().map(|item| item.command.priority).min();
+    if let Some(priority) = lowest {
+        state.overload.admit_create(priority)?;
+    }
     let created = state
         .store
         .create_commands(caller.org(), items)

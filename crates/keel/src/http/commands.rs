@@ -224,6 +224,7 @@ async fn create(
     caller.require(Scope::CommandsWrite)?;
     let request: CreateCommand = parse_body(body)?;
     let command = request.validate(&state.command_limits)?;
+    state.overload.admit_create(command.priority)?;
     let idempotency = idempotency(&headers, &command)?;
     let created = state
         .store
@@ -510,6 +511,9 @@ async fn claim(
         .min(state.max_claim_wait)
         .min(state.request_timeout.saturating_sub(Duration::from_secs(1)));
     let deadline = tokio::time::Instant::now() + wait;
+    let _waiting = (!wait.is_zero())
+        .then(|| state.overload.wait_for_claims(org, agent))
+        .transpose()?;
     let waiter = state.wakeups.waiter(org, agent, &queues);
     loop {
         let woken = waiter.enable();

@@ -2,7 +2,9 @@
 //! `{"error":{"code":"…","message":"…","request_id":"…"}}`.
 
 use axum::Json;
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -65,9 +67,6 @@ pub enum ApiError {
     /// The body is JSON but not a valid request (422 `validation_failed`).
     #[error("{0}")]
     Validation(String),
-    /// The store is too busy to take the request now (503 `store_busy`, with `Retry-After`).
-    #[error("the store is busy; retry after a moment")]
-    StoreBusy(String),
     /// keel cannot serve this request now; the client may retry after `retry_after` seconds
     /// (503 `unavailable`, with `Retry-After`).
     #[error("{reason}; retry after {retry_after} s")]
@@ -76,6 +75,24 @@ pub enum ApiError {
         reason: &'static str,
         /// Seconds, as in the `Retry-After` header.
         retry_after: u32,
+    },
+    /// Over an organisation's rate limit or a cap on waiting claims (429 `rate_limited`); the
+    /// answer carries `Retry-After`.
+    #[error("{message}")]
+    RateLimited {
+        /// What limit, for the client.
+        message: String,
+        /// When to try again (sent in whole seconds, rounded up).
+        retry_after: Duration,
+    },
+    /// keel is shedding load or the database is busy (503 `overloaded`); the answer carries
+    /// `Retry-After`.
+    #[error("{message}")]
+    Overloaded {
+        /// Why, for the client.
+        message: String,
+        /// When to try again (sent in whole seconds, rounded up).
+        retry_after: Duration,
     },
     /// Something failed inside keel (500 `internal`); the detail goes to the logs only.
     #[error("internal error")]
@@ -101,8 +118,9 @@ impl ApiError {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::StoreBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,8 +142,9 @@ impl ApiError {
             Self::PayloadTooLarge { .. } | Self::FieldTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Validation(_) => "validation_failed",
-            Self::StoreBusy(_) => "store_busy",
             Self::Unavailable { .. } => "unavailable",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Overloaded { .. } => "overloaded",
             Self::Internal(_) => "internal",
         }
     }
@@ -144,6 +163,14 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge { limit: body_limit },
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             StatusCode::UNPROCESSABLE_ENTITY => Self::Validation("invalid request".to_owned()),
+            StatusCode::TOO_MANY_REQUESTS => Self::RateLimited {
+                message: "too many requests".to_owned(),
+                retry_after: Duration::from_secs(1),
+            },
+            StatusCode::SERVICE_UNAVAILABLE => Self::Overloaded {
+                message: "keel is overloaded; retry later".to_owned(),
+                retry_after: Duration::from_secs(1),
+            },
             _ => Self::Internal(format!("status {status} without a body")),
         }
     }
@@ -162,7 +189,14 @@ impl From<keel_store::StoreError> for ApiError {
                 Self::Validation("agent_id: no such agent in this organisation".to_owned())
             }
             StoreError::InvalidInput(what) => Self::Validation(what),
-            StoreError::Busy(what) => Self::StoreBusy(what),
+            StoreError::Busy(what) => {
+                metrics::counter!("keel_overload_rejected_total", "reason" => "store_busy")
+                    .increment(1);
+                Self::Overloaded {
+                    message: format!("the store is busy ({what}); retry later"),
+                    retry_after: Duration::from_secs(1),
+                }
+            }
             error @ (StoreError::Database(_)
             | StoreError::Migrate(_)
             | StoreError::Unavailable(_)) => Self::Internal(error_chain(&error)),
@@ -219,7 +253,7 @@ pub struct ErrorDetail {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let detail = match &self {
-            Self::Internal(detail) | Self::StoreBusy(detail) => Some(detail.clone()),
+            Self::Internal(detail) => Some(detail.clone()),
             _ => None,
         };
         let body = ErrorBody {
@@ -229,17 +263,21 @@ impl IntoResponse for ApiError {
                 request_id: request_id::current(),
             },
         };
-        let mut response = (self.status(), Json(body)).into_response();
         let retry_after = match &self {
-            Self::StoreBusy(_) => Some(1),
-            Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            Self::RateLimited { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
+                Some(super::rate_limit::retry_after_seconds(*retry_after))
+            }
             _ => None,
         };
-        if let Some(retry_after) = retry_after {
-            response.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(retry_after),
-            );
+        let mut response = (self.status(), Json(body)).into_response();
+        let retry_after = match &self {
+            Self::Unavailable { retry_after, .. } => Some(u64::from(*retry_after)),
+            _ => retry_after,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         // The lifecycle layer logs internal errors with their detail; it reads this marker.
         response.extensions_mut().insert(ErrorMarker { detail });
@@ -253,4 +291,58 @@ impl IntoResponse for ApiError {
 pub struct ErrorMarker {
     /// What went wrong inside keel, for the log only.
     pub detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_store::StoreError;
+    use sqlx::Connection;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+    #[tokio::test]
+    async fn a_busy_database_answers_503_with_retry_after_and_other_errors_stay_500() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.db"))
+            .create_if_missing(true)
+            .busy_timeout(Duration::ZERO);
+        let mut holder = SqliteConnection::connect_with(&options).await.unwrap();
+        let mut other = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut other)
+            .await
+            .unwrap_err();
+
+        let error = ApiError::from(StoreError::from(busy));
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.code(), "overloaded");
+        let response = error.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+
+        let pool = ApiError::from(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert_eq!(pool.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other = ApiError::from(StoreError::Database(sqlx::Error::Protocol("x".into())));
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn a_bare_429_or_503_keeps_its_status_and_gets_retry_after() {
+        for status in [
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            let response = ApiError::from_status(status, 1).into_response();
+            assert_eq!(response.status(), status);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        }
+    }
 }

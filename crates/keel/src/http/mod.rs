@@ -10,6 +10,8 @@
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
 //!   made, in one request.
+//! - [`overload`]: the in-flight limit, pressure and its shedding; [`rate_limit`]: per-organisation
+//!   token buckets; [`waiting_claims`]: the long-poll caps (`docs/overload.md`).
 
 pub mod admin;
 pub mod agents;
@@ -21,8 +23,11 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod lifecycle;
+pub mod overload;
+pub mod rate_limit;
 pub mod request_id;
 pub mod validate;
+pub mod waiting_claims;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,6 +73,8 @@ pub struct AppState {
     pub command_limits: crate::config::CommandLimits,
     /// keel's periodic jobs by name, whose interval the admin API can change.
     pub jobs: Arc<BTreeMap<String, JobHandle>>,
+    /// Rate limits, long-poll caps, the in-flight limit and pressure.
+    pub overload: Arc<overload::Overload>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.
@@ -79,6 +86,10 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
         .nest("/v1/commands", commands::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            overload::admit,
+        ))
         .with_state(state)
         .layer(DefaultBodyLimit::max(lifecycle.body_limit))
         .layer(middleware::from_fn_with_state(
