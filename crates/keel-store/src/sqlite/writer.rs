@@ -55,7 +55,8 @@ pub struct WritePressure {
     pub queue_depth: usize,
     /// The queue's capacity.
     pub queue_capacity: usize,
-    /// How long the last group took, from its first statement to its durable commit.
+    /// How long groups take, from their first statement to their durable commit: a moving
+    /// average in which each group weighs 1/8.
     pub commit_latency: Duration,
     /// How many operations the last group carried.
     pub last_group: usize,
@@ -355,10 +356,14 @@ impl GroupCommit {
     async fn commit_group(&mut self, mut group: Vec<Box<dyn Operation>>) {
         let started = Instant::now();
         let outcome = self.run_group(&mut group).await;
-        self.stats.commit_latency_us.store(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        // A moving average (each group weighs 1/8), so one slow fsync does not read as
+        // pressure, and a run of them does.
+        let sample = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let average = self.stats.commit_latency_us.load(Ordering::Relaxed);
+        let updated = average - average / 8 + sample / 8;
+        self.stats
+            .commit_latency_us
+            .store(updated, Ordering::Relaxed);
         self.stats
             .last_group
             .store(group.len() as u64, Ordering::Relaxed);

@@ -328,7 +328,7 @@ mod tests {
         let response = error.into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
 
-        let pool = ApiError::from(StoreError::Database(sqlx::Error::PoolTimedOut));
+        let pool = ApiError::from(StoreError::from(sqlx::Error::PoolTimedOut));
         assert_eq!(pool.status(), StatusCode::SERVICE_UNAVAILABLE);
         let other = ApiError::from(StoreError::Database(sqlx::Error::Protocol("x".into())));
         assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);

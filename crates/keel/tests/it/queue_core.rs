@@ -136,9 +136,12 @@ async fn a_batch_is_created_whole_or_not_at_all_and_reports_are_taken_one_by_one
 /// at once, with its attempts unchanged.
 #[tokio::test]
 async fn a_claim_whose_client_left_is_handed_back_at_once() {
-    // Every commit waits 1.5 s, so the client can give up while its claim commits.
+    // Every commit waits 1.5 s, so the client can give up while its claim commits; slow
+    // commits must not make keel shed the test's own create.
     let server = Server::start_with(Options {
         failpoints: Some("store.commit=sleep(1500)"),
+        extra_toml: "[overload.pressure]\nelevated_commit_latency = \"1h\"\n\
+                     critical_commit_latency = \"2h\"\n",
         ..Options::default()
     })
     .await;
