@@ -68,7 +68,8 @@ macro_rules! conformance_tests {
             hand_back_restores_the_claim,
             batch_create_is_all_or_nothing,
             release_in_bounded_batches,
-            purge_finished_commands
+            purge_finished_commands,
+            claim_with_a_queue_named_twice
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1584,6 +1585,37 @@ pub async fn hand_back_restores_the_claim(store: &dyn Store, _clock: &ManualCloc
         Err(StoreError::StaleClaim)
     ));
     assert_eq!(claim_one(store, &t, &["q"]).await.command.attempts, 1);
+
+    // A cancel asked while it was claimed holds: handed back, it ends cancelled.
+    let doomed = create(store, t.org, pooled("q2")).await;
+    let c = claim_one(store, &t, &["q2"]).await;
+    store.cancel_command(t.org, doomed).await.unwrap();
+    assert_eq!(
+        store
+            .hand_back(t.org, t.agent, vec![(doomed, c.claim_token)])
+            .await
+            .unwrap(),
+        0
+    );
+    let command = store.get_command(t.org, doomed).await.unwrap().unwrap();
+    assert_eq!(command.status, CommandStatus::Cancelled);
+    let attempts = store.list_attempts(t.org, doomed).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, Some(AttemptOutcome::Cancelled));
+}
+
+/// Naming a queue twice claims as much as naming it once.
+pub async fn claim_with_a_queue_named_twice(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    for _ in 0..3 {
+        create(store, t.org, pooled("q")).await;
+    }
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q", "q"]), 2)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert_ne!(claimed[0].command.id, claimed[1].command.id);
 }
 
 /// A batch is created whole, in order, or not at all.

@@ -137,7 +137,9 @@ pub trait Store: Send + Sync {
 
     /// Hands back commands claimed by `agent` that were never delivered (the claimer gave up
     /// before it got them): each goes back to pending as it was before the claim, with its
-    /// attempt count and history unchanged. A pair whose token is no longer current is skipped.
+    /// attempt count and history unchanged; one whose cancel was requested meanwhile is
+    /// cancelled instead. A pair whose token is no longer current is skipped. Returns how many
+    /// went back to pending.
     async fn hand_back(
         &self,
         org: OrgId,

@@ -7,6 +7,10 @@
 //!    receiving its claim answer; alone, then with 9 other agents long-polling the same
 //!    organisation on another queue.
 //!
+//! 4. Concurrency: 1, 8 and 64 agents at once, each on its own queue: create 10 commands one
+//!    request at a time, claim them in one request, report them in one `POST
+//!    /v1/commands/reports`; `BENCH_ONLY=concurrency` runs only this phase.
+//!
 //! `cargo bench -p keel --bench commands_http` (`BENCH_QUICK=1` for a short smoke run).
 //! Results and the reading are in `docs/benchmarks.md`.
 #![allow(
@@ -59,6 +63,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("concurrency") {
+        for synchronous in ["normal", "full"] {
+            runtime.block_on(concurrency_run(synchronous, scale));
+        }
+        return;
+    }
     let mut reports = Vec::new();
     for synchronous in ["normal", "full"] {
         println!("\n=== [store] synchronous = \"{synchronous}\" ===");
@@ -471,6 +481,94 @@ async fn run(synchronous: &str, scale: usize) -> Report {
         long_poll,
         errors: errors.snapshot(),
         metrics,
+    }
+}
+
+/// Commands each agent runs per round of the concurrency phase.
+const CONCURRENCY_BATCH: usize = 10;
+
+/// Throughput through the real server with 1, 8 and 64 agents working at once.
+async fn concurrency_run(synchronous: &str, scale: usize) {
+    let server = Server::start(synchronous);
+    server.admin(&["create-org", ORG]);
+    let ops = server.key("commands:write,commands:read", None);
+    let errors = Errors::default();
+    let mut agents = Vec::new();
+    for i in 0..64 {
+        let agent = server.key("agent", Some(&format!("agent-{i}")));
+        agent.check_in(&errors).await;
+        agents.push(agent);
+    }
+    for concurrency in [1_usize, 8, 64] {
+        // About 2,000 commands per setting (fewer with BENCH_QUICK).
+        let rounds = (2000 / scale / (CONCURRENCY_BATCH * concurrency)).max(2);
+        let started = Instant::now();
+        let tasks: Vec<_> = agents
+            .iter()
+            .take(concurrency)
+            .enumerate()
+            .map(|(n, agent)| {
+                let (ops, agent, errors) = (ops.clone(), agent.clone(), errors.clone());
+                tokio::spawn(async move {
+                    let queue = format!("c{n}");
+                    let mut done = 0;
+                    for _ in 0..rounds {
+                        for i in 0..CONCURRENCY_BATCH {
+                            let body = json!({"type": "bench", "queue": queue, "params": {"i": i}});
+                            ops.post("create", "/v1/commands", &body, 201, &errors)
+                                .await;
+                        }
+                        let Some(claimed) = agent
+                            .claim(
+                                CONCURRENCY_BATCH as u32,
+                                0,
+                                Some(&[queue.as_str()]),
+                                &errors,
+                            )
+                            .await
+                        else {
+                            continue;
+                        };
+                        let reports: Vec<Value> = claimed
+                            .iter()
+                            .map(|c| {
+                                json!({"id": c["id"], "claim_token": c["claim_token"],
+                                       "outcome": "completed", "result": {"ok": true}})
+                            })
+                            .collect();
+                        let answer = agent
+                            .post(
+                                "reports",
+                                "/v1/commands/reports",
+                                &json!({"reports": reports}),
+                                200,
+                                &errors,
+                            )
+                            .await;
+                        if let Some(answer) = answer {
+                            done += answer["results"].as_array().map_or(0, |r| {
+                                r.iter().filter(|r| r["status"] == "completed").count()
+                            });
+                        }
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut done = 0;
+        for task in tasks {
+            done += task.await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "synchronous {synchronous:>6}, {concurrency:>2} agents: {done:>5} commands in {:>6.2} s = {:>6.0} commands/s",
+            elapsed.as_secs_f64(),
+            per_second(done, elapsed),
+        );
+    }
+    let errors = errors.snapshot();
+    if !errors.is_empty() {
+        println!("  unexpected answers: {errors:?}");
     }
 }
 

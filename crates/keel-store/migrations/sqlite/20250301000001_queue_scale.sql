@@ -54,3 +54,9 @@ CREATE TABLE command_attempts (
     error       TEXT,
     PRIMARY KEY (command_id, attempt)
 ) WITHOUT ROWID;
+
+-- Commands executing when this migration runs get their open attempt, so that their report
+-- closes it and the numbering goes on from their attempt count.
+INSERT INTO command_attempts (command_id, attempt, agent_id, claimed_at)
+    SELECT id, attempts, claimed_by, updated_at FROM commands
+    WHERE status = 'executing' AND claimed_by IS NOT NULL AND attempts >= 1;

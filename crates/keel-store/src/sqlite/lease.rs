@@ -347,7 +347,8 @@ impl LeaseTable {
     }
 
     /// Puts the claims back as they were before they were made: pending, one attempt fewer,
-    /// the attempt record removed. Returns how many were handed back.
+    /// the attempt record removed. A row whose cancel was requested meanwhile is cancelled
+    /// instead (its attempt closed as `cancelled`). Returns how many were handed back.
     pub(super) async fn hand_back(
         &self,
         conn: &mut SqliteConnection,
@@ -364,27 +365,38 @@ impl LeaseTable {
         } = self;
         let mut handed_back = 0;
         for (id, token) in claims {
-            let done = sqlx::query(&format!(
-                "UPDATE {table} SET status = 'pending', attempts = attempts - 1, \
+            let status: Option<String> = sqlx::query_scalar(&format!(
+                "UPDATE {table} SET \
+                   status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
+                   attempts = CASE WHEN cancel_requested THEN attempts ELSE attempts - 1 END, \
+                   finished_at = CASE WHEN cancel_requested THEN ?1 ELSE NULL END, \
                    claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
                  WHERE org_id = ?2 AND id = ?3 AND status = 'executing' AND claim_token = ?4 \
-                   AND claimed_by = ?5"
+                   AND claimed_by = ?5 \
+                 RETURNING status"
             ))
             .bind(now_us)
             .bind(org)
             .bind(*id)
             .bind(token.as_str())
             .bind(agent)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await?;
-            if done.rows_affected() == 1 {
-                sqlx::query(&format!(
-                    "DELETE FROM {attempts} WHERE {owner} = ? AND ended_at IS NULL"
-                ))
-                .bind(*id)
-                .execute(&mut *conn)
-                .await?;
-                handed_back += 1;
+            match status.as_deref() {
+                Some("cancelled") => {
+                    self.close_attempt(conn, *id, "cancelled", None, now_us)
+                        .await?;
+                }
+                Some(_) => {
+                    sqlx::query(&format!(
+                        "DELETE FROM {attempts} WHERE {owner} = ? AND ended_at IS NULL"
+                    ))
+                    .bind(*id)
+                    .execute(&mut *conn)
+                    .await?;
+                    handed_back += 1;
+                }
+                None => {}
             }
         }
         Ok(handed_back)

@@ -239,7 +239,8 @@ impl SqliteStore {
             .acquire_timeout(options.busy_timeout)
             .connect_with(connect.clone().pragma("query_only", "1"))
             .await?;
-        let writer = Writer::start(conn, connect, options.writer);
+        // A broken write connection is replaced on the same file, never on a new empty one.
+        let writer = Writer::start(conn, connect.create_if_missing(false), options.writer);
         Ok(Self {
             read,
             writer,
@@ -669,6 +670,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Claimed>> {
         fail::fail_point!("store.claim", |_| Err(StoreError::injected("store.claim")));
         let limit = limit.clamp(1, MAX_CLAIM_BATCH);
+        // A queue named twice would hand its commands to two arms of the claim.
+        let mut unique: Vec<String> = queues.to_vec();
+        unique.sort();
+        unique.dedup();
+        let queues = unique.as_slice();
         let (_, now_us) = self.now_and_micros();
         // A read first: most claims of idle agents and long polls find nothing, and a read does
         // not queue for the writer.

@@ -130,13 +130,21 @@ impl<T: Send + 'static> Operation for Typed<T> {
 
 enum Message {
     Write(Box<dyn Operation>),
+    /// Detached writes are waiting in [`Writer::detached`].
+    Detached,
     Close(oneshot::Sender<()>),
 }
 
+/// Writes nobody waits for (hand-backs of abandoned claims). They are not sent through the
+/// bounded queue, which may be full exactly when claimers give up: the writer takes them all
+/// at the start of its next group, and before it closes.
+type DetachedWrites = Arc<parking_lot::Mutex<Vec<Box<dyn Operation>>>>;
+
 /// The handle callers use to reach the writer task.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Writer {
     queue: mpsc::Sender<Message>,
+    detached: DetachedWrites,
     stats: Arc<Stats>,
     options: WriterOptions,
 }
@@ -145,6 +153,14 @@ pub(crate) struct Writer {
 struct Stats {
     commit_latency_us: AtomicU64,
     last_group: AtomicU64,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("pressure", &self.pressure())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Writer {
@@ -157,16 +173,19 @@ impl Writer {
     ) -> Self {
         let (queue, inbox) = mpsc::channel(options.queue_capacity.max(1));
         let stats = Arc::new(Stats::default());
+        let detached = DetachedWrites::default();
         let task = GroupCommit {
             conn: Some(conn),
             connect,
             inbox,
+            detached: detached.clone(),
             max_group: options.max_group.max(1),
             stats: stats.clone(),
         };
         tokio::spawn(task.run());
         Self {
             queue,
+            detached,
             stats,
             options,
         }
@@ -227,8 +246,9 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Sends `write` without waiting for its answer (for work nobody waits on, such as handing
-    /// back a claim whose caller left). Dropped when the queue is full.
+    /// Runs `write` in the next group without waiting for its answer (for work nobody waits
+    /// on, such as handing back a claim whose caller left). It never waits for room and is
+    /// never dropped: it is kept aside and taken at the start of the next group.
     pub(crate) fn write_detached<F>(&self, write: F)
     where
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<()>>
@@ -236,8 +256,6 @@ impl Writer {
             + 'static,
     {
         let (reply, _answer) = oneshot::channel::<StoreResult<()>>();
-        // The answer is not awaited, but the operation must still run: keep its receiver alive
-        // inside the operation itself.
         let operation = Detached {
             inner: Typed {
                 write: Some(Box::new(write)),
@@ -246,13 +264,9 @@ impl Writer {
                 orphaned: None,
             },
         };
-        if self
-            .queue
-            .try_send(Message::Write(Box::new(operation)))
-            .is_err()
-        {
-            tracing::warn!("store writer queue full: a detached write was dropped");
-        }
+        self.detached.lock().push(Box::new(operation));
+        // Wakes an idle writer; a busy one (full queue) takes the write with its next group.
+        let _ = self.queue.try_send(Message::Detached);
     }
 
     /// The queue depth and the last group's commit latency.
@@ -307,6 +321,7 @@ struct GroupCommit {
     conn: Option<SqliteConnection>,
     connect: SqliteConnectOptions,
     inbox: mpsc::Receiver<Message>,
+    detached: DetachedWrites,
     max_group: usize,
     stats: Arc<Stats>,
 }
@@ -319,16 +334,23 @@ impl GroupCommit {
                 break;
             };
             let mut closing = None;
+            group.append(&mut self.detached.lock());
             match first {
                 Message::Write(op) => group.push(op),
+                Message::Detached => {}
                 Message::Close(done) => closing = Some(done),
             }
             while closing.is_none() && group.len() < self.max_group {
                 match self.inbox.try_recv() {
                     Ok(Message::Write(op)) => group.push(op),
+                    Ok(Message::Detached) => {}
                     Ok(Message::Close(done)) => closing = Some(done),
                     Err(_) => break,
                 }
+            }
+            if closing.is_some() {
+                // Hand-backs queued by the last groups still go in before the file closes.
+                group.append(&mut self.detached.lock());
             }
             group.retain(|op| op.is_wanted());
             if !group.is_empty() {

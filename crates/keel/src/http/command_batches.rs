@@ -35,7 +35,8 @@ struct BatchView {
 
 /// Creates every command of the batch, or none: the first invalid item is a 422 naming it
 /// (`commands[3].queue: …`) and nothing is created. With an `Idempotency-Key` header `K`, item
-/// `n` is created under the key `K#n`: a retried batch answers the same commands (200).
+/// `n` is created under the key `K·n` ([`batch_item_key`]): a retried batch answers the same
+/// commands (200).
 pub(super) async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
@@ -55,7 +56,7 @@ pub(super) async fn create_batch(
             .and_then(|request| request.validate(&state.command_limits))
             .and_then(|command| {
                 let idempotency = idempotency(&headers, &command)?.map(|idem| Idempotency {
-                    key: format!("{}#{n}", idem.key),
+                    key: batch_item_key(&idem.key, n),
                     request_hash: idem.request_hash,
                 });
                 Ok(NewCommandItem {
@@ -93,6 +94,12 @@ pub(super) async fn create_batch(
         .map(|c| CommandView::from(c.command))
         .collect();
     Ok((status, Json(BatchView { commands })).into_response())
+}
+
+/// The idempotency key of item `n` of a batch sent with `key`: `key·n`. The middle dot is not
+/// printable ASCII, so no `Idempotency-Key` of a single create can take it.
+fn batch_item_key(key: &str, n: usize) -> String {
+    format!("{key}\u{b7}{n}")
 }
 
 /// The error of item `n`, naming it.
