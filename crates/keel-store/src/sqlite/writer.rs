@@ -429,6 +429,19 @@ async fn run_in_transaction(
     // IMMEDIATE takes the write lock now (waiting up to the busy timeout for another process,
     // such as `keel admin`), so no statement of the group can fail to upgrade later.
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    if let [op] = group {
+        // Alone in its group, a write needs no savepoint: if it fails, the whole transaction
+        // is rolled back, which is the same thing and saves two statements.
+        if op.run(conn).await {
+            fail::fail_point!("store.commit", |_| Err(StoreError::injected(
+                "store.commit"
+            )));
+            sqlx::query("COMMIT").execute(&mut *conn).await?;
+        } else {
+            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+        }
+        return Ok(());
+    }
     for op in group.iter_mut() {
         sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
         if op.run(conn).await {
