@@ -1,7 +1,8 @@
 //! Fair sharing and load shedding (`docs/overload.md` is the reference):
 //!
 //! - the in-flight limit: at most `max_in_flight` requests handled at once, of which
-//!   `reserved_for_reports` only agent reports (heartbeats, completes, fails, check-ins) may
+//!   `reserved_for_reports` only agent reports (heartbeats, completes, fails, batch reports,
+//!   check-ins) may
 //!   use; one more gets 503 at once, never a queue;
 //! - per-organisation rate limits ([`super::rate_limit`]): 429;
 //! - the cap on waiting long-polls ([`super::waiting_claims`]): 429;
@@ -353,7 +354,7 @@ impl Class {
             .any(|suffix| api.starts_with("commands/{") && api.ends_with(suffix));
         Some(match api {
             "commands/claim" => Self::Claim,
-            "agents/check-in" => Self::Report,
+            "agents/check-in" | "commands/reports" => Self::Report,
             _ if report => Self::Report,
             _ => Self::Work,
         })
@@ -650,6 +651,11 @@ mod tests {
             Some(Class::Report)
         );
         assert_eq!(Class::of(&post, "/v1/agents/check-in"), Some(Class::Report));
+        assert_eq!(
+            Class::of(&post, "/v1/commands/reports"),
+            Some(Class::Report)
+        );
+        assert_eq!(Class::of(&post, "/v1/commands/batch"), Some(Class::Work));
         assert_eq!(Class::of(&post, "/v1/commands/claim"), Some(Class::Claim));
         assert_eq!(Class::of(&post, "/v1/commands"), Some(Class::Work));
         assert_eq!(
