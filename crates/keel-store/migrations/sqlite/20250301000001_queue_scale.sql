@@ -49,11 +49,47 @@ CREATE TABLE command_attempts (
     agent_id    BLOB    NOT NULL,
     claimed_at  INTEGER NOT NULL,
     ended_at    INTEGER,
-    -- NULL while running; then completed, failed, retry, lease_expired, cancelled, handed_back.
+    -- NULL while running; then completed, retry, failed, lease_expired or cancelled.
     outcome     TEXT,
     error       TEXT,
     PRIMARY KEY (command_id, attempt)
 ) WITHOUT ROWID;
+
+-- How the last attempt ended, as the statement that ended it says: completed, retry, failed,
+-- lease_expired, cancelled, or handed_back (a claim nobody received). The triggers below keep
+-- the attempts from it, so that every change of a command stays one statement.
+ALTER TABLE commands ADD COLUMN attempt_outcome TEXT;
+
+-- A claim opens an attempt.
+CREATE TRIGGER command_attempt_opens AFTER UPDATE OF status ON commands
+WHEN OLD.status = 'pending' AND NEW.status = 'executing'
+BEGIN
+    INSERT INTO command_attempts (command_id, attempt, agent_id, claimed_at)
+    VALUES (NEW.id,
+            (SELECT COALESCE(MAX(attempt), 0) + 1 FROM command_attempts
+             WHERE command_id = NEW.id),
+            NEW.claimed_by, NEW.updated_at);
+END;
+
+-- A report, a release or a cancel ends it, with the outcome and the reported error.
+CREATE TRIGGER command_attempt_ends AFTER UPDATE OF status ON commands
+WHEN OLD.status = 'executing' AND NEW.status <> 'executing'
+     AND NEW.attempt_outcome IS NOT 'handed_back'
+BEGIN
+    UPDATE command_attempts
+    SET ended_at = NEW.updated_at,
+        outcome = NEW.attempt_outcome,
+        error = CASE WHEN NEW.attempt_outcome IN ('retry', 'failed')
+                       OR NEW.error IS NOT OLD.error THEN NEW.error END
+    WHERE command_id = NEW.id AND ended_at IS NULL;
+END;
+
+-- A claim handed back unused was no attempt.
+CREATE TRIGGER command_attempt_handed_back AFTER UPDATE OF status ON commands
+WHEN OLD.status = 'executing' AND NEW.attempt_outcome IS 'handed_back'
+BEGIN
+    DELETE FROM command_attempts WHERE command_id = NEW.id AND ended_at IS NULL;
+END;
 
 -- Commands executing when this migration runs get their open attempt, so that their report
 -- closes it and the numbering goes on from their attempt count.

@@ -5,12 +5,15 @@
 //! A leased table has these columns, by these names: `id`, `org_id`, `status` (`pending`,
 //! `executing`, `completed`, `failed`, `cancelled`, `dead`), `run_at`, `priority`, `attempts`,
 //! `max_attempts`, `lease_duration_ms`, `claim_token`, `lease_expires_at`, `claimed_by`,
-//! `progress`, `result`, `error`, `dead_reason`, `cancel_requested`, `updated_at`,
-//! `finished_at`. Its attempts table has `(owner, attempt)` as key and `agent_id`,
+//! `progress`, `result`, `error`, `dead_reason`, `cancel_requested`, `attempt_outcome`,
+//! `updated_at`, `finished_at`. Its attempts table has `(owner, attempt)` as key and `agent_id`,
 //! `claimed_at`, `ended_at`, `outcome`, `error`.
 //!
-//! Every function runs on the writer's connection inside the caller's savepoint, so a read
-//! followed by a write here sees no other writer in between. Fencing is by conditional
+//! Every change of a row is one statement (a read may come before it), so the writer needs no
+//! savepoint around it. The attempts are kept by the table's triggers (in its migration), from
+//! the `attempt_outcome` each statement sets: a claim opens an attempt; a report, a release or
+//! a cancel ends it; a hand-back deletes it. Every function runs on the writer's connection, so
+//! a read followed by a write here sees no other writer in between. Fencing is by conditional
 //! `UPDATE`: `status = 'executing' AND claim_token = ? AND claimed_by = ?`.
 
 use serde_json::Value;
@@ -22,17 +25,13 @@ use crate::backoff::retry_backoff;
 use crate::error::{StoreError, StoreResult};
 use crate::model::{AgentId, ClaimToken, OrgId};
 
-/// A table whose rows are leased, and where its attempts are kept.
+/// A table whose rows are leased (its attempts are kept by its triggers).
 #[derive(Debug)]
 pub(super) struct LeaseTable {
     /// The leased table.
     pub(super) table: &'static str,
     /// The columns a row type reads, in its order.
     pub(super) columns: &'static str,
-    /// The table of attempts.
-    pub(super) attempts: &'static str,
-    /// The attempts table's column that names the leased row.
-    pub(super) owner: &'static str,
 }
 
 /// What a fenced report names: the row, the holder and its token.
@@ -71,7 +70,7 @@ impl LeaseTable {
         claim: Claim<'_>,
     ) -> StoreResult<Vec<R>>
     where
-        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin + LeasedRow,
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
     {
         let Claim {
             candidates,
@@ -105,60 +104,7 @@ impl LeaseTable {
         for value in extra {
             query = query.bind(value);
         }
-        let rows = query.fetch_all(&mut *conn).await?;
-        for row in &rows {
-            self.open_attempt(conn, row.lease_id(), agent, now_us)
-                .await?;
-        }
-        Ok(rows)
-    }
-
-    async fn open_attempt(
-        &self,
-        conn: &mut SqliteConnection,
-        id: uuid::Uuid,
-        agent: AgentId,
-        now_us: i64,
-    ) -> StoreResult<()> {
-        let Self {
-            attempts, owner, ..
-        } = self;
-        sqlx::query(&format!(
-            "INSERT INTO {attempts} ({owner}, attempt, agent_id, claimed_at) \
-             VALUES (?1, (SELECT COALESCE(MAX(attempt), 0) + 1 FROM {attempts} WHERE {owner} = ?1), \
-                     ?2, ?3)"
-        ))
-        .bind(id)
-        .bind(agent)
-        .bind(now_us)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    /// Closes the open attempt of `id` with `outcome` (and the reported error).
-    async fn close_attempt(
-        &self,
-        conn: &mut SqliteConnection,
-        id: uuid::Uuid,
-        outcome: &str,
-        error: Option<&Value>,
-        now_us: i64,
-    ) -> StoreResult<()> {
-        let Self {
-            attempts, owner, ..
-        } = self;
-        sqlx::query(&format!(
-            "UPDATE {attempts} SET ended_at = ?1, outcome = ?2, error = ?3 \
-             WHERE {owner} = ?4 AND ended_at IS NULL"
-        ))
-        .bind(now_us)
-        .bind(outcome)
-        .bind(error.map(Json))
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        Ok(query.fetch_all(&mut *conn).await?)
     }
 
     /// Renews the lease and stores `progress` if given; `(lease expiry, cancel requested)`.
@@ -206,8 +152,8 @@ impl LeaseTable {
         let Self { table, columns, .. } = self;
         let row: Option<R> = sqlx::query_as(&format!(
             "UPDATE {table} SET \
-               status = 'completed', result = ?1, claim_token = NULL, lease_expires_at = NULL, \
-               finished_at = ?2, updated_at = ?2 \
+               status = 'completed', attempt_outcome = 'completed', result = ?1, \
+               claim_token = NULL, lease_expires_at = NULL, finished_at = ?2, updated_at = ?2 \
              WHERE org_id = ?3 AND id = ?4 AND status = 'executing' AND claim_token = ?5 \
                AND claimed_by = ?6 \
              RETURNING {columns}"
@@ -221,11 +167,7 @@ impl LeaseTable {
         .fetch_optional(&mut *conn)
         .await?;
         match row {
-            Some(row) => {
-                self.close_attempt(conn, fence.id, "completed", None, now_us)
-                    .await?;
-                Ok(row)
-            }
+            Some(row) => Ok(row),
             None => Err(self.stale_or_missing(conn, fence.org, fence.id).await),
         }
     }
@@ -242,7 +184,7 @@ impl LeaseTable {
         now_us: i64,
     ) -> StoreResult<R>
     where
-        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin + LeasedRow,
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
     {
         let Self { table, columns, .. } = self;
         // The backoff depends on the attempts so far. This runs on the one writer, so nothing
@@ -273,6 +215,9 @@ impl LeaseTable {
                              THEN ?2 ELSE run_at END, \
                finished_at = CASE WHEN NOT cancel_requested AND ?1 AND attempts < max_attempts \
                              THEN NULL ELSE ?3 END, \
+               attempt_outcome = CASE WHEN cancel_requested THEN 'cancelled' \
+                             WHEN ?1 AND attempts < max_attempts THEN 'retry' \
+                             ELSE 'failed' END, \
                error = ?4, claim_token = NULL, lease_expires_at = NULL, updated_at = ?3 \
              WHERE org_id = ?5 AND id = ?6 AND status = 'executing' AND claim_token = ?7 \
                AND claimed_by = ?8 \
@@ -289,16 +234,7 @@ impl LeaseTable {
         .fetch_optional(&mut *conn)
         .await?;
         match row {
-            Some(row) => {
-                let outcome = match row.lease_status() {
-                    "pending" => "retry",
-                    "cancelled" => "cancelled",
-                    _ => "failed",
-                };
-                self.close_attempt(conn, fence.id, outcome, Some(&error), now_us)
-                    .await?;
-                Ok(row)
-            }
+            Some(row) => Ok(row),
             None => Err(self.stale_or_missing(conn, fence.org, fence.id).await),
         }
     }
@@ -323,6 +259,8 @@ impl LeaseTable {
                              THEN ?1 ELSE run_at END, \
                finished_at = CASE WHEN NOT cancel_requested AND attempts < max_attempts \
                              THEN NULL ELSE ?1 END, \
+               attempt_outcome = CASE WHEN cancel_requested THEN 'cancelled' \
+                             ELSE 'lease_expired' END, \
                claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
              WHERE id IN (SELECT id FROM {table} \
                           WHERE status = 'executing' AND lease_expires_at < ?1 \
@@ -335,20 +273,12 @@ impl LeaseTable {
         .bind(i64::from(limit))
         .fetch_all(&mut *conn)
         .await?;
-        for (id, _, _, status) in &rows {
-            let outcome = if status == "cancelled" {
-                "cancelled"
-            } else {
-                "lease_expired"
-            };
-            self.close_attempt(conn, *id, outcome, None, now_us).await?;
-        }
         Ok(rows)
     }
 
     /// Puts the claims back as they were before they were made: pending, one attempt fewer,
     /// the attempt record removed. A row whose cancel was requested meanwhile is cancelled
-    /// instead (its attempt closed as `cancelled`). Returns how many were handed back.
+    /// instead (its attempt ends as `cancelled`). Returns how many went back to pending.
     pub(super) async fn hand_back(
         &self,
         conn: &mut SqliteConnection,
@@ -357,12 +287,7 @@ impl LeaseTable {
         claims: &[(uuid::Uuid, ClaimToken)],
         now_us: i64,
     ) -> StoreResult<u64> {
-        let Self {
-            table,
-            attempts,
-            owner,
-            ..
-        } = self;
+        let table = self.table;
         let mut handed_back = 0;
         for (id, token) in claims {
             let status: Option<String> = sqlx::query_scalar(&format!(
@@ -370,6 +295,8 @@ impl LeaseTable {
                    status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'pending' END, \
                    attempts = CASE WHEN cancel_requested THEN attempts ELSE attempts - 1 END, \
                    finished_at = CASE WHEN cancel_requested THEN ?1 ELSE NULL END, \
+                   attempt_outcome = CASE WHEN cancel_requested THEN 'cancelled' \
+                                     ELSE 'handed_back' END, \
                    claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
                  WHERE org_id = ?2 AND id = ?3 AND status = 'executing' AND claim_token = ?4 \
                    AND claimed_by = ?5 \
@@ -382,21 +309,8 @@ impl LeaseTable {
             .bind(agent)
             .fetch_optional(&mut *conn)
             .await?;
-            match status.as_deref() {
-                Some("cancelled") => {
-                    self.close_attempt(conn, *id, "cancelled", None, now_us)
-                        .await?;
-                }
-                Some(_) => {
-                    sqlx::query(&format!(
-                        "DELETE FROM {attempts} WHERE {owner} = ? AND ended_at IS NULL"
-                    ))
-                    .bind(*id)
-                    .execute(&mut *conn)
-                    .await?;
-                    handed_back += 1;
-                }
-                None => {}
+            if status.as_deref() == Some("pending") {
+                handed_back += 1;
             }
         }
         Ok(handed_back)
@@ -542,12 +456,4 @@ impl LeaseTable {
         .fetch_optional(&mut *conn)
         .await?)
     }
-}
-
-/// What the engine reads of a leased row it returns.
-pub(super) trait LeasedRow {
-    /// Its id.
-    fn lease_id(&self) -> uuid::Uuid;
-    /// Its status, as stored.
-    fn lease_status(&self) -> &str;
 }

@@ -29,7 +29,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, SqliteConnection};
 use time::OffsetDateTime;
 
-use self::lease::{Claim, Fence, LeaseTable, LeasedRow};
+use self::lease::{Claim, Fence, LeaseTable};
 use self::rows::{
     AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
     parse_status, to_micros, to_u32, truncate_to_micros,
@@ -112,19 +112,7 @@ const API_KEY_COLUMNS: &str =
 const COMMANDS: LeaseTable = LeaseTable {
     table: "commands",
     columns: COMMAND_COLUMNS,
-    attempts: "command_attempts",
-    owner: "command_id",
 };
-
-impl LeasedRow for CommandRow {
-    fn lease_id(&self) -> uuid::Uuid {
-        self.id.0
-    }
-
-    fn lease_status(&self) -> &str {
-        &self.status
-    }
-}
 
 /// Claim order, the order of the claim indexes.
 const CLAIM_ORDER: &str = "priority DESC, run_at, id";
@@ -258,7 +246,8 @@ impl SqliteStore {
         (now, to_micros(now))
     }
 
-    /// Runs `write` on the writer's connection in the next group commit.
+    /// Runs `write`, which changes the database in several statements, on the writer's
+    /// connection in the next group commit, inside a savepoint of its own.
     async fn write<T, F>(&self, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -267,6 +256,18 @@ impl SqliteStore {
             + 'static,
     {
         self.writer.write(write).await
+    }
+
+    /// Runs `write`, which changes the database in at most one statement, in the next group
+    /// commit (no savepoint needed: SQLite undoes a failed statement by itself).
+    async fn write_one<T, F>(&self, write: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.writer.write_one(write).await
     }
 
     async fn list_page(
@@ -347,7 +348,7 @@ impl Store for SqliteStore {
         }
         let (_, now_us) = self.now_and_micros();
         let name = name.to_owned();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let row: OrgRow = sqlx::query_as(
                     "INSERT INTO organisations (id, name, created_at) VALUES (?, ?, ?) \
@@ -459,7 +460,7 @@ impl Store for SqliteStore {
 
     async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()> {
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let done = sqlx::query(
                     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) \
@@ -511,7 +512,7 @@ impl Store for SqliteStore {
             ));
         }
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 // SET expressions read the row as it was, so `boot_id IS ?` compares with the
                 // old boot. The name is the key's agent's: a check-in may state it (and must
@@ -587,7 +588,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Created> {
         validate_new_command(&command)?;
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move { insert_command(conn, org, command, idempotency, now_us).await })
         })
         .await
@@ -652,7 +653,7 @@ impl Store for SqliteStore {
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let row: CommandRow = COMMANDS.cancel(conn, org, id.0, now_us).await?;
                 Ok(row.into_command()?.0)
@@ -796,7 +797,7 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
         let (expires_at, cancel_requested) = self
-            .write(move |conn| {
+            .write_one(move |conn| {
                 Box::pin(async move {
                     let fence = Fence {
                         org,
@@ -827,7 +828,7 @@ impl Store for SqliteStore {
         )));
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let fence = Fence {
                     org,
@@ -853,7 +854,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Command> {
         let (now, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let fence = Fence {
                     org,
@@ -878,7 +879,7 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         let limit = limit.max(1);
         let rows = self
-            .write(move |conn| {
+            .write_one(move |conn| {
                 Box::pin(async move { COMMANDS.release_expired(conn, org, now_us, limit).await })
             })
             .await?;
@@ -905,7 +906,7 @@ impl Store for SqliteStore {
     async fn purge_finished(&self, before: OffsetDateTime, limit: u32) -> StoreResult<u64> {
         let before_us = to_micros(before);
         let limit = limit.max(1);
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move { COMMANDS.purge_finished(conn, before_us, limit).await })
         })
         .await
@@ -926,7 +927,7 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write_one(move |conn| {
             Box::pin(async move {
                 let row: CommandRow = COMMANDS.requeue(conn, org, id.0, now_us).await?;
                 Ok(row.into_command()?.0)

@@ -72,6 +72,14 @@ trait Operation: Send {
     fn is_wanted(&self) -> bool;
     /// Runs the write; `true` when it succeeded (its savepoint is kept).
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool>;
+    /// Whether the write changes the database in at most one statement (reads may come before
+    /// or after it). SQLite undoes a failed statement by itself, so such a write needs no
+    /// savepoint of its own.
+    fn is_one_statement(&self) -> bool;
+    /// After a one-statement write failed: the error, when it may have left the transaction
+    /// in doubt (a database error, a panic) rather than a clean refusal (a constraint, a stale
+    /// token, a missing row); the whole group is then rolled back.
+    fn doubt(&self) -> Option<StoreError>;
     /// Answers the caller once the group's fate is known: its own result if the group
     /// committed, the commit's error otherwise.
     fn answer(self: Box<Self>, committed: Result<(), &StoreError>);
@@ -79,6 +87,7 @@ trait Operation: Send {
 
 struct Typed<T> {
     write: Option<WriteFn<T>>,
+    one_statement: bool,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
     /// What to do with a successful result nobody received any more (a claim hands its
@@ -111,6 +120,22 @@ impl<T: Send + 'static> Operation for Typed<T> {
             self.result = Some(result);
             ok
         })
+    }
+
+    fn is_one_statement(&self) -> bool {
+        self.one_statement
+    }
+
+    fn doubt(&self) -> Option<StoreError> {
+        match &self.result {
+            Some(Err(
+                err @ (StoreError::Database(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Busy(_)
+                | StoreError::Migrate(_)),
+            )) => Some(err.duplicate()),
+            _ => None,
+        }
     }
 
     fn answer(self: Box<Self>, committed: Result<(), &StoreError>) {
@@ -191,7 +216,8 @@ impl Writer {
         }
     }
 
-    /// Runs `write` in the next group and answers once that group is durable.
+    /// Runs `write` in the next group, inside a savepoint of its own, and answers once that
+    /// group is durable.
     pub(crate) async fn write<T, F>(&self, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
@@ -199,11 +225,23 @@ impl Writer {
             + Send
             + 'static,
     {
-        self.submit(Box::new(write), None).await
+        self.submit(Box::new(write), false, None).await
     }
 
-    /// Like [`Writer::write`]; when the caller has gone by the time the write committed, its
-    /// successful result is handed to `orphaned` instead.
+    /// Like [`Writer::write`] for a write that changes the database in at most one statement:
+    /// it runs without a savepoint, and alone in its group without a transaction around it.
+    pub(crate) async fn write_one<T, F>(&self, write: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
+            + Send
+            + 'static,
+    {
+        self.submit(Box::new(write), true, None).await
+    }
+
+    /// Like [`Writer::write_one`]; when the caller has gone by the time the write committed,
+    /// its successful result is handed to `orphaned` instead.
     pub(crate) async fn write_or_else<T, F>(
         &self,
         write: F,
@@ -215,17 +253,19 @@ impl Writer {
             + Send
             + 'static,
     {
-        self.submit(Box::new(write), Some(orphaned)).await
+        self.submit(Box::new(write), true, Some(orphaned)).await
     }
 
     async fn submit<T: Send + 'static>(
         &self,
         write: WriteFn<T>,
+        one_statement: bool,
         orphaned: Option<Box<dyn FnOnce(T) + Send>>,
     ) -> StoreResult<T> {
         let (reply, answer) = oneshot::channel();
         let operation = Typed {
             write: Some(write),
+            one_statement,
             result: None,
             reply,
             orphaned,
@@ -259,6 +299,7 @@ impl Writer {
         let operation = Detached {
             inner: Typed {
                 write: Some(Box::new(write)),
+                one_statement: false,
                 result: None,
                 reply,
                 orphaned: None,
@@ -303,6 +344,14 @@ impl Operation for Detached {
 
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
         self.inner.run(conn)
+    }
+
+    fn is_one_statement(&self) -> bool {
+        self.inner.is_one_statement()
+    }
+
+    fn doubt(&self) -> Option<StoreError> {
+        self.inner.doubt()
     }
 
     fn answer(self: Box<Self>, committed: Result<(), &StoreError>) {
@@ -426,23 +475,28 @@ async fn run_in_transaction(
     conn: &mut SqliteConnection,
     group: &mut [Box<dyn Operation>],
 ) -> StoreResult<()> {
+    if let [op] = group
+        && op.is_one_statement()
+    {
+        // One statement alone: SQLite commits it by itself (autocommit), durably, or undoes it.
+        fail::fail_point!("store.commit", |_| Err(StoreError::injected(
+            "store.commit"
+        )));
+        op.run(conn).await;
+        return Ok(());
+    }
     // IMMEDIATE takes the write lock now (waiting up to the busy timeout for another process,
     // such as `keel admin`), so no statement of the group can fail to upgrade later.
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    if let [op] = group {
-        // Alone in its group, a write needs no savepoint: if it fails, the whole transaction
-        // is rolled back, which is the same thing and saves two statements.
-        if op.run(conn).await {
-            fail::fail_point!("store.commit", |_| Err(StoreError::injected(
-                "store.commit"
-            )));
-            sqlx::query("COMMIT").execute(&mut *conn).await?;
-        } else {
-            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
-        }
-        return Ok(());
-    }
     for op in group.iter_mut() {
+        if op.is_one_statement() {
+            if !op.run(conn).await
+                && let Some(doubt) = op.doubt()
+            {
+                return Err(doubt);
+            }
+            continue;
+        }
         sqlx::query("SAVEPOINT op").execute(&mut *conn).await?;
         if op.run(conn).await {
             sqlx::query("RELEASE op").execute(&mut *conn).await?;
