@@ -107,6 +107,13 @@ listen = "127.0.0.1:{port}"
 
 [store]
 synchronous = "{synchronous}"
+
+# The bench measures capacity: no organisation quota may cut it short.
+[overload.rate_limits]
+work_per_second = 1000000
+work_burst = 1000000
+agent_per_second = 1000000
+agent_burst = 1000000
 "#,
             data = dir.path().join("data").display(),
         );
@@ -529,6 +536,9 @@ async fn concurrency_run(synchronous: &str, scale: usize) {
                         else {
                             continue;
                         };
+                        if claimed.is_empty() {
+                            continue;
+                        }
                         let reports: Vec<Value> = claimed
                             .iter()
                             .map(|c| {
