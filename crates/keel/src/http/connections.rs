@@ -413,23 +413,24 @@ impl Connection {
                 request.extensions_mut().insert(ReservedConnection);
             }
             let answer = app.clone().oneshot(request.map(axum::body::Body::new));
-            async move {
+            // Boxed, so the connection is `Unpin` and gives its socket back when it ends.
+            Box::pin(async move {
                 let response: Result<Response, Infallible> = answer.await;
                 drop(in_progress);
                 response
-            }
+            })
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             // keel times request heads itself (see the module documentation).
             .header_read_timeout(None)
             .keep_alive(!reserved);
-        let connection = builder.serve_connection(io, service);
-        tokio::pin!(connection);
+        let mut connection = builder.serve_connection(io, service);
         tokio::select! {
-            served = connection.as_mut() => {
-                if let Err(error) = served {
-                    tracing::debug!(%error, "connection ended with an error");
+            served = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => {
+                match served {
+                    Ok(()) => linger(connection.into_parts().io.into_inner().inner).await,
+                    Err(error) => tracing::debug!(%error, "connection ended with an error"),
                 }
                 return None;
             }
@@ -441,9 +442,35 @@ impl Connection {
         if !self.activity.is_busy() {
             return Some("shutdown");
         }
-        connection.as_mut().graceful_shutdown();
+        Pin::new(&mut connection).graceful_shutdown();
         let _ = connection.await;
         None
+    }
+}
+
+/// How long, at most, a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The most bytes a closing connection reads and drops.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Closes a connection the way a client can read its last answer: the answer is sent and the
+/// sending side shut, then what the client still sends (the rest of a body refused with 413
+/// before it was read) is read and dropped, for up to [`LINGER`] and [`LINGER_BYTES`]. Closing
+/// a socket with unread bytes would reset it, and the client would lose the answer.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = vec![0_u8; 64 * 1024];
+    let mut drained = 0;
+    let deadline = Instant::now() + LINGER;
+    while drained < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
     }
 }
 

@@ -281,3 +281,24 @@ async fn an_idempotency_key_with_a_tab_is_refused() {
     let listed = ops.get("/v1/commands", 200).await;
     assert_eq!(listed["items"], serde_json::json!([]), "{listed}");
 }
+
+/// A body refused with 413 before it was read still reaches the client as an answer: keel
+/// reads and drops the rest of the body before it closes, so the client's last writes do not
+/// reset the connection under its answer.
+#[tokio::test]
+async fn an_oversize_body_sent_in_full_gets_its_413_every_time() {
+    let server = Server::start().await;
+    let big = "x".repeat(4 * 1024 * 1024);
+    for _ in 0..20 {
+        let response = server
+            .client
+            .post(server.url("/v1/commands"))
+            .bearer_auth("keel_nobody_0000")
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+}
