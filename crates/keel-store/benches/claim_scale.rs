@@ -1,5 +1,7 @@
 //! Claim and list latency as the backlog grows: 1,000, then 100,000, then 1,000,000 pending
-//! commands in one queue of one organisation, in one run, on one database file.
+//! commands in one queue of one organisation (plus 10 % more scheduled for tomorrow at a higher
+//! priority in the same queue, and 10 % more in another organisation), in one run, on one
+//! database file.
 //!
 //! `cargo bench -p keel-store --bench claim_scale` (`KEEL_BENCH_MAX_PENDING=100000` stops
 //! earlier). Prints, per backlog: claim (limit 1 and limit 10) p50/p99, a claim by an agent
@@ -93,6 +95,20 @@ async fn run(max: usize) {
                 })
                 .collect();
             store.create_commands(other.org, noise).await.unwrap();
+            // Commands scheduled for tomorrow at a higher priority sit in the same queue: a
+            // claim must not read through them.
+            let tomorrow = store.now() + time::Duration::days(1);
+            let scheduled = (0..n / 10)
+                .map(|i| NewCommandItem {
+                    command: NewCommand {
+                        priority: 10,
+                        run_at: Some(tomorrow),
+                        ..NewCommand::new("later", Target::Queue("q".into()), json!({"n": i}))
+                    },
+                    idempotency: None,
+                })
+                .collect();
+            store.create_commands(t.org, scheduled).await.unwrap();
             pending += n;
         }
         eprintln!(

@@ -69,7 +69,8 @@ macro_rules! conformance_tests {
             batch_create_is_all_or_nothing,
             release_in_bounded_batches,
             purge_finished_commands,
-            claim_with_a_queue_named_twice
+            claim_with_a_queue_named_twice,
+            scheduled_commands_wait_their_turn
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1602,6 +1603,67 @@ pub async fn hand_back_restores_the_claim(store: &dyn Store, _clock: &ManualCloc
     let attempts = store.list_attempts(t.org, doomed).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].outcome, Some(AttemptOutcome::Cancelled));
+}
+
+/// Commands not yet due, at a higher priority, neither hide the due ones nor are claimed early;
+/// once due, they go first.
+pub async fn scheduled_commands_wait_their_turn(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut later = Vec::new();
+    for _ in 0..50 {
+        let mut c = pooled("q");
+        c.priority = 5;
+        c.run_at = Some(START + secs(60));
+        later.push(create(store, t.org, c).await);
+    }
+    let due = create(store, t.org, pooled("q")).await;
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q"]), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.command.id).collect::<Vec<_>>(),
+        vec![due]
+    );
+    assert_eq!(
+        store
+            .next_due_at(t.org, t.agent, &queues(&["q"]))
+            .await
+            .unwrap(),
+        Some(START + secs(60))
+    );
+    clock.advance(secs(60));
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q"]), 100)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 50);
+    assert!(claimed.iter().all(|c| c.command.priority == 5));
+    // A retry waits out its backoff the same way.
+    let first = &claimed[0];
+    store
+        .fail(
+            t.org,
+            t.agent,
+            first.command.id,
+            &first.claim_token,
+            json!("x"),
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim(t.org, t.agent, &queues(&["q"]), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    clock.advance(secs(10));
+    assert_eq!(
+        claim_one(store, &t, &["q"]).await.command.id,
+        first.command.id
+    );
 }
 
 /// Naming a queue twice claims as much as naming it once.

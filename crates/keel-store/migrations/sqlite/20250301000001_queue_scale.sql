@@ -1,8 +1,15 @@
 -- Queue core at scale: every query shape has an index that serves it, and every attempt is kept.
 --
 -- Claims hand out due pending commands best priority first, then earliest due (`run_at`), then
--- by id. Each claim index is in exactly that order, so a claim reads the first rows of the index
--- and stops: its cost does not grow with the backlog.
+-- by id. Each claim index is in exactly that order and holds only commands that are due, so a
+-- claim reads the first rows of the index and stops: its cost does not grow with the backlog.
+
+-- A pending command that was not yet due when it was last written (created for later, or
+-- waiting out a retry's backoff) is `scheduled`: it stays out of the claim indexes until a
+-- claim that could take it finds it due and clears the flag.
+ALTER TABLE commands ADD COLUMN scheduled INTEGER NOT NULL DEFAULT 0;
+UPDATE commands SET scheduled = 1
+    WHERE status = 'pending' AND run_at > CAST(strftime('%s', 'now') AS INTEGER) * 1000000;
 
 DROP INDEX commands_claim_agent;
 DROP INDEX commands_claim_queue;
@@ -10,18 +17,19 @@ DROP INDEX commands_org_status;
 
 CREATE INDEX commands_claim_agent
     ON commands (org_id, target_agent_id, priority DESC, run_at, id)
-    WHERE status = 'pending' AND target_agent_id IS NOT NULL;
+    WHERE status = 'pending' AND scheduled = 0 AND target_agent_id IS NOT NULL;
 CREATE INDEX commands_claim_queue
     ON commands (org_id, queue, priority DESC, run_at, id)
-    WHERE status = 'pending' AND target_agent_id IS NULL;
+    WHERE status = 'pending' AND scheduled = 0 AND target_agent_id IS NULL;
 
--- "Is anything due?" and "when is the next one due?" (the claim's probe and the long poll).
-CREATE INDEX commands_due_agent
+-- Scheduled commands by due time: "which have become due?" (a claim makes them claimable) and
+-- "when is the next one due?" (the long poll).
+CREATE INDEX commands_scheduled_agent
     ON commands (org_id, target_agent_id, run_at)
-    WHERE status = 'pending' AND target_agent_id IS NOT NULL;
-CREATE INDEX commands_due_queue
+    WHERE status = 'pending' AND scheduled = 1 AND target_agent_id IS NOT NULL;
+CREATE INDEX commands_scheduled_queue
     ON commands (org_id, queue, run_at)
-    WHERE status = 'pending' AND target_agent_id IS NULL;
+    WHERE status = 'pending' AND scheduled = 1 AND target_agent_id IS NULL;
 
 -- Listing, newest first (ids are UUIDv7, so id order is age order): one index per filter, and
 -- one per filter together with the status. A listing with more filters reads the index of two

@@ -215,6 +215,8 @@ impl LeaseTable {
                              THEN ?2 ELSE run_at END, \
                finished_at = CASE WHEN NOT cancel_requested AND ?1 AND attempts < max_attempts \
                              THEN NULL ELSE ?3 END, \
+               scheduled = CASE WHEN NOT cancel_requested AND ?1 AND attempts < max_attempts \
+                             THEN 1 ELSE 0 END, \
                attempt_outcome = CASE WHEN cancel_requested THEN 'cancelled' \
                              WHEN ?1 AND attempts < max_attempts THEN 'retry' \
                              ELSE 'failed' END, \
@@ -259,6 +261,7 @@ impl LeaseTable {
                              THEN ?1 ELSE run_at END, \
                finished_at = CASE WHEN NOT cancel_requested AND attempts < max_attempts \
                              THEN NULL ELSE ?1 END, \
+               scheduled = 0, \
                attempt_outcome = CASE WHEN cancel_requested THEN 'cancelled' \
                              ELSE 'lease_expired' END, \
                claim_token = NULL, lease_expires_at = NULL, updated_at = ?1 \
@@ -334,7 +337,7 @@ impl LeaseTable {
             id,
             now_us,
             "status = 'pending', attempts = 0, dead_reason = NULL, run_at = ?1, \
-             finished_at = NULL, cancel_requested = 0",
+             scheduled = 0, finished_at = NULL, cancel_requested = 0",
             "'dead', 'failed'",
             "requeued",
         )

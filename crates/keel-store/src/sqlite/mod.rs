@@ -117,47 +117,55 @@ const COMMANDS: LeaseTable = LeaseTable {
 /// Claim order, the order of the claim indexes.
 const CLAIM_ORDER: &str = "priority DESC, run_at, id";
 
-/// The pending commands an agent could claim, one `SELECT` per source (its own commands, then
-/// one per queue), each served by its claim index in claim order, merged in claim order.
-/// Parameters: `?1` agent, `?2` organisation, `?3` now, `?4` limit, `?10…` the queues.
-/// `columns` is what each arm selects; `due` adds `run_at <= now`.
-fn claimable(queues: usize, columns: &str, due: bool) -> String {
-    let due = if due { " AND run_at <= ?3" } else { "" };
+/// One `SELECT` per source of an agent's claim (its own commands, then one per queue), each
+/// on `index` (`claim` or `scheduled`), joined with `UNION ALL`. `columns` is what each arm
+/// selects and `condition` is added to each arm. Parameters: `?1` agent, `?2` organisation,
+/// `?10…` the queues (`?3` is now, `?4` the limit, where `condition` or the caller uses them).
+fn per_source(queues: usize, index: &str, columns: &str, condition: &str) -> String {
+    let scheduled = i32::from(index == "scheduled");
     let mut sql = format!(
-        "SELECT {columns} FROM commands INDEXED BY commands_claim_agent \
-         WHERE org_id = ?2 AND target_agent_id = ?1 AND status = 'pending'{due}"
+        "SELECT {columns} FROM commands INDEXED BY commands_{index}_agent \
+         WHERE org_id = ?2 AND target_agent_id = ?1 AND status = 'pending' \
+         AND scheduled = {scheduled}{condition}"
     );
     for n in 0..queues {
         let _ = write!(
             sql,
-            " UNION ALL SELECT {columns} FROM commands INDEXED BY commands_claim_queue \
+            " UNION ALL SELECT {columns} FROM commands INDEXED BY commands_{index}_queue \
              WHERE org_id = ?2 AND queue = ?{} AND target_agent_id IS NULL \
-             AND status = 'pending'{due}",
+             AND status = 'pending' AND scheduled = {scheduled}{condition}",
             10 + n
         );
     }
     sql
 }
 
-/// The earliest `run_at` among the pending commands an agent could claim: one indexed `MIN`
-/// per source.
-fn next_due_sql(queues: usize) -> String {
-    let mut sql = "SELECT MIN(due) FROM (SELECT MIN(run_at) AS due FROM commands \
-         INDEXED BY commands_due_agent \
-         WHERE org_id = ?2 AND target_agent_id = ?1 AND status = 'pending'"
-        .to_owned();
-    for n in 0..queues {
-        let _ = write!(
-            sql,
-            " UNION ALL SELECT MIN(run_at) FROM commands INDEXED BY commands_due_queue \
-             WHERE org_id = ?2 AND queue = ?{} AND target_agent_id IS NULL \
-             AND status = 'pending'",
-            10 + n
-        );
-    }
-    sql.push(')');
-    sql
+/// The claimable commands, in claim order, at most `?4`: each source read on its claim index
+/// in that order, merged.
+fn claim_candidates_sql(queues: usize) -> String {
+    let arms = per_source(queues, "claim", "id, priority, run_at", "");
+    format!("SELECT id FROM ({arms} ORDER BY {CLAIM_ORDER} LIMIT ?4)")
 }
+
+/// Scheduled commands that are due now (at most [`PROMOTE_BATCH`]) become claimable.
+fn promote_sql(queues: usize) -> String {
+    let arms = per_source(queues, "scheduled", "id", " AND run_at <= ?3");
+    format!(
+        "UPDATE commands SET scheduled = 0 \
+         WHERE id IN (SELECT id FROM ({arms}) LIMIT {PROMOTE_BATCH})"
+    )
+}
+
+/// Whether anything is claimable now, and the earliest due time of the scheduled commands.
+fn probe_sql(queues: usize) -> String {
+    let claimable = per_source(queues, "claim", "1", "");
+    let scheduled = per_source(queues, "scheduled", "MIN(run_at) AS due", "");
+    format!("SELECT EXISTS ({claimable}), (SELECT MIN(due) FROM ({scheduled}))")
+}
+
+/// The most scheduled commands one claim makes claimable, so that a claim stays short even when
+/// a million scheduled commands fall due at once; the rest follow with the next claims.
+const PROMOTE_BATCH: u32 = 1000;
 
 /// A listing's statement: only the filters given, on the index of the most selective one (with
 /// the status when it is given), in id order. Parameters: `?1` organisation, `?2` status, `?3` agent, `?4` queue, `?5` type,
@@ -303,23 +311,16 @@ impl SqliteStore {
         Ok(Page { items, next_cursor })
     }
 
-    async fn next_due_micros(
+    /// `(claimable now, earliest due time of the scheduled ones)` for the agent's sources.
+    async fn probe(
         &self,
         org: OrgId,
         agent: AgentId,
         queues: &[String],
-    ) -> StoreResult<Option<i64>> {
-        let sql = next_due_sql(queues.len());
-        let mut query = sqlx::query_scalar(&sql).bind(agent).bind(org);
-        if !queues.is_empty() {
-            for _ in 3..10 {
-                query = query.bind(None::<i64>);
-            }
-        }
-        for queue in queues {
-            query = query.bind(queue);
-        }
-        Ok(query.fetch_one(&self.read).await?)
+    ) -> StoreResult<(bool, Option<i64>)> {
+        let sql = probe_sql(queues.len());
+        let query = sqlx::query_as(&sql).bind(agent).bind(org);
+        Ok(bind_queues(query, queues, 2).fetch_one(&self.read).await?)
     }
 }
 
@@ -679,22 +680,28 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         // A read first: most claims of idle agents and long polls find nothing, and a read does
         // not queue for the writer.
-        let due = self
-            .next_due_micros(org, agent, queues)
-            .await?
-            .is_some_and(|due| due <= now_us);
-        if !due {
+        let (claimable, next_scheduled) = self.probe(org, agent, queues).await?;
+        let fell_due = next_scheduled.is_some_and(|due| due <= now_us);
+        if fell_due {
+            let promote = promote_sql(queues.len());
+            let promoted = queues.to_vec();
+            self.write_one(move |conn| {
+                Box::pin(async move {
+                    let query = sqlx::query(&promote).bind(agent).bind(org).bind(now_us);
+                    bind_queues(query, &promoted, 3).execute(&mut *conn).await?;
+                    Ok(())
+                })
+            })
+            .await?;
+        }
+        if !claimable && !fell_due {
             return if agent_exists(&self.read, org, agent).await? {
                 Ok(Vec::new())
             } else {
                 Err(StoreError::UnknownAgent)
             };
         }
-        let candidates = format!(
-            "{} ORDER BY {CLAIM_ORDER} LIMIT ?4",
-            claimable(queues.len(), "id, priority, run_at", true)
-        );
-        let candidates = format!("SELECT id FROM ({candidates})");
+        let candidates = claim_candidates_sql(queues.len());
         let queues = queues.to_vec();
         let hand_back = self.writer.clone();
         let claimed = self
@@ -942,10 +949,51 @@ impl Store for SqliteStore {
         agent: AgentId,
         queues: &[String],
     ) -> StoreResult<Option<OffsetDateTime>> {
-        self.next_due_micros(org, agent, queues)
-            .await?
-            .map(from_micros)
-            .transpose()
+        let (claimable, next_scheduled) = self.probe(org, agent, queues).await?;
+        if claimable {
+            return Ok(Some(self.now()));
+        }
+        next_scheduled.map(from_micros).transpose()
+    }
+}
+
+/// Binds the queues at `?10…`, after the `bound` parameters already given (the numbers in
+/// between are bound to NULL).
+fn bind_queues<'q, Q: BindMore<'q>>(mut query: Q, queues: &'q [String], bound: usize) -> Q {
+    if !queues.is_empty() {
+        for _ in bound..9 {
+            query = query.bind_null();
+        }
+    }
+    for queue in queues {
+        query = query.bind_text(queue);
+    }
+    query
+}
+
+/// The two kinds of sqlx query [`bind_queues`] binds on.
+trait BindMore<'q>: Sized {
+    fn bind_null(self) -> Self;
+    fn bind_text(self, value: &'q str) -> Self;
+}
+
+impl<'q> BindMore<'q> for sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    fn bind_null(self) -> Self {
+        self.bind(None::<i64>)
+    }
+    fn bind_text(self, value: &'q str) -> Self {
+        self.bind(value)
+    }
+}
+
+impl<'q, O> BindMore<'q>
+    for sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments<'q>>
+{
+    fn bind_null(self) -> Self {
+        self.bind(None::<i64>)
+    }
+    fn bind_text(self, value: &'q str) -> Self {
+        self.bind(value)
     }
 }
 
@@ -989,8 +1037,8 @@ async fn insert_command(
     let row: CommandRow = sqlx::query_as(&format!(
         "INSERT INTO commands (id, org_id, command_type, target_agent_id, queue, params, \
            priority, run_at, max_attempts, lease_duration_ms, status, idempotency_key, \
-           request_hash, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?) \
+           request_hash, created_at, updated_at, scheduled) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) \
          RETURNING {COMMAND_COLUMNS}"
     ))
     .bind(CommandId::new())
@@ -1007,6 +1055,8 @@ async fn insert_command(
     .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
     .bind(now_us)
     .bind(now_us)
+    // Not due yet: out of the claim indexes until a claim finds it due.
+    .bind(run_at > now_us)
     .fetch_one(&mut *conn)
     .await
     .map_err(|err| {

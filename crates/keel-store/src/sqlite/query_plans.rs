@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use sqlx::SqlitePool;
 
-use super::{COMMAND_COLUMNS, SqliteOptions, SqliteStore, claimable, list_sql, next_due_sql};
+use super::{
+    COMMAND_COLUMNS, SqliteOptions, SqliteStore, claim_candidates_sql, list_sql, probe_sql,
+    promote_sql,
+};
 use crate::conformance::START;
 use crate::model::{AgentId, CommandFilter, CommandStatus};
 use crate::{ManualClock, Store};
@@ -66,11 +69,7 @@ async fn every_query_shape_is_served_by_an_index() {
     let pool = store.pool();
 
     for queues in [0, 1, 3] {
-        let arms = claimable(queues, "id, priority, run_at", true);
-        let claim = format!(
-            "SELECT id FROM ({arms} ORDER BY {} LIMIT ?4)",
-            super::CLAIM_ORDER
-        );
+        let claim = claim_candidates_sql(queues);
         let lines = plan(pool, &claim, 9 + queues).await;
         // One arm reads its index in claim order; several are merged, each in claim order.
         assert_served(&format!("claim, {queues} queues"), &lines, queues > 0);
@@ -88,9 +87,20 @@ async fn every_query_shape_is_served_by_an_index() {
                 "{lines:#?}"
             );
         }
-        let due = next_due_sql(queues);
-        let lines = plan(pool, &due, 9 + queues).await;
-        assert_served(&format!("next due, {queues} queues"), &lines, false);
+        let probe = probe_sql(queues);
+        let lines = plan(pool, &probe, 9 + queues).await;
+        assert_served(&format!("probe, {queues} queues"), &lines, false);
+        let promote = promote_sql(queues);
+        let lines = plan(pool, &promote, 9 + queues).await;
+        assert_served(&format!("promote, {queues} queues"), &lines, false);
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l.contains("commands_scheduled_"))
+                .count()
+                == queues + 1,
+            "promote, {queues} queues: each arm on its scheduled index\n{lines:#?}"
+        );
     }
 
     let agent = Some(AgentId::new());
