@@ -116,6 +116,15 @@ pub fn counts_by_component() -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Counts panics of `components` from now on even before their first panic, so
+/// `keel_panics_total{component}` exists at 0 from the start.
+pub fn track_components(components: &[&str]) {
+    let mut counts = BY_COMPONENT.lock();
+    for component in components {
+        counts.entry((*component).to_owned()).or_insert(0);
+    }
+}
+
 /// Publishes the counts to the metrics recorder: `keel_panics_total{component}` and
 /// `keel_panic_backtraces_skipped_total`. `GET /metrics` calls it before rendering, so the
 /// exposition is always current. The hook itself never touches the recorder: the recorder's

@@ -39,6 +39,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Access to the `/v1/admin` routes.
     pub admin: AdminConfig,
+    /// Access to `/metrics`.
+    pub metrics: crate::telemetry::MetricsConfig,
     /// The async logger: sinks, streams, filters, queue.
     pub log: keel_log::LogConfig,
     /// How supervised tasks are restarted after a panic.
@@ -218,6 +220,7 @@ impl Default for Config {
             data_dir: PathBuf::from("keel-data"),
             http: HttpConfig::default(),
             admin: AdminConfig::default(),
+            metrics: crate::telemetry::MetricsConfig::default(),
             log: keel_log::LogConfig::default(),
             supervisor: keel_guard::supervisor::RestartPolicy::default(),
             shutdown: ShutdownConfig::default(),
@@ -437,6 +440,9 @@ impl Config {
         if shown.admin.token.is_some() {
             shown.admin.token = Some("<redacted>".to_owned());
         }
+        if shown.metrics.token.is_some() {
+            shown.metrics.token = Some("<redacted>".to_owned());
+        }
         let mut text = toml::to_string_pretty(&shown)?;
         if shown.admin.token.is_none() {
             text = text.replacen("[admin]\n", UNSET_ADMIN_TOKEN, 1);
@@ -586,6 +592,7 @@ mod tests {
     fn secrets_are_redacted() {
         let mut config = Config::default();
         config.admin.token = Some("a-very-secret-admin-token".into());
+        config.metrics.token = Some("a-very-secret-metrics-token".into());
         let shown = config.to_redacted_toml().unwrap();
         assert!(!shown.contains("a-very-secret"));
         assert!(shown.contains("<redacted>"));

@@ -96,12 +96,15 @@ pub async fn run(
         start_release_stuck(&supervisor, &config, &store, &wakeups),
         start_retention(&supervisor, &config, &store),
     ];
+    let job_names: Vec<&str> = jobs.iter().map(JobHandle::name).collect();
+    telemetry::seed(&job_names);
 
     let state = AppState {
         components,
         logger: logger.clone(),
         metrics,
         admin_token,
+        metrics_token: config.metrics.token.as_deref().map(Arc::from),
         store: store.clone(),
         wakeups,
         shutdown: cancel.clone(),

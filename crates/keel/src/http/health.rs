@@ -2,12 +2,15 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
+use subtle::ConstantTimeEq;
+
 use super::AppState;
+use super::error::ApiError;
 use super::json::Json;
 
 /// `/healthz`, `/readyz`, `/metrics`.
@@ -57,8 +60,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text exposition.
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus text exposition; with `metrics.token` set, only for its bearer (401 otherwise,
+/// compared in constant time).
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.metrics_token {
+        let presented = super::auth::bearer_token(&headers).unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
     keel_guard::panic::export_metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -31,7 +31,7 @@ use super::json::BodyLimit;
 use super::request_id;
 
 /// Route label of requests that matched no route.
-pub const UNMATCHED_ROUTE: &str = "<unmatched>";
+pub const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// What the lifecycle layer needs to know.
 #[derive(Debug, Clone, Copy)]
@@ -158,8 +158,10 @@ fn record_access(method: &Method, route: &str, response: &Response, latency: Dur
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request"
     );
+    // Bounded labels only: the method is one of the known ones or `other`, the route a
+    // template of the router or `unmatched`.
     let labels = [
-        ("method", method.as_str().to_owned()),
+        ("method", crate::telemetry::method_label(method).to_owned()),
         ("route", route.to_owned()),
         ("status", status.to_string()),
     ];

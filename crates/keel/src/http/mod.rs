@@ -57,6 +57,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The bearer token of the admin routes.
     pub admin_token: Arc<str>,
+    /// The bearer token `/metrics` asks for, when one is configured.
+    pub metrics_token: Option<Arc<str>>,
     /// Organisations, keys, agents and commands.
     pub store: Arc<dyn Store>,
     /// Wakes long-polling claims on enqueue.

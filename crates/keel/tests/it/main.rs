@@ -17,6 +17,7 @@ mod harness;
 mod http_errors;
 mod isolation;
 mod logging;
+mod metrics;
 mod overload;
 mod panics;
 mod profiles;

@@ -1,0 +1,166 @@
+//! `/metrics` on the real server: bounded labels, counters at 0 from the start, histograms,
+//! the optional bearer token.
+
+use std::collections::BTreeSet;
+
+use reqwest::{Method, StatusCode};
+
+use crate::harness::{Options, Server, metric};
+
+/// The distinct values of `label` among the series of `name`.
+fn label_values(text: &str, name: &str, label: &str) -> BTreeSet<String> {
+    let prefix = format!("{name}{{");
+    let needle = format!("{label}=\"");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (_, value) = rest.split_once(&needle)?;
+            Some(value.split_once('"')?.0.to_owned())
+        })
+        .collect()
+}
+
+/// A random method token: upper-case letters, 3 to 10 of them (xorshift, seeded by the test).
+fn random_method(state: &mut u64) -> Method {
+    let mut next = || {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    };
+    let length = 3 + next() % 8;
+    let name: String = (0..length)
+        .map(|_| char::from(b'A' + (next() % 26) as u8))
+        .collect();
+    Method::from_bytes(name.as_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn a_thousand_requests_with_random_methods_add_at_most_the_other_method_series() {
+    let server = Server::start().await;
+    assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    let before = label_values(
+        &server.metrics().await,
+        "keel_http_requests_total",
+        "method",
+    );
+
+    let mut state =
+        0x9E37_79B9_7F4A_7C15_u64 ^ u64::from(std::process::id()).wrapping_mul(0x1000_0000_01B3);
+    let mut sent = BTreeSet::new();
+    for i in 0..1000 {
+        let method = random_method(&mut state);
+        let path = if i % 2 == 0 {
+            "/healthz"
+        } else {
+            "/no/such/route"
+        };
+        sent.insert(method.to_string());
+        let response = server
+            .client
+            .request(method, server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error(), "{}", response.status());
+    }
+    assert!(sent.len() > 900, "the test sent too few distinct methods");
+
+    let text = server.metrics().await;
+    let methods = label_values(&text, "keel_http_requests_total", "method");
+    let new: Vec<_> = methods.difference(&before).collect();
+    assert_eq!(new, ["other"], "{text}");
+    let routes = label_values(&text, "keel_http_requests_total", "route");
+    assert!(routes.contains("unmatched"), "{routes:?}");
+    assert!(
+        routes
+            .iter()
+            .all(|r| r == "unmatched" || r.starts_with('/')),
+        "{routes:?}"
+    );
+    assert!(
+        !text.contains("/no/such/route"),
+        "a raw path became a label"
+    );
+}
+
+#[tokio::test]
+async fn counters_of_known_components_exist_at_zero_right_after_start() {
+    let server = Server::start().await;
+    let text = server.metrics().await;
+    for series in [
+        r#"keel_panics_total{component="http"}"#,
+        r#"keel_panics_total{component="log"}"#,
+        r#"keel_panics_total{component="telemetry"}"#,
+        r#"keel_panics_total{component="release-stuck"}"#,
+        r#"keel_panics_total{component="retention"}"#,
+        r#"keel_job_tick_failures_total{job="telemetry"}"#,
+        r#"keel_job_tick_failures_total{job="release-stuck"}"#,
+        r#"keel_job_tick_failures_total{job="retention"}"#,
+        r#"keel_log_dropped_total{stream="app",level="info"}"#,
+        r#"keel_log_dropped_total{stream="audit",level="info"}"#,
+        r#"keel_log_dropped_total{stream="access",level="debug"}"#,
+        r#"keel_commands_released_total{outcome="requeued"}"#,
+        r#"keel_commands_released_total{outcome="dead"}"#,
+        r#"keel_commands_finished_total{status="completed"}"#,
+        r#"keel_commands_finished_total{status="failed"}"#,
+        r#"keel_overload_rejected_total{reason="rate_limit"}"#,
+        r#"keel_overload_rejected_total{reason="pressure"}"#,
+        r#"keel_overload_rejected_total{reason="in_flight"}"#,
+        "keel_panic_backtraces_skipped_total",
+        "keel_commands_created_total",
+    ] {
+        assert_eq!(metric(&text, series), Some(0.0), "{series} in:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn request_latencies_are_histograms_with_buckets() {
+    let server = Server::start().await;
+    assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    let text = server.metrics().await;
+    let bucket = |le: &str| {
+        metric(
+            &text,
+            &format!(r#"keel_http_request_duration_seconds_bucket{{route="/healthz",le="{le}"}}"#),
+        )
+    };
+    assert_eq!(bucket("+Inf"), Some(1.0), "{text}");
+    assert!(bucket("0.001").is_some(), "{text}");
+    assert!(bucket("60").is_some(), "{text}");
+    assert!(
+        !text.contains("keel_http_request_duration_seconds{"),
+        "a summary quantile is still exported: {text}"
+    );
+}
+
+#[tokio::test]
+async fn a_metrics_token_protects_metrics_and_nothing_else() {
+    let server = Server::start_with(Options {
+        extra_toml: "[metrics]\ntoken = \"scrape-token-0123\"\n",
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(
+        server.get("/metrics").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let wrong = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth("scrape-token-0124")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let right = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth("scrape-token-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    assert!(right.text().await.unwrap().contains("keel_panics_total"));
+    assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+}
