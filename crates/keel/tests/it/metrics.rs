@@ -164,3 +164,59 @@ async fn a_metrics_token_protects_metrics_and_nothing_else() {
     assert!(right.text().await.unwrap().contains("keel_panics_total"));
     assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
 }
+
+/// The metric names (`keel_…`) a rules or dashboard file mentions.
+fn metric_names_in(relative: &str) -> BTreeSet<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut names = BTreeSet::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("keel_") {
+        let tail = rest.split_at(at).1;
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let (name, after) = tail.split_at(end);
+        names.insert(name.to_owned());
+        rest = after;
+    }
+    names
+}
+
+/// The metric names of an exposition (`name{…} value` or `name value` lines).
+fn exported_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_metric_in_the_alert_rules_and_the_dashboard_is_exported() {
+    let server = Server::start_with(Options {
+        extra_toml: "[jobs]\ntelemetry_interval = \"100ms\"\n",
+        ..Options::default()
+    })
+    .await;
+    let rules = metric_names_in("deploy/prometheus/keel-alerts.yml");
+    let dashboard = metric_names_in("deploy/grafana/keel-dashboard.json");
+    assert!(rules.len() >= 7, "{rules:?}");
+    assert!(dashboard.len() >= 10, "{dashboard:?}");
+    let wanted: BTreeSet<String> = rules.union(&dashboard).cloned().collect();
+
+    assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    // Histogram buckets appear with their first sample (a request, a job tick): poll.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let missing = loop {
+        let exported = exported_names(&server.metrics().await);
+        let missing: BTreeSet<String> = wanted.difference(&exported).cloned().collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(missing.is_empty(), "not exported: {missing:?}");
+}
