@@ -26,8 +26,9 @@ pub const DEFAULT_DIR: &str = "logs";
 pub struct LogConfig {
     /// Total capacity of the queue between callers and the writer, in records.
     pub queue_capacity: usize,
-    /// Slots of the queue kept for warnings, errors and panic records: debug and info records
-    /// are admitted only while fewer than `queue_capacity - reserved_for_warnings` records wait.
+    /// Slots of the queue kept for warnings, errors, panic records and every `audit` record:
+    /// debug and info records of the other streams are admitted only while fewer than
+    /// `queue_capacity - reserved_for_warnings` records wait.
     pub reserved_for_warnings: usize,
     /// Directory of the log files; relative file paths resolve against it. Created at start-up.
     pub dir: PathBuf,

@@ -12,7 +12,7 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::filter::RequestInfo;
 use crate::queue::LogQueue;
 use crate::record::{FieldCollector, Origin, Record, SpanFields, str_field, upsert};
-use crate::stream::{Level, Stream, StreamSet};
+use crate::stream::{Level, Stream, StreamSet, uses_reserve};
 
 /// The layer to add to a `tracing_subscriber::registry()`; [`crate::init`] installs it
 /// globally, [`crate::build`] hands it over.
@@ -105,7 +105,7 @@ where
             return;
         }
         // Checked before any formatting: a dropped record costs almost nothing.
-        if !level.is_reserved() && !self.shared.admits_low_level() {
+        if !uses_reserve(stream, level) && !self.shared.admits_low_level() {
             self.shared.count_drop(stream, level);
             return;
         }

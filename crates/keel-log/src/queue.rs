@@ -3,8 +3,8 @@
 //!
 //! Admission: with capacity `C` and `R` slots reserved, a debug/info/trace record is admitted
 //! only while fewer than `C - R` records wait, otherwise it is dropped and counted; a warning,
-//! error or panic record is admitted up to `C`, and when even that is full the caller writes
-//! that one record to stderr itself (`keel_log_fallback_total`).
+//! error, panic or audit record (any level) is admitted up to `C`, and when even that is full
+//! the caller writes that one record to stderr itself (`keel_log_fallback_total`).
 //!
 //! The writer runs each record under [`keel_guard::isolate`]: a panicking formatter or sink
 //! costs that record (`keel_log_failed_total`). The writer loop itself runs under an isolate
@@ -27,7 +27,7 @@ use crate::filter::CompiledFilters;
 use crate::format;
 use crate::record::{COMPONENT, FieldValue, Origin, Record, log_scope};
 use crate::sink::{SinkCounters, Sinks};
-use crate::stream::{Level, PANIC_TARGET, Stream, StreamSet};
+use crate::stream::{Level, PANIC_TARGET, Stream, StreamSet, uses_reserve};
 
 /// Records the writer takes in one go before it flushes the sinks and reports progress.
 const BATCH: usize = 512;
@@ -314,7 +314,7 @@ impl LogQueue {
                 }
             }
             Err(TrySendError::Full(record)) => {
-                if record.level.is_reserved() || record.origin == Origin::Panic {
+                if uses_reserve(record.stream, record.level) || record.origin == Origin::Panic {
                     self.fallback(&record, Counted::InMetrics);
                 } else {
                     self.count_drop(record.stream, record.level);

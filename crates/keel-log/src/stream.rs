@@ -162,6 +162,13 @@ impl Level {
     }
 }
 
+/// True for a record that uses the reserved part of the queue and is never dropped: a warning
+/// or an error of any stream, or any record of the `audit` stream (who changed what must not
+/// be lost to a burst of chatter).
+pub(crate) fn uses_reserve(stream: Stream, level: Level) -> bool {
+    level.is_reserved() || stream == Stream::Audit
+}
+
 impl From<&tracing::Level> for Level {
     fn from(level: &tracing::Level) -> Self {
         match *level {

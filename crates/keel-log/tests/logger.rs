@@ -258,6 +258,53 @@ fn a_stalled_sink_does_not_block_callers_drops_info_and_keeps_every_error() {
 }
 
 #[test]
+fn with_the_queue_full_of_info_records_audit_records_are_still_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = bare_config(dir.path());
+    config.queue_capacity = 64;
+    config.reserved_for_warnings = 16;
+    let gated = Gated {
+        gate: Gate::default(),
+        capture: Capture::default(),
+    };
+    let (logger, layer) = keel_log::build_with_sinks(
+        &config,
+        vec![keel_log::CustomSink {
+            name: "stalled".to_owned(),
+            streams: Stream::ALL.to_vec(),
+            format: Format::Json,
+            writer: Box::new(gated.clone()),
+        }],
+    )
+    .unwrap();
+
+    with_layer(&layer, || {
+        for i in 0..1_000 {
+            info!(i, "chatter");
+        }
+        // The low-level part of the queue is full: info records are dropped, audit ones are not.
+        for i in 0..10 {
+            info!(target: "keel::audit", action = "key.create", i, "audited");
+        }
+        info!("dropped as well");
+    });
+    let stats = logger.stats();
+    assert!(
+        stats.dropped(Stream::App, Level::Info) >= 1_000 - 64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.dropped(Stream::Audit, Level::Info), 0, "{stats:?}");
+    assert_eq!(stats.fallback, 0, "{stats:?}");
+
+    gated.gate.open();
+    assert!(logger.flush(LONG));
+    let records = gated.capture.json();
+    let audited: Vec<_> = records.iter().filter(|r| r["stream"] == "audit").collect();
+    assert_eq!(audited.len(), 10, "{records:?}");
+    assert!(audited.iter().all(|r| r["action"] == "key.create"));
+}
+
+#[test]
 fn when_even_the_reserve_is_full_errors_go_to_stderr_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = bare_config(dir.path());

@@ -73,16 +73,38 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.config.as_deref(), &args.config.overrides())?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let logger = audit_logger(&config)?;
     let store = open_store(&config).await?;
     let result = act(store.as_ref(), args.action).await;
     store.close().await;
+    if !logger.shutdown(config.shutdown.log_flush) {
+        eprintln!("keel: the audit log was not written completely");
+    }
     result
+}
+
+/// The logger of a `keel admin` run: the configured sinks that take the `audit` stream, for
+/// that stream only, so what an operator changes here is in the same audit log as the server's
+/// records. A stdout sink writes to stderr instead: stdout carries the command's output.
+fn audit_logger(config: &Config) -> anyhow::Result<keel_log::Logger> {
+    let mut log = config.log.clone();
+    log.dir = config.data_dir.join(&log.dir);
+    log.sinks
+        .retain(|sink| sink.streams.contains(&keel_log::Stream::Audit));
+    for sink in &mut log.sinks {
+        sink.streams = vec![keel_log::Stream::Audit];
+        if sink.kind == keel_log::SinkKind::Stdout {
+            sink.kind = keel_log::SinkKind::Stderr;
+        }
+    }
+    keel_log::init(&log).context("starting the audit log")
 }
 
 async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
     match action {
         AdminAction::CreateOrg { name } => {
             let org = store.create_organisation(&name).await?;
+            tracing::info!(target: "keel::audit", action = "org.create", org_id = %org.id.0, org = %org.name, via = "cli", "organisation created");
             println!("{}", org.id.0);
         }
         AdminAction::ListOrgs => {
@@ -107,6 +129,7 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
+            tracing::info!(target: "keel::audit", action = "key.create", org_id = %org.0, key_id = %created.key.id.0, key_prefix = %created.key.prefix, scopes = ?created.key.scopes, via = "cli", "API key created");
             eprintln!(
                 "keel: created key {} (prefix {}); the token below is shown once",
                 created.key.id.0, created.key.prefix
@@ -134,6 +157,7 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
         AdminAction::RevokeKey { org, id } => {
             let org = org_id(store, &org).await?;
             store.revoke_api_key(org, ApiKeyId(id)).await?;
+            tracing::info!(target: "keel::audit", action = "key.revoke", org_id = %org.0, key_id = %id, via = "cli", "API key revoked");
             eprintln!("keel: key {id} revoked");
         }
     }

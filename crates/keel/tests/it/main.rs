@@ -10,6 +10,7 @@
 
 mod admin;
 mod agents;
+mod audit;
 mod cli;
 mod commands;
 mod connections;
