@@ -6,6 +6,7 @@
 //!
 //! - [`mod@panic`]: the process-wide panic hook, the registry of recent panics and the reporter the
 //!   logger plugs into.
+//! - [`forensics`]: the short backtrace and the fingerprint that groups panics of one bug.
 //! - [`backoff`]: exponential backoff with equal jitter, the one every retry in keel uses.
 //! - [`scope`]: the component tag that tells the hook where a panic came from.
 //! - [`mod@isolate`]: run a closure or a future and get `Err(Panicked)` instead of an unwind.
@@ -17,6 +18,7 @@
 pub mod backoff;
 pub mod components;
 pub mod failpoints;
+pub mod forensics;
 pub mod isolate;
 pub mod panic;
 pub mod periodic;

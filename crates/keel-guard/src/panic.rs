@@ -1,10 +1,12 @@
 //! The process-wide panic hook and the registry of recent panics.
 //!
 //! For each panic the hook, in this order: writes one line to stderr synchronously (component,
-//! message, location); captures a backtrace unless the rate limit says otherwise; counts it per
-//! component (published as `keel_panics_total{component}` by [`export_metrics`]); hands the
-//! report to the reporter (the logger, which turns it into an `error` stream record); keeps it
-//! in a bounded list of recent panics.
+//! message, location); captures a backtrace unless the rate limit says otherwise, in its short
+//! form ([`crate::forensics::short_backtrace`]) unless [`set_full_backtraces`] asked for the
+//! whole; counts it per component (published as `keel_panics_total{component}` by
+//! [`export_metrics`]); hands the report to the reporter (the logger, which turns it into an
+//! `error` stream record); keeps it in a bounded list of recent panics and counts it in its
+//! group ([`groups`]: one per fingerprint, location plus message shape).
 //!
 //! Re-entry: the standard library aborts the process when a panic starts while the hook runs
 //! on the same thread ("panicked while processing panic"), before any hook could be entered
@@ -22,7 +24,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::Once;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -30,6 +32,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::forensics;
 use crate::scope;
 
 /// Component name of a panic raised outside any [`crate::Scope`].
@@ -37,6 +40,13 @@ pub const UNSCOPED: &str = "unscoped";
 
 /// How many recent panics the registry keeps.
 pub const RECENT_CAPACITY: usize = 100;
+
+/// How many groups of panics (distinct fingerprints) the registry keeps; when a new one comes
+/// beyond that, the group seen least recently is forgotten.
+pub const GROUPS_CAPACITY: usize = 1000;
+
+/// How many request ids each group keeps (the most recent).
+pub const GROUP_REQUEST_IDS: usize = 5;
 
 /// Backtraces captured per second at most, by default; beyond that a panic is reported with its
 /// message and location only, and counted in `keel_panic_backtraces_skipped_total`.
@@ -59,9 +69,39 @@ pub struct PanicReport {
     pub backtrace: Option<String>,
     /// True when the backtrace was skipped by the rate limit.
     pub backtrace_skipped: bool,
+    /// The panic's group: location plus message shape ([`crate::forensics::fingerprint`]).
+    pub fingerprint: String,
+    /// The request being handled, when the panic happened in one.
+    pub request_id: Option<String>,
     /// When it happened.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+}
+
+/// The panics that share a fingerprint: one bug, however often it fires.
+#[derive(Debug, Clone, Serialize)]
+pub struct PanicGroup {
+    /// Location plus message shape, hashed ([`crate::forensics::fingerprint`]).
+    pub fingerprint: String,
+    /// The component of the latest panic of the group.
+    pub component: String,
+    /// `file:line:column`.
+    pub location: Option<String>,
+    /// The message with numbers and hex ids replaced ([`crate::forensics::message_shape`]).
+    pub message_shape: String,
+    /// The message of the latest panic of the group.
+    pub last_message: String,
+    /// Panics of the group since the process started (or since the group was last evicted).
+    pub count: u64,
+    /// The first panic of the group.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    /// The latest panic of the group.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    /// The request ids of the latest panics of the group that had one, oldest first (at most
+    /// [`GROUP_REQUEST_IDS`]).
+    pub recent_request_ids: VecDeque<String>,
 }
 
 /// Receives every panic report; the logger installs one. It runs inside the panic hook, so it
@@ -74,6 +114,8 @@ static TOTAL: AtomicU64 = AtomicU64::new(0);
 static BY_COMPONENT: Mutex<BTreeMap<String, u64>> = parking_lot::const_mutex(BTreeMap::new());
 static BACKTRACES_SKIPPED: AtomicU64 = AtomicU64::new(0);
 static RECENT: Mutex<VecDeque<PanicReport>> = parking_lot::const_mutex(VecDeque::new());
+static GROUPS: Mutex<BTreeMap<String, PanicGroup>> = parking_lot::const_mutex(BTreeMap::new());
+static FULL_BACKTRACES: AtomicBool = AtomicBool::new(false);
 static BACKTRACES_PER_SECOND: AtomicU32 = AtomicU32::new(DEFAULT_BACKTRACES_PER_SECOND);
 static BACKTRACE_WINDOW: AtomicU64 = AtomicU64::new(0);
 static BACKTRACES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
@@ -100,6 +142,12 @@ pub fn clear_reporter() {
 /// Sets how many backtraces the hook captures per second at most.
 pub fn set_backtraces_per_second(limit: u32) {
     BACKTRACES_PER_SECOND.store(limit, Ordering::Relaxed);
+}
+
+/// Whether panic reports carry the whole captured backtrace (`true`) or its short form, the
+/// frames from the panicking code to the task's entry (`false`, the default).
+pub fn set_full_backtraces(full: bool) {
+    FULL_BACKTRACES.store(full, Ordering::Relaxed);
 }
 
 /// How many panics the hook has seen since the process started.
@@ -142,6 +190,13 @@ pub fn recent() -> Vec<PanicReport> {
     RECENT.lock().iter().cloned().collect()
 }
 
+/// The groups of panics, the most recently seen first.
+pub fn groups() -> Vec<PanicGroup> {
+    let mut groups: Vec<PanicGroup> = GROUPS.lock().values().cloned().collect();
+    groups.sort_by_key(|group| std::cmp::Reverse(group.last_seen));
+    groups
+}
+
 /// The location of the last panic seen on this thread (used by [`crate::Panicked`]).
 pub(crate) fn last_panic_location() -> Option<String> {
     LAST_LOCATION.try_with(Cell::take).ok().flatten()
@@ -163,6 +218,9 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
     let component = scope
         .as_ref()
         .map_or_else(|| UNSCOPED.to_owned(), |s| s.component.to_string());
+    let request_id = scope
+        .as_ref()
+        .and_then(|s| s.request_id.as_ref().map(|r| r.to_string()));
     let context = scope.and_then(|s| s.context.map(|c| c.to_string()));
     let message = payload_message(info.payload());
     let location = info
@@ -181,7 +239,14 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
         location.as_deref().unwrap_or("unknown"),
     );
 
-    let backtrace = take_backtrace_token().then(|| Backtrace::force_capture().to_string());
+    let backtrace = take_backtrace_token().then(|| {
+        let full = Backtrace::force_capture().to_string();
+        if FULL_BACKTRACES.load(Ordering::Relaxed) {
+            full
+        } else {
+            forensics::short_backtrace(&full)
+        }
+    });
     let backtrace_skipped = backtrace.is_none();
     if backtrace_skipped {
         BACKTRACES_SKIPPED.fetch_add(1, Ordering::Relaxed);
@@ -192,6 +257,8 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
         *counts.entry(component.clone()).or_insert(0) += 1;
     }
 
+    let shape = forensics::message_shape(&message);
+    let fingerprint = forensics::fingerprint(location.as_deref(), &shape);
     let report = PanicReport {
         component,
         context,
@@ -200,8 +267,13 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
         thread,
         backtrace,
         backtrace_skipped,
+        fingerprint,
+        request_id,
         at: OffsetDateTime::now_utc(),
     };
+    if let Some(mut groups) = GROUPS.try_lock_for(Duration::from_millis(50)) {
+        count_in_group(&mut groups, &report, shape);
+    }
 
     if let Some(reporter) = REPORTER.load_full() {
         reporter(&report);
@@ -213,6 +285,43 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
             recent.pop_front();
         }
         recent.push_back(report);
+    }
+}
+
+/// Counts `report` in its group, making the group when it is the first of its fingerprint (and
+/// forgetting the least recently seen group when there are [`GROUPS_CAPACITY`] already).
+fn count_in_group(groups: &mut BTreeMap<String, PanicGroup>, report: &PanicReport, shape: String) {
+    if !groups.contains_key(&report.fingerprint) && groups.len() >= GROUPS_CAPACITY {
+        let stalest = groups
+            .values()
+            .min_by_key(|group| group.last_seen)
+            .map(|group| group.fingerprint.clone());
+        if let Some(stalest) = stalest {
+            groups.remove(&stalest);
+        }
+    }
+    let group = groups
+        .entry(report.fingerprint.clone())
+        .or_insert_with(|| PanicGroup {
+            fingerprint: report.fingerprint.clone(),
+            component: report.component.clone(),
+            location: report.location.clone(),
+            message_shape: shape,
+            last_message: String::new(),
+            count: 0,
+            first_seen: report.at,
+            last_seen: report.at,
+            recent_request_ids: VecDeque::new(),
+        });
+    group.count += 1;
+    group.last_seen = report.at;
+    group.component.clone_from(&report.component);
+    group.last_message.clone_from(&report.message);
+    if let Some(request_id) = &report.request_id {
+        if group.recent_request_ids.len() >= GROUP_REQUEST_IDS {
+            group.recent_request_ids.pop_front();
+        }
+        group.recent_request_ids.push_back(request_id.clone());
     }
 }
 

@@ -16,6 +16,8 @@ pub struct Scope {
     pub component: Arc<str>,
     /// Extra detail, such as the HTTP route; shown in panic records, not used as a metric label.
     pub context: Option<Arc<str>>,
+    /// The request being handled, if any: kept with the panic's group in the registry.
+    pub request_id: Option<Arc<str>>,
 }
 
 impl Scope {
@@ -24,12 +26,19 @@ impl Scope {
         Self {
             component: component.into(),
             context: None,
+            request_id: None,
         }
     }
 
     /// The same scope with a context (for example the HTTP route).
     pub fn with_context(mut self, context: impl Into<Arc<str>>) -> Self {
         self.context = Some(context.into());
+        self
+    }
+
+    /// The same scope with the id of the request it handles.
+    pub fn with_request_id(mut self, request_id: impl Into<Arc<str>>) -> Self {
+        self.request_id = Some(request_id.into());
         self
     }
 }

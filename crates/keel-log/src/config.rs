@@ -36,6 +36,10 @@ pub struct LogConfig {
     pub sinks: Vec<SinkConfig>,
     /// Which records are kept, per stream. Changeable at run time.
     pub filters: FilterSet,
+    /// Panic records carry the whole captured backtrace (about a hundred frames, tens of KB,
+    /// most of them the panic machinery's and the async runtime's) instead of the short form:
+    /// the frames from the panicking code to the task's entry.
+    pub full_backtraces: bool,
 }
 
 impl Default for LogConfig {
@@ -53,6 +57,7 @@ impl LogConfig {
             dir: PathBuf::from(DEFAULT_DIR),
             sinks: vec![SinkConfig::stdout(Format::Text, Stream::ALL.to_vec())],
             filters: FilterSet::default(),
+            full_backtraces: false,
         }
     }
 

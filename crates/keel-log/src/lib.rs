@@ -243,6 +243,7 @@ pub fn init(config: &LogConfig) -> Result<Logger, LogInitError> {
     let (logger, layer) = build(config)?;
     tracing_subscriber::registry().with(layer).try_init()?;
     keel_guard::panic::install_hook();
+    keel_guard::panic::set_full_backtraces(config.full_backtraces);
     keel_guard::panic::set_reporter(logger.panic_reporter());
     Ok(logger)
 }

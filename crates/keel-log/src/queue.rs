@@ -458,8 +458,12 @@ impl LogQueue {
             // not queued again.
             return;
         }
-        let mut fields = Vec::with_capacity(6);
+        let mut fields = Vec::with_capacity(8);
         fields.push(("component", FieldValue::Str(report.component.clone())));
+        fields.push(("fingerprint", FieldValue::Str(report.fingerprint.clone())));
+        if let Some(request_id) = &report.request_id {
+            fields.push(("request_id", FieldValue::Str(request_id.clone())));
+        }
         if let Some(context) = &report.context {
             fields.push(("context", FieldValue::Str(context.clone())));
         }

@@ -129,6 +129,8 @@ fn events_are_routed_to_their_streams_and_app_errors_also_to_error() {
         thread: Some("worker".to_owned()),
         backtrace: None,
         backtrace_skipped: true,
+        fingerprint: "0123456789abcdef".to_owned(),
+        request_id: None,
         at: time::OffsetDateTime::now_utc(),
     });
     assert!(logger.flush(LONG));

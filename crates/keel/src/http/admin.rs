@@ -9,7 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, put};
 use keel_guard::components::{ComponentStatus, JobStats};
-use keel_guard::panic::PanicReport;
+use keel_guard::panic::{PanicGroup, PanicReport};
 use keel_log::FilterSet;
 use keel_store::Scope;
 use subtle::ConstantTimeEq;
@@ -61,11 +61,23 @@ async fn components(State(state): State<AppState>) -> Json<Vec<ComponentStatus>>
     Json(state.components.snapshot())
 }
 
-/// The most recent panics, newest first, with backtraces.
-async fn panics() -> Json<Vec<PanicReport>> {
+/// The body of `GET /v1/admin/panics`.
+#[derive(Debug, serde::Serialize)]
+struct Panics {
+    /// One per fingerprint (location plus message shape), the most recently seen first.
+    groups: Vec<PanicGroup>,
+    /// The most recent panics, newest first, with backtraces.
+    recent: Vec<PanicReport>,
+}
+
+/// Panics grouped by fingerprint, and the most recent ones.
+async fn panics() -> Json<Panics> {
     let mut recent = keel_guard::panic::recent();
     recent.reverse();
-    Json(recent)
+    Json(Panics {
+        groups: keel_guard::panic::groups(),
+        recent,
+    })
 }
 
 /// Per periodic job: runs, failures, durations, runs in the last hour.

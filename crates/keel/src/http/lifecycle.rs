@@ -61,7 +61,9 @@ pub async fn lifecycle(
 
     let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
     let handled = request_id::scope(id.clone(), async {
-        let scope = Scope::new("http").with_context(format!("{method} {route} request_id={id}"));
+        let scope = Scope::new("http")
+            .with_context(format!("{method} {route} request_id={id}"))
+            .with_request_id(id.as_str());
         if let Some(refused) = refused_before_handling(&request, &route, lifecycle.body_limit) {
             return with_error_shape(refused.into_response(), lifecycle.body_limit);
         }

@@ -29,7 +29,7 @@ async fn components_and_jobs_are_listed_with_their_state() {
 
     assert_eq!(
         server.admin_get("/v1/admin/panics").await,
-        serde_json::json!([])
+        serde_json::json!({"groups": [], "recent": []})
     );
     assert_eq!(server.get("/readyz").await.status(), StatusCode::OK);
 }

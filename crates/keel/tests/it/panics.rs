@@ -58,10 +58,97 @@ async fn a_handler_panic_gets_a_json_500_and_the_next_request_succeeds() {
     assert!(record["context"].as_str().unwrap().contains("panic-req-1"));
     assert_eq!(record["message"], "handler exploded");
 
-    // The admin API lists it too.
+    // The admin API lists it too, alone in its group.
     let panics = server.admin_get("/v1/admin/panics").await;
-    assert_eq!(panics[0]["component"], "http");
-    assert_eq!(panics[0]["message"], "handler exploded");
+    assert_eq!(panics["recent"][0]["component"], "http");
+    assert_eq!(panics["recent"][0]["message"], "handler exploded");
+    assert_eq!(panics["recent"][0]["request_id"], "panic-req-1");
+    assert_eq!(panics["groups"][0]["count"], 1);
+    assert_eq!(panics["groups"][0]["fingerprint"], record["fingerprint"]);
+    assert_eq!(
+        panics["groups"][0]["recent_request_ids"],
+        serde_json::json!(["panic-req-1"])
+    );
+}
+
+#[tokio::test]
+async fn a_handler_panic_record_has_the_short_backtrace_and_fits_in_4_kb() {
+    let server = Server::start_with(Options {
+        failpoints: Some("http.handler=panic(handler exploded)"),
+        ..Options::default()
+    })
+    .await;
+    let response = server.get("/v1/commands").await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    poll_until(Duration::from_secs(5), || async {
+        !panic_records(&server, "http").is_empty()
+    })
+    .await;
+    let record = &panic_records(&server, "http")[0];
+    let size = record.to_string().len();
+    assert!(size < 4096, "{size} bytes: {record:#}");
+    let backtrace = record["backtrace"].as_str().unwrap();
+    assert!(backtrace.contains("keel::http::lifecycle"), "{backtrace}");
+    for machinery in [
+        "keel_guard::panic::hook",
+        "std::panicking",
+        "tokio::",
+        "hyper::",
+        "core::ops::function",
+    ] {
+        assert!(!backtrace.contains(machinery), "{machinery} in {backtrace}");
+    }
+}
+
+#[tokio::test]
+async fn full_backtraces_can_be_switched_on() {
+    let server = Server::start_with(Options {
+        failpoints: Some("http.handler=panic(handler exploded)"),
+        log_extra: "full_backtraces = true",
+        ..Options::default()
+    })
+    .await;
+    let response = server.get("/healthz").await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    poll_until(Duration::from_secs(5), || async {
+        !panic_records(&server, "http").is_empty()
+    })
+    .await;
+    let backtrace = panic_records(&server, "http")[0]["backtrace"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(backtrace.contains("tokio::"), "{backtrace}");
+    assert!(backtrace.contains("keel::http::lifecycle"), "{backtrace}");
+}
+
+#[tokio::test]
+async fn a_hundred_handler_panics_at_one_place_are_one_group_of_a_hundred() {
+    let server = Server::start_with(Options {
+        failpoints: Some("http.handler=100*panic(handler exploded)"),
+        ..Options::default()
+    })
+    .await;
+    for i in 0..100 {
+        let response = server
+            .client
+            .get(server.url(&format!("/v1/commands/{i}")))
+            .header("x-request-id", format!("storm-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let panics = server.admin_get("/v1/admin/panics").await;
+    let groups = panics["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{panics:#}");
+    assert_eq!(groups[0]["count"], 100);
+    assert_eq!(groups[0]["component"], "http");
+    assert_eq!(
+        groups[0]["recent_request_ids"],
+        serde_json::json!(["storm-95", "storm-96", "storm-97", "storm-98", "storm-99"])
+    );
+    assert_eq!(panics["recent"].as_array().unwrap().len(), 100);
 }
 
 fn panic_records(server: &Server, component: &str) -> Vec<Value> {
