@@ -203,12 +203,15 @@ fn a_field_whose_display_panics_gets_a_placeholder_and_the_caller_survives() {
     assert_eq!(records[1]["request_id"], keel_log::PANICKED_FIELD);
 }
 
-#[test]
-fn a_stalled_sink_does_not_block_callers_drops_info_and_keeps_every_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = bare_config(dir.path());
-    config.queue_capacity = 64;
-    config.reserved_for_warnings = 16;
+/// A logger whose one sink takes every stream and blocks until its gate opens.
+fn stalled_logger(
+    dir: &std::path::Path,
+    capacity: usize,
+    reserved: usize,
+) -> (keel_log::Logger, keel_log::KeelLayer, Gated) {
+    let mut config = bare_config(dir);
+    config.queue_capacity = capacity;
+    config.reserved_for_warnings = reserved;
     let gated = Gated {
         gate: Gate::default(),
         capture: Capture::default(),
@@ -223,6 +226,13 @@ fn a_stalled_sink_does_not_block_callers_drops_info_and_keeps_every_error() {
         }],
     )
     .unwrap();
+    (logger, layer, gated)
+}
+
+#[test]
+fn a_stalled_sink_does_not_block_callers_drops_info_and_keeps_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (logger, layer, gated) = stalled_logger(dir.path(), 64, 16);
 
     let calls = 20_000;
     let started = Instant::now();
@@ -262,23 +272,7 @@ fn a_stalled_sink_does_not_block_callers_drops_info_and_keeps_every_error() {
 #[test]
 fn with_the_queue_full_of_info_records_audit_records_are_still_written() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = bare_config(dir.path());
-    config.queue_capacity = 64;
-    config.reserved_for_warnings = 16;
-    let gated = Gated {
-        gate: Gate::default(),
-        capture: Capture::default(),
-    };
-    let (logger, layer) = keel_log::build_with_sinks(
-        &config,
-        vec![keel_log::CustomSink {
-            name: "stalled".to_owned(),
-            streams: Stream::ALL.to_vec(),
-            format: Format::Json,
-            writer: Box::new(gated.clone()),
-        }],
-    )
-    .unwrap();
+    let (logger, layer, gated) = stalled_logger(dir.path(), 64, 16);
 
     with_layer(&layer, || {
         for i in 0..1_000 {
@@ -309,23 +303,7 @@ fn with_the_queue_full_of_info_records_audit_records_are_still_written() {
 #[test]
 fn when_even_the_reserve_is_full_errors_go_to_stderr_without_blocking() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = bare_config(dir.path());
-    config.queue_capacity = 8;
-    config.reserved_for_warnings = 4;
-    let gated = Gated {
-        gate: Gate::default(),
-        capture: Capture::default(),
-    };
-    let (logger, layer) = keel_log::build_with_sinks(
-        &config,
-        vec![keel_log::CustomSink {
-            name: "stalled".to_owned(),
-            streams: Stream::ALL.to_vec(),
-            format: Format::Json,
-            writer: Box::new(gated.clone()),
-        }],
-    )
-    .unwrap();
+    let (logger, layer, gated) = stalled_logger(dir.path(), 8, 4);
     with_layer(&layer, || {
         for i in 0..30 {
             error!(i, "flood");

@@ -145,21 +145,16 @@ async fn a_metrics_token_protects_metrics_and_nothing_else() {
         server.get("/metrics").await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let wrong = server
-        .client
-        .get(server.url("/metrics"))
-        .bearer_auth("scrape-token-0124")
-        .send()
-        .await
-        .unwrap();
+    let scrape = |token: &'static str| {
+        server
+            .client
+            .get(server.url("/metrics"))
+            .bearer_auth(token)
+            .send()
+    };
+    let wrong = scrape("scrape-token-0124").await.unwrap();
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    let right = server
-        .client
-        .get(server.url("/metrics"))
-        .bearer_auth("scrape-token-0123")
-        .send()
-        .await
-        .unwrap();
+    let right = scrape("scrape-token-0123").await.unwrap();
     assert_eq!(right.status(), StatusCode::OK);
     assert!(right.text().await.unwrap().contains("keel_panics_total"));
     assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
