@@ -26,8 +26,23 @@ pub const DATABASE_FILE: &str = "keel.db";
 const UNSET_ADMIN_TOKEN: &str =
     "[admin]\n# token is unset: keel serve generates one in <data_dir>/admin-token\n";
 
-/// Environment variables with the `KEEL_` prefix that are not configuration keys.
+/// Environment variables with the `KEEL_` prefix that are not configuration keys: `KEEL_CONFIG`
+/// (the file) and `KEEL_FAILPOINTS` (docs/failpoints.md).
 const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
+
+/// Prefixes (after `KEEL_`) of variables that belong to other parts of keel, not to the
+/// server's configuration: `KEEL_AGENT_*` are `keel agent`'s flags, `KEEL_COMMAND_*` what the
+/// agent hands its program. A shell set up for an agent can still start `keel serve`.
+const OTHER_ENV_PREFIXES: &[&str] = &["AGENT_", "COMMAND_"];
+
+/// Whether the variable `KEEL_<key>` is a configuration key (`key` is without `KEEL_`).
+fn is_config_env(key: &str) -> bool {
+    let upper = key.to_ascii_uppercase();
+    !NON_CONFIG_ENV.contains(&upper.as_str())
+        && !OTHER_ENV_PREFIXES
+            .iter()
+            .any(|prefix| upper.starts_with(prefix))
+}
 
 /// Everything keel can be told.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -340,7 +355,7 @@ impl Config {
             }
             None => {}
         }
-        figment = figment.merge(env.ignore(NON_CONFIG_ENV).split("__"));
+        figment = figment.merge(env.filter(|key| is_config_env(key.as_str())).split("__"));
         if let Some(listen) = overrides.listen {
             figment = figment.merge(("http.listen", listen));
         }
@@ -493,6 +508,20 @@ mod tests {
             let config = Config::load_with_env(None, &flags, Env::prefixed("KEEL_")).unwrap();
             assert_eq!(config.http.listen.to_string(), "127.0.0.1:9003");
             assert_eq!(config.data_dir, PathBuf::from("from-flag"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn variables_of_the_agent_and_its_programs_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_AGENT_TOKEN", "keel_abcdefgh_secret");
+            jail.set_env("KEEL_AGENT_SERVER", "http://127.0.0.1:1");
+            jail.set_env("KEEL_COMMAND_ID", "x");
+            jail.set_env("KEEL_CONFIG_X", "not ignored");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("`config_x`"), "{err}");
+            assert!(!err.contains("agent"), "{err}");
             Ok(())
         });
     }
