@@ -1,10 +1,10 @@
-//! `keel admin`: organisations and API keys, from the command line, on the data directory's
-//! database (safe while `keel serve` runs: SQLite's WAL lets both use it).
+//! `keel admin`: organisations, their API keys and operator keys, from the command line, on the
+//! data directory's database (safe while `keel serve` runs: SQLite's WAL lets both use it).
 
 use anyhow::Context as _;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
-use keel_store::{ApiKeyId, NewApiKey, OrgId, Scope, Store};
+use keel_store::{ApiKeyId, ExposeSecret, NewApiKey, OperatorKeyId, OrgId, Scope, Store};
 
 use crate::cli::SourceArgs;
 use crate::config::Config;
@@ -39,7 +39,8 @@ pub enum AdminAction {
         /// A name for the key (who or what uses it).
         #[arg(long)]
         name: String,
-        /// Comma-separated scopes (`operator`: the keel process's `/v1/admin/*` routes).
+        /// Comma-separated scopes. No organisation key opens `/v1/admin/*`: that takes an
+        /// operator key (`create-operator-key`).
         #[arg(long, value_delimiter = ',', required = true, value_parser = scope_parser())]
         scopes: Vec<Scope>,
         /// For an `agent` key: the agent it is bound to (created if new).
@@ -57,6 +58,20 @@ pub enum AdminAction {
         /// The organisation's name.
         #[arg(long)]
         org: String,
+        /// The key's id.
+        id: uuid::Uuid,
+    },
+    /// Create an operator key (outside every organisation: it opens `/v1/admin/*` and nothing
+    /// of any organisation); prints the token (shown once) on stdout.
+    CreateOperatorKey {
+        /// A name for the key (who uses it).
+        #[arg(long)]
+        name: String,
+    },
+    /// List operator keys (never their tokens).
+    ListOperatorKeys,
+    /// Revoke an operator key: it stops working at once.
+    RevokeOperatorKey {
         /// The key's id.
         id: uuid::Uuid,
     },
@@ -111,7 +126,7 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
                 "keel: created key {} (prefix {}); the token below is shown once",
                 created.key.id.0, created.key.prefix
             );
-            println!("{}", created.token);
+            println!("{}", created.token.expose_secret());
         }
         AdminAction::ListKeys { org } => {
             let org = org_id(store, &org).await?;
@@ -123,11 +138,7 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
                     key.prefix,
                     key.name,
                     scopes.join(","),
-                    if key.revoked_at.is_some() {
-                        "\trevoked"
-                    } else {
-                        ""
-                    }
+                    revoked_column(key.revoked_at)
                 );
             }
         }
@@ -136,8 +147,40 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
             store.revoke_api_key(org, ApiKeyId(id)).await?;
             eprintln!("keel: key {id} revoked");
         }
+        AdminAction::CreateOperatorKey { name } => {
+            let created = store.create_operator_key(&name).await?;
+            eprintln!(
+                "keel: created operator key {} (prefix {}); the token below is shown once",
+                created.key.id, created.key.prefix
+            );
+            println!("{}", created.token.expose_secret());
+        }
+        AdminAction::ListOperatorKeys => {
+            for key in store.list_operator_keys().await? {
+                println!(
+                    "{}\t{}\t{}{}",
+                    key.id,
+                    key.prefix,
+                    key.name,
+                    revoked_column(key.revoked_at)
+                );
+            }
+        }
+        AdminAction::RevokeOperatorKey { id } => {
+            store.revoke_operator_key(OperatorKeyId(id)).await?;
+            eprintln!("keel: operator key {id} revoked");
+        }
     }
     Ok(())
+}
+
+/// The last column of a listed key: `\trevoked`, or nothing.
+fn revoked_column(revoked_at: Option<time::OffsetDateTime>) -> &'static str {
+    if revoked_at.is_some() {
+        "\trevoked"
+    } else {
+        ""
+    }
 }
 
 async fn org_id(store: &dyn Store, name: &str) -> anyhow::Result<OrgId> {

@@ -10,6 +10,7 @@
 //! writer.
 
 mod lease;
+mod operator_keys;
 mod rows;
 pub mod writer;
 
@@ -40,9 +41,9 @@ use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
-    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, Idempotency, Lease, NewApiKey,
-    NewCommand, NewCommandItem, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released,
-    Scope, Target,
+    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
+    Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId,
+    Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
 };
 use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
 use crate::token;
@@ -503,6 +504,22 @@ impl Store for SqliteStore {
             scopes: key.scopes,
             agent_id: key.agent_id,
         }))
+    }
+
+    async fn create_operator_key(&self, name: &str) -> StoreResult<CreatedOperatorKey> {
+        operator_keys::create(self, name).await
+    }
+
+    async fn list_operator_keys(&self) -> StoreResult<Vec<OperatorKey>> {
+        operator_keys::list(self).await
+    }
+
+    async fn revoke_operator_key(&self, key: OperatorKeyId) -> StoreResult<()> {
+        operator_keys::revoke(self, key).await
+    }
+
+    async fn authenticate_operator(&self, token: &str) -> StoreResult<Option<OperatorKey>> {
+        operator_keys::authenticate(self, token).await
     }
 
     async fn check_in(&self, org: OrgId, agent: AgentId, check_in: CheckIn) -> StoreResult<Agent> {
@@ -1055,7 +1072,7 @@ async fn insert_api_key(
             Ok(row) => {
                 return Ok(CreatedApiKey {
                     key: row.into_api_key()?,
-                    token: new.token,
+                    token: secrecy::SecretString::from(new.token),
                 });
             }
             // Only the random prefix can collide: draw another token.

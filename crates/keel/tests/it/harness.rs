@@ -218,6 +218,21 @@ impl Server {
         self.admin_cli(&["create-org", name]);
     }
 
+    /// A client that presents `token`.
+    pub fn api(&self, token: &str) -> Api {
+        Api {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Creates an operator key with `keel admin create-operator-key` and returns a client that
+    /// uses it.
+    pub fn operator(&self) -> Api {
+        self.api(&self.admin_cli(&["create-operator-key", "--name", "test-operator"]))
+    }
+
     /// Creates an API key and returns a client that uses it.
     pub fn key(&self, org: &str, scopes: &str, agent: Option<&str>) -> Api {
         let mut args = vec![
