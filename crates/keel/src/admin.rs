@@ -86,8 +86,7 @@ fn scope_parser() -> impl TypedValueParser<Value = Scope> {
 /// Runs one `keel admin` action.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.config.as_deref(), &args.config.overrides())?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    crate::server::create_data_dir(&config.data_dir)?;
     let store = open_store(&config).await?;
     let result = act(store.as_ref(), args.action).await;
     store.close().await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use keel_store::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// The default listen address: loopback, on a port no common service uses.
@@ -200,9 +201,45 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// The bearer token for `/v1/admin/*`. When unset, keel creates a random one at first
-    /// start and keeps it in `<data_dir>/admin-token` (readable by its owner only).
-    pub token: Option<String>,
+    /// The bearer token for `/v1/admin/*` (besides operator keys). When unset, keel creates a
+    /// random one at first start and keeps it in `<data_dir>/admin-token` (readable by its
+    /// owner only).
+    pub token: Option<Secret>,
+}
+
+/// A secret of the configuration, held as a [`SecretString`]: `Debug` shows `[REDACTED]` and
+/// serialising (`keel config`) writes [`REDACTED`], so whatever holds one is redacted by its
+/// type. [`ExposeSecret::expose_secret`] reads it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(SecretString);
+
+/// What a [`Secret`] serialises as.
+pub const REDACTED: &str = "<redacted>";
+
+impl Secret {
+    /// The secret's text.
+    pub fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Self {
+        Self(SecretString::from(secret))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
 }
 
 /// Graceful shutdown.
@@ -405,7 +442,7 @@ impl Config {
             .validate()
             .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         if let Some(token) = &self.admin.token
-            && token.len() < 16
+            && token.expose_secret().len() < 16
         {
             return invalid("admin.token", "must be at least 16 characters");
         }
@@ -445,15 +482,12 @@ impl Config {
         self.data_dir.join(DATABASE_FILE)
     }
 
-    /// The configuration as TOML, every key with its effective value, secrets replaced by
-    /// `<redacted>`; an unset `admin.token` (TOML has no null) is a comment saying so.
+    /// The configuration as TOML, every key with its effective value; every [`Secret`]
+    /// serialises as `<redacted>`. An unset `admin.token` (TOML has no null) is a comment
+    /// saying so.
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
-        let mut shown = self.clone();
-        if shown.admin.token.is_some() {
-            shown.admin.token = Some("<redacted>".to_owned());
-        }
-        let mut text = toml::to_string_pretty(&shown)?;
-        if shown.admin.token.is_none() {
+        let mut text = toml::to_string_pretty(self)?;
+        if self.admin.token.is_none() {
             text = text.replacen("[admin]\n", UNSET_ADMIN_TOKEN, 1);
         }
         Ok(text)
@@ -612,11 +646,28 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_redacted() {
+    fn secrets_are_redacted_in_the_toml_and_in_debug() {
         let mut config = Config::default();
         config.admin.token = Some("a-very-secret-admin-token".into());
         let shown = config.to_redacted_toml().unwrap();
         assert!(!shown.contains("a-very-secret"));
         assert!(shown.contains("<redacted>"));
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!shown.contains("a-very-secret"), "{shown}");
+            assert!(shown.contains("REDACTED"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_secret_from_the_environment_is_read_and_never_shown() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_ADMIN__TOKEN", "env-secret-admin-token-xyz");
+            let config = load_in_jail(jail, None).unwrap();
+            let token = config.admin.token.as_ref().unwrap();
+            assert_eq!(token.expose_secret(), "env-secret-admin-token-xyz");
+            assert!(!format!("{config:?}").contains("env-secret"));
+            assert!(!config.to_redacted_toml().unwrap().contains("env-secret"));
+            Ok(())
+        });
     }
 }

@@ -51,8 +51,7 @@ pub const BOOTSTRAP_ADMIN_KEY_FILE: &str = "default-admin-key";
 pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     keel_guard::panic::install_hook();
     let failpoints = keel_guard::failpoints::configure_from_env(crate::failpoints::KNOWN)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    create_data_dir(&config.data_dir)?;
     config.log.dir = config.data_dir.join(&config.log.dir);
     let logger = keel_log::init(&config.log).context("starting the logger")?;
     let metrics = telemetry::install_recorder().context("installing the metrics recorder")?;
@@ -200,6 +199,42 @@ fn start_telemetry(
     })
 }
 
+/// Makes every file and directory keel creates from now on readable by its owner only (umask
+/// 0o077): the data directory, the database and its `-wal` and `-shm` files, the key files, the
+/// log files. Called at the start of `keel serve` and `keel admin`; not for `keel agent`,
+/// whose programs keep the umask they were given.
+pub fn keep_files_private() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Creates the data directory (and its parents) with mode 0700 when it does not exist.
+pub fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))
+}
+
+/// Narrows the database files to mode 0600: those a keel from before the umask created with
+/// the default one (0644) stay private too.
+fn restrict_database_files(database: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = database.as_os_str().to_owned();
+        path.push(suffix);
+        let path = std::path::PathBuf::from(path);
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("restricting {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Opens the SQLite database in the data directory (created and migrated as needed).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let path = config.database_path();
@@ -217,6 +252,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = SqliteStore::open(&path, options, Arc::new(SystemClock))
         .await
         .with_context(|| format!("opening the database {}", path.display()))?;
+    restrict_database_files(&path)?;
     Ok(Arc::new(store))
 }
 
@@ -297,7 +333,7 @@ fn start_retention(supervisor: &Supervisor, config: &Config, store: &Arc<dyn Sto
 /// The configured admin token, or the one kept in the data directory (created at first start).
 fn admin_token(config: &Config) -> anyhow::Result<Arc<SecretString>> {
     if let Some(token) = &config.admin.token {
-        return Ok(Arc::new(SecretString::from(token.as_str())));
+        return Ok(Arc::new(SecretString::from(token.expose_secret())));
     }
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
     if let Ok(existing) = std::fs::read_to_string(&path) {

@@ -35,6 +35,7 @@ fn flags_parse_with_defaults() {
     ])
     .unwrap();
     assert_eq!(cli.agent.queues, ["a", "b"]);
+    assert_eq!(token(&cli.agent).unwrap().expose_secret(), "t");
     assert_eq!(cli.agent.concurrency, 1);
     assert_eq!(cli.agent.wait_seconds, 30);
     assert_eq!(cli.agent.shutdown_grace, Duration::from_secs(30));
@@ -77,6 +78,63 @@ fn flags_parse_with_defaults() {
             "0"
         ])
         .is_err()
+    );
+}
+
+#[test]
+fn the_token_comes_from_a_file_or_the_flag_never_both_and_never_shows_in_debug() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+    let secret = "keel_abcdefgh_averysecretagenttokenvalue";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("  {secret}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let from_file =
+        Cli::try_parse_from(["keel", "--server", "s", "--token-file", file, "--exec", "x"])
+            .unwrap();
+    assert_eq!(token(&from_file.agent).unwrap().expose_secret(), secret);
+    let from_flag =
+        Cli::try_parse_from(["keel", "--server", "s", "--token", secret, "--exec", "x"]).unwrap();
+    for args in [&from_file.agent, &from_flag.agent] {
+        for shown in [format!("{args:?}"), format!("{args:#?}")] {
+            assert!(!shown.contains("averysecret"), "{shown}");
+        }
+    }
+    // Both, or a file that cannot be read, are refused.
+    assert!(
+        Cli::try_parse_from([
+            "keel",
+            "--server",
+            "s",
+            "--token",
+            "t",
+            "--token-file",
+            file,
+            "--exec",
+            "x"
+        ])
+        .is_err()
+    );
+    let missing = Cli::try_parse_from([
+        "keel",
+        "--server",
+        "s",
+        "--token-file",
+        "/nonexistent/token",
+        "--exec",
+        "x",
+    ])
+    .unwrap();
+    assert!(
+        token(&missing.agent)
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/token")
     );
 }
 
@@ -212,7 +270,7 @@ mod fake {
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });
         (
-            Client::new(&format!("http://{address}"), "key").unwrap(),
+            Client::new(&format!("http://{address}"), "key".into()).unwrap(),
             shared,
         )
     }

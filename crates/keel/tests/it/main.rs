@@ -21,5 +21,6 @@ mod overload;
 mod panics;
 mod profiles;
 mod queue_core;
+mod secrets;
 mod shutdown;
 mod supervision;
