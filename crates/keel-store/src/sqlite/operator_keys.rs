@@ -1,12 +1,9 @@
 //! Operator keys on SQLite: the `operator_keys` table, outside every organisation.
 
-use secrecy::SecretString;
-
 use super::rows::from_micros;
-use super::{PREFIX_ATTEMPTS, SqliteStore};
+use super::{SqliteStore, TokenRow, find_by_token, found, insert_with_new_token};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CreatedOperatorKey, OperatorKey, OperatorKeyId};
-use crate::token;
 
 const COLUMNS: &str = "id, name, prefix, token_hash, created_at, revoked_at";
 
@@ -18,6 +15,16 @@ struct OperatorKeyRow {
     token_hash: String,
     created_at: i64,
     revoked_at: Option<i64>,
+}
+
+impl TokenRow for OperatorKeyRow {
+    fn token_hash(&self) -> &str {
+        &self.token_hash
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
 }
 
 impl OperatorKeyRow {
@@ -43,34 +50,30 @@ pub(super) async fn create(store: &SqliteStore, name: &str) -> StoreResult<Creat
     store
         .write_one(move |conn| {
             Box::pin(async move {
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    let new = token::generate();
-                    let inserted = sqlx::query_as::<_, OperatorKeyRow>(&format!(
-                        "INSERT INTO operator_keys (id, name, prefix, token_hash, created_at) \
-                         VALUES (?, ?, ?, ?, ?) RETURNING {COLUMNS}"
-                    ))
-                    .bind(OperatorKeyId::new())
-                    .bind(&name)
-                    .bind(&new.prefix)
-                    .bind(&new.hash)
-                    .bind(now_us)
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(StoreError::from);
-                    match inserted {
-                        Ok(row) => {
-                            return Ok(CreatedOperatorKey {
-                                key: row.into_key()?,
-                                token: SecretString::from(new.token),
-                            });
-                        }
-                        // Only the random prefix can collide: draw another token.
-                        Err(StoreError::Conflict(_)) if attempt < PREFIX_ATTEMPTS => {}
-                        Err(err) => return Err(err),
-                    }
-                }
+                let sql = format!(
+                    "INSERT INTO operator_keys (id, name, prefix, token_hash, created_at) \
+                     VALUES (?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+                );
+                let (row, token) = insert_with_new_token(conn, move |conn, new| {
+                    let (sql, name) = (sql.clone(), name.clone());
+                    let (prefix, hash) = (new.prefix.clone(), new.hash.clone());
+                    Box::pin(async move {
+                        sqlx::query_as::<_, OperatorKeyRow>(&sql)
+                            .bind(OperatorKeyId::new())
+                            .bind(name)
+                            .bind(prefix)
+                            .bind(hash)
+                            .bind(now_us)
+                            .fetch_one(conn)
+                            .await
+                            .map_err(StoreError::from)
+                    })
+                })
+                .await?;
+                Ok(CreatedOperatorKey {
+                    key: row.into_key()?,
+                    token,
+                })
             })
         })
         .await
@@ -97,10 +100,7 @@ pub(super) async fn revoke(store: &SqliteStore, key: OperatorKeyId) -> StoreResu
                 .bind(key)
                 .execute(&mut *conn)
                 .await?;
-                if done.rows_affected() == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                Ok(())
+                found(done.rows_affected())
             })
         })
         .await
@@ -110,19 +110,7 @@ pub(super) async fn authenticate(
     store: &SqliteStore,
     token: &str,
 ) -> StoreResult<Option<OperatorKey>> {
-    let Some(prefix) = token::prefix_of(token) else {
-        return Ok(None);
-    };
-    let row: Option<OperatorKeyRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM operator_keys WHERE prefix = ?"
-    ))
-    .bind(prefix)
-    .fetch_optional(&store.read)
-    .await?;
-    match row {
-        Some(row) if row.revoked_at.is_none() && token::matches(token, &row.token_hash) => {
-            row.into_key().map(Some)
-        }
-        _ => Ok(None),
-    }
+    let select = format!("SELECT {COLUMNS} FROM operator_keys WHERE prefix = ?");
+    let row: Option<OperatorKeyRow> = find_by_token(&store.read, &select, token).await?;
+    row.map(OperatorKeyRow::into_key).transpose()
 }

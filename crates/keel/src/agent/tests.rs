@@ -14,14 +14,16 @@ fn queues_are_trimmed_deduplicated_and_checked() {
     assert!(queues(&[]).unwrap().is_empty());
 }
 
+/// `keel agent`'s flags, parsed on their own.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
 #[test]
 fn flags_parse_with_defaults() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        agent: AgentArgs,
-    }
     let cli = Cli::try_parse_from([
         "keel",
         "--server",
@@ -84,52 +86,29 @@ fn flags_parse_with_defaults() {
 #[test]
 fn the_token_comes_from_a_file_or_the_flag_never_both_and_never_shows_in_debug() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        agent: AgentArgs,
-    }
     let secret = "keel_abcdefgh_averysecretagenttokenvalue";
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     std::fs::write(&file, format!("  {secret}\n")).unwrap();
     let file = file.to_str().unwrap();
-    let from_file =
-        Cli::try_parse_from(["keel", "--server", "s", "--token-file", file, "--exec", "x"])
-            .unwrap();
+    let parse = |credential: &[&str]| {
+        let base = ["keel", "--server", "s", "--exec", "x"];
+        Cli::try_parse_from(base.iter().chain(credential))
+    };
+    let from_file = parse(&["--token-file", file]).unwrap();
     assert_eq!(token(&from_file.agent).unwrap().expose_secret(), secret);
-    let from_flag =
-        Cli::try_parse_from(["keel", "--server", "s", "--token", secret, "--exec", "x"]).unwrap();
+    let from_flag = parse(&["--token", secret]).unwrap();
     for args in [&from_file.agent, &from_flag.agent] {
         for shown in [format!("{args:?}"), format!("{args:#?}")] {
             assert!(!shown.contains("averysecret"), "{shown}");
         }
     }
-    // Both, or a file that cannot be read, are refused.
-    assert!(
-        Cli::try_parse_from([
-            "keel",
-            "--server",
-            "s",
-            "--token",
-            "t",
-            "--token-file",
-            file,
-            "--exec",
-            "x"
-        ])
-        .is_err()
-    );
-    let missing = Cli::try_parse_from([
-        "keel",
-        "--server",
-        "s",
-        "--token-file",
-        "/nonexistent/token",
-        "--exec",
-        "x",
-    ])
-    .unwrap();
+    // Both, neither (without KEEL_AGENT_TOKEN), or a file that cannot be read, are refused.
+    assert!(parse(&["--token", "t", "--token-file", file]).is_err());
+    if std::env::var_os("KEEL_AGENT_TOKEN").is_none() {
+        assert!(parse(&[]).is_err());
+    }
+    let missing = parse(&["--token-file", "/nonexistent/token"]).unwrap();
     assert!(
         token(&missing.agent)
             .unwrap_err()
