@@ -24,6 +24,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 use crate::Clock;
+use crate::ExposeSecret;
 use crate::{
     AgentId, CheckIn, ClaimToken, Claimed, CommandFilter, CommandId, CommandStatus, DeadReason,
     Idempotency, ManualClock, NewApiKey, NewCommand, OrgId, ReleaseOutcome, Scope, Store,
@@ -70,7 +71,9 @@ macro_rules! conformance_tests {
             release_in_bounded_batches,
             purge_finished_commands,
             claim_with_a_queue_named_twice,
-            scheduled_commands_wait_their_turn
+            scheduled_commands_wait_their_turn,
+            operator_keys,
+            operator_and_organisation_keys_are_apart
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -164,6 +167,98 @@ pub async fn organisations(store: &dyn Store, _clock: &ManualClock) {
     assert_eq!(store.find_org_by_name("gamma").await.unwrap(), None);
 }
 
+pub async fn operator_keys(store: &dyn Store, clock: &ManualClock) {
+    assert!(store.list_operator_keys().await.unwrap().is_empty());
+    let first = store.create_operator_key("alice").await.unwrap();
+    let token = first.token.expose_secret();
+    assert!(token.starts_with(&format!("keel_{}_", first.key.prefix)));
+    assert!(!format!("{first:?}").contains(token));
+    assert_eq!(first.key.name, "alice");
+    assert_eq!(first.key.created_at, START);
+    assert_eq!(first.key.revoked_at, None);
+    assert_eq!(
+        store.authenticate_operator(token).await.unwrap(),
+        Some(first.key.clone())
+    );
+    clock.advance(secs(1));
+    let second = store.create_operator_key("bob").await.unwrap();
+    assert_ne!(second.key.prefix, first.key.prefix);
+
+    // Wrong secret with the right prefix, unknown prefix, malformed.
+    let mut wrong = token.to_owned();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == 'a' { 'b' } else { 'a' });
+    for bad in [wrong.as_str(), "keel_zzzzzzzz_nope", "", "keel_"] {
+        assert_eq!(
+            store.authenticate_operator(bad).await.unwrap(),
+            None,
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        store.create_operator_key("  ").await,
+        Err(StoreError::InvalidInput(_))
+    ));
+
+    clock.advance(secs(60));
+    store.revoke_operator_key(first.key.id).await.unwrap();
+    store.revoke_operator_key(first.key.id).await.unwrap();
+    assert_eq!(store.authenticate_operator(token).await.unwrap(), None);
+    assert!(
+        store
+            .authenticate_operator(second.token.expose_secret())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(matches!(
+        store.revoke_operator_key(crate::OperatorKeyId::new()).await,
+        Err(StoreError::NotFound)
+    ));
+    let keys = store.list_operator_keys().await.unwrap();
+    let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_eq!(keys[0].revoked_at, Some(START + secs(61)));
+    assert_eq!(keys[1].revoked_at, None);
+}
+
+/// An operator key is no organisation key and an organisation key no operator key, whatever
+/// its scopes.
+pub async fn operator_and_organisation_keys_are_apart(store: &dyn Store, _clock: &ManualClock) {
+    let org = store.create_organisation("acme").await.unwrap().id;
+    let admin = store
+        .create_api_key(
+            org,
+            NewApiKey {
+                name: "admin".into(),
+                scopes: Scope::ALL
+                    .iter()
+                    .copied()
+                    .filter(|s| *s != Scope::Agent)
+                    .collect(),
+                agent_name: None,
+            },
+        )
+        .await
+        .unwrap();
+    let operator = store.create_operator_key("ops").await.unwrap();
+    assert_eq!(
+        store
+            .authenticate_operator(admin.token.expose_secret())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .authenticate(operator.token.expose_secret())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.list_api_keys(org).await.unwrap().len() == 1);
+}
+
 pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
     let org = store.create_organisation("acme").await.unwrap().id;
     let other = store.create_organisation("other").await.unwrap().id;
@@ -181,11 +276,16 @@ pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
     assert!(
         admin
             .token
+            .expose_secret()
             .starts_with(&format!("keel_{}_", admin.key.prefix))
     );
-    assert!(!format!("{admin:?}").contains(&admin.token));
+    assert!(!format!("{admin:?}").contains(admin.token.expose_secret()));
 
-    let principal = store.authenticate(&admin.token).await.unwrap().unwrap();
+    let principal = store
+        .authenticate(admin.token.expose_secret())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(principal.key_id, admin.key.id);
     assert_eq!(principal.org_id, org);
     assert_eq!(principal.agent_id, None);
@@ -197,7 +297,7 @@ pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
     assert!(principal.has_scope(Scope::Admin) && !principal.has_scope(Scope::Agent));
 
     // Wrong secret with the right prefix, unknown prefix, malformed.
-    let mut wrong = admin.token.clone();
+    let mut wrong = admin.token.expose_secret().to_owned();
     let last = wrong.pop().unwrap();
     wrong.push(if last == 'a' { 'b' } else { 'a' });
     for bad in [
@@ -223,7 +323,11 @@ pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
         .await
         .unwrap();
     let agent_id = agent_key.key.agent_id.unwrap();
-    let p = store.authenticate(&agent_key.token).await.unwrap().unwrap();
+    let p = store
+        .authenticate(agent_key.token.expose_secret())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(p.agent_id, Some(agent_id));
     assert_eq!(p.scopes, vec![Scope::Agent]);
     let second = store
@@ -267,10 +371,16 @@ pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
     // Revoked keys stop authenticating; others are unaffected.
     clock.advance(secs(60));
     store.revoke_api_key(org, admin.key.id).await.unwrap();
-    assert_eq!(store.authenticate(&admin.token).await.unwrap(), None);
+    assert_eq!(
+        store
+            .authenticate(admin.token.expose_secret())
+            .await
+            .unwrap(),
+        None
+    );
     assert!(
         store
-            .authenticate(&agent_key.token)
+            .authenticate(agent_key.token.expose_secret())
             .await
             .unwrap()
             .is_some()
@@ -283,7 +393,7 @@ pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
     ));
     assert!(
         store
-            .authenticate(&agent_key.token)
+            .authenticate(agent_key.token.expose_secret())
             .await
             .unwrap()
             .is_some()

@@ -30,11 +30,12 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, StoreResult};
 pub use model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, CheckIn, ClaimToken, Claimed,
-    Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey,
+    Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
     DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, Idempotency, Lease, NewApiKey,
-    NewCommand, NewCommandItem, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released,
-    Scope, Target, UnknownName,
+    NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page, Principal,
+    ReleaseOutcome, Released, Scope, Target, UnknownName,
 };
+pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};
 pub use store::{
     MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, MAX_QUEUE_NAME_LEN, MAX_QUEUES_PER_CLAIM,

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -66,6 +67,10 @@ id_type!(
 id_type!(
     /// Identifies an API key.
     ApiKeyId
+);
+id_type!(
+    /// Identifies an operator key.
+    OperatorKeyId
 );
 id_type!(
     /// Identifies a command; v7, so identifiers sort by creation time.
@@ -132,9 +137,6 @@ named_enum!(
         CommandsRead => "commands:read",
         /// Act as the key's agent: check in, claim, heartbeat, complete, fail.
         Agent => "agent",
-        /// Operate the keel process itself: the `/v1/admin` routes (components, panics, jobs,
-        /// log filters), which are not scoped to one organisation.
-        Operator => "operator",
     }
 );
 
@@ -234,22 +236,39 @@ pub struct ApiKey {
     pub revoked_at: Option<OffsetDateTime>,
 }
 
-/// A new API key and its token. The token is shown this once and cannot be read back.
-#[derive(Clone, PartialEq, Eq)]
+/// A new API key and its token. The token is shown this once and cannot be read back; its
+/// type prints as `[REDACTED]` (`expose_secret()` reads it).
+#[derive(Debug, Clone)]
 pub struct CreatedApiKey {
     /// The stored key.
     pub key: ApiKey,
     /// The secret token (`keel_<prefix>_<secret>`).
-    pub token: String,
+    pub token: SecretString,
 }
 
-impl fmt::Debug for CreatedApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CreatedApiKey")
-            .field("key", &self.key)
-            .field("token", &"<redacted>")
-            .finish()
-    }
+/// An operator key, as listed: a credential of the people running keel, outside every
+/// organisation. It opens the `/v1/admin` routes and nothing of any organisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorKey {
+    /// Its identifier.
+    pub id: OperatorKeyId,
+    /// Its label (who uses it).
+    pub name: String,
+    /// The public part of the token, to tell keys apart.
+    pub prefix: String,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A new operator key and its token, shown this once (same format and hashing as API keys).
+#[derive(Debug, Clone)]
+pub struct CreatedOperatorKey {
+    /// The stored key.
+    pub key: OperatorKey,
+    /// The secret token (`keel_<prefix>_<secret>`).
+    pub token: SecretString,
 }
 
 /// Who is calling: what a valid token stands for.

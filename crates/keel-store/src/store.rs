@@ -7,8 +7,9 @@ use time::OffsetDateTime;
 use crate::error::StoreResult;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
-    CommandFilter, CommandId, Created, CreatedApiKey, Idempotency, Lease, NewApiKey, NewCommand,
-    NewCommandItem, OrgId, Organisation, Page, Principal, Released,
+    CommandFilter, CommandId, Created, CreatedApiKey, CreatedOperatorKey, Idempotency, Lease,
+    NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page,
+    Principal, Released,
 };
 use crate::sqlite::WritePressure;
 
@@ -71,8 +72,26 @@ pub trait Store: Send + Sync {
     /// Revokes a key: its token stops authenticating. Revoking twice is not an error.
     async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()>;
 
-    /// Who `token` stands for; `None` for an unknown, malformed or revoked token.
+    /// Who `token` stands for; `None` for an unknown, malformed or revoked token (an operator
+    /// key's token included: it belongs to no organisation).
     async fn authenticate(&self, token: &str) -> StoreResult<Option<Principal>>;
+
+    // --- operator keys (outside every organisation) ---
+
+    /// Creates an operator key and returns its token, which is not stored and cannot be read
+    /// back. An empty name is `InvalidInput`.
+    async fn create_operator_key(&self, name: &str) -> StoreResult<CreatedOperatorKey>;
+
+    /// Every operator key, oldest first (without their tokens).
+    async fn list_operator_keys(&self) -> StoreResult<Vec<OperatorKey>>;
+
+    /// Revokes an operator key: its token stops authenticating. Revoking twice is not an error;
+    /// an unknown id is `NotFound`.
+    async fn revoke_operator_key(&self, key: OperatorKeyId) -> StoreResult<()>;
+
+    /// The operator key `token` stands for; `None` for an unknown, malformed or revoked token
+    /// (an organisation's API key included).
+    async fn authenticate_operator(&self, token: &str) -> StoreResult<Option<OperatorKey>>;
 
     // --- agents ---
 

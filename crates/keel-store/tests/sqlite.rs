@@ -92,7 +92,11 @@ async fn data_survives_reopening_the_file() {
         store.find_org_by_name("acme").await.unwrap(),
         Some(org.clone())
     );
-    let principal = store.authenticate(&key.token).await.unwrap().unwrap();
+    let principal = store
+        .authenticate(keel_store::ExposeSecret::expose_secret(&key.token))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(principal.agent_id, Some(agent));
     assert_eq!(
         store.get_command(org.id, pending.id).await.unwrap(),
@@ -122,4 +126,84 @@ async fn a_directory_that_does_not_exist_is_an_error() {
     )
     .await;
     assert!(result.is_err());
+}
+
+/// A database from before operator keys: organisation keys carrying the old `operator` scope
+/// lose it when the migration runs, and still load.
+#[tokio::test]
+async fn the_operator_scope_is_taken_out_of_organisation_keys() {
+    use sqlx::ConnectOptions as _;
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old-migrations");
+    std::fs::create_dir(&old).unwrap();
+    for name in [
+        "20250101000001_initial.sql",
+        "20250301000001_queue_scale.sql",
+    ] {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations/sqlite")
+            .join(name);
+        std::fs::copy(from, old.join(name)).unwrap();
+    }
+    let path = dir.path().join("keel.db");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    let org = uuid::Uuid::now_v7();
+    sqlx::query("INSERT INTO organisations (id, name, created_at) VALUES (?, 'acme', 0)")
+        .bind(org)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for (prefix, scopes) in [
+        ("aaaaaaaa", r#"["admin","operator"]"#),
+        ("bbbbbbbb", r#"["operator"]"#),
+    ] {
+        sqlx::query(
+            "INSERT INTO api_keys (id, org_id, name, prefix, token_hash, scopes, created_at) \
+             VALUES (?, ?, 'old', ?, 'x', ?, 0)",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(org)
+        .bind(prefix)
+        .bind(scopes)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    drop(conn);
+
+    let store = SqliteStore::open(
+        &path,
+        SqliteOptions::default(),
+        Arc::new(ManualClock::new(START)),
+    )
+    .await
+    .unwrap();
+    let org = store.find_org_by_name("acme").await.unwrap().unwrap();
+    let mut keys: Vec<_> = store
+        .list_api_keys(org.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|key| (key.prefix, key.scopes))
+        .collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        keys,
+        [
+            ("aaaaaaaa".to_owned(), vec![Scope::Admin]),
+            ("bbbbbbbb".to_owned(), vec![])
+        ]
+    );
+    store.close().await;
 }

@@ -1,10 +1,10 @@
-//! `keel admin`: organisations and API keys, from the command line, on the data directory's
-//! database (safe while `keel serve` runs: SQLite's WAL lets both use it).
+//! `keel admin`: organisations, their API keys and operator keys, from the command line, on the
+//! data directory's database (safe while `keel serve` runs: SQLite's WAL lets both use it).
 
 use anyhow::Context as _;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
-use keel_store::{ApiKeyId, NewApiKey, OrgId, Scope, Store};
+use keel_store::{ApiKeyId, ExposeSecret, NewApiKey, OperatorKeyId, OrgId, Scope, Store};
 
 use crate::cli::SourceArgs;
 use crate::config::Config;
@@ -39,7 +39,8 @@ pub enum AdminAction {
         /// A name for the key (who or what uses it).
         #[arg(long)]
         name: String,
-        /// Comma-separated scopes (`operator`: the keel process's `/v1/admin/*` routes).
+        /// Comma-separated scopes. No organisation key opens `/v1/admin/*`: that takes an
+        /// operator key (`create-operator-key`).
         #[arg(long, value_delimiter = ',', required = true, value_parser = scope_parser())]
         scopes: Vec<Scope>,
         /// For an `agent` key: the agent it is bound to (created if new).
@@ -60,6 +61,20 @@ pub enum AdminAction {
         /// The key's id.
         id: uuid::Uuid,
     },
+    /// Create an operator key (outside every organisation: it opens `/v1/admin/*` and nothing
+    /// of any organisation); prints the token (shown once) on stdout.
+    CreateOperatorKey {
+        /// A name for the key (who uses it).
+        #[arg(long)]
+        name: String,
+    },
+    /// List operator keys (never their tokens).
+    ListOperatorKeys,
+    /// Revoke an operator key: it stops working at once.
+    RevokeOperatorKey {
+        /// The key's id.
+        id: uuid::Uuid,
+    },
 }
 
 /// Parses a scope; `--help` lists every scope the store knows.
@@ -71,8 +86,7 @@ fn scope_parser() -> impl TypedValueParser<Value = Scope> {
 /// Runs one `keel admin` action.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.config.as_deref(), &args.config.overrides())?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    crate::server::create_data_dir(&config.data_dir)?;
     let logger = audit_logger(&config)?;
     let store = open_store(&config).await?;
     let result = act(store.as_ref(), args.action).await;
@@ -104,7 +118,7 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
     match action {
         AdminAction::CreateOrg { name } => {
             let org = store.create_organisation(&name).await?;
-            tracing::info!(target: "keel::audit", action = "org.create", org_id = %org.id.0, org = %org.name, via = "cli", "organisation created");
+            tracing::info!(target: "keel::audit", action = "organisation.create", org_id = %org.id.0, org = %org.name, via = "cli", "organisation created");
             println!("{}", org.id.0);
         }
         AdminAction::ListOrgs => {
@@ -129,12 +143,12 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
                     },
                 )
                 .await?;
-            tracing::info!(target: "keel::audit", action = "key.create", org_id = %org.0, key_id = %created.key.id.0, key_prefix = %created.key.prefix, scopes = ?created.key.scopes, via = "cli", "API key created");
+            tracing::info!(target: "keel::audit", action = "api_key.create", org_id = %org.0, key_id = %created.key.id.0, key_prefix = %created.key.prefix, scopes = ?created.key.scopes, via = "cli", "API key created");
             eprintln!(
                 "keel: created key {} (prefix {}); the token below is shown once",
                 created.key.id.0, created.key.prefix
             );
-            println!("{}", created.token);
+            println!("{}", created.token.expose_secret());
         }
         AdminAction::ListKeys { org } => {
             let org = org_id(store, &org).await?;
@@ -146,22 +160,52 @@ async fn act(store: &dyn Store, action: AdminAction) -> anyhow::Result<()> {
                     key.prefix,
                     key.name,
                     scopes.join(","),
-                    if key.revoked_at.is_some() {
-                        "\trevoked"
-                    } else {
-                        ""
-                    }
+                    revoked_column(key.revoked_at)
                 );
             }
         }
         AdminAction::RevokeKey { org, id } => {
             let org = org_id(store, &org).await?;
             store.revoke_api_key(org, ApiKeyId(id)).await?;
-            tracing::info!(target: "keel::audit", action = "key.revoke", org_id = %org.0, key_id = %id, via = "cli", "API key revoked");
+            tracing::info!(target: "keel::audit", action = "api_key.revoke", org_id = %org.0, key_id = %id, via = "cli", "API key revoked");
             eprintln!("keel: key {id} revoked");
+        }
+        AdminAction::CreateOperatorKey { name } => {
+            let created = store.create_operator_key(&name).await?;
+            tracing::info!(target: "keel::audit", action = "operator_key.create", key_id = %created.key.id, key_prefix = %created.key.prefix, via = "cli", "operator key created");
+            eprintln!(
+                "keel: created operator key {} (prefix {}); the token below is shown once",
+                created.key.id, created.key.prefix
+            );
+            println!("{}", created.token.expose_secret());
+        }
+        AdminAction::ListOperatorKeys => {
+            for key in store.list_operator_keys().await? {
+                println!(
+                    "{}\t{}\t{}{}",
+                    key.id,
+                    key.prefix,
+                    key.name,
+                    revoked_column(key.revoked_at)
+                );
+            }
+        }
+        AdminAction::RevokeOperatorKey { id } => {
+            store.revoke_operator_key(OperatorKeyId(id)).await?;
+            tracing::info!(target: "keel::audit", action = "operator_key.revoke", key_id = %id, via = "cli", "operator key revoked");
+            eprintln!("keel: operator key {id} revoked");
         }
     }
     Ok(())
+}
+
+/// The last column of a listed key: `\trevoked`, or nothing.
+fn revoked_column(revoked_at: Option<time::OffsetDateTime>) -> &'static str {
+    if revoked_at.is_some() {
+        "\trevoked"
+    } else {
+        ""
+    }
 }
 
 async fn org_id(store: &dyn Store, name: &str) -> anyhow::Result<OrgId> {

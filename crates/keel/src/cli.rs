@@ -23,7 +23,7 @@ pub enum Command {
     Serve(ConfigArgs),
     /// Print the effective configuration, secrets redacted.
     Config(ConfigArgs),
-    /// Manage organisations and API keys.
+    /// Manage organisations, their API keys and operator keys.
     Admin(crate::admin::AdminArgs),
     /// Run an agent: claim commands from a keel server and run a program for each.
     Agent(crate::agent::AgentArgs),

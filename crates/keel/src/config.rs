@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use keel_store::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 /// The default listen address: loopback, on a port no common service uses.
@@ -26,8 +27,23 @@ pub const DATABASE_FILE: &str = "keel.db";
 const UNSET_ADMIN_TOKEN: &str =
     "[admin]\n# token is unset: keel serve generates one in <data_dir>/admin-token\n";
 
-/// Environment variables with the `KEEL_` prefix that are not configuration keys.
+/// Environment variables with the `KEEL_` prefix that are not configuration keys: `KEEL_CONFIG`
+/// (the file) and `KEEL_FAILPOINTS` (docs/failpoints.md).
 const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
+
+/// Prefixes (after `KEEL_`) of variables that belong to other parts of keel, not to the
+/// server's configuration: `KEEL_AGENT_*` are `keel agent`'s flags, `KEEL_COMMAND_*` what the
+/// agent hands its program. A shell set up for an agent can still start `keel serve`.
+const OTHER_ENV_PREFIXES: &[&str] = &["AGENT_", "COMMAND_"];
+
+/// Whether the variable `KEEL_<key>` is a configuration key (`key` is without `KEEL_`).
+fn is_config_env(key: &str) -> bool {
+    let upper = key.to_ascii_uppercase();
+    !NON_CONFIG_ENV.contains(&upper.as_str())
+        && !OTHER_ENV_PREFIXES
+            .iter()
+            .any(|prefix| upper.starts_with(prefix))
+}
 
 /// Everything keel can be told.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,9 +203,45 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// The bearer token for `/v1/admin/*`. When unset, keel creates a random one at first
-    /// start and keeps it in `<data_dir>/admin-token` (readable by its owner only).
-    pub token: Option<String>,
+    /// The bearer token for `/v1/admin/*` (besides operator keys). When unset, keel creates a
+    /// random one at first start and keeps it in `<data_dir>/admin-token` (readable by its
+    /// owner only).
+    pub token: Option<Secret>,
+}
+
+/// A secret of the configuration, held as a [`SecretString`]: `Debug` shows `[REDACTED]` and
+/// serialising (`keel config`) writes [`REDACTED`], so whatever holds one is redacted by its
+/// type. [`ExposeSecret::expose_secret`] reads it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(SecretString);
+
+/// What a [`Secret`] serialises as.
+pub const REDACTED: &str = "<redacted>";
+
+impl Secret {
+    /// The secret's text.
+    pub fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(secret: &str) -> Self {
+        Self(SecretString::from(secret))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
 }
 
 /// Graceful shutdown.
@@ -343,7 +395,7 @@ impl Config {
             }
             None => {}
         }
-        figment = figment.merge(env.ignore(NON_CONFIG_ENV).split("__"));
+        figment = figment.merge(env.filter(|key| is_config_env(key.as_str())).split("__"));
         if let Some(listen) = overrides.listen {
             figment = figment.merge(("http.listen", listen));
         }
@@ -393,7 +445,7 @@ impl Config {
             .validate()
             .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         if let Some(token) = &self.admin.token
-            && token.len() < 16
+            && token.expose_secret().len() < 16
         {
             return invalid("admin.token", "must be at least 16 characters");
         }
@@ -433,18 +485,12 @@ impl Config {
         self.data_dir.join(DATABASE_FILE)
     }
 
-    /// The configuration as TOML, every key with its effective value, secrets replaced by
-    /// `<redacted>`; an unset `admin.token` (TOML has no null) is a comment saying so.
+    /// The configuration as TOML, every key with its effective value; every [`Secret`]
+    /// serialises as `<redacted>`. An unset `admin.token` (TOML has no null) is a comment
+    /// saying so.
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
-        let mut shown = self.clone();
-        if shown.admin.token.is_some() {
-            shown.admin.token = Some("<redacted>".to_owned());
-        }
-        if shown.metrics.token.is_some() {
-            shown.metrics.token = Some("<redacted>".to_owned());
-        }
-        let mut text = toml::to_string_pretty(&shown)?;
-        if shown.admin.token.is_none() {
+        let mut text = toml::to_string_pretty(self)?;
+        if self.admin.token.is_none() {
             text = text.replacen("[admin]\n", UNSET_ADMIN_TOKEN, 1);
         }
         Ok(text)
@@ -499,6 +545,20 @@ mod tests {
             let config = Config::load_with_env(None, &flags, Env::prefixed("KEEL_")).unwrap();
             assert_eq!(config.http.listen.to_string(), "127.0.0.1:9003");
             assert_eq!(config.data_dir, PathBuf::from("from-flag"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn variables_of_the_agent_and_its_programs_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_AGENT_TOKEN", "keel_abcdefgh_secret");
+            jail.set_env("KEEL_AGENT_SERVER", "http://127.0.0.1:1");
+            jail.set_env("KEEL_COMMAND_ID", "x");
+            jail.set_env("KEEL_CONFIG_X", "not ignored");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("`config_x`"), "{err}");
+            assert!(!err.contains("agent"), "{err}");
             Ok(())
         });
     }
@@ -589,12 +649,29 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_redacted() {
+    fn secrets_are_redacted_in_the_toml_and_in_debug() {
         let mut config = Config::default();
         config.admin.token = Some("a-very-secret-admin-token".into());
         config.metrics.token = Some("a-very-secret-metrics-token".into());
         let shown = config.to_redacted_toml().unwrap();
         assert!(!shown.contains("a-very-secret"));
         assert!(shown.contains("<redacted>"));
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!shown.contains("a-very-secret"), "{shown}");
+            assert!(shown.contains("REDACTED"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_secret_from_the_environment_is_read_and_never_shown() {
+        Jail::expect_with(|jail| {
+            jail.set_env("KEEL_ADMIN__TOKEN", "env-secret-admin-token-xyz");
+            let config = load_in_jail(jail, None).unwrap();
+            let token = config.admin.token.as_ref().unwrap();
+            assert_eq!(token.expose_secret(), "env-secret-admin-token-xyz");
+            assert!(!format!("{config:?}").contains("env-secret"));
+            assert!(!config.to_redacted_toml().unwrap().contains("env-secret"));
+            Ok(())
+        });
     }
 }

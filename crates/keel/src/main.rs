@@ -9,6 +9,9 @@ use keel::config::Config;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Serve(_) | Command::Admin(_)) {
+        keel::server::keep_files_private();
+    }
     match cli.command {
         Command::Serve(args) => {
             match Config::load(args.source.config.as_deref(), &args.overrides()) {

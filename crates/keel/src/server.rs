@@ -14,7 +14,10 @@ use keel_guard::components::Components;
 use keel_guard::periodic::JobHandle;
 use keel_guard::supervisor::Supervisor;
 use keel_log::Logger;
-use keel_store::{NewApiKey, Scope, SqliteOptions, SqliteStore, Store, SystemClock, WriterOptions};
+use keel_store::{
+    ExposeSecret, NewApiKey, Scope, SecretString, SqliteOptions, SqliteStore, Store, SystemClock,
+    WriterOptions,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,13 +39,19 @@ pub const FORCED_EXIT_STATUS: i32 = 130;
 /// Name of the file that keeps the generated admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
+/// Name of the file, in the data directory, that holds the operator key created at first start.
+pub const BOOTSTRAP_OPERATOR_KEY_FILE: &str = "operator-key";
+
+/// Name of the file, in the data directory, that holds the admin key of the organisation
+/// `default` created at first start.
+pub const BOOTSTRAP_ADMIN_KEY_FILE: &str = "default-admin-key";
+
 /// Runs `keel serve` until SIGTERM/SIGINT. Installs the panic hook, the failpoints, the logger
 /// and the metrics recorder, which exist once per process.
 pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     keel_guard::panic::install_hook();
     let failpoints = keel_guard::failpoints::configure_from_env(crate::failpoints::KNOWN)?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    create_data_dir(&config.data_dir)?;
     config.log.dir = config.data_dir.join(&config.log.dir);
     let logger = keel_log::init(&config.log).context("starting the logger")?;
     let metrics = telemetry::install_recorder().context("installing the metrics recorder")?;
@@ -52,7 +61,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
 
     // The store is ready (migrated, bootstrapped) before the port opens.
     let store = open_store(&config).await?;
-    bootstrap(store.as_ref()).await?;
+    bootstrap(store.as_ref(), &config.data_dir).await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("binding {}", config.http.listen))?;
@@ -104,7 +113,11 @@ pub async fn run(
         logger: logger.clone(),
         metrics,
         admin_token,
-        metrics_token: config.metrics.token.as_deref().map(Arc::from),
+        metrics_token: config
+            .metrics
+            .token
+            .as_ref()
+            .map(|token| Arc::new(SecretString::from(token.expose_secret().to_owned()))),
         store: store.clone(),
         wakeups,
         shutdown: cancel.clone(),
@@ -193,6 +206,42 @@ fn start_telemetry(
     })
 }
 
+/// Makes every file and directory keel creates from now on readable by its owner only (umask
+/// 0o077): the data directory, the database and its `-wal` and `-shm` files, the key files, the
+/// log files. Called at the start of `keel serve` and `keel admin`; not for `keel agent`,
+/// whose programs keep the umask they were given.
+pub fn keep_files_private() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Creates the data directory (and its parents) with mode 0700 when it does not exist.
+pub fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating data directory {}", dir.display()))
+}
+
+/// Narrows the database files to mode 0600: those a keel from before the umask created with
+/// the default one (0644) stay private too.
+fn restrict_database_files(database: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = database.as_os_str().to_owned();
+        path.push(suffix);
+        let path = std::path::PathBuf::from(path);
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("restricting {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Opens the SQLite database in the data directory (created and migrated as needed).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let path = config.database_path();
@@ -210,35 +259,39 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let store = SqliteStore::open(&path, options, Arc::new(SystemClock))
         .await
         .with_context(|| format!("opening the database {}", path.display()))?;
+    restrict_database_files(&path)?;
     Ok(Arc::new(store))
 }
 
-/// At first start (no organisation yet), creates the organisation `default` and an admin key,
-/// and prints the key once on stdout.
-async fn bootstrap(store: &dyn Store) -> anyhow::Result<()> {
+/// At first start (no organisation yet), creates an operator key, and the organisation
+/// `default` with an admin key of its own: two keys, so the organisation's admin holds no
+/// operator power. Each token is written to a file readable by its owner only in the data
+/// directory; stdout shows the files' paths, never the tokens.
+async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     if !store.list_organisations().await?.is_empty() {
         return Ok(());
     }
+    let operator = store.create_operator_key("bootstrap-operator").await?;
+    let operator_path = data_dir.join(BOOTSTRAP_OPERATOR_KEY_FILE);
+    write_secret_file(&operator_path, &operator.token)?;
     let org = store.create_organisation(BOOTSTRAP_ORG).await?;
-    let key = store
+    let admin = store
         .create_api_key(
             org.id,
             NewApiKey {
                 name: "bootstrap-admin".to_owned(),
-                scopes: vec![
-                    Scope::Admin,
-                    Scope::CommandsWrite,
-                    Scope::CommandsRead,
-                    Scope::Operator,
-                ],
+                scopes: vec![Scope::Admin, Scope::CommandsWrite, Scope::CommandsRead],
                 agent_name: None,
             },
         )
         .await?;
-    tracing::info!(target: "keel::audit", action = "bootstrap", org = BOOTSTRAP_ORG, key_prefix = %key.key.prefix, "first start: organisation and admin key created");
+    let admin_path = data_dir.join(BOOTSTRAP_ADMIN_KEY_FILE);
+    write_secret_file(&admin_path, &admin.token)?;
+    tracing::info!(target: "keel::audit", action = "bootstrap", org = BOOTSTRAP_ORG, operator_key_prefix = %operator.key.prefix, admin_key_prefix = %admin.key.prefix, "first start: operator key, organisation and its admin key created");
     println!(
-        "keel: first start: created organisation `{BOOTSTRAP_ORG}` and an admin API key (shown once, keep it): {}",
-        key.token
+        "keel: first start: operator key written to {} and the admin key of organisation `{BOOTSTRAP_ORG}` to {} (readable by their owner only)",
+        operator_path.display(),
+        admin_path.display()
     );
     Ok(())
 }
@@ -285,37 +338,46 @@ fn start_retention(supervisor: &Supervisor, config: &Config, store: &Arc<dyn Sto
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).
-fn admin_token(config: &Config) -> anyhow::Result<Arc<str>> {
+fn admin_token(config: &Config) -> anyhow::Result<Arc<SecretString>> {
     if let Some(token) = &config.admin.token {
-        return Ok(Arc::from(token.as_str()));
+        return Ok(Arc::new(SecretString::from(token.expose_secret())));
     }
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
     if let Ok(existing) = std::fs::read_to_string(&path) {
         let token = existing.trim();
         if !token.is_empty() {
-            return Ok(Arc::from(token));
+            return Ok(Arc::new(SecretString::from(token)));
         }
     }
-    let token = format!(
+    let token = SecretString::from(format!(
         "keel_admin_{}{}",
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
-    );
-    write_private(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    ));
+    write_secret_file(&path, &token)?;
     tracing::warn!(path = %path.display(), "no admin.token configured; generated one");
-    Ok(Arc::from(token.as_str()))
+    Ok(Arc::new(token))
 }
 
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+/// Writes `secret` (and a newline) to a new file readable and writable by its owner only
+/// (0600, whatever the umask); an existing file is replaced.
+pub fn write_secret_file(path: &Path, secret: &SecretString) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        // A file that existed keeps its mode through `open`: narrow it too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(secret.expose_secret().as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()
+    };
+    write().with_context(|| format!("writing {}", path.display()))
 }
 
 /// Completes at the first SIGTERM or SIGINT; a second one exits the process at once.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub struct MetricsConfig {
     /// When set, `/metrics` answers only requests with `Authorization: Bearer <token>` (401
     /// otherwise). Unset: `/metrics` is open, like `/healthz`. A secret: shown redacted.
-    pub token: Option<String>,
+    pub token: Option<crate::config::Secret>,
 }
 
 /// HTTP methods that are their own label value; any other method is counted as `other`.

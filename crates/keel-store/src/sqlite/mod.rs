@@ -10,6 +10,7 @@
 //! writer.
 
 mod lease;
+mod operator_keys;
 mod rows;
 pub mod writer;
 
@@ -40,9 +41,9 @@ use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
-    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, Idempotency, Lease, NewApiKey,
-    NewCommand, NewCommandItem, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released,
-    Scope, Target,
+    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
+    Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId,
+    Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
 };
 use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
 use crate::token;
@@ -472,31 +473,22 @@ impl Store for SqliteStore {
                 .bind(key)
                 .execute(&mut *conn)
                 .await?;
-                if done.rows_affected() == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                Ok(())
+                found(done.rows_affected())
             })
         })
         .await
     }
 
     async fn authenticate(&self, token: &str) -> StoreResult<Option<Principal>> {
-        let Some(prefix) = token::prefix_of(token) else {
-            return Ok(None);
-        };
-        let row: Option<ApiKeyRow> = sqlx::query_as(&format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE prefix = ?"
-        ))
-        .bind(prefix)
-        .fetch_optional(&self.read)
+        let row: Option<ApiKeyRow> = find_by_token(
+            &self.read,
+            &format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE prefix = ?"),
+            token,
+        )
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
-        if row.revoked_at.is_some() || !token::matches(token, &row.token_hash) {
-            return Ok(None);
-        }
         let key = row.into_api_key()?;
         Ok(Some(Principal {
             key_id: key.id,
@@ -504,6 +496,22 @@ impl Store for SqliteStore {
             scopes: key.scopes,
             agent_id: key.agent_id,
         }))
+    }
+
+    async fn create_operator_key(&self, name: &str) -> StoreResult<CreatedOperatorKey> {
+        operator_keys::create(self, name).await
+    }
+
+    async fn list_operator_keys(&self) -> StoreResult<Vec<OperatorKey>> {
+        operator_keys::list(self).await
+    }
+
+    async fn revoke_operator_key(&self, key: OperatorKeyId) -> StoreResult<()> {
+        operator_keys::revoke(self, key).await
+    }
+
+    async fn authenticate_operator(&self, token: &str) -> StoreResult<Option<OperatorKey>> {
+        operator_keys::authenticate(self, token).await
     }
 
     async fn check_in(&self, org: OrgId, agent: AgentId, check_in: CheckIn) -> StoreResult<Agent> {
@@ -1082,36 +1090,98 @@ async fn insert_api_key(
     now_us: i64,
 ) -> StoreResult<CreatedApiKey> {
     let scope_names: Vec<&str> = scopes.iter().map(|s| s.as_str()).collect();
+    let sql = format!(
+        "INSERT INTO api_keys (id, org_id, name, prefix, token_hash, scopes, agent_id, \
+         created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
+    );
+    let name = key.name.clone();
+    let (row, token) = insert_with_new_token(conn, move |conn, new| {
+        let (sql, name, scope_names) = (sql.clone(), name.clone(), scope_names.clone());
+        let (prefix, hash) = (new.prefix.clone(), new.hash.clone());
+        Box::pin(async move {
+            sqlx::query_as::<_, ApiKeyRow>(&sql)
+                .bind(ApiKeyId::new())
+                .bind(org)
+                .bind(name)
+                .bind(prefix)
+                .bind(hash)
+                .bind(Json(&scope_names))
+                .bind(agent)
+                .bind(now_us)
+                .fetch_one(conn)
+                .await
+                .map_err(StoreError::from)
+        })
+    })
+    .await?;
+    Ok(CreatedApiKey {
+        key: row.into_api_key()?,
+        token,
+    })
+}
+
+/// Runs `insert` with a freshly generated token; only its random prefix can collide (a
+/// `Conflict`), and then another token is drawn, up to [`PREFIX_ATTEMPTS`] times. Returns the
+/// inserted row and the token.
+async fn insert_with_new_token<T, F>(
+    conn: &mut SqliteConnection,
+    insert: F,
+) -> StoreResult<(T, secrecy::SecretString)>
+where
+    F: for<'c> Fn(&'c mut SqliteConnection, &token::NewToken) -> BoxFuture<'c, StoreResult<T>>,
+{
     let mut attempt = 0;
     loop {
         attempt += 1;
         let new = token::generate();
-        let inserted = sqlx::query_as::<_, ApiKeyRow>(&format!(
-            "INSERT INTO api_keys (id, org_id, name, prefix, token_hash, scopes, agent_id, \
-             created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {API_KEY_COLUMNS}"
-        ))
-        .bind(ApiKeyId::new())
-        .bind(org)
-        .bind(&key.name)
-        .bind(&new.prefix)
-        .bind(&new.hash)
-        .bind(Json(&scope_names))
-        .bind(agent)
-        .bind(now_us)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(StoreError::from);
-        match inserted {
-            Ok(row) => {
-                return Ok(CreatedApiKey {
-                    key: row.into_api_key()?,
-                    token: new.token,
-                });
-            }
-            // Only the random prefix can collide: draw another token.
+        match insert(&mut *conn, &new).await {
+            Ok(row) => return Ok((row, secrecy::SecretString::from(new.token))),
             Err(StoreError::Conflict(_)) if attempt < PREFIX_ATTEMPTS => {}
             Err(err) => return Err(err),
         }
+    }
+}
+
+/// A stored credential: its token's hash and whether it was revoked.
+trait TokenRow {
+    /// Hex SHA-256 of the whole token.
+    fn token_hash(&self) -> &str;
+    /// Whether the key was revoked.
+    fn is_revoked(&self) -> bool;
+}
+
+impl TokenRow for ApiKeyRow {
+    fn token_hash(&self) -> &str {
+        &self.token_hash
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+}
+
+/// The row `select` (one `?`: the prefix) finds for `token`; `None` for a malformed token, an
+/// unknown prefix, a wrong secret (compared in constant time) or a revoked key.
+async fn find_by_token<R>(read: &SqlitePool, select: &str, token: &str) -> StoreResult<Option<R>>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + TokenRow + Send + Unpin,
+{
+    let Some(prefix) = token::prefix_of(token) else {
+        return Ok(None);
+    };
+    let row: Option<R> = sqlx::query_as(select)
+        .bind(prefix)
+        .fetch_optional(read)
+        .await?;
+    Ok(row.filter(|row| !row.is_revoked() && token::matches(token, row.token_hash())))
+}
+
+/// `NotFound` unless a statement changed a row.
+fn found(rows_affected: u64) -> StoreResult<()> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
     }
 }
 

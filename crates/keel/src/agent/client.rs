@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_store::{ExposeSecret, SecretString};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -112,24 +113,24 @@ struct ErrorDetail {
     message: String,
 }
 
-/// The agent's HTTP client; cheap to clone.
+/// The agent's HTTP client; cheap to clone. `Debug` never shows the token.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Arc<str>,
-    token: Arc<str>,
+    token: Arc<SecretString>,
 }
 
 impl Client {
     /// A client for the server at `server` (an `http` or `https` URL) with an `agent` API key.
-    pub fn new(server: &str, token: &str) -> anyhow::Result<Self> {
+    pub fn new(server: &str, token: SecretString) -> anyhow::Result<Self> {
         let url = reqwest::Url::parse(server)
             .map_err(|error| anyhow::anyhow!("--server {server:?} is not a URL: {error}"))?;
         if !matches!(url.scheme(), "http" | "https") {
             anyhow::bail!("--server {server:?} must be an http or https URL");
         }
-        if token.trim().is_empty() {
-            anyhow::bail!("--token (or KEEL_AGENT_TOKEN) is empty");
+        if token.expose_secret().trim().is_empty() {
+            anyhow::bail!("the token (--token-file, KEEL_AGENT_TOKEN or --token) is empty");
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -138,7 +139,7 @@ impl Client {
         Ok(Self {
             http,
             base: Arc::from(server.trim_end_matches('/')),
-            token: Arc::from(token),
+            token: Arc::new(token),
         })
     }
 
@@ -240,7 +241,7 @@ impl Client {
         let response = self
             .http
             .post(format!("{}{path}", self.base))
-            .bearer_auth(&*self.token)
+            .bearer_auth(self.token.expose_secret())
             .timeout(timeout)
             .json(body)
             .send()
@@ -359,10 +360,19 @@ mod tests {
 
     #[test]
     fn a_bad_server_url_or_empty_token_is_refused() {
-        assert!(Client::new("not a url", "t").is_err());
-        assert!(Client::new("ftp://example.com", "t").is_err());
-        assert!(Client::new("http://127.0.0.1:1", " ").is_err());
-        let client = Client::new("http://127.0.0.1:1/", "t").unwrap();
+        assert!(Client::new("not a url", "t".into()).is_err());
+        assert!(Client::new("ftp://example.com", "t".into()).is_err());
+        assert!(Client::new("http://127.0.0.1:1", " ".into()).is_err());
+        let client = Client::new("http://127.0.0.1:1/", "t".into()).unwrap();
         assert_eq!(client.server(), "http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let token = "keel_abcdefgh_averysecretagenttokenvalue";
+        let client = Client::new("http://127.0.0.1:1/", token.into()).unwrap();
+        for shown in [format!("{client:?}"), format!("{client:#?}")] {
+            assert!(!shown.contains("averysecret"), "{shown}");
+        }
     }
 }

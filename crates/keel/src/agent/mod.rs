@@ -16,8 +16,9 @@ pub mod runner;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 use keel_guard::backoff::Backoff;
+use keel_store::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -45,15 +46,20 @@ pub const IDLE_PAUSE: Duration = Duration::from_secs(1);
 /// The most commands one claim may ask for (`docs/commands.md`).
 const CLAIM_LIMIT_MAX: usize = keel_store::MAX_CLAIM_BATCH as usize;
 
-/// `keel agent` flags.
+/// `keel agent` flags. `Debug` never shows the token (a [`SecretString`]).
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("credential").required(true).args(["token", "token_file"])))]
 pub struct AgentArgs {
     /// The keel server's base URL.
     #[arg(long, env = "KEEL_AGENT_SERVER")]
     pub server: String,
-    /// An API key with the `agent` scope.
-    #[arg(long, env = "KEEL_AGENT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// An API key with the `agent` scope. Prefer KEEL_AGENT_TOKEN or --token-file: on the
+    /// command line it is visible to every local user (ps, /proc/*/cmdline).
+    #[arg(long, env = "KEEL_AGENT_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub token: Option<SecretString>,
+    /// A file holding the API key (surrounding whitespace ignored), instead of --token.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// The program run once per command: the command arrives as JSON on its stdin; its stdout
     /// becomes the result (its end only, when larger than the server's result limit).
     #[arg(long)]
@@ -101,7 +107,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .try_init();
 
     let queues = queues(&args.queues)?;
-    let client = Client::new(&args.server, &args.token)?;
+    let token = token(&args)?;
+    let client = Client::new(&args.server, token)?;
     let signals = Signals::install()?;
     let boot_id = Uuid::new_v4();
     let check_in = CheckIn {
@@ -163,6 +170,36 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("stopped");
     }
     result
+}
+
+/// Parses `--token` into a secret at once, so no `String` copy of it lingers in the arguments.
+fn secret(token: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(token))
+}
+
+/// The agent's token: `--token-file`'s contents, or `--token` / `KEEL_AGENT_TOKEN`. A token
+/// given on the command line gets a warning: every local user can read it there.
+fn token(args: &AgentArgs) -> anyhow::Result<SecretString> {
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .map(SecretString::from)
+            .map_err(|error| anyhow::anyhow!("reading --token-file {}: {error}", path.display()))?;
+        return Ok(SecretString::from(text.expose_secret().trim()));
+    }
+    let Some(token) = &args.token else {
+        anyhow::bail!("no token: give --token-file PATH or set KEEL_AGENT_TOKEN");
+    };
+    // clap prefers the flag to the variable: a value other than the variable's came from the
+    // command line.
+    let from_env = std::env::var("KEEL_AGENT_TOKEN")
+        .is_ok_and(|value| value.as_str() == token.expose_secret());
+    if !from_env {
+        tracing::warn!(
+            "--token on the command line is visible to every local user (ps, /proc/*/cmdline); \
+             use --token-file PATH or KEEL_AGENT_TOKEN"
+        );
+    }
+    Ok(token.clone())
 }
 
 /// The agent's settings once checked.
@@ -364,7 +401,7 @@ async fn first_check_in(
 fn refusal(client: &Client, error: &ClientError) -> anyhow::Error {
     let hint = match error {
         ClientError::Fatal { status: 401, .. } => {
-            "the token is not valid: check --token / KEEL_AGENT_TOKEN"
+            "the token is not valid: check --token-file, KEEL_AGENT_TOKEN or --token"
         }
         ClientError::Fatal { status: 403, .. } => {
             "the token lacks the `agent` scope, or --name is not the token's agent"

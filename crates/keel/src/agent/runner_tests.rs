@@ -258,7 +258,7 @@ async fn fake_server(mode: HeartbeatMode, unavailable: usize) -> (Client, Fake) 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await });
-    let client = Client::new(&format!("http://{address}"), "agent-key").unwrap();
+    let client = Client::new(&format!("http://{address}"), "agent-key".into()).unwrap();
     (client, fake)
 }
 

@@ -14,14 +14,16 @@ fn queues_are_trimmed_deduplicated_and_checked() {
     assert!(queues(&[]).unwrap().is_empty());
 }
 
+/// `keel agent`'s flags, parsed on their own.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
 #[test]
 fn flags_parse_with_defaults() {
     use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        agent: AgentArgs,
-    }
     let cli = Cli::try_parse_from([
         "keel",
         "--server",
@@ -35,6 +37,7 @@ fn flags_parse_with_defaults() {
     ])
     .unwrap();
     assert_eq!(cli.agent.queues, ["a", "b"]);
+    assert_eq!(token(&cli.agent).unwrap().expose_secret(), "t");
     assert_eq!(cli.agent.concurrency, 1);
     assert_eq!(cli.agent.wait_seconds, 30);
     assert_eq!(cli.agent.shutdown_grace, Duration::from_secs(30));
@@ -77,6 +80,40 @@ fn flags_parse_with_defaults() {
             "0"
         ])
         .is_err()
+    );
+}
+
+#[test]
+fn the_token_comes_from_a_file_or_the_flag_never_both_and_never_shows_in_debug() {
+    use clap::Parser;
+    let secret = "keel_abcdefgh_averysecretagenttokenvalue";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("  {secret}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let parse = |credential: &[&str]| {
+        let base = ["keel", "--server", "s", "--exec", "x"];
+        Cli::try_parse_from(base.iter().chain(credential))
+    };
+    let from_file = parse(&["--token-file", file]).unwrap();
+    assert_eq!(token(&from_file.agent).unwrap().expose_secret(), secret);
+    let from_flag = parse(&["--token", secret]).unwrap();
+    for args in [&from_file.agent, &from_flag.agent] {
+        for shown in [format!("{args:?}"), format!("{args:#?}")] {
+            assert!(!shown.contains("averysecret"), "{shown}");
+        }
+    }
+    // Both, neither (without KEEL_AGENT_TOKEN), or a file that cannot be read, are refused.
+    assert!(parse(&["--token", "t", "--token-file", file]).is_err());
+    if std::env::var_os("KEEL_AGENT_TOKEN").is_none() {
+        assert!(parse(&[]).is_err());
+    }
+    let missing = parse(&["--token-file", "/nonexistent/token"]).unwrap();
+    assert!(
+        token(&missing.agent)
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/token")
     );
 }
 
@@ -212,7 +249,7 @@ mod fake {
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, router).await });
         (
-            Client::new(&format!("http://{address}"), "key").unwrap(),
+            Client::new(&format!("http://{address}"), "key".into()).unwrap(),
             shared,
         )
     }

@@ -1,17 +1,18 @@
-//! `/v1/admin/*`: component states, recent panics, job statistics and log filters: the keel
-//! process itself, not one organisation. Every route needs `Authorization: Bearer …` with the
-//! admin token or an API key with the `operator` scope.
+//! `/v1/admin/*`: component states, recent panics, job statistics, log filters, overload, and
+//! organisations with their keys ([`super::organisations`]): the keel process itself, not one
+//! organisation. Every route needs `Authorization: Bearer …` with the admin token or an
+//! operator key; an organisation's API key never opens them, whatever its scopes.
 
 use axum::Router;
 use axum::extract::Path;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, put};
 use keel_guard::components::{ComponentStatus, JobStats};
 use keel_guard::panic::{PanicGroup, PanicReport};
 use keel_log::FilterSet;
-use keel_store::Scope;
+use keel_store::{ExposeSecret, OperatorKeyId};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
@@ -29,30 +30,59 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .route("/jobs/{name}/interval", put(set_job_interval))
         .route("/log-filters", get(log_filters).put(set_log_filters))
         .route("/overload", get(overload).put(set_overload_mode))
+        .merge(super::organisations::routes())
         .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
 
+/// Who passed the operator check; audit records name it.
+#[derive(Debug, Clone)]
+pub enum Operator {
+    /// The configured (or generated) admin token.
+    AdminToken,
+    /// An operator key.
+    Key {
+        /// Its id.
+        id: OperatorKeyId,
+        /// Its public prefix.
+        prefix: String,
+    },
+}
+
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AdminToken => f.write_str("admin-token"),
+            Self::Key { id, prefix } => write!(f, "operator-key:{prefix}:{id}"),
+        }
+    }
+}
+
 /// Admits the operator: the configured (or generated) admin token, compared in constant time,
-/// or an API key with the `operator` scope. No or an unknown credential: 401; a key without the
-/// scope: 403.
+/// or an operator key. An organisation's API key: 403, whatever its scopes; no or an unknown
+/// credential: 401.
 async fn require_operator(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let presented = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
-    if !bool::from(presented.as_bytes().ct_eq(state.admin_token.as_bytes())) {
-        let principal = state
-            .store
-            .authenticate(presented)
-            .await?
-            .ok_or(ApiError::Unauthorized)?;
-        if !principal.has_scope(Scope::Operator) {
-            return Err(ApiError::Forbidden(
-                "this key lacks the `operator` scope".to_owned(),
-            ));
+    let admin_token = state.admin_token.expose_secret().as_bytes();
+    let operator = if bool::from(presented.as_bytes().ct_eq(admin_token)) {
+        Operator::AdminToken
+    } else if let Some(key) = state.store.authenticate_operator(presented).await? {
+        Operator::Key {
+            id: key.id,
+            prefix: key.prefix,
         }
-    }
+    } else if state.store.authenticate(presented).await?.is_some() {
+        return Err(ApiError::Forbidden(
+            "an organisation's API key never opens /v1/admin: use an operator key or the admin token"
+                .to_owned(),
+        ));
+    } else {
+        return Err(ApiError::Unauthorized);
+    };
+    request.extensions_mut().insert(operator);
     Ok(next.run(request).await)
 }
 
@@ -97,6 +127,7 @@ struct JobInterval {
 /// Changes a periodic job's interval; it applies from the next tick on.
 async fn set_job_interval(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Path(name): Path<String>,
     Json(request): Json<JobInterval>,
 ) -> Result<Json<JobStats>, ApiError> {
@@ -108,7 +139,7 @@ async fn set_job_interval(
         )));
     }
     job.set_interval(request.interval);
-    tracing::info!(target: "keel::audit", action = "job.interval", job = %name, interval = ?request.interval, "job interval changed");
+    tracing::info!(target: "keel::audit", action = "job.interval", %operator, job = %name, interval = ?request.interval, "job interval changed");
     state
         .components
         .job(&name)
@@ -133,10 +164,11 @@ struct OverloadMode {
 /// next change or restart.
 async fn set_overload_mode(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Json(request): Json<OverloadMode>,
 ) -> Json<OverloadView> {
     state.overload.set_mode(request.mode);
-    tracing::info!(target: "keel::audit", action = "overload.mode", mode = request.mode.as_str(), "overload mode changed");
+    tracing::info!(target: "keel::audit", action = "overload.mode", %operator, mode = request.mode.as_str(), "overload mode changed");
     Json(state.overload.view())
 }
 
@@ -149,6 +181,7 @@ async fn log_filters(State(state): State<AppState>) -> Json<FilterSet> {
 /// as `GET` answers: a body that names none (`{}`, `[]`) would silently reset them all.
 async fn set_log_filters(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Json(body): Json<serde_json::Value>,
 ) -> Result<Json<FilterSet>, ApiError> {
     let streams = stream_names();
@@ -167,7 +200,7 @@ async fn set_log_filters(
         .logger
         .set_filters(filters)
         .map_err(|e| ApiError::Validation(e.to_string()))?;
-    tracing::info!(target: "keel::audit", action = "log_filters.update", "log filters replaced");
+    tracing::info!(target: "keel::audit", action = "log_filters.update", %operator, "log filters replaced");
     Ok(Json(state.logger.filters()))
 }
 

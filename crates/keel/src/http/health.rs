@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 
+use secrecy::ExposeSecret as _;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
@@ -65,7 +66,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(token) = &state.metrics_token {
         let presented = super::auth::bearer_token(&headers).unwrap_or_default();
-        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        if !bool::from(presented.as_bytes().ct_eq(token.expose_secret().as_bytes())) {
             return ApiError::Unauthorized.into_response();
         }
     }

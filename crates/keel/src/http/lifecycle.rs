@@ -65,7 +65,14 @@ pub async fn lifecycle(
             .with_context(format!("{method} {route} request_id={id}"))
             .with_request_id(id.as_str());
         if let Some(refused) = refused_before_handling(&request, &route, lifecycle.body_limit) {
-            return with_error_shape(refused.into_response(), lifecycle.body_limit);
+            let mut response = with_error_shape(refused.into_response(), lifecycle.body_limit);
+            // The unread body leaves the connection unusable: the client must not send its next
+            // request on it.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return response;
         }
         let response = match tokio::time::timeout(
             lifecycle.timeout,

@@ -6,7 +6,8 @@
 //!   answers bad bodies in that shape; [`request_id`]: the request id.
 //! - [`connections`]: the accept loop, connection timeouts and the connection cap.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
-//! - [`admin`]: `/v1/admin/*`, behind the operator's admin token.
+//! - [`admin`]: `/v1/admin/*`, for operators only (the admin token or an operator key);
+//!   [`organisations`]: its organisations and their API keys.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
 //!   made, in one request.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod lifecycle;
+pub mod organisations;
 pub mod overload;
 pub mod rate_limit;
 pub mod request_id;
@@ -39,7 +41,7 @@ use axum::middleware;
 use keel_guard::components::Components;
 use keel_guard::periodic::JobHandle;
 use keel_log::Logger;
-use keel_store::Store;
+use keel_store::{SecretString, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -55,10 +57,10 @@ pub struct AppState {
     pub logger: Logger,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
-    /// The bearer token of the admin routes.
-    pub admin_token: Arc<str>,
+    /// The bearer token of the admin routes (besides operator keys).
+    pub admin_token: Arc<SecretString>,
     /// The bearer token `/metrics` asks for, when one is configured.
-    pub metrics_token: Option<Arc<str>>,
+    pub metrics_token: Option<Arc<SecretString>>,
     /// Organisations, keys, agents and commands.
     pub store: Arc<dyn Store>,
     /// Wakes long-polling claims on enqueue.

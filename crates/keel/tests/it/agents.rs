@@ -26,7 +26,15 @@ impl AgentProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        let mut command = Self::command(server, script, args, env);
+        command.env("KEEL_AGENT_TOKEN", &key.token);
+        Self::spawn(command)
+    }
+
+    /// `keel agent` with its flags but no token.
+    fn command(server: &Server, script: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
             .arg("agent")
             .arg("--server")
             .arg(&server.base)
@@ -35,15 +43,18 @@ impl AgentProcess {
             .args(["--wait-seconds", "5", "--log-level", "warn"])
             .args(["--env-pass", "KEEL_TEST_DIR"])
             .args(args)
+            .env_remove("KEEL_AGENT_TOKEN")
             .envs(env.iter().copied())
-            .env("KEEL_AGENT_TOKEN", &key.token)
             .env("KEEL_TEST_DIR", server.dir.path())
             .current_dir(server.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        command
+    }
+
+    fn spawn(mut command: Command) -> AgentProcess {
+        let mut child = command.spawn().unwrap();
         pipe_to_test_output(child.stderr.take().unwrap(), "keel agent");
         AgentProcess { child: Some(child) }
     }
@@ -642,4 +653,67 @@ async fn the_server_holds_every_report_to_its_configured_limit() {
             200,
         )
         .await;
+}
+
+#[tokio::test]
+async fn an_agent_reads_its_token_from_a_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("filed"));
+    let token_file = server.dir.path().join("agent-token");
+    std::fs::write(&token_file, format!("{}\n", agent.token)).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let work = script(&server, "ok.sh", "cat > /dev/null\necho '{\"ok\": true}'");
+    let id = ops
+        .post("/v1/commands", &json!({"type": "t", "queue": "q"}), 201)
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token_file = token_file.to_str().unwrap();
+    let _agent = AgentProcess::spawn(AgentProcess::command(
+        &server,
+        &work,
+        &["--queues", "q", "--token-file", token_file],
+        &[],
+    ));
+    poll_until(Duration::from_secs(20), || async {
+        command(&ops, &id).await["status"] == "completed"
+    })
+    .await;
+    assert_eq!(command(&ops, &id).await["result"], json!({"ok": true}));
+}
+
+#[tokio::test]
+async fn a_token_on_the_command_line_is_warned_about_and_never_printed() {
+    let server = Server::start().await;
+    let bogus = "keel_zzzzzzzz_notarealtokennotarealtokennotareal";
+    let run = |on_command_line: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command
+            .args(["agent", "--server", &server.base, "--exec", "/bin/true"])
+            .env_remove("KEEL_AGENT_TOKEN")
+            .stdin(Stdio::null());
+        if on_command_line {
+            command.args(["--token", bogus]);
+        } else {
+            command.env("KEEL_AGENT_TOKEN", bogus);
+        }
+        command.output().unwrap()
+    };
+    let warning = "visible to every local user";
+    let flagged = run(true);
+    let from_env = run(false);
+    for output in [&flagged, &from_env] {
+        // The server refuses the key: the agent stops, saying so, without printing it.
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("401"), "{stderr}");
+        assert!(!stderr.contains("notarealtoken"), "{stderr}");
+        assert!(!String::from_utf8_lossy(&output.stdout).contains("notarealtoken"));
+    }
+    assert!(String::from_utf8_lossy(&flagged.stderr).contains(warning));
+    assert!(!String::from_utf8_lossy(&from_env.stderr).contains(warning));
 }

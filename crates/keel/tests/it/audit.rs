@@ -52,10 +52,10 @@ async fn organisations_keys_cancels_and_interval_changes_are_audited() {
     let find = |action: &str| -> Vec<&Value> {
         records.iter().filter(|r| r["action"] == action).collect()
     };
-    assert_eq!(find("org.create").len(), 1, "{records:?}");
-    assert_eq!(find("org.create")[0]["org"], "acme");
-    assert_eq!(find("key.create").len(), 2, "{records:?}");
-    let revoked = find("key.revoke");
+    assert_eq!(find("organisation.create").len(), 1, "{records:?}");
+    assert_eq!(find("organisation.create")[0]["org"], "acme");
+    assert_eq!(find("api_key.create").len(), 2, "{records:?}");
+    let revoked = find("api_key.revoke");
     assert_eq!(revoked.len(), 1, "{records:?}");
     assert_eq!(revoked[0]["key_id"], key_id.as_str());
     assert_eq!(find("command.cancel").len(), 1, "{records:?}");

@@ -26,6 +26,8 @@ pub struct Options {
     pub log_extra: &'static str,
     /// Start the server under `ulimit -n` of this many open files.
     pub open_file_limit: Option<u32>,
+    /// Environment variables set for `keel serve`.
+    pub env: &'static [(&'static str, &'static str)],
 }
 
 pub struct Server {
@@ -93,6 +95,7 @@ log_flush = "5s"
             dir.path(),
             options.failpoints,
             options.open_file_limit,
+            options.env,
         );
         let server = Server {
             child: Some(child),
@@ -190,7 +193,7 @@ impl Server {
     /// Starts `keel serve` again on the same configuration, data directory and port.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill the server first");
-        let child = spawn_serve(&self.config_path, self.dir.path(), None, None);
+        let child = spawn_serve(&self.config_path, self.dir.path(), None, None, &[]);
         self.child = Some(child);
         wait_for_port(&self.base).await;
     }
@@ -213,6 +216,21 @@ impl Server {
     /// Creates an organisation.
     pub fn create_org(&self, name: &str) {
         self.admin_cli(&["create-org", name]);
+    }
+
+    /// A client that presents `token`.
+    pub fn api(&self, token: &str) -> Api {
+        Api {
+            client: self.client.clone(),
+            base: self.base.clone(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Creates an operator key with `keel admin create-operator-key` and returns a client that
+    /// uses it.
+    pub fn operator(&self) -> Api {
+        self.api(&self.admin_cli(&["create-operator-key", "--name", "test-operator"]))
     }
 
     /// Creates an API key and returns a client that uses it.
@@ -309,6 +327,7 @@ fn spawn_serve(
     dir: &Path,
     failpoints: Option<&str>,
     open_file_limit: Option<u32>,
+    env: &[(&str, &str)],
 ) -> Child {
     let keel = env!("CARGO_BIN_EXE_keel");
     let mut command = match open_file_limit {
@@ -335,6 +354,7 @@ fn spawn_serve(
     if let Some(failpoints) = failpoints {
         command.env("KEEL_FAILPOINTS", failpoints);
     }
+    command.envs(env.iter().copied());
     let mut child = command.spawn().unwrap();
     // Keep stderr drained (the panic hook writes there) and visible in test output.
     pipe_to_test_output(child.stderr.take().unwrap(), "keel stderr");

@@ -23,5 +23,6 @@ mod overload;
 mod panics;
 mod profiles;
 mod queue_core;
+mod secrets;
 mod shutdown;
 mod supervision;
