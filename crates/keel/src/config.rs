@@ -143,7 +143,7 @@ impl Default for CommandsConfig {
 /// The largest JSON values a command carries, each measured as keel serialises the parsed
 /// value (compact, so `1e2` counts as `100.0`). Larger ones get 413 `payload_too_large`.
 /// The check-in answer tells agents these numbers under `limits`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommandLimits {
     /// The largest `params` a command is created with, in bytes.

@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::auth::bearer_token;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use super::overload::{Mode, OverloadView};
 
@@ -87,21 +87,49 @@ async fn require_operator(
 }
 
 /// Every supervised component: state, restarts, last panic, last and next tick.
-async fn components(State(state): State<AppState>) -> Json<Vec<ComponentStatus>> {
+/// Every supervised component: state, restarts, last panic, last and next tick.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/components",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The components", body = Vec<Object>),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn components(State(state): State<AppState>) -> Json<Vec<ComponentStatus>> {
     Json(state.components.snapshot())
 }
 
 /// The body of `GET /v1/admin/panics`.
-#[derive(Debug, serde::Serialize)]
-struct Panics {
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct Panics {
     /// One per fingerprint (location plus message shape), the most recently seen first.
+    #[schema(value_type = Vec<Object>)]
     groups: Vec<PanicGroup>,
     /// The most recent panics, newest first, with backtraces.
+    #[schema(value_type = Vec<Object>)]
     recent: Vec<PanicReport>,
 }
 
 /// Panics grouped by fingerprint, and the most recent ones.
-async fn panics() -> Json<Panics> {
+/// Panics grouped by fingerprint, and the most recent ones.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/panics",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The panics", body = Panics),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn panics() -> Json<Panics> {
     let mut recent = keel_guard::panic::recent();
     recent.reverse();
     Json(Panics {
@@ -111,21 +139,55 @@ async fn panics() -> Json<Panics> {
 }
 
 /// Per periodic job: runs, failures, durations, runs in the last hour.
-async fn jobs(State(state): State<AppState>) -> Json<Vec<JobStats>> {
+/// Per periodic job: runs, failures, durations, runs in the last hour.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/jobs",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The jobs", body = Vec<Object>),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn jobs(State(state): State<AppState>) -> Json<Vec<JobStats>> {
     Json(state.components.jobs())
 }
 
 /// The body of `PUT /v1/admin/jobs/{name}/interval`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct JobInterval {
+pub(super) struct JobInterval {
     /// The new interval, as in the configuration (`"30s"`, `"500ms"`).
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "30s")]
     interval: std::time::Duration,
 }
 
 /// Changes a periodic job's interval; it applies from the next tick on.
-async fn set_job_interval(
+/// Changes a periodic job's interval; it applies from the next tick on.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/jobs/{name}/interval",
+    tag = "admin",
+    request_body = JobInterval,
+    params(("name" = String, Path, description = "The job's name")),
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The job", body = Object),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn set_job_interval(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Path(name): Path<String>,
@@ -148,21 +210,52 @@ async fn set_job_interval(
 }
 
 /// The pressure in force, where it comes from, and the load.
-async fn overload(State(state): State<AppState>) -> Json<OverloadView> {
+/// The pressure in force, where it comes from, and the load.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/overload",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The overload state", body = OverloadView),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn overload(State(state): State<AppState>) -> Json<OverloadView> {
     Json(state.overload.view())
 }
 
 /// The body of `PUT /v1/admin/overload`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct OverloadMode {
+pub(super) struct OverloadMode {
     /// `auto` (the measured pressure) or the pressure to put in force.
     mode: Mode,
 }
 
 /// Puts a pressure in force whatever is measured, or returns to the measured one; until the
 /// next change or restart.
-async fn set_overload_mode(
+/// Puts a pressure in force whatever is measured, or returns to the measured one.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/overload",
+    tag = "admin",
+    request_body = OverloadMode,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The overload state", body = OverloadView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn set_overload_mode(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Json(request): Json<OverloadMode>,
@@ -173,13 +266,44 @@ async fn set_overload_mode(
 }
 
 /// The log filters in force.
-async fn log_filters(State(state): State<AppState>) -> Json<FilterSet> {
+/// The log filters in force, by stream.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/log-filters",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The filters", body = Object),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn log_filters(State(state): State<AppState>) -> Json<FilterSet> {
     Json(state.logger.filters())
 }
 
 /// Replaces the log filters; they apply from the next record on. The body names every stream,
 /// as `GET` answers: a body that names none (`{}`, `[]`) would silently reset them all.
-async fn set_log_filters(
+/// Replaces the log filters; the body names every stream, as `GET` answers.
+#[utoipa::path(
+    put,
+    path = "/v1/admin/log-filters",
+    tag = "admin",
+    request_body = Object,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The filters", body = Object),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn set_log_filters(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Json(body): Json<serde_json::Value>,

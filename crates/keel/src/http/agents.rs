@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
 use crate::config::CommandLimits;
@@ -27,11 +27,13 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// An agent as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AgentView {
+    #[schema(value_type = uuid::Uuid)]
     id: AgentId,
     name: String,
     version: Option<String>,
+    #[schema(value_type = Object)]
     metadata: Value,
     queues: Vec<String>,
     boot_id: Option<Uuid>,
@@ -67,27 +69,47 @@ impl AgentView {
 }
 
 /// The answer of a check-in: the agent, and the limits its reports must keep to.
-#[derive(Debug, Serialize)]
-struct CheckInView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CheckInView {
     #[serde(flatten)]
     agent: AgentView,
     limits: CommandLimits,
 }
 
 /// The body of `POST /v1/agents/check-in`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckInRequest {
+pub(super) struct CheckInRequest {
     name: Option<String>,
     version: String,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
     #[serde(default)]
     queues: Vec<String>,
     boot_id: Uuid,
 }
 
-async fn check_in(
+/// Checks the calling agent in (creating it on first check-in).
+#[utoipa::path(
+    post,
+    path = "/v1/agents/check-in",
+    tag = "agents",
+    request_body = CheckInRequest,
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "The agent and the limits its reports must keep to", body = CheckInView),
+        (status = 400, description = "`malformed_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an agent key", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded`", body = ErrorBody),
+    )
+)]
+pub(super) async fn check_in(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<CheckInRequest>,
@@ -135,12 +157,29 @@ async fn check_in(
 }
 
 /// The answer of `GET /v1/agents`.
-#[derive(Debug, Serialize)]
-struct AgentList {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct AgentList {
     agents: Vec<AgentView>,
 }
 
-async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<AgentList>, ApiError> {
+/// The organisation's agents, with online/offline derived from last-seen.
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    tag = "agents",
+    security(("api_key" = ["commands:read"])),
+    responses(
+        (status = 200, description = "The agents", body = AgentList),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<AgentList>, ApiError> {
     caller.require(Scope::CommandsRead)?;
     let agents = state.store.list_agents(caller.org()).await?;
     let now = state.store.now();

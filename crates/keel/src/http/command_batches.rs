@@ -17,19 +17,20 @@ use super::auth::Caller;
 use super::commands::{
     CommandView, CreateCommand, agent_report, count_finished, idempotency, parse_body,
 };
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::json::Json;
 
 /// The body of `POST /v1/commands/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBatch {
+pub(super) struct CreateBatch {
+    #[schema(value_type = Vec<CreateCommand>)]
     commands: Vec<Value>,
 }
 
 /// The answer of a batch create: the commands, in request order.
-#[derive(Debug, Serialize)]
-struct BatchView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct BatchView {
     commands: Vec<CommandView>,
 }
 
@@ -37,6 +38,28 @@ struct BatchView {
 /// (`commands[3].queue: …`) and nothing is created. With an `Idempotency-Key` header `K`, item
 /// `n` is created under the key `K·n` ([`batch_item_key`]): a retried batch answers the same
 /// commands (200).
+/// Creates up to 100 commands, all or nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/batch",
+    tag = "commands",
+    request_body = CreateBatch,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
+    security(("api_key" = ["commands:write"])),
+    responses(
+        (status = 201, description = "Created, in request order", body = BatchView),
+        (status = 200, description = "A retry with the same `Idempotency-Key`: the commands created first", body = BatchView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
 pub(super) async fn create_batch(
     State(state): State<AppState>,
     caller: Caller,
@@ -114,28 +137,30 @@ fn at_item(n: usize, err: ApiError) -> ApiError {
 }
 
 /// The body of `POST /v1/commands/reports`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReportBatch {
+pub(super) struct ReportBatch {
     reports: Vec<Report>,
 }
 
 /// One report: a completion or a failure of one claimed command.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Report {
     id: String,
     claim_token: String,
     outcome: ReportOutcome,
     #[serde(default)]
+    #[schema(value_type = Object)]
     result: Value,
     #[serde(default)]
+    #[schema(value_type = Object)]
     error: Value,
     #[serde(default)]
     retryable: bool,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum ReportOutcome {
     Completed,
@@ -143,7 +168,7 @@ enum ReportOutcome {
 }
 
 /// What became of one report: the command's status, or the error it got.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReportResult {
     id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,13 +177,14 @@ struct ReportResult {
     error: Option<ReportError>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReportError {
+    #[schema(value_type = ErrorCode)]
     code: &'static str,
     message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct ReportsView {
     results: Vec<ReportResult>,
 }
@@ -166,6 +192,25 @@ pub(super) struct ReportsView {
 /// Completes or fails each reported command on its own (one stale token does not stop the
 /// others); the answer lists each report's outcome in request order. The reports are written
 /// together, so a batch costs about one commit.
+/// Completes or fails up to 100 claimed commands, each on its own.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/reports",
+    tag = "agents",
+    request_body = ReportBatch,
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "Each report's outcome, in request order", body = ReportsView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
 pub(super) async fn report_batch(
     State(state): State<AppState>,
     caller: Caller,

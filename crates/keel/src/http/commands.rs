@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
 use crate::commands::release::{self, outcome_name};
@@ -56,12 +56,13 @@ pub fn routes() -> Router<AppState> {
 // What the API shows.
 
 /// A command as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CommandView {
     id: CommandId,
     #[serde(rename = "type")]
     command_type: String,
     target: TargetView,
+    #[schema(value_type = Object)]
     params: Value,
     priority: i32,
     #[serde(with = "time::serde::rfc3339")]
@@ -88,7 +89,7 @@ pub struct CommandView {
 }
 
 /// `{"agent_id": …}` or `{"queue": …}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum TargetView {
     AgentId(AgentId),
@@ -127,7 +128,7 @@ impl From<Command> for CommandView {
 }
 
 /// A claimed command: the command and its claim token.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClaimedView {
     #[serde(flatten)]
     command: CommandView,
@@ -144,7 +145,7 @@ impl From<Claimed> for ClaimedView {
 }
 
 /// A page of commands.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PageView {
     items: Vec<CommandView>,
     next_cursor: Option<CommandId>,
@@ -163,7 +164,7 @@ impl From<Page> for PageView {
 // Callers: create, read, list, cancel, requeue.
 
 /// The body of `POST /v1/commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateCommand {
     #[serde(rename = "type")]
@@ -171,6 +172,7 @@ pub(super) struct CreateCommand {
     agent_id: Option<AgentId>,
     queue: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     params: Option<Value>,
     #[serde(default)]
     priority: i32,
@@ -215,7 +217,29 @@ impl CreateCommand {
     }
 }
 
-async fn create(
+/// Creates a command for one agent (`agent_id`) or a queue (`queue`).
+#[utoipa::path(
+    post,
+    path = "/v1/commands",
+    tag = "commands",
+    request_body = CreateCommand,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
+    security(("api_key" = ["commands:write"])),
+    responses(
+        (status = 201, description = "Created", body = CommandView),
+        (status = 200, description = "A retry with the same `Idempotency-Key`: the command created first", body = CommandView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn create(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
@@ -280,7 +304,7 @@ pub(super) fn idempotency(
 }
 
 /// One attempt, as `GET /v1/commands/{id}` shows it in `attempt_history`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AttemptView {
     attempt: u32,
     agent_id: AgentId,
@@ -293,14 +317,31 @@ struct AttemptView {
 }
 
 /// A command with every attempt at it.
-#[derive(Debug, Serialize)]
-struct CommandDetailView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CommandDetailView {
     #[serde(flatten)]
     command: CommandView,
     attempt_history: Vec<AttemptView>,
 }
 
-async fn get_one(
+/// One command with every attempt at it.
+#[utoipa::path(
+    get,
+    path = "/v1/commands/{id}",
+    tag = "commands",
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["commands:read"])),
+    responses(
+        (status = 200, description = "The command", body = CommandDetailView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -330,9 +371,10 @@ async fn get_one(
 }
 
 /// The query of `GET /v1/commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     status: Option<CommandStatus>,
     agent_id: Option<AgentId>,
     queue: Option<String>,
@@ -342,7 +384,23 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list(
+/// The organisation's commands, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/commands",
+    tag = "commands",
+    params(ListQuery),
+    security(("api_key" = ["commands:read"])),
+    responses(
+        (status = 200, description = "A page of commands", body = PageView),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -364,14 +422,31 @@ async fn list(
 }
 
 /// The query of `GET /v1/commands/dead`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct PageQuery {
+pub(super) struct PageQuery {
     cursor: Option<CommandId>,
     limit: Option<u32>,
 }
 
-async fn list_dead(
+/// The dead-letter list, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/commands/dead",
+    tag = "commands",
+    params(PageQuery),
+    security(("api_key" = ["commands:read"])),
+    responses(
+        (status = 200, description = "A page of dead commands", body = PageView),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list_dead(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
@@ -386,7 +461,25 @@ async fn list_dead(
     Ok(Json(page.into()))
 }
 
-async fn cancel(
+/// Cancels a pending command, or asks its agent to stop an executing one.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/{id}/cancel",
+    tag = "commands",
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["commands:write"])),
+    responses(
+        (status = 200, description = "The command", body = CommandView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -398,7 +491,25 @@ async fn cancel(
     Ok(Json(command.into()))
 }
 
-async fn requeue(
+/// Puts a dead command back to pending.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/{id}/requeue",
+    tag = "commands",
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["commands:write"])),
+    responses(
+        (status = 200, description = "The command", body = CommandView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn requeue(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -412,7 +523,7 @@ async fn requeue(
 }
 
 /// One released command, as `POST /v1/commands/release-stuck` reports it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ReleasedView {
     command_id: CommandId,
     outcome: &'static str,
@@ -420,12 +531,26 @@ struct ReleasedView {
 }
 
 /// The answer of `POST /v1/commands/release-stuck`.
-#[derive(Debug, Serialize)]
-struct ReleaseStuckView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ReleaseStuckView {
     released: Vec<ReleasedView>,
 }
 
-async fn release_stuck(
+/// Runs the release-stuck job now for the organisation.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/release-stuck",
+    tag = "commands",
+    security(("api_key" = ["admin"])),
+    responses(
+        (status = 200, description = "The released commands", body = ReleaseStuckView),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn release_stuck(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<ReleaseStuckView>, ApiError> {
@@ -457,9 +582,9 @@ async fn release_stuck(
 // Agents: claim, heartbeat, complete, fail.
 
 /// The body of `POST /v1/commands/claim`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ClaimRequest {
+pub(super) struct ClaimRequest {
     limit: u32,
     queues: Option<Vec<String>>,
     #[serde(default)]
@@ -467,12 +592,31 @@ struct ClaimRequest {
 }
 
 /// The answer of a claim.
-#[derive(Debug, Serialize)]
-struct ClaimResponse {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct ClaimResponse {
     commands: Vec<ClaimedView>,
 }
 
-async fn claim(
+/// Claims up to `limit` due commands for the calling agent, waiting up to `wait_seconds` for one.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/claim",
+    tag = "agents",
+    request_body = ClaimRequest,
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "The claimed commands (possibly none)", body = ClaimResponse),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn claim(
     State(state): State<AppState>,
     caller: Caller,
     Json(request): Json<ClaimRequest>,
@@ -548,22 +692,45 @@ async fn claim(
 }
 
 /// The body of a heartbeat.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct HeartbeatRequest {
+pub(super) struct HeartbeatRequest {
     claim_token: String,
+    #[schema(value_type = Option<Object>)]
     progress: Option<Value>,
 }
 
 /// The answer of a heartbeat.
-#[derive(Debug, Serialize)]
-struct HeartbeatResponse {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct HeartbeatResponse {
     #[serde(with = "time::serde::rfc3339")]
     lease_expires_at: OffsetDateTime,
     cancel_requested: bool,
 }
 
-async fn heartbeat(
+/// Renews the lease of a claimed command and stores its progress.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/{id}/heartbeat",
+    tag = "agents",
+    request_body = HeartbeatRequest,
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "The new lease", body = HeartbeatResponse),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn heartbeat(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -591,15 +758,38 @@ async fn heartbeat(
 }
 
 /// The body of a completion.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CompleteRequest {
+pub(super) struct CompleteRequest {
     claim_token: String,
     #[serde(default)]
+    #[schema(value_type = Object)]
     result: Value,
 }
 
-async fn complete(
+/// Completes a claimed command.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/{id}/complete",
+    tag = "agents",
+    request_body = CompleteRequest,
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "The command", body = CommandView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn complete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
@@ -621,15 +811,38 @@ async fn complete(
 }
 
 /// The body of a failure report.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct FailRequest {
+pub(super) struct FailRequest {
     claim_token: String,
+    #[schema(value_type = Object)]
     error: Value,
     retryable: bool,
 }
 
-async fn fail(
+/// Reports a claimed command failed; a retryable failure goes back to pending while attempts remain.
+#[utoipa::path(
+    post,
+    path = "/v1/commands/{id}/fail",
+    tag = "agents",
+    request_body = FailRequest,
+    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    security(("api_key" = ["agent"])),
+    responses(
+        (status = 200, description = "The command", body = CommandView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn fail(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

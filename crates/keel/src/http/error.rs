@@ -233,21 +233,65 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// The JSON body of every error.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The error itself.
     pub error: ErrorDetail,
 }
 
 /// `code`, `message` and the request id.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code.
+    #[schema(value_type = ErrorCode)]
     pub code: &'static str,
     /// Human-readable message; never panic text or internal details.
     pub message: String,
     /// The request id, as in the `X-Request-Id` header and the logs.
     pub request_id: Option<String>,
+}
+
+/// Every `code` an error can carry, for the OpenAPI document ([`ApiError::code`] answers one
+/// of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not well-formed JSON.
+    MalformedJson,
+    /// 400: something else about the request is unreadable.
+    BadRequest,
+    /// 401: no or wrong credentials.
+    Unauthorized,
+    /// 403: the credentials lack the scope.
+    Forbidden,
+    /// 404: no such route or object.
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 408: the request was not answered in time.
+    Timeout,
+    /// 409: the request conflicts with the current state.
+    Conflict,
+    /// 409: the claim token is not current.
+    StaleClaim,
+    /// 409: the idempotency key was used with another request.
+    IdempotencyMismatch,
+    /// 409: the object is not in a state that allows this.
+    InvalidState,
+    /// 413: the body, or one field of it, is too large.
+    PayloadTooLarge,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 422: the body is JSON but not a valid request.
+    ValidationFailed,
+    /// 429: over a rate limit or a cap on waiting claims.
+    RateLimited,
+    /// 503: keel cannot serve this request now.
+    Unavailable,
+    /// 503: keel is shedding load or the database is busy.
+    Overloaded,
+    /// 500: something failed inside keel.
+    Internal,
 }
 
 impl IntoResponse for ApiError {
@@ -332,6 +376,54 @@ mod tests {
         assert_eq!(pool.status(), StatusCode::SERVICE_UNAVAILABLE);
         let other = ApiError::from(StoreError::Database(sqlx::Error::Protocol("x".into())));
         assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn every_error_code_is_in_the_documented_list() {
+        let documented: Vec<String> = serde_json::to_value(utoipa::openapi::schema::Schema::from(
+            <ErrorCode as utoipa::PartialSchema>::schema(),
+        ))
+        .ok()
+        .and_then(|schema| schema.get("enum").cloned())
+        .and_then(|values| serde_json::from_value(values).ok())
+        .unwrap_or_default();
+        let errors = [
+            ApiError::MalformedJson(String::new()),
+            ApiError::BadRequest(String::new()),
+            ApiError::Unauthorized,
+            ApiError::Forbidden(String::new()),
+            ApiError::NotFound,
+            ApiError::MethodNotAllowed,
+            ApiError::Timeout,
+            ApiError::Conflict(String::new()),
+            ApiError::StaleClaim,
+            ApiError::IdempotencyMismatch,
+            ApiError::InvalidState(String::new()),
+            ApiError::PayloadTooLarge { limit: 1 },
+            ApiError::UnsupportedMediaType,
+            ApiError::Validation(String::new()),
+            ApiError::Unavailable {
+                reason: "x",
+                retry_after: 1,
+            },
+            ApiError::RateLimited {
+                message: String::new(),
+                retry_after: Duration::from_secs(1),
+            },
+            ApiError::Overloaded {
+                message: String::new(),
+                retry_after: Duration::from_secs(1),
+            },
+            ApiError::Internal(String::new()),
+        ];
+        for error in &errors {
+            assert!(
+                documented.iter().any(|code| code == error.code()),
+                "{} is missing from ErrorCode: {documented:?}",
+                error.code()
+            );
+        }
+        assert_eq!(documented.len(), errors.len());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use secrecy::ExposeSecret as _;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 
 /// `/healthz`, `/readyz`, `/metrics`.
@@ -23,9 +23,10 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The body of `/healthz` and `/readyz`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Health {
     /// `ok`, `ready` or `degraded`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     /// The degraded components, by name (empty when ready).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -33,7 +34,16 @@ pub struct Health {
 }
 
 /// The process is up and answering.
-async fn healthz() -> Json<Health> {
+/// The process is up and answering.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Up", body = Health),
+    )
+)]
+pub(super) async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok",
         degraded: Vec::new(),
@@ -41,7 +51,17 @@ async fn healthz() -> Json<Health> {
 }
 
 /// 200 while no component is degraded; 503 naming the degraded ones otherwise.
-async fn readyz(State(state): State<AppState>) -> Response {
+/// 200 while no component is degraded; 503 naming the degraded ones otherwise.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = Health),
+        (status = 503, description = "Degraded", body = Health),
+    )
+)]
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let degraded = state.components.degraded();
     if degraded.is_empty() {
         Json(Health {
@@ -63,7 +83,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus text exposition; with `metrics.token` set, only for its bearer (401 otherwise,
 /// compared in constant time).
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Prometheus text exposition; with `metrics.token` set, only for its bearer.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    security(("metrics_token" = []), ()),
+    responses(
+        (status = 200, description = "The metrics", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+    )
+)]
+pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(token) = &state.metrics_token {
         let presented = super::auth::bearer_token(&headers).unwrap_or_default();
         if !bool::from(presented.as_bytes().ct_eq(token.expose_secret().as_bytes())) {

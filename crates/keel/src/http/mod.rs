@@ -5,7 +5,8 @@
 //! - [`error`]: the one error type and its JSON shape; [`json`]: the JSON extractor that
 //!   answers bad bodies in that shape; [`request_id`]: the request id.
 //! - [`connections`]: the accept loop, connection timeouts and the connection cap.
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`; [`openapi`]: `/openapi.json`, the OpenAPI
+//!   document generated from the handlers.
 //! - [`admin`]: `/v1/admin/*`, for operators only (the admin token or an operator key);
 //!   [`organisations`]: its organisations and their API keys.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
@@ -24,6 +25,7 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod lifecycle;
+pub mod openapi;
 pub mod organisations;
 pub mod overload;
 pub mod rate_limit;
@@ -85,6 +87,7 @@ pub struct AppState {
 pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
     Router::new()
         .merge(health::routes())
+        .merge(openapi::routes())
         .nest("/v1/admin", admin::routes(state.clone()))
         .nest("/v1/agents", agents::routes())
         .nest("/v1/commands", commands::routes())

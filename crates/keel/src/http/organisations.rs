@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use super::admin::Operator;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use super::validate::check_name;
 
@@ -28,8 +28,8 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// An organisation as the API shows it.
-#[derive(Debug, Serialize)]
-struct OrganisationView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct OrganisationView {
     id: OrgId,
     name: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -47,8 +47,8 @@ impl From<Organisation> for OrganisationView {
 }
 
 /// An API key as the API shows it (never its token).
-#[derive(Debug, Serialize)]
-struct KeyView {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct KeyView {
     id: ApiKeyId,
     name: String,
     prefix: String,
@@ -75,24 +75,24 @@ impl From<ApiKey> for KeyView {
 }
 
 /// The answer of a key creation: the key and its token, shown this once.
-#[derive(Serialize)]
-struct CreatedKeyView {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct CreatedKeyView {
     #[serde(flatten)]
     key: KeyView,
     token: String,
 }
 
 /// The body of `POST /v1/admin/organisations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewOrganisation {
+pub(super) struct NewOrganisation {
     name: String,
 }
 
 /// The body of `POST /v1/admin/organisations/{org}/keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NewKey {
+pub(super) struct NewKey {
     name: String,
     scopes: Vec<Scope>,
     #[serde(default)]
@@ -100,13 +100,47 @@ struct NewKey {
 }
 
 /// Every organisation, by name.
-async fn list(State(state): State<AppState>) -> Result<Json<Vec<OrganisationView>>, ApiError> {
+/// Every organisation, by name.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/organisations",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The organisations", body = Vec<OrganisationView>),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<OrganisationView>>, ApiError> {
     let orgs = state.store.list_organisations().await?;
     Ok(Json(orgs.into_iter().map(OrganisationView::from).collect()))
 }
 
 /// Creates an organisation; a taken name is 409.
-async fn create(
+/// Creates an organisation; a taken name is 409.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/organisations",
+    tag = "admin",
+    request_body = NewOrganisation,
+    security(("operator" = [])),
+    responses(
+        (status = 201, description = "Created", body = OrganisationView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn create(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Json(request): Json<NewOrganisation>,
@@ -118,7 +152,22 @@ async fn create(
 }
 
 /// The organisation's keys, oldest first.
-async fn list_keys(
+/// The organisation's API keys, oldest first (never their tokens).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/organisations/{org}/keys",
+    tag = "admin",
+    params(("org" = String, Path, description = "The organisation's name")),
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The keys", body = Vec<KeyView>),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list_keys(
     State(state): State<AppState>,
     Path(org): Path<String>,
 ) -> Result<Json<Vec<KeyView>>, ApiError> {
@@ -128,7 +177,28 @@ async fn list_keys(
 }
 
 /// Creates an API key of the organisation; the answer holds its token, shown this once.
-async fn create_key(
+/// Creates an API key of the organisation; the answer holds its token, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/organisations/{org}/keys",
+    tag = "admin",
+    request_body = NewKey,
+    params(("org" = String, Path, description = "The organisation's name")),
+    security(("operator" = [])),
+    responses(
+        (status = 201, description = "Created", body = CreatedKeyView),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn create_key(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Path(org): Path<String>,
@@ -169,7 +239,23 @@ async fn create_key(
 
 /// Revokes a key of the organisation: it stops working at once. Revoking twice is not an
 /// error; a key of another organisation is 404.
-async fn revoke_key(
+/// Revokes a key of the organisation: it stops working at once.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/organisations/{org}/keys/{id}/revoke",
+    tag = "admin",
+    params(("org" = String, Path, description = "The organisation's name"), ("id" = String, Path, description = "The key id (a UUID)")),
+    security(("operator" = [])),
+    responses(
+        (status = 204, description = "Revoked (or revoked before)"),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn revoke_key(
     State(state): State<AppState>,
     Extension(operator): Extension<Operator>,
     Path((org, id)): Path<(String, String)>,

@@ -243,7 +243,9 @@ impl PressureSource for StorePressure {
 }
 
 /// How loaded the store is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Pressure {
     /// Nothing is shed for pressure.
@@ -274,7 +276,7 @@ impl Pressure {
 }
 
 /// Where the pressure in force comes from: measured, or set by an operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The measured pressure.
@@ -310,7 +312,7 @@ impl Mode {
 }
 
 /// What `GET /v1/admin/overload` shows.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OverloadView {
     /// `auto` or the operator's setting.
     pub mode: Mode,

@@ -1,0 +1,114 @@
+//! The OpenAPI 3.1 document of the API, generated from the handlers' annotations and served at
+//! `GET /openapi.json` (no credentials needed).
+
+use axum::Router;
+use axum::routing::get;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::AppState;
+use super::json::Json;
+use super::{admin, agents, command_batches, commands, health, organisations};
+
+/// The document: every route, its bodies, its errors and its credentials.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keel",
+        description = "Hands commands to remote agents. Every error answers \
+            `{\"error\":{\"code\",\"message\",\"request_id\"}}` (`ErrorBody`); `docs/http.md` and \
+            `docs/commands.md` are the reference.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        health::healthz,
+        health::readyz,
+        health::metrics,
+        agents::list,
+        agents::check_in,
+        commands::create,
+        commands::list,
+        commands::claim,
+        commands::release_stuck,
+        commands::list_dead,
+        command_batches::create_batch,
+        command_batches::report_batch,
+        commands::get_one,
+        commands::cancel,
+        commands::requeue,
+        commands::heartbeat,
+        commands::complete,
+        commands::fail,
+        admin::components,
+        admin::panics,
+        admin::jobs,
+        admin::set_job_interval,
+        admin::log_filters,
+        admin::set_log_filters,
+        admin::overload,
+        admin::set_overload_mode,
+        organisations::list,
+        organisations::create,
+        organisations::list_keys,
+        organisations::create_key,
+        organisations::revoke_key,
+    ),
+    components(schemas(super::error::ErrorBody, super::error::ErrorCode)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "health", description = "Liveness, readiness and metrics"),
+        (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
+        (name = "commands", description = "Create, read, list, cancel and requeue commands"),
+        (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The bearer credentials the routes name.
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = |description: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(description))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "api_key",
+            bearer(
+                "An organisation's API key. Its scopes: `admin` (includes `commands:read` and \
+                 `commands:write`), `commands:write`, `commands:read`, `agent` (bound to one agent).",
+            ),
+        );
+        components.add_security_scheme(
+            "operator",
+            bearer(
+                "An operator key or the admin token; only these open `/v1/admin/*` (an \
+                 organisation's API key is 403 there, whatever its scopes).",
+            ),
+        );
+        components.add_security_scheme(
+            "metrics_token",
+            bearer("`metrics.token`, when one is configured."),
+        );
+    }
+}
+
+/// The document as JSON.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// `GET /openapi.json`.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(openapi_json))
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(document())
+}
