@@ -80,12 +80,15 @@ pub(super) struct CheckInView {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CheckInRequest {
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     name: Option<String>,
+    #[schema(min_length = 1, max_length = 64)]
     version: String,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
     #[serde(default)]
+    #[schema(max_items = 64)]
     queues: Vec<String>,
     boot_id: Uuid,
 }

@@ -24,7 +24,7 @@ use super::json::Json;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateBatch {
-    #[schema(value_type = Vec<CreateCommand>)]
+    #[schema(value_type = Vec<CreateCommand>, min_items = 1, max_items = 1000)]
     commands: Vec<Value>,
 }
 
@@ -38,7 +38,7 @@ pub(super) struct BatchView {
 /// (`commands[3].queue: …`) and nothing is created. With an `Idempotency-Key` header `K`, item
 /// `n` is created under the key `K·n` ([`batch_item_key`]): a retried batch answers the same
 /// commands (200).
-/// Creates up to 100 commands, all or nothing.
+/// Creates up to 1000 commands, all or nothing.
 #[utoipa::path(
     post,
     path = "/v1/commands/batch",
@@ -140,6 +140,7 @@ fn at_item(n: usize, err: ApiError) -> ApiError {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReportBatch {
+    #[schema(min_items = 1, max_items = 100)]
     reports: Vec<Report>,
 }
 

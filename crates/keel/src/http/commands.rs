@@ -168,17 +168,22 @@ impl From<Page> for PageView {
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateCommand {
     #[serde(rename = "type")]
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     command_type: String,
     agent_id: Option<AgentId>,
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     queue: Option<String>,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     params: Option<Value>,
     #[serde(default)]
+    #[schema(minimum = -1000, maximum = 1000)]
     priority: i32,
     #[serde(default, with = "time::serde::rfc3339::option")]
     run_at: Option<OffsetDateTime>,
+    #[schema(minimum = 1, maximum = 100)]
     max_attempts: Option<u32>,
+    #[schema(minimum = 5, maximum = 86400)]
     lease_seconds: Option<u64>,
 }
 
@@ -381,6 +386,7 @@ pub(super) struct ListQuery {
     #[serde(rename = "type")]
     command_type: Option<String>,
     cursor: Option<CommandId>,
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -427,6 +433,7 @@ pub(super) async fn list(
 #[serde(deny_unknown_fields)]
 pub(super) struct PageQuery {
     cursor: Option<CommandId>,
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -585,9 +592,12 @@ pub(super) async fn release_stuck(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ClaimRequest {
+    #[schema(minimum = 1, maximum = 100)]
     limit: u32,
+    #[schema(max_items = 64)]
     queues: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 60)]
     wait_seconds: u64,
 }
 
@@ -695,6 +705,7 @@ pub(super) async fn claim(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HeartbeatRequest {
+    #[schema(min_length = 1, max_length = 128)]
     claim_token: String,
     #[schema(value_type = Option<Object>)]
     progress: Option<Value>,
@@ -761,6 +772,7 @@ pub(super) async fn heartbeat(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CompleteRequest {
+    #[schema(min_length = 1, max_length = 128)]
     claim_token: String,
     #[serde(default)]
     #[schema(value_type = Object)]
@@ -814,6 +826,7 @@ pub(super) async fn complete(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FailRequest {
+    #[schema(min_length = 1, max_length = 128)]
     claim_token: String,
     #[schema(value_type = Object)]
     error: Value,

@@ -24,6 +24,7 @@ use super::{admin, agents, command_batches, commands, health, organisations};
         health::healthz,
         health::readyz,
         health::metrics,
+        openapi_json,
         agents::list,
         agents::check_in,
         commands::create,
@@ -56,7 +57,7 @@ use super::{admin, agents, command_batches, commands, health, organisations};
     components(schemas(super::error::ErrorBody, super::error::ErrorCode)),
     modifiers(&SecuritySchemes),
     tags(
-        (name = "health", description = "Liveness, readiness and metrics"),
+        (name = "health", description = "Liveness, readiness, metrics and this document"),
         (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
         (name = "commands", description = "Create, read, list, cancel and requeue commands"),
         (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
@@ -109,6 +110,13 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/openapi.json", get(openapi_json))
 }
 
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object))
+)]
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(document())
 }

@@ -86,6 +86,7 @@ pub(super) struct CreatedKeyView {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewOrganisation {
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     name: String,
 }
 
@@ -93,9 +94,11 @@ pub(super) struct NewOrganisation {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewKey {
+    #[schema(min_length = 1, max_length = 128)]
     name: String,
     scopes: Vec<Scope>,
     #[serde(default)]
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     agent: Option<String>,
 }
 

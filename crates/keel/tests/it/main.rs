@@ -19,6 +19,7 @@ mod http_errors;
 mod isolation;
 mod logging;
 mod metrics;
+mod openapi;
 mod overload;
 mod panics;
 mod profiles;
