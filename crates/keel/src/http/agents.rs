@@ -13,7 +13,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
-use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
+use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
 use crate::config::CommandLimits;
 
 /// Largest agent metadata, serialised.
@@ -88,7 +88,7 @@ pub(super) struct CheckInRequest {
     #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
     #[serde(default)]
-    #[schema(max_items = 64)]
+    #[schema(value_type = Vec<Name>, max_items = 64)]
     queues: Vec<String>,
     boot_id: Uuid,
 }

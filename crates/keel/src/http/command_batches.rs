@@ -44,7 +44,7 @@ pub(super) struct BatchView {
     path = "/v1/commands/batch",
     tag = "commands",
     request_body = CreateBatch,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[ -~]{1,255}$", description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 201, description = "Created, in request order", body = BatchView),
@@ -148,14 +148,13 @@ pub(super) struct ReportBatch {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Report {
+    #[schema(value_type = uuid::Uuid)]
     id: String,
     claim_token: String,
     outcome: ReportOutcome,
     #[serde(default)]
-    #[schema(value_type = Object)]
     result: Value,
     #[serde(default)]
-    #[schema(value_type = Object)]
     error: Value,
     #[serde(default)]
     retryable: bool,

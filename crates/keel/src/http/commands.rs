@@ -22,7 +22,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
-use super::validate::{MAX_QUEUES, check_name, check_range, check_size};
+use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
 use crate::commands::release::{self, outcome_name};
 use crate::config::CommandLimits;
 
@@ -228,7 +228,7 @@ impl CreateCommand {
     path = "/v1/commands",
     tag = "commands",
     request_body = CreateCommand,
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[ -~]{1,255}$", description = "1 to 255 printable ASCII characters; a retry with the same key and request answers the first command (200)")),
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 201, description = "Created", body = CommandView),
@@ -334,7 +334,7 @@ pub(super) struct CommandDetailView {
     get,
     path = "/v1/commands/{id}",
     tag = "commands",
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "The command", body = CommandDetailView),
@@ -473,7 +473,7 @@ pub(super) async fn list_dead(
     post,
     path = "/v1/commands/{id}/cancel",
     tag = "commands",
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 200, description = "The command", body = CommandView),
@@ -503,7 +503,7 @@ pub(super) async fn cancel(
     post,
     path = "/v1/commands/{id}/requeue",
     tag = "commands",
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 200, description = "The command", body = CommandView),
@@ -594,7 +594,7 @@ pub(super) async fn release_stuck(
 pub(super) struct ClaimRequest {
     #[schema(minimum = 1, maximum = 100)]
     limit: u32,
-    #[schema(max_items = 64)]
+    #[schema(value_type = Option<Vec<Name>>, max_items = 64)]
     queues: Option<Vec<String>>,
     #[serde(default)]
     #[schema(minimum = 0, maximum = 60)]
@@ -725,7 +725,7 @@ pub(super) struct HeartbeatResponse {
     path = "/v1/commands/{id}/heartbeat",
     tag = "agents",
     request_body = HeartbeatRequest,
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The new lease", body = HeartbeatResponse),
@@ -775,7 +775,6 @@ pub(super) struct CompleteRequest {
     #[schema(min_length = 1, max_length = 128)]
     claim_token: String,
     #[serde(default)]
-    #[schema(value_type = Object)]
     result: Value,
 }
 
@@ -785,7 +784,7 @@ pub(super) struct CompleteRequest {
     path = "/v1/commands/{id}/complete",
     tag = "agents",
     request_body = CompleteRequest,
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The command", body = CommandView),
@@ -828,7 +827,6 @@ pub(super) async fn complete(
 pub(super) struct FailRequest {
     #[schema(min_length = 1, max_length = 128)]
     claim_token: String,
-    #[schema(value_type = Object)]
     error: Value,
     retryable: bool,
 }
@@ -839,7 +837,7 @@ pub(super) struct FailRequest {
     path = "/v1/commands/{id}/fail",
     tag = "agents",
     request_body = FailRequest,
-    params(("id" = String, Path, description = "The command id (a UUID; anything else is 400 `bad_request`)")),
+    params(("id" = uuid::Uuid, Path, description = "The command id (anything but a UUID is 400 `bad_request`)")),
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The command", body = CommandView),

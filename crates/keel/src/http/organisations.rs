@@ -247,7 +247,7 @@ pub(super) async fn create_key(
     post,
     path = "/v1/admin/organisations/{org}/keys/{id}/revoke",
     tag = "admin",
-    params(("org" = String, Path, description = "The organisation's name"), ("id" = String, Path, description = "The key id (a UUID)")),
+    params(("org" = String, Path, description = "The organisation's name"), ("id" = uuid::Uuid, Path, description = "The key id (anything but a UUID is 400 `bad_request`)")),
     security(("operator" = [])),
     responses(
         (status = 204, description = "Revoked (or revoked before)"),

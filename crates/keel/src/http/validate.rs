@@ -20,6 +20,11 @@ pub fn check_name(field: &str, value: &str) -> Result<(), ApiError> {
         .map_err(|rule| ApiError::Validation(format!("{field}: {rule}")))
 }
 
+/// A name as the OpenAPI document shows it (what [`check_name`] accepts).
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
+pub struct Name(pub String);
+
 /// A number within `min..=max`.
 pub fn check_range<T: PartialOrd + Display>(
     field: &str,
