@@ -205,6 +205,11 @@ impl CreateCommand {
         let params = self
             .params
             .unwrap_or_else(|| Value::Object(Default::default()));
+        if !params.is_object() {
+            return Err(ApiError::Validation(
+                "params: must be a JSON object".to_owned(),
+            ));
+        }
         check_size("params", &params, limits.params_bytes)?;
         check_range("priority", i64::from(self.priority), -1000, 1000)?;
         let mut command = NewCommand::new(self.command_type, target, params);

@@ -687,3 +687,31 @@ async fn a_panic_or_an_error_inside_the_store_answers_500_and_changes_nothing() 
     })
     .await;
 }
+
+/// `params` is a JSON object (or left out, or `null`: `{}`), as the OpenAPI document says; a
+/// command created with an array or a number would answer a body that breaks the document.
+#[tokio::test]
+async fn params_that_are_not_an_object_are_refused() {
+    let setup = setup().await;
+    let ops = &setup.ops;
+    for params in [json!([null, null]), json!(5), json!("x"), json!(true)] {
+        let body = json!({"type": "t", "queue": "q1", "params": params});
+        let error = ops.post("/v1/commands", &body, 422).await;
+        assert_eq!(error["error"]["code"], "validation_failed", "{params}");
+        let batch = json!({"commands": [{"type": "t", "queue": "q1"}, body]});
+        let error = ops.post("/v1/commands/batch", &batch, 422).await;
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("commands[1]: params"),
+            "{error}"
+        );
+    }
+    let page = ops.get("/v1/commands", 200).await;
+    assert_eq!(page["items"], json!([]), "nothing was created");
+    for params in [json!(null), json!({"a": [1]})] {
+        let body = json!({"type": "t", "queue": "q1", "params": params});
+        ops.post("/v1/commands", &body, 201).await;
+    }
+}
