@@ -69,6 +69,7 @@ run() {
     --max-examples "$EXAMPLES" \
     --request-timeout 10 \
     --seed 1 \
+    --generation-database none \
     --no-color \
     "$@"
 }
