@@ -260,6 +260,26 @@ pub async fn operator_and_organisation_keys_are_apart(store: &dyn Store, _clock:
 }
 
 pub async fn api_keys(store: &dyn Store, clock: &ManualClock) {
+    for bad in ["", "  ", "ops\u{0}", "a\nb"] {
+        let refused = store
+            .create_api_key(
+                store
+                    .create_organisation(&format!("named-{}", bad.len()))
+                    .await
+                    .unwrap()
+                    .id,
+                NewApiKey {
+                    name: bad.into(),
+                    scopes: vec![Scope::Admin],
+                    agent_name: None,
+                },
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(StoreError::InvalidInput(_))),
+            "{bad:?}"
+        );
+    }
     let org = store.create_organisation("acme").await.unwrap().id;
     let other = store.create_organisation("other").await.unwrap().id;
     let admin = store

@@ -391,6 +391,11 @@ impl Store for SqliteStore {
     }
 
     async fn create_api_key(&self, org: OrgId, key: NewApiKey) -> StoreResult<CreatedApiKey> {
+        if key.name.trim().is_empty() || key.name.chars().any(char::is_control) {
+            return Err(StoreError::InvalidInput(
+                "name: printable characters, not empty".to_owned(),
+            ));
+        }
         let scopes: Vec<Scope> = Scope::ALL
             .iter()
             .copied()

@@ -148,7 +148,7 @@ pub(super) async fn check_in(
                 name: request.name,
                 version: request.version,
                 metadata,
-                queues: request.queues,
+                queues: distinct(request.queues),
                 boot_id: request.boot_id,
             },
         )
@@ -192,4 +192,13 @@ pub(super) async fn list(
             .map(|agent| AgentView::new(agent, now, state.agent_online_window))
             .collect(),
     }))
+}
+
+/// The queues in the order given, each once.
+fn distinct(queues: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    queues
+        .into_iter()
+        .filter(|queue| seen.insert(queue.clone()))
+        .collect()
 }

@@ -175,3 +175,13 @@ async fn a_claim_whose_client_left_is_handed_back_at_once() {
     assert_eq!(command["attempts"], 0);
     assert_eq!(command["attempt_history"], json!([]));
 }
+
+/// A queue named twice at check-in is kept once, in the order given.
+#[tokio::test]
+async fn a_queue_named_twice_at_check_in_is_kept_once() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let agent = server.key("acme", "agent", Some("a1"));
+    let checked_in = agent.check_in(&["q2", "q1", "q2", "q1"]).await;
+    assert_eq!(checked_in["queues"], json!(["q2", "q1"]));
+}
