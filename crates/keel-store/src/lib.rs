@@ -38,6 +38,6 @@ pub use model::{
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};
 pub use store::{
-    MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, MAX_QUEUE_NAME_LEN, MAX_QUEUES_PER_CLAIM,
-    Store, check_queue_name,
+    MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_LEASE_SECONDS, MAX_PAGE_SIZE, MAX_QUEUE_NAME_LEN,
+    MAX_QUEUES_PER_CLAIM, MIN_LEASE_SECONDS, Store, check_queue_name,
 };

@@ -25,6 +25,14 @@ pub const MAX_QUEUE_NAME_LEN: usize = 64;
 /// The most commands one batch creates.
 pub const MAX_BATCH_CREATE: usize = 1000;
 
+/// The shortest lease a command may ask for, in seconds. `keel agent` heartbeats every third
+/// of the lease (never more often than every 500 ms), so even the shortest lease is renewed
+/// with two thirds of it to spare.
+pub const MIN_LEASE_SECONDS: u64 = 2;
+
+/// The longest lease a command may ask for, in seconds (a day).
+pub const MAX_LEASE_SECONDS: u64 = 86_400;
+
 /// The one rule for a queue name: 1 to [`MAX_QUEUE_NAME_LEN`] characters of
 /// `a-z A-Z 0-9 _ . : -`. `Err` says what is wrong.
 pub fn check_queue_name(name: &str) -> Result<(), String> {

@@ -38,8 +38,8 @@ use harness::{Api, Options, Server};
 const COMMANDS: usize = 500;
 /// B's agents.
 const AGENTS: usize = 4;
-/// B's lease: the shortest the API accepts (`lease_seconds` is 5 to 86 400).
-const LEASE_SECONDS: u64 = 5;
+/// B's lease: the shortest the API accepts.
+const LEASE_SECONDS: u64 = keel_store::MIN_LEASE_SECONDS;
 /// How long one of B's agents "works" on a command, between its heartbeat and its completion.
 const WORK: Duration = Duration::from_millis(10);
 /// No phase runs longer than this; a phase that hits it reports what it did.

@@ -134,6 +134,7 @@ pub async fn run(
                 .map(|job| (job.name().to_owned(), job))
                 .collect(),
         ),
+        keys: Arc::new(crate::http::auth::KeyCache::new()),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,

@@ -228,7 +228,10 @@ impl SqliteStore {
             // 32 MiB of page cache per connection (SQLite's default is 2 MiB): the upper levels
             // of the claim and list indexes stay in memory at millions of rows. Pages are
             // allocated as they are used.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-32768")
+            // Statement journals (an `UPDATE` that fires a trigger, a savepoint) stay in memory
+            // rather than in temporary files: each costs a `pwrite` per page otherwise.
+            .pragma("temp_store", "memory");
         let mut conn = connect.connect().await?;
         sqlx::migrate!("./migrations/sqlite").run(&mut conn).await?;
         let read = SqlitePoolOptions::new()

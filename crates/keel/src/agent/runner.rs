@@ -70,12 +70,12 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
-    /// The agent's pacing: heartbeats at most every second, 5 s for output to settle, 5 s
+    /// The agent's pacing: heartbeats at most every 500 ms, 5 s for output to settle, 5 s
     /// between SIGTERM and SIGKILL; keel's default limits; no variable passed on.
     pub fn new(program: Program) -> Self {
         Self {
             program,
-            heartbeat_floor: Duration::from_secs(1),
+            heartbeat_floor: Duration::from_millis(500),
             output_settle: Duration::from_secs(5),
             kill_grace: Duration::from_secs(5),
             env_pass: Vec::new(),

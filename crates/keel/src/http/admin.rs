@@ -87,7 +87,6 @@ async fn require_operator(
 }
 
 /// Every supervised component: state, restarts, last panic, last and next tick.
-/// Every supervised component: state, restarts, last panic, last and next tick.
 #[utoipa::path(
     get,
     path = "/v1/admin/components",

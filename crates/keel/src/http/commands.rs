@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_store::{
     AgentId, AttemptOutcome, ClaimToken, Claimed, Command, CommandFilter, CommandId, CommandStatus,
-    DeadReason, Idempotency, NewCommand, Page, Scope, Target,
+    DeadReason, Idempotency, MAX_LEASE_SECONDS, MIN_LEASE_SECONDS, NewCommand, Page, Scope, Target,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -183,7 +183,8 @@ pub(super) struct CreateCommand {
     run_at: Option<OffsetDateTime>,
     #[schema(minimum = 1, maximum = 100)]
     max_attempts: Option<u32>,
-    #[schema(minimum = 5, maximum = 86400)]
+    /// The lease each claim and heartbeat grants, in seconds.
+    #[schema(minimum = 2, maximum = 86400)]
     lease_seconds: Option<u64>,
 }
 
@@ -220,7 +221,12 @@ impl CreateCommand {
             command.max_attempts = max_attempts;
         }
         if let Some(seconds) = self.lease_seconds {
-            check_range("lease_seconds", seconds, 5, 86_400)?;
+            check_range(
+                "lease_seconds",
+                seconds,
+                MIN_LEASE_SECONDS,
+                MAX_LEASE_SECONDS,
+            )?;
             command.lease_duration = Duration::from_secs(seconds);
         }
         Ok(command)

@@ -81,6 +81,8 @@ pub struct AppState {
     pub jobs: Arc<BTreeMap<String, JobHandle>>,
     /// Rate limits, long-poll caps, the in-flight limit and pressure.
     pub overload: Arc<overload::Overload>,
+    /// API keys verified recently.
+    pub keys: Arc<auth::KeyCache>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.

@@ -268,6 +268,7 @@ pub(super) async fn revoke_key(
         .map_err(|_| ApiError::BadRequest(format!("`{id}` is not a key id")))?;
     let org = find_org(&state, &org).await?;
     state.store.revoke_api_key(org.id, id).await?;
+    state.keys.forget_all();
     tracing::info!(target: "keel::audit", action = "api_key.revoke", %operator, org = %org.name, key_id = %id, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

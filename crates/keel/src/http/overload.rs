@@ -542,7 +542,7 @@ pub async fn admit(
     let _slot = overload.in_flight_slot(class)?;
     // No or an unknown key: the handler answers 401 as it always does.
     let principal = match bearer_token(request.headers()) {
-        Some(token) => state.store.authenticate(token).await?,
+        Some(token) => state.keys.authenticate(state.store.as_ref(), token).await?,
         None => None,
     };
     if let Some(principal) = principal {

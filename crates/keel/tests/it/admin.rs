@@ -496,3 +496,34 @@ async fn the_first_start_makes_an_operator_key_and_a_separate_admin_key_for_defa
         assert!(!line.contains(token.trim()), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_key_revoked_by_another_process_stops_working_within_the_cache_lifetime() {
+    let server = Server::start().await;
+    server.create_org("acme");
+    let key = server.key("acme", "commands:read", None);
+    // Used once, so the server has it verified in its cache.
+    key.get("/v1/commands", 200).await;
+    let listed = server.admin_cli(&["list-keys", "--org", "acme"]);
+    let key_id = listed.split('\t').next().unwrap().to_owned();
+    server.admin_cli(&["revoke-key", "--org", "acme", &key_id]);
+    let revoked_at = std::time::Instant::now();
+    poll_until(Duration::from_secs(5), || async {
+        let response = key
+            .client
+            .get(format!("{}/v1/commands", key.base))
+            .bearer_auth(&key.token)
+            .send()
+            .await
+            .unwrap();
+        response.status() == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    // The cache keeps a verified key for 1 s; the margin is for a slow machine's `keel admin`
+    // exit and the poll interval.
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+}

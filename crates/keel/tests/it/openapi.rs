@@ -187,3 +187,12 @@ async fn the_document_names_credentials_and_the_error_shape() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_documented_lease_range_is_the_one_keel_enforces() {
+    let server = Server::start().await;
+    let document: Value = server.get("/openapi.json").await.json().await.unwrap();
+    let lease = &document["components"]["schemas"]["CreateCommand"]["properties"]["lease_seconds"];
+    assert_eq!(lease["minimum"], keel_store::MIN_LEASE_SECONDS, "{lease}");
+    assert_eq!(lease["maximum"], keel_store::MAX_LEASE_SECONDS, "{lease}");
+}
