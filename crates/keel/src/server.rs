@@ -134,6 +134,7 @@ pub async fn run(
                 .map(|job| (job.name().to_owned(), job))
                 .collect(),
         ),
+        ui_sessions: Arc::new(crate::http::ui::Sessions::default()),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,
