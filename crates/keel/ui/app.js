@@ -159,7 +159,8 @@ async function refresh() {
   draw("summary", summary, drawSummary);
   draw("agents", agents, drawAgents);
   draw("dead", dead, drawDead);
-  draw("jobs", jobs, drawJobs);
+  // An interval being edited is not overwritten: the table waits until focus leaves it.
+  if (!$("jobs").contains(document.activeElement)) draw("jobs", jobs, drawJobs);
   $("updated").textContent = "Updated " + started.toLocaleTimeString() + " (every " + POLL_MS / 1000 + " s)";
 }
 
@@ -269,14 +270,11 @@ function barChart(rows, keys, colours, label) {
       y -= h;
     }
   });
-  const text = document.createElementNS(ns, "text");
-  text.setAttribute("x", "4");
-  text.setAttribute("y", "11");
-  text.setAttribute("font-size", "10");
-  text.setAttribute("fill", "#5b6675");
-  text.textContent = "max " + max + "/min";
-  svg.append(text);
-  return svg;
+  // The scale as text beside the chart: text inside a stretched SVG would be stretched too.
+  const scale = el("span", { class: "scale muted" }, "top of the scale: " + max + " a minute");
+  const wrap = el("div", {}, scale);
+  wrap.prepend(svg);
+  return wrap;
 }
 
 function drawSummary(summary) {

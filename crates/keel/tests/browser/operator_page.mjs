@@ -154,6 +154,16 @@ try {
   await keyRow.locator(".state", { hasText: "revoked" }).waitFor();
   check((await call("GET", "/v1/commands", token)).status === 401, "the revoked key is refused");
 
+  step("edit a job interval and save the log filters");
+  await page.fill("#interval-retention", "15m");
+  await page.locator("#interval-retention").press("Enter");
+  await page.locator("#notice", { hasText: "The interval of retention is now 15m" }).waitFor();
+  const jobs = await call("GET", "/v1/admin/jobs", operatorKey);
+  check(jobs.body.some((job) => job.name === "retention" && job.interval_ms === 900_000),
+    "the retention job's interval is 15 minutes over the API");
+  await page.click("#filters-form button[type=submit]");
+  await page.locator("#notice", { hasText: "Log filters saved" }).waitFor();
+
   step("a state-changing request without the CSRF token is refused");
   const withoutCsrf = await page.evaluate(async () => {
     const response = await fetch("/v1/admin/organisations", {
