@@ -162,10 +162,18 @@ struct Session {
 pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     sign_ins: DefaultKeyedRateLimiter<IpAddr>,
+    ttl: Duration,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
+        Self::with_ttl(SESSION_TTL)
+    }
+}
+
+impl Sessions {
+    /// Sessions that last `ttl` (keel uses [`SESSION_TTL`]).
+    pub fn with_ttl(ttl: Duration) -> Self {
         let burst = NonZeroU32::new(SIGN_IN_BURST).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(SIGN_IN_PERIOD)
             .unwrap_or_else(|| Quota::per_minute(NonZeroU32::MIN))
@@ -173,11 +181,10 @@ impl Default for Sessions {
         Self {
             sessions: Mutex::new(HashMap::new()),
             sign_ins: RateLimiter::keyed(quota),
+            ttl,
         }
     }
-}
 
-impl Sessions {
     /// Counts a sign-in attempt from `client`; 429 past the limit.
     fn admit_sign_in(&self, client: IpAddr) -> Result<(), ApiError> {
         if self.sign_ins.len() > MAX_TRACKED_ADDRESSES {
@@ -199,8 +206,8 @@ impl Sessions {
             credential,
             operator,
             csrf_token: random_token(),
-            expires: Instant::now() + SESSION_TTL,
-            expires_at: OffsetDateTime::now_utc() + SESSION_TTL,
+            expires: Instant::now() + self.ttl,
+            expires_at: OffsetDateTime::now_utc() + self.ttl,
         };
         let mut sessions = self.sessions.lock();
         let now = Instant::now();
@@ -513,6 +520,52 @@ mod tests {
         assert_eq!(session_cookie(&headers).as_deref(), Some("xyz"));
         headers.insert(header::COOKIE, HeaderValue::from_static("garbage;;="));
         assert_eq!(session_cookie(&headers), None);
+    }
+
+    fn with_cookie(id: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_str(&format!("{SESSION_COOKIE}={id}")).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn a_session_is_found_until_it_expires_or_ends() {
+        let sessions = Sessions::default();
+        let (id, session) = sessions.open(Credential::AdminToken, Operator::AdminToken);
+        assert_eq!(id.len(), 64);
+        assert_ne!(id, session.csrf_token);
+        let (found, _) = sessions.find(&with_cookie(&id)).unwrap();
+        assert_eq!(found, id);
+        assert!(sessions.find(&with_cookie("other")).is_none());
+        sessions.end(&id);
+        assert!(sessions.find(&with_cookie(&id)).is_none());
+
+        let expired = Sessions::with_ttl(Duration::ZERO);
+        let (id, _) = expired.open(Credential::AdminToken, Operator::AdminToken);
+        assert!(expired.find(&with_cookie(&id)).is_none());
+        assert!(
+            expired.sessions.lock().is_empty(),
+            "an expired session is dropped"
+        );
+    }
+
+    #[test]
+    fn a_change_needs_the_sessions_csrf_token() {
+        let sessions = Sessions::default();
+        let (_, session) = sessions.open(Credential::AdminToken, Operator::AdminToken);
+        let mut headers = HeaderMap::new();
+        assert!(!csrf_matches(&headers, &session));
+        headers.insert(CSRF_HEADER, HeaderValue::from_static("wrong"));
+        assert!(!csrf_matches(&headers, &session));
+        headers.insert(
+            CSRF_HEADER,
+            HeaderValue::from_str(&session.csrf_token).unwrap(),
+        );
+        assert!(csrf_matches(&headers, &session));
+        assert!(is_safe(&Method::GET) && !is_safe(&Method::POST) && !is_safe(&Method::DELETE));
     }
 
     #[test]
