@@ -3,7 +3,7 @@
 //   KEEL_BASE           the server's base URL
 //   KEEL_OPERATOR_KEY   an operator key
 //   KEEL_ORG_ADMIN_KEY  an `admin` key of the organisation `acme`
-//   KEEL_COMMAND_ID     a command of `acme` claimed with a 5 s lease and max_attempts 1
+//   KEEL_COMMAND_IDS    two commands of `acme`, claimed with a 5 s lease and max_attempts 1
 //   KEEL_SCREENSHOTS    where the screenshots go
 //   KEEL_CHROMIUM       the Chromium binary
 // Each step prints one line; any failure exits non-zero with the reason.
@@ -15,7 +15,7 @@ import { join } from "node:path";
 const base = need("KEEL_BASE");
 const operatorKey = need("KEEL_OPERATOR_KEY");
 const orgAdminKey = need("KEEL_ORG_ADMIN_KEY");
-const commandId = need("KEEL_COMMAND_ID");
+const [commandId, otherId] = need("KEEL_COMMAND_IDS").split(",");
 const screenshots = need("KEEL_SCREENSHOTS");
 const executablePath = process.env.KEEL_CHROMIUM || "/usr/bin/chromium";
 const PANIC_MESSAGE = "injected by the browser test";
@@ -109,18 +109,21 @@ try {
   await group.locator("dd", { hasText: ".rs:" }).first().waitFor();
   check(await group.evaluate((node) => node.open), "the panic opens to its details from the keyboard");
 
-  step("the claimed command dies when its lease expires");
+  step("the claimed commands die when their leases expire, and show as dead letters");
   const deadline = Date.now() + 30_000;
-  for (;;) {
+  const dead = new Set();
+  while (dead.size < 2) {
     const released = await call("POST", "/v1/commands/release-stuck", orgAdminKey, {});
     check(released.status === 200, `release-stuck answers 200 (got ${released.status})`);
-    if (released.body.released.some((r) => r.command_id === commandId && r.outcome === "dead")) break;
-    check(Date.now() < deadline, "the command died within 30 s");
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    for (const r of released.body.released) if (r.outcome === "dead") dead.add(r.command_id);
+    check(Date.now() < deadline, "the commands died within 30 s");
+    if (dead.size < 2) await new Promise((resolve) => setTimeout(resolve, 500));
   }
   const row = page.locator(`#dead tr[data-command="${commandId}"]`);
+  const otherRow = page.locator(`#dead tr[data-command="${otherId}"]`);
   await row.waitFor();
-  await page.locator("#status-counts li", { hasText: "dead" }).locator("b", { hasText: "1" }).waitFor();
+  await otherRow.waitFor();
+  await page.locator("#status-counts li", { hasText: "dead" }).locator("b", { hasText: "2" }).waitFor();
 
   step("requeue it with a click, then check it over the API");
   await row.getByRole("button", { name: `Requeue ${commandId}` }).click();
@@ -129,6 +132,19 @@ try {
   const requeued = await call("GET", `/v1/commands/${commandId}`, orgAdminKey);
   check(requeued.status === 200 && requeued.body.status === "pending" && requeued.body.attempts === 0,
     `the command is pending again with no attempts (got ${JSON.stringify(requeued.body)})`);
+  check((await call("GET", `/v1/commands/${otherId}`, orgAdminKey)).body.status === "dead",
+    "the other one is still dead");
+
+  step("requeue the other as a selection, chosen from the keyboard");
+  await otherRow.getByRole("checkbox").focus();
+  await page.keyboard.press("Space");
+  check(await otherRow.getByRole("checkbox").isChecked(), "the checkbox is checked");
+  await page.click("#requeue-selected");
+  await page.locator("#notice", { hasText: "Requeued 1 command" }).waitFor();
+  await otherRow.waitFor({ state: "detached" });
+  const other = await call("GET", `/v1/commands/${otherId}`, orgAdminKey);
+  check(other.body.status === "pending" && other.body.attempts === 0,
+    `the selected command is pending again (got ${JSON.stringify(other.body)})`);
 
   step("create an organisation");
   await page.fill("#org-name", "browser-org");

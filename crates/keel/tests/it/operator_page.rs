@@ -1,6 +1,6 @@
 //! The operator page in headless Chromium against a live `keel serve`: the script
 //! `crates/keel/tests/browser/operator_page.mjs` (playwright-core) signs in, watches a panic
-//! injected through a failpoint appear without reloading, requeues a dead command with a click,
+//! injected through a failpoint appear without reloading, requeues a dead command with a click and another as a selection,
 //! creates and revokes an organisation key, is refused without its CSRF token, signs out and
 //! saves screenshots at 1280×800 and 390×844.
 //!
@@ -67,22 +67,27 @@ async fn the_operator_page_works_in_headless_chromium() {
     let agent = server.key("acme", "agent", Some("web-1"));
     let operator = server.operator();
     agent.check_in(&["deploys"]).await;
-    let created = org_admin
-        .post(
-            "/v1/commands",
-            &json!({"type": "deploy", "queue": "deploys", "max_attempts": 1, "lease_seconds": 5}),
-            201,
-        )
-        .await;
-    let id = created["id"].as_str().unwrap().to_owned();
+    // Two commands that die when their 5 s leases expire: one requeued by its own button, the
+    // other as a selection.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = org_admin
+            .post(
+                "/v1/commands",
+                &json!({"type": "deploy", "queue": "deploys", "max_attempts": 1, "lease_seconds": 5}),
+                201,
+            )
+            .await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
     let claimed = agent
         .post(
             "/v1/commands/claim",
-            &json!({"limit": 1, "queues": ["deploys"]}),
+            &json!({"limit": 2, "queues": ["deploys"]}),
             200,
         )
         .await;
-    assert_eq!(claimed["commands"][0]["id"], created["id"]);
+    assert_eq!(claimed["commands"].as_array().unwrap().len(), 2);
 
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-page");
     let mut script = Command::new("node")
@@ -91,7 +96,7 @@ async fn the_operator_page_works_in_headless_chromium() {
         .env("KEEL_BASE", &server.base)
         .env("KEEL_OPERATOR_KEY", &operator.token)
         .env("KEEL_ORG_ADMIN_KEY", &org_admin.token)
-        .env("KEEL_COMMAND_ID", &id)
+        .env("KEEL_COMMAND_IDS", ids.join(","))
         .env("KEEL_SCREENSHOTS", &screenshots)
         .env("KEEL_CHROMIUM", &chromium)
         .stdout(Stdio::piped())
@@ -114,9 +119,11 @@ async fn the_operator_page_works_in_headless_chromium() {
     assert!(status.success(), "the browser script failed: {status}");
 
     // What the page did, checked over the API.
-    let command = org_admin.get(&format!("/v1/commands/{id}"), 200).await;
-    assert_eq!(command["status"], "pending", "{command}");
-    assert_eq!(command["attempts"], 0);
+    for id in &ids {
+        let command = org_admin.get(&format!("/v1/commands/{id}"), 200).await;
+        assert_eq!(command["status"], "pending", "{command}");
+        assert_eq!(command["attempts"], 0);
+    }
     let keys = operator
         .get("/v1/admin/organisations/browser-org/keys", 200)
         .await;
