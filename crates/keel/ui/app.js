@@ -161,7 +161,9 @@ async function refresh() {
   draw("dead", dead, drawDead);
   // An interval being edited is not overwritten: the table waits until focus leaves it.
   if (!$("jobs").contains(document.activeElement)) draw("jobs", jobs, drawJobs);
-  $("updated").textContent = "Updated " + started.toLocaleTimeString() + " (every " + POLL_MS / 1000 + " s)";
+  const failed = [components, panics, summary, agents, dead, jobs].filter((data) => data && data.failed);
+  $("updated").textContent = "Updated " + started.toLocaleTimeString() + " (every " + POLL_MS / 1000 + " s)" +
+    (failed.length ? "; " + failed.length + " section" + (failed.length === 1 ? "" : "s") + " could not be read: " + failed[0].failed.message : "");
 }
 
 // Redraws a section when its data changed, keeping the focused control focused.
@@ -453,8 +455,8 @@ async function createOrganisation(event) {
     await api("POST", "/v1/admin/organisations", { name });
     $("org-name").value = "";
     state.org = name;
-    notice("Organisation " + name + " created.");
     await loadOrganisations();
+    notice("Organisation " + name + " created.");
   } catch (failure) {
     notice("Organisation not created: " + failure.message, true);
   }
@@ -473,8 +475,8 @@ async function createKey(event) {
     $("token-value").textContent = created.token;
     $("new-token").hidden = false;
     $("token-dismiss").focus();
-    notice("Key " + created.name + " created for " + state.org + ".");
     await loadKeys();
+    notice("Key " + created.name + " created for " + state.org + ".");
   } catch (failure) {
     notice("Key not created: " + failure.message, true);
   }

@@ -428,6 +428,10 @@ pub(super) async fn sign_in(
         tracing::warn!(target: "keel::audit", action = "ui.sign_in_refused", client = %address, "operator page sign-in refused");
         return Err(ApiError::Unauthorized);
     };
+    // A page that signs in again leaves its previous session behind: end it.
+    if let Some(previous) = session_cookie(&headers) {
+        state.ui_sessions.end(&previous);
+    }
     let (id, session) = state.ui_sessions.open(credential, operator);
     tracing::info!(target: "keel::audit", action = "ui.sign_in", operator = %session.operator, client = %address, "operator page sign-in");
     let cookie = set_cookie(&id, SESSION_TTL, over_tls(&headers))?;

@@ -275,6 +275,21 @@ async fn revoking_the_operator_key_ends_its_sessions() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["operator"], "admin-token");
+
+    // Signing in again from the same page ends its previous session.
+    let again = server
+        .client
+        .post(server.url("/ui/session"))
+        .header(COOKIE, &admin.cookie)
+        .json(&json!({"key": ADMIN_TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let (status, _) = admin
+        .call(&server, reqwest::Method::GET, "/ui/session", None, false)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test]
