@@ -969,13 +969,14 @@ impl Store for SqliteStore {
 
     async fn finished_per_minute(&self, since: OffsetDateTime) -> StoreResult<Vec<FinishedCount>> {
         const MINUTE_US: i64 = 60_000_000;
-        let rows: Vec<(String, i64)> = sqlx::query_as(FINISHED_SINCE_SQL)
+        use futures::TryStreamExt as _;
+        // Streamed and counted as they come: the rows are never held at once. They come in
+        // time order, so only the current minute's counts are searched.
+        let mut rows = sqlx::query_as::<_, (String, i64)>(FINISHED_SINCE_SQL)
             .bind(to_micros(since))
-            .fetch_all(&self.read)
-            .await?;
-        // Rows come in time order: each minute's counts are complete when the next begins.
+            .fetch(&self.read);
         let mut counts: Vec<FinishedCount> = Vec::new();
-        for (status, finished_at) in rows {
+        while let Some((status, finished_at)) = rows.try_next().await? {
             let status = parse_status(&status)?;
             let minute = from_micros(finished_at.div_euclid(MINUTE_US) * MINUTE_US)?;
             match counts
