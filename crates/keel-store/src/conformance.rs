@@ -57,6 +57,7 @@ macro_rules! conformance_tests {
             heartbeat_renews_lease,
             retryable_fail_backs_off,
             non_retryable_fail,
+            status_counts_and_finished_per_minute,
             lease_expiry_requeues,
             lease_expiry_dead_and_requeue,
             release_scoped_to_one_org,
@@ -1064,6 +1065,91 @@ pub async fn non_retryable_fail(store: &dyn Store, _clock: &ManualClock) {
     assert_eq!(requeued.attempts, 0);
     assert_eq!(requeued.finished_at, None);
     assert_eq!(claim_one(store, &t, &["q"]).await.command.attempts, 1);
+}
+
+/// Counts by status are per organisation; finished commands are counted per minute and
+/// status, every organisation together, from `since` on.
+pub async fn status_counts_and_finished_per_minute(store: &dyn Store, clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let other = tenant(store, "other").await;
+    assert_eq!(store.count_commands_by_status(t.org).await.unwrap(), vec![]);
+    for _ in 0..3 {
+        create(store, t.org, pooled("q")).await;
+    }
+    create(store, other.org, pooled("q")).await;
+    let first = claim_one(store, &t, &["q"]).await;
+    store
+        .complete(
+            t.org,
+            t.agent,
+            first.command.id,
+            &first.claim_token,
+            json!(1),
+        )
+        .await
+        .unwrap();
+    clock.advance(secs(60));
+    let second = claim_one(store, &t, &["q"]).await;
+    store
+        .fail(
+            t.org,
+            t.agent,
+            second.command.id,
+            &second.claim_token,
+            json!("no"),
+            false,
+        )
+        .await
+        .unwrap();
+    let third = claim_one(store, &other, &["q"]).await;
+    store
+        .complete(
+            other.org,
+            other.agent,
+            third.command.id,
+            &third.claim_token,
+            json!(1),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(
+        store.count_commands_by_status(t.org).await.unwrap(),
+        vec![
+            (CommandStatus::Pending, 1),
+            (CommandStatus::Completed, 1),
+            (CommandStatus::Failed, 1),
+        ]
+    );
+    assert_eq!(
+        store.count_commands_by_status(other.org).await.unwrap(),
+        vec![(CommandStatus::Completed, 1)]
+    );
+
+    let minute = |n: i64| START + secs(60 * n);
+    let counts = store.finished_per_minute(START).await.unwrap();
+    let counted: Vec<_> = counts
+        .iter()
+        .map(|c| (c.minute, c.status, c.count))
+        .collect();
+    assert_eq!(
+        counted,
+        vec![
+            (minute(0), CommandStatus::Completed, 1),
+            (minute(1), CommandStatus::Completed, 1),
+            (minute(1), CommandStatus::Failed, 1),
+        ]
+    );
+    // Only from `since` on.
+    let later = store.finished_per_minute(minute(1)).await.unwrap();
+    assert_eq!(later.len(), 2);
+    assert!(
+        store
+            .finished_per_minute(minute(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 // --- lease expiry ---

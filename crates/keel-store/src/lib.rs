@@ -31,9 +31,9 @@ pub use error::{StoreError, StoreResult};
 pub use model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, CheckIn, ClaimToken, Claimed,
     Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, Idempotency, Lease, NewApiKey,
-    NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page, Principal,
-    ReleaseOutcome, Released, Scope, Target, UnknownName,
+    DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount, Idempotency, Lease,
+    NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page,
+    Principal, ReleaseOutcome, Released, Scope, Target, UnknownName,
 };
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};

@@ -479,6 +479,17 @@ pub struct CommandFilter {
     pub command_type: Option<String>,
 }
 
+/// How many commands finished with one status in one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FinishedCount {
+    /// The minute's start.
+    pub minute: OffsetDateTime,
+    /// The status they reached.
+    pub status: CommandStatus,
+    /// How many.
+    pub count: u64,
+}
+
 /// One page of commands, newest first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {

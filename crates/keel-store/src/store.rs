@@ -7,9 +7,9 @@ use time::OffsetDateTime;
 use crate::error::StoreResult;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
-    CommandFilter, CommandId, Created, CreatedApiKey, CreatedOperatorKey, Idempotency, Lease,
-    NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page,
-    Principal, Released,
+    CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
+    FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
+    OperatorKeyId, OrgId, Organisation, Page, Principal, Released,
 };
 use crate::sqlite::WritePressure;
 
@@ -233,6 +233,15 @@ pub trait Store: Send + Sync {
         cursor: Option<CommandId>,
         limit: u32,
     ) -> StoreResult<Page>;
+
+    /// How many of the organisation's commands are in each status (statuses with none are left
+    /// out), in the order of [`CommandStatus`]'s variants. Reads the `(org, status)` index.
+    async fn count_commands_by_status(&self, org: OrgId) -> StoreResult<Vec<(CommandStatus, u64)>>;
+
+    /// Commands of every organisation that finished (`completed`, `failed`, `cancelled`, `dead`)
+    /// at or after `since`, counted per minute and status, oldest minute first. Reads the
+    /// retention index on `finished_at`.
+    async fn finished_per_minute(&self, since: OffsetDateTime) -> StoreResult<Vec<FinishedCount>>;
 
     /// Puts a dead or failed command back to pending, due now, with its attempts reset.
     /// `InvalidState` for a command in another state.

@@ -28,8 +28,9 @@ const UNSET_ADMIN_TOKEN: &str =
     "[admin]\n# token is unset: keel serve generates one in <data_dir>/admin-token\n";
 
 /// Environment variables with the `KEEL_` prefix that are not configuration keys: `KEEL_CONFIG`
-/// (the file) and `KEEL_FAILPOINTS` (docs/failpoints.md).
-const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS"];
+/// (the file), `KEEL_FAILPOINTS` (docs/failpoints.md) and `KEEL_REQUIRE_BROWSER` (CI sets it
+/// for the whole test run, whose servers must still start; docs/operator-page.md).
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS", "REQUIRE_BROWSER"];
 
 /// Prefixes (after `KEEL_`) of variables that belong to other parts of keel, not to the
 /// server's configuration: `KEEL_AGENT_*` are `keel agent`'s flags, `KEEL_COMMAND_*` what the
@@ -533,6 +534,7 @@ mod tests {
             )?;
             jail.set_env("KEEL_HTTP__LISTEN", "127.0.0.1:9002");
             jail.set_env("KEEL_FAILPOINTS", "ignored=off");
+            jail.set_env("KEEL_REQUIRE_BROWSER", "1");
             let config = load_in_jail(jail, None).unwrap();
             assert_eq!(config.data_dir, PathBuf::from("from-file"));
             assert_eq!(config.http.listen.to_string(), "127.0.0.1:9002");

@@ -135,6 +135,7 @@ pub async fn run(
                 .collect(),
         ),
         keys: Arc::new(crate::http::auth::KeyCache::new()),
+        ui_sessions: Arc::new(crate::http::ui::Sessions::default()),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,

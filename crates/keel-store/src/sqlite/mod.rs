@@ -42,8 +42,8 @@ use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId,
-    Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
+    FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
+    OperatorKeyId, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
 };
 use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
 use crate::token;
@@ -163,6 +163,15 @@ fn probe_sql(queues: usize) -> String {
     let scheduled = per_source(queues, "scheduled", "MIN(run_at) AS due", "");
     format!("SELECT EXISTS ({claimable}), (SELECT MIN(due) FROM ({scheduled}))")
 }
+
+/// How many of an organisation's commands are in each status, on the `(org, status)` index.
+const COUNT_BY_STATUS_SQL: &str = "SELECT status, COUNT(*) FROM commands INDEXED BY \
+     commands_list_status WHERE org_id = ?1 GROUP BY status";
+
+/// The commands that finished at or after `?1`, on the retention index, in time order.
+const FINISHED_SINCE_SQL: &str = "SELECT status, finished_at FROM commands INDEXED BY \
+     commands_finished WHERE status IN ('completed', 'failed', 'cancelled', 'dead') \
+     AND finished_at >= ?1 ORDER BY finished_at";
 
 /// The most scheduled commands one claim makes claimable, so that a claim stays short even when
 /// a million scheduled commands fall due at once; the rest follow with the next claims.
@@ -946,6 +955,52 @@ impl Store for SqliteStore {
             ..CommandFilter::default()
         };
         self.list_page(org, filter, cursor, limit).await
+    }
+
+    async fn count_commands_by_status(&self, org: OrgId) -> StoreResult<Vec<(CommandStatus, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(COUNT_BY_STATUS_SQL)
+            .bind(org)
+            .fetch_all(&self.read)
+            .await?;
+        let mut counts = rows
+            .into_iter()
+            .map(|(status, count)| Ok((parse_status(&status)?, u64::try_from(count).unwrap_or(0))))
+            .collect::<StoreResult<Vec<_>>>()?;
+        counts.sort_by_key(|(status, _)| CommandStatus::ALL.iter().position(|s| s == status));
+        Ok(counts)
+    }
+
+    async fn finished_per_minute(&self, since: OffsetDateTime) -> StoreResult<Vec<FinishedCount>> {
+        const MINUTE_US: i64 = 60_000_000;
+        use futures::TryStreamExt as _;
+        // Streamed and counted as they come: the rows are never held at once. They come in
+        // time order, so only the current minute's counts are searched.
+        let mut rows = sqlx::query_as::<_, (String, i64)>(FINISHED_SINCE_SQL)
+            .bind(to_micros(since))
+            .fetch(&self.read);
+        let mut counts: Vec<FinishedCount> = Vec::new();
+        while let Some((status, finished_at)) = rows.try_next().await? {
+            let status = parse_status(&status)?;
+            let minute = from_micros(finished_at.div_euclid(MINUTE_US) * MINUTE_US)?;
+            match counts
+                .iter_mut()
+                .rev()
+                .take_while(|c| c.minute == minute)
+                .find(|c| c.status == status)
+            {
+                Some(count) => count.count += 1,
+                None => counts.push(FinishedCount {
+                    minute,
+                    status,
+                    count: 1,
+                }),
+            }
+        }
+        counts.sort_by_key(|c| {
+            let status = CommandStatus::ALL.iter().position(|s| *s == c.status);
+            (c.minute, status)
+        });
+        Ok(counts)
     }
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {

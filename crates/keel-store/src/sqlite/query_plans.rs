@@ -7,8 +7,8 @@ use std::sync::Arc;
 use sqlx::SqlitePool;
 
 use super::{
-    COMMAND_COLUMNS, SqliteOptions, SqliteStore, claim_candidates_sql, list_sql, probe_sql,
-    promote_sql,
+    COMMAND_COLUMNS, COUNT_BY_STATUS_SQL, FINISHED_SINCE_SQL, SqliteOptions, SqliteStore,
+    claim_candidates_sql, list_sql, probe_sql, promote_sql,
 };
 use crate::conformance::START;
 use crate::model::{AgentId, CommandFilter, CommandStatus};
@@ -141,6 +141,8 @@ async fn every_query_shape_is_served_by_an_index() {
                 .to_owned(),
             2,
         ),
+        ("count by status", COUNT_BY_STATUS_SQL.to_owned(), 1),
+        ("finished since", FINISHED_SINCE_SQL.to_owned(), 1),
         (
             "get",
             format!("SELECT {COMMAND_COLUMNS} FROM commands WHERE org_id = ? AND id = ?"),

@@ -31,6 +31,7 @@ pub fn routes(state: AppState) -> axum::Router<AppState> {
         .route("/log-filters", get(log_filters).put(set_log_filters))
         .route("/overload", get(overload).put(set_overload_mode))
         .merge(super::organisations::routes())
+        .merge(super::operations::routes())
         .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
 
@@ -58,14 +59,23 @@ impl std::fmt::Display for Operator {
 }
 
 /// Admits the operator: the configured (or generated) admin token, compared in constant time,
-/// or an operator key. An organisation's API key: 403, whatever its scopes; no or an unknown
+/// or an operator key; without a bearer token, the operator page's session cookie (with its
+/// CSRF token on a request that may change state, see [`super::ui`]). An organisation's API key: 403, whatever its scopes; no or an unknown
 /// credential: 401.
 async fn require_operator(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = bearer_token(request.headers()).ok_or(ApiError::Unauthorized)?;
+    let Some(presented) = bearer_token(request.headers()) else {
+        // The operator page: a session cookie (and a CSRF token for changes) instead.
+        let operator =
+            super::ui::operator_from_session(&state, request.method(), request.headers())
+                .await
+                .ok_or(ApiError::Unauthorized)??;
+        request.extensions_mut().insert(operator);
+        return Ok(next.run(request).await);
+    };
     let admin_token = state.admin_token.expose_secret().as_bytes();
     let operator = if bool::from(presented.as_bytes().ct_eq(admin_token)) {
         Operator::AdminToken

@@ -48,7 +48,16 @@ pub struct AgentView {
 }
 
 impl AgentView {
-    fn new(agent: Agent, now: OffsetDateTime, online_window: std::time::Duration) -> Self {
+    /// Whether it was seen within the online window.
+    pub(super) fn is_online(&self) -> bool {
+        self.online
+    }
+
+    pub(super) fn new(
+        agent: Agent,
+        now: OffsetDateTime,
+        online_window: std::time::Duration,
+    ) -> Self {
         let online = agent.last_seen_at.is_some_and(|seen| {
             (now - seen) <= time::Duration::try_from(online_window).unwrap_or(time::Duration::MAX)
         });

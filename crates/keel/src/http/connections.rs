@@ -131,10 +131,10 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => {
+        let (stream, peer) = match accepted {
+            Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF.0;
-                stream
+                (stream, peer)
             }
             // The peer gave up before keel accepted: nothing to wait for.
             Err(error) if is_connection_error(&error) => continue,
@@ -159,6 +159,7 @@ pub async fn serve(
         };
         let connection = Connection {
             app: app.clone(),
+            peer,
             limits,
             shutdown: shutdown.clone(),
             activity: Arc::new(Activity::new()),
@@ -391,6 +392,8 @@ impl Drop for InProgress {
 /// One accepted connection.
 struct Connection {
     app: Router,
+    /// The client's address, given to handlers as `ConnectInfo` (the sign-in limiter).
+    peer: std::net::SocketAddr,
     limits: ConnectionLimits,
     shutdown: CancellationToken,
     activity: Arc<Activity>,
@@ -406,12 +409,16 @@ impl Connection {
             activity: self.activity.clone(),
         });
         let app = self.app;
+        let peer = self.peer;
         let activity = self.activity.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let in_progress = InProgress::start(&activity);
             if reserved {
                 request.extensions_mut().insert(ReservedConnection);
             }
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             let answer = app.clone().oneshot(request.map(axum::body::Body::new));
             // Boxed, so the connection is `Unpin` and gives its socket back when it ends.
             Box::pin(async move {

@@ -51,7 +51,6 @@ pub(super) async fn healthz() -> Json<Health> {
 }
 
 /// 200 while no component is degraded; 503 naming the degraded ones otherwise.
-/// 200 while no component is degraded; 503 naming the degraded ones otherwise.
 #[utoipa::path(
     get,
     path = "/readyz",

@@ -12,6 +12,9 @@
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
 //!   made, in one request.
+//! - [`ui`]: `/ui/`, the operator page and its sessions; [`operations`]: the operator routes
+//!   that gather what it shows across organisations (command counts and rates, agents, dead
+//!   letters).
 //! - [`overload`]: the in-flight limit, pressure and its shedding; [`rate_limit`]: per-organisation
 //!   token buckets; [`waiting_claims`]: the long-poll caps (`docs/overload.md`).
 
@@ -26,10 +29,12 @@ pub mod health;
 pub mod json;
 pub mod lifecycle;
 pub mod openapi;
+pub mod operations;
 pub mod organisations;
 pub mod overload;
 pub mod rate_limit;
 pub mod request_id;
+pub mod ui;
 pub mod validate;
 pub mod waiting_claims;
 
@@ -83,6 +88,8 @@ pub struct AppState {
     pub overload: Arc<overload::Overload>,
     /// API keys verified recently.
     pub keys: Arc<auth::KeyCache>,
+    /// The operator page's sessions and its sign-in limiter.
+    pub ui_sessions: Arc<ui::Sessions>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.
@@ -90,6 +97,7 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(openapi::routes())
+        .merge(ui::routes())
         .nest("/v1/admin", admin::routes(state.clone()))
         .nest("/v1/agents", agents::routes())
         .nest("/v1/commands", commands::routes())

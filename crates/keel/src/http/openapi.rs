@@ -8,7 +8,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::AppState;
 use super::json::Json;
-use super::{admin, agents, command_batches, commands, health, organisations};
+use super::{admin, agents, command_batches, commands, health, operations, organisations, ui};
 
 /// The document: every route, its bodies, its errors and its credentials.
 #[derive(OpenApi)]
@@ -53,6 +53,17 @@ use super::{admin, agents, command_batches, commands, health, organisations};
         organisations::list_keys,
         organisations::create_key,
         organisations::revoke_key,
+        operations::summary,
+        operations::agents,
+        operations::dead_commands,
+        operations::requeue,
+        ui::to_page,
+        ui::page,
+        ui::script,
+        ui::style,
+        ui::current_session,
+        ui::sign_in,
+        ui::sign_out,
     ),
     components(schemas(super::error::ErrorBody, super::error::ErrorCode)),
     modifiers(&SecuritySchemes),
@@ -61,6 +72,7 @@ use super::{admin, agents, command_batches, commands, health, organisations};
         (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
         (name = "commands", description = "Create, read, list, cancel and requeue commands"),
         (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
+        (name = "operator page", description = "`/ui/`: the operator page and its session cookie (docs/operator-page.md)"),
     )
 )]
 pub struct ApiDoc;

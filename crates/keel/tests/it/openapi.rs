@@ -45,6 +45,8 @@ fn routed() -> BTreeSet<(String, String)> {
         ("openapi.rs", ""),
         ("admin.rs", "/v1/admin"),
         ("organisations.rs", "/v1/admin"),
+        ("operations.rs", "/v1/admin"),
+        ("ui.rs", ""),
         ("agents.rs", "/v1/agents"),
         ("commands.rs", "/v1/commands"),
     ];
@@ -54,8 +56,13 @@ fn routed() -> BTreeSet<(String, String)> {
         let source = std::fs::read_to_string(&path).unwrap();
         let file = path.file_name().unwrap().to_str().unwrap().to_owned();
         let mut rest = source.as_str();
-        while let Some(at) = rest.find(".route(\"") {
-            rest = &rest[at + ".route(\"".len()..];
+        // `.route("…"`, the path on the same line or, as rustfmt may break it, the next.
+        while let Some(at) = rest.find(".route(") {
+            rest = rest[at + ".route(".len()..].trim_start();
+            let Some(path) = rest.strip_prefix('"') else {
+                continue;
+            };
+            rest = path;
             let end = rest.find('"').unwrap();
             let route = &rest[..end];
             // The arguments, up to the parenthesis that closes `.route(`.

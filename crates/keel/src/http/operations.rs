@@ -1,0 +1,402 @@
+//! Operator routes that gather what the operator page shows across organisations: commands by
+//! status and finished per minute over the last hour, agents online and offline, and dead
+//! letters with their requeue. Nested under `/v1/admin`, behind its operator check; each reads
+//! one organisation at a time through the store's indexed queries.
+
+use axum::Router;
+use axum::extract::{Extension, Query, State};
+use axum::routing::{get, post};
+use keel_store::{CommandId, CommandStatus, Organisation};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::AppState;
+use super::admin::Operator;
+use super::agents::AgentView;
+use super::commands::CommandView;
+use super::error::{ApiError, ErrorBody};
+use super::json::Json;
+
+/// The window of `finished_per_minute`.
+const RATE_MINUTES: i64 = 60;
+
+/// The most dead commands one listing answers, and the default.
+const MAX_DEAD: u32 = 500;
+const DEFAULT_DEAD: u32 = 100;
+
+/// The most commands one requeue names.
+const MAX_REQUEUE: usize = 100;
+
+/// The routes, nested under `/v1/admin`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/commands/summary", get(summary))
+        .route("/agents", get(agents))
+        .route("/dead-commands", get(dead_commands))
+        .route("/dead-commands/requeue", post(requeue))
+}
+
+/// How many commands are in each status (every status named, 0 included).
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub(super) struct StatusCounts {
+    pending: u64,
+    executing: u64,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    dead: u64,
+}
+
+impl StatusCounts {
+    fn add(&mut self, status: CommandStatus, count: u64) {
+        let slot = match status {
+            CommandStatus::Pending => &mut self.pending,
+            CommandStatus::Executing => &mut self.executing,
+            CommandStatus::Completed => &mut self.completed,
+            CommandStatus::Failed => &mut self.failed,
+            CommandStatus::Cancelled => &mut self.cancelled,
+            CommandStatus::Dead => &mut self.dead,
+        };
+        *slot = slot.saturating_add(count);
+    }
+}
+
+/// One organisation's counts.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct OrganisationCounts {
+    org: String,
+    by_status: StatusCounts,
+}
+
+/// The commands that finished in one minute, by the status they reached.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct FinishedMinute {
+    /// The minute's start.
+    #[serde(with = "time::serde::rfc3339")]
+    minute: OffsetDateTime,
+    completed: u64,
+    failed: u64,
+    cancelled: u64,
+    dead: u64,
+}
+
+/// The body of `GET /v1/admin/commands/summary`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CommandSummary {
+    /// Every organisation together.
+    by_status: StatusCounts,
+    /// Per organisation, by name.
+    organisations: Vec<OrganisationCounts>,
+    /// The last 60 minutes, oldest first, the current minute last (so far).
+    finished_per_minute: Vec<FinishedMinute>,
+}
+
+/// Commands by status, in total and per organisation, and how many finished in each of the
+/// last 60 minutes.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/commands/summary",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The counts", body = CommandSummary),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn summary(
+    State(state): State<AppState>,
+) -> Result<Json<CommandSummary>, ApiError> {
+    let mut total = StatusCounts::default();
+    let mut organisations = Vec::new();
+    for org in state.store.list_organisations().await? {
+        let mut counts = StatusCounts::default();
+        for (status, count) in state.store.count_commands_by_status(org.id).await? {
+            counts.add(status, count);
+            total.add(status, count);
+        }
+        organisations.push(OrganisationCounts {
+            org: org.name,
+            by_status: counts,
+        });
+    }
+    let now = state.store.now();
+    let this_minute = now
+        - time::Duration::seconds(i64::from(now.second()))
+        - time::Duration::nanoseconds(i64::from(now.nanosecond()));
+    let first = this_minute - time::Duration::minutes(RATE_MINUTES - 1);
+    let mut minutes: Vec<FinishedMinute> = (0..RATE_MINUTES)
+        .map(|n| FinishedMinute {
+            minute: first + time::Duration::minutes(n),
+            completed: 0,
+            failed: 0,
+            cancelled: 0,
+            dead: 0,
+        })
+        .collect();
+    for finished in state.store.finished_per_minute(first).await? {
+        let Some(minute) = minutes.iter_mut().find(|m| m.minute == finished.minute) else {
+            continue;
+        };
+        let slot = match finished.status {
+            CommandStatus::Completed => &mut minute.completed,
+            CommandStatus::Failed => &mut minute.failed,
+            CommandStatus::Cancelled => &mut minute.cancelled,
+            CommandStatus::Dead => &mut minute.dead,
+            CommandStatus::Pending | CommandStatus::Executing => continue,
+        };
+        *slot = slot.saturating_add(finished.count);
+    }
+    Ok(Json(CommandSummary {
+        by_status: total,
+        organisations,
+        finished_per_minute: minutes,
+    }))
+}
+
+/// An agent and its organisation.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct OrganisationAgent {
+    org: String,
+    #[serde(flatten)]
+    agent: AgentView,
+}
+
+/// The body of `GET /v1/admin/agents`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct AgentsOverview {
+    online: usize,
+    offline: usize,
+    /// By organisation, then as each organisation lists them.
+    agents: Vec<OrganisationAgent>,
+}
+
+/// Every organisation's agents, online (seen within `commands.agent_online_window`) or not.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/agents",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The agents", body = AgentsOverview),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn agents(
+    State(state): State<AppState>,
+) -> Result<Json<AgentsOverview>, ApiError> {
+    let now = state.store.now();
+    let mut agents = Vec::new();
+    for org in state.store.list_organisations().await? {
+        for agent in state.store.list_agents(org.id).await? {
+            agents.push(OrganisationAgent {
+                org: org.name.clone(),
+                agent: AgentView::new(agent, now, state.agent_online_window),
+            });
+        }
+    }
+    let online = agents.iter().filter(|a| a.agent.is_online()).count();
+    Ok(Json(AgentsOverview {
+        online,
+        offline: agents.len() - online,
+        agents,
+    }))
+}
+
+/// The query of `GET /v1/admin/dead-commands`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeadQuery {
+    /// At most this many (1–500, default 100).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+}
+
+/// A dead command and its organisation.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct DeadCommand {
+    org: String,
+    #[serde(flatten)]
+    command: CommandView,
+}
+
+/// The body of `GET /v1/admin/dead-commands`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct DeadCommands {
+    /// By organisation (by name), each one's newest first.
+    items: Vec<DeadCommand>,
+    /// Whether more dead commands exist than were answered.
+    truncated: bool,
+}
+
+/// Dead commands of every organisation, up to `limit`.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/dead-commands",
+    tag = "admin",
+    params(DeadQuery),
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "The dead commands", body = DeadCommands),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn dead_commands(
+    State(state): State<AppState>,
+    query: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeadCommands>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let limit = query.limit.unwrap_or(DEFAULT_DEAD);
+    if !(1..=MAX_DEAD).contains(&limit) {
+        return Err(ApiError::Validation(format!(
+            "limit: must be between 1 and {MAX_DEAD}"
+        )));
+    }
+    let mut items = Vec::new();
+    let mut truncated = false;
+    for org in state.store.list_organisations().await? {
+        let left = limit.saturating_sub(u32::try_from(items.len()).unwrap_or(u32::MAX));
+        if left == 0 {
+            truncated = truncated
+                || !state
+                    .store
+                    .list_dead(org.id, None, 1)
+                    .await?
+                    .items
+                    .is_empty();
+            continue;
+        }
+        let page = state.store.list_dead(org.id, None, left).await?;
+        truncated = truncated || page.next_cursor.is_some();
+        items.extend(page.items.into_iter().map(|command| DeadCommand {
+            org: org.name.clone(),
+            command: command.into(),
+        }));
+    }
+    Ok(Json(DeadCommands { items, truncated }))
+}
+
+/// One command to requeue.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CommandRef {
+    /// The organisation's name.
+    #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
+    org: String,
+    /// The command id.
+    #[schema(value_type = uuid::Uuid)]
+    id: CommandId,
+}
+
+/// The body of `POST /v1/admin/dead-commands/requeue`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RequeueRequest {
+    #[schema(min_items = 1, max_items = 100)]
+    commands: Vec<CommandRef>,
+}
+
+/// A command that was not requeued, and why.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct NotRequeued {
+    org: String,
+    #[schema(value_type = uuid::Uuid)]
+    id: CommandId,
+    /// `not_found` or `invalid_state`.
+    code: &'static str,
+    message: String,
+}
+
+/// The answer of `POST /v1/admin/dead-commands/requeue`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct RequeueResult {
+    /// The requeued commands, now pending.
+    requeued: Vec<DeadCommand>,
+    /// The others: unknown, or not dead or failed any more.
+    not_requeued: Vec<NotRequeued>,
+}
+
+/// Puts dead (or failed) commands of any organisation back to pending, each on its own: one
+/// that cannot be requeued does not stop the others.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/dead-commands/requeue",
+    tag = "admin",
+    request_body = RequeueRequest,
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "What was requeued and what was not", body = RequeueResult),
+        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
+        (status = 403, description = "`forbidden`: an organisation's API key, or no CSRF token with a session cookie", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`", body = ErrorBody),
+        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
+    )
+)]
+pub(super) async fn requeue(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+    Json(request): Json<RequeueRequest>,
+) -> Result<Json<RequeueResult>, ApiError> {
+    if request.commands.is_empty() || request.commands.len() > MAX_REQUEUE {
+        return Err(ApiError::Validation(format!(
+            "commands: 1 to {MAX_REQUEUE} commands"
+        )));
+    }
+    let mut result = RequeueResult {
+        requeued: Vec::new(),
+        not_requeued: Vec::new(),
+    };
+    for CommandRef { org, id } in request.commands {
+        let refused = |code: &'static str, message: String, org: String| NotRequeued {
+            org,
+            id,
+            code,
+            message,
+        };
+        let Some(Organisation {
+            id: org_id, name, ..
+        }) = state.store.find_org_by_name(&org).await?
+        else {
+            result
+                .not_requeued
+                .push(refused("not_found", "no such organisation".to_owned(), org));
+            continue;
+        };
+        match state
+            .store
+            .requeue(org_id, id)
+            .await
+            .map_err(ApiError::from)
+        {
+            Ok(command) => {
+                tracing::info!(target: "keel::audit", action = "command.requeue", %operator, org = %name, command_id = %id.0, "command requeued");
+                state.wakeups.wake_target(org_id, &command.target);
+                result.requeued.push(DeadCommand {
+                    org: name,
+                    command: command.into(),
+                });
+            }
+            Err(ApiError::NotFound) => {
+                result
+                    .not_requeued
+                    .push(refused("not_found", "no such command".to_owned(), name));
+            }
+            Err(ApiError::InvalidState(message)) => {
+                result
+                    .not_requeued
+                    .push(refused("invalid_state", message, name));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok(Json(result))
+}
