@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_guard::backoff::Backoff;
 use keel_store::{ExposeSecret, SecretString};
 use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -35,9 +37,42 @@ pub enum ClientError {
         /// keel's error message.
         message: String,
     },
-    /// A connection error, a timeout, 408, 429 or 5xx: worth retrying after a backoff.
-    #[error("{0}")]
-    Retryable(String),
+    /// A connection error, a timeout, 408, 429 or 5xx: worth retrying after a backoff, and not
+    /// before the server's `Retry-After` when it sent one.
+    #[error("{message}")]
+    Retryable {
+        /// What went wrong.
+        message: String,
+        /// The server's `Retry-After`, in seconds (the only form keel sends).
+        retry_after: Option<Duration>,
+    },
+}
+
+/// The longest `Retry-After` the agent honours; a longer one (a misconfigured proxy) is cut
+/// to this, so the agent keeps trying.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl ClientError {
+    /// A retryable error with no `Retry-After`.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// How long to wait before retrying: the backoff's next delay, but never less than the
+    /// server's `Retry-After` (up to [`MAX_RETRY_AFTER`]).
+    pub fn retry_delay(&self, backoff: &mut Backoff) -> Duration {
+        let delay = backoff.next_delay();
+        match self {
+            Self::Retryable {
+                retry_after: Some(wait),
+                ..
+            } => delay.max((*wait).min(MAX_RETRY_AFTER)),
+            _ => delay,
+        }
+    }
 }
 
 /// The body of `POST /v1/agents/check-in`.
@@ -246,13 +281,20 @@ impl Client {
             .json(body)
             .send()
             .await
-            .map_err(|error| ClientError::Retryable(describe(&error)))?;
+            .map_err(|error| ClientError::retryable(describe(&error)))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
+        let retry_after = retry_after(response.headers());
         let bytes = response.bytes().await.unwrap_or_default();
-        Err(classify(status, &bytes))
+        Err(match classify(status, &bytes) {
+            ClientError::Retryable { message, .. } => ClientError::Retryable {
+                message,
+                retry_after,
+            },
+            other => other,
+        })
     }
 }
 
@@ -264,9 +306,9 @@ async fn decode<T: serde::de::DeserializeOwned>(
     let bytes = response
         .bytes()
         .await
-        .map_err(|error| ClientError::Retryable(describe(&error)))?;
+        .map_err(|error| ClientError::retryable(describe(&error)))?;
     serde_json::from_slice(&bytes).map_err(|error| {
-        ClientError::Retryable(format!("unreadable answer from the server: {error}"))
+        ClientError::retryable(format!("unreadable answer from the server: {error}"))
     })
 }
 
@@ -288,15 +330,28 @@ pub fn classify(status: StatusCode, body: &[u8]) -> ClientError {
         StatusCode::NOT_FOUND => ClientError::NotFound(detail()),
         StatusCode::CONFLICT => ClientError::Stale(detail()),
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
-            ClientError::Retryable(detail())
+            ClientError::retryable(detail())
         }
-        status if status.is_server_error() => ClientError::Retryable(detail()),
+        status if status.is_server_error() => ClientError::retryable(detail()),
         status => ClientError::Fatal {
             status: status.as_u16(),
             code,
             message,
         },
     }
+}
+
+/// `Retry-After` in whole seconds; an HTTP date or anything else is ignored (the backoff
+/// applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
 }
 
 /// A reqwest error with its causes (connection refused, timed out, …).
@@ -335,7 +390,7 @@ mod tests {
         ] {
             assert!(matches!(
                 classify(status, b"<html>"),
-                ClientError::Retryable(_)
+                ClientError::Retryable { .. }
             ));
         }
         let body = br#"{"error":{"code":"unauthorized","message":"bad token"}}"#;

@@ -267,8 +267,8 @@ impl Agent {
                         self.start(object, leased_at, &controls, &mut running);
                     }
                 }
-                Err(ClientError::Retryable(error)) => {
-                    let delay = backoff.next_delay();
+                Err(error @ ClientError::Retryable { .. }) => {
+                    let delay = error.retry_delay(&mut backoff);
                     tracing::warn!(%error, retry_in = ?delay, "claim failed");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
@@ -385,10 +385,10 @@ async fn first_check_in(
         };
         let error = match answer {
             Ok(agent) => return Ok(Some(agent)),
-            Err(ClientError::Retryable(error)) => error,
+            Err(error @ ClientError::Retryable { .. }) => error,
             Err(error) => return Err(refusal(client, &error)),
         };
-        let delay = backoff.next_delay();
+        let delay = error.retry_delay(&mut backoff);
         tracing::warn!(server = client.server(), %error, retry_in = ?delay, "check-in failed");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -429,7 +429,7 @@ async fn keep_checking_in(client: Client, body: CheckIn, limits: Arc<Mutex<Repor
                     *limits = learnt;
                 }
             }
-            Err(error @ ClientError::Retryable(_)) => tracing::warn!(%error, "check-in failed"),
+            Err(error @ ClientError::Retryable { .. }) => tracing::warn!(%error, "check-in failed"),
             Err(error) => tracing::error!(%error, "check-in refused"),
         }
     }

@@ -445,8 +445,9 @@ async fn heartbeat_loop(
                 let _ = stop.send(HeartbeatStop::Lost(error.to_string())).await;
                 return;
             }
-            Err(ClientError::Retryable(error)) => {
-                wait = backoff.next_delay().min(interval);
+            Err(error @ ClientError::Retryable { .. }) => {
+                // The lease comes first: never later than the next regular heartbeat.
+                wait = error.retry_delay(&mut backoff).min(interval);
                 tracing::warn!(command_id = %id, %error, retry_in = ?wait, "heartbeat failed");
             }
             Err(ClientError::Fatal { status: 413, .. }) if progress.is_some() => {
@@ -539,8 +540,8 @@ async fn deliver(
             error @ ClientError::Fatal { .. } => {
                 return not_reported(command, &format!("the server refused the report: {error}"));
             }
-            ClientError::Retryable(error) => {
-                let delay = backoff.next_delay();
+            error @ ClientError::Retryable { .. } => {
+                let delay = error.retry_delay(&mut backoff);
                 tracing::warn!(command_id = %command.id, %error, retry_in = ?delay, "report failed");
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline.min(Instant::now() + delay)) => {}

@@ -134,6 +134,7 @@ mod fake {
     use axum::Json;
     use axum::extract::{Path, State};
     use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
     use axum::routing::post;
     use parking_lot::Mutex;
     use serde_json::{Value, json};
@@ -146,6 +147,10 @@ mod fake {
         pub check_ins: Vec<Value>,
         /// Check-ins answered 503 before this one is answered with `check_in_status`.
         pub check_ins_unavailable: usize,
+        /// The `Retry-After` (seconds) those 503s carry.
+        pub check_ins_retry_after: Option<u64>,
+        /// When each check-in arrived.
+        pub check_in_times: Vec<std::time::Instant>,
         pub check_in_status: Option<StatusCode>,
         pub claim_status: Option<StatusCode>,
         /// How long a claim waits before it is answered, as a long poll does.
@@ -178,19 +183,27 @@ mod fake {
         })
     }
 
-    async fn check_in(State(server): State<Shared>, Json(body): Json<Value>) -> Answer {
+    async fn check_in(State(server): State<Shared>, Json(body): Json<Value>) -> Response {
         let mut server = server.lock();
         server.check_ins.push(body.clone());
+        server.check_in_times.push(std::time::Instant::now());
         if server.check_ins_unavailable > 0 {
             server.check_ins_unavailable -= 1;
-            return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+            let mut answer = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable").into_response();
+            if let Some(seconds) = server.check_ins_retry_after {
+                answer
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            }
+            return answer;
         }
         match server.check_in_status {
-            Some(status) => error(status, "unauthorized"),
+            Some(status) => error(status, "unauthorized").into_response(),
             None => (
                 StatusCode::OK,
                 Json(json!({"id": "agent-1", "boot_id": body["boot_id"]})),
-            ),
+            )
+                .into_response(),
         }
     }
 
@@ -313,6 +326,30 @@ async fn the_first_check_in_rides_out_a_restart() {
     assert_eq!(sent["name"], "web-1");
     assert_eq!(sent["queues"], json!(["deploys"]));
     assert_eq!(sent["boot_id"], body.boot_id.to_string());
+}
+
+#[tokio::test]
+async fn the_agent_waits_as_long_as_the_server_s_retry_after_says() {
+    let (client, server) = fake::start(fake::Server {
+        check_ins_unavailable: 1,
+        check_ins_retry_after: Some(2),
+        ..Default::default()
+    })
+    .await;
+    first_check_in(&client, &check_in_body(), &CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
+    let server = server.lock();
+    let [first, second] = server.check_in_times[..] else {
+        panic!("{:?}", server.check_in_times);
+    };
+    // The backoff alone would have retried within 200 ms.
+    assert!(
+        second - first >= Duration::from_millis(1900),
+        "{:?}",
+        second - first
+    );
 }
 
 #[tokio::test]
