@@ -35,7 +35,7 @@ use self::rows::{
     AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
     parse_status, to_micros, to_u32, truncate_to_micros,
 };
-use self::writer::Writer;
+use self::writer::{Lane, Writer};
 pub use self::writer::{WritePressure, WriterOptions};
 use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
@@ -269,26 +269,26 @@ impl SqliteStore {
 
     /// Runs `write`, which changes the database in several statements, on the writer's
     /// connection in the next group commit, inside a savepoint of its own.
-    async fn write<T, F>(&self, write: F) -> StoreResult<T>
+    async fn write<T, F>(&self, lane: Lane, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
             + Send
             + 'static,
     {
-        self.writer.write(write).await
+        self.writer.write(lane, write).await
     }
 
     /// Runs `write`, which changes the database in at most one statement, in the next group
     /// commit (no savepoint needed: SQLite undoes a failed statement by itself).
-    async fn write_one<T, F>(&self, write: F) -> StoreResult<T>
+    async fn write_one<T, F>(&self, lane: Lane, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
             + Send
             + 'static,
     {
-        self.writer.write_one(write).await
+        self.writer.write_one(lane, write).await
     }
 
     async fn list_page(
@@ -362,7 +362,7 @@ impl Store for SqliteStore {
         }
         let (_, now_us) = self.now_and_micros();
         let name = name.to_owned();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let row: OrgRow = sqlx::query_as(
                     "INSERT INTO organisations (id, name, created_at) VALUES (?, ?, ?) \
@@ -433,7 +433,7 @@ impl Store for SqliteStore {
             (false, None) => None,
         };
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let agent = match agent_name {
                     Some(name) => {
@@ -479,7 +479,7 @@ impl Store for SqliteStore {
 
     async fn revoke_api_key(&self, org: OrgId, key: ApiKeyId) -> StoreResult<()> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let done = sqlx::query(
                     "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) \
@@ -538,7 +538,7 @@ impl Store for SqliteStore {
             ));
         }
         let (_, now_us) = self.now_and_micros();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 // SET expressions read the row as it was, so `boot_id IS ?` compares with the
                 // old boot. The name is the key's agent's: a check-in may state it (and must
@@ -614,7 +614,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Created> {
         validate_new_command(&command)?;
         let (_, now_us) = self.now_and_micros();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move { insert_command(conn, org, command, idempotency, now_us).await })
         })
         .await
@@ -639,7 +639,7 @@ impl Store for SqliteStore {
             })?;
         }
         let (_, now_us) = self.now_and_micros();
-        self.write(move |conn| {
+        self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let mut created = Vec::with_capacity(items.len());
                 for item in items {
@@ -679,7 +679,7 @@ impl Store for SqliteStore {
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let row: CommandRow = COMMANDS.cancel(conn, org, id.0, now_us).await?;
                 Ok(row.into_command()?.0)
@@ -710,7 +710,7 @@ impl Store for SqliteStore {
         if fell_due {
             let promote = promote_sql(queues.len());
             let promoted = queues.to_vec();
-            self.write_one(move |conn| {
+            self.write_one(Lane::Lease, move |conn| {
                 Box::pin(async move {
                     let query = sqlx::query(&promote).bind(agent).bind(org).bind(now_us);
                     bind_queues(query, &promoted, 3).execute(&mut *conn).await?;
@@ -796,7 +796,7 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|(id, token)| (id.0, token))
             .collect();
-        self.write(move |conn| {
+        self.write(Lane::Lease, move |conn| {
             Box::pin(async move { COMMANDS.hand_back(conn, org, agent, &claims, now_us).await })
         })
         .await
@@ -829,7 +829,7 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
         let (expires_at, cancel_requested) = self
-            .write_one(move |conn| {
+            .write_one(Lane::Lease, move |conn| {
                 Box::pin(async move {
                     let fence = Fence {
                         org,
@@ -860,7 +860,7 @@ impl Store for SqliteStore {
         )));
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Lease, move |conn| {
             Box::pin(async move {
                 let fence = Fence {
                     org,
@@ -886,7 +886,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Command> {
         let (now, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Lease, move |conn| {
             Box::pin(async move {
                 let fence = Fence {
                     org,
@@ -911,7 +911,7 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         let limit = limit.max(1);
         let rows = self
-            .write_one(move |conn| {
+            .write_one(Lane::Bulk, move |conn| {
                 Box::pin(async move { COMMANDS.release_expired(conn, org, now_us, limit).await })
             })
             .await?;
@@ -938,7 +938,7 @@ impl Store for SqliteStore {
     async fn purge_finished(&self, before: OffsetDateTime, limit: u32) -> StoreResult<u64> {
         let before_us = to_micros(before);
         let limit = limit.max(1);
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move { COMMANDS.purge_finished(conn, before_us, limit).await })
         })
         .await
@@ -1005,7 +1005,7 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(move |conn| {
+        self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let row: CommandRow = COMMANDS.requeue(conn, org, id.0, now_us).await?;
                 Ok(row.into_command()?.0)

@@ -1,6 +1,7 @@
 //! Operator keys on SQLite: the `operator_keys` table, outside every organisation.
 
 use super::rows::from_micros;
+use super::writer::Lane;
 use super::{SqliteStore, TokenRow, find_by_token, found, insert_with_new_token};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CreatedOperatorKey, OperatorKey, OperatorKeyId};
@@ -48,7 +49,7 @@ pub(super) async fn create(store: &SqliteStore, name: &str) -> StoreResult<Creat
     }
     let (_, now_us) = store.now_and_micros();
     store
-        .write_one(move |conn| {
+        .write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let sql = format!(
                     "INSERT INTO operator_keys (id, name, prefix, token_hash, created_at) \
@@ -91,7 +92,7 @@ pub(super) async fn list(store: &SqliteStore) -> StoreResult<Vec<OperatorKey>> {
 pub(super) async fn revoke(store: &SqliteStore, key: OperatorKeyId) -> StoreResult<()> {
     let (_, now_us) = store.now_and_micros();
     store
-        .write_one(move |conn| {
+        .write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let done = sqlx::query(
                     "UPDATE operator_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",

@@ -7,6 +7,11 @@
 //! caller with its own result. An operation that fails (or panics) is rolled back to its
 //! savepoint alone: the others of its group still commit.
 //!
+//! Agents' lease work (claims, heartbeats, reports) is committed first: the operations taken
+//! for a group are split by [`Lane`], and the lease operations commit in a transaction of their
+//! own before the rest. A heartbeat then waits for at most the group in progress and its own
+//! short one, not for a flood of creates queued beside it.
+//!
 //! What a caller sees:
 //! - its result only once the group that carries it is durable;
 //! - [`StoreError::Busy`] when the queue stays full for [`WriterOptions::enqueue_timeout`];
@@ -26,6 +31,16 @@ use crate::error::{StoreError, StoreResult};
 
 /// The component a panic inside the writer is counted under.
 pub const WRITER_COMPONENT: &str = "store.writer";
+
+/// Which operations of a group commit first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// An agent's claim, heartbeat or report: it takes or holds a lease, which a late commit
+    /// can cost. Committed ahead of the bulk operations taken with it.
+    Lease,
+    /// Everything else: creates, cancels, keys, the jobs' batches.
+    Bulk,
+}
 
 /// How the writer queues and groups operations.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +87,8 @@ trait Operation: Send {
     fn is_wanted(&self) -> bool;
     /// Runs the write; `true` when it succeeded (its savepoint is kept).
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool>;
+    /// The lane the operation commits in.
+    fn lane(&self) -> Lane;
     /// Whether the write changes the database in at most one statement (reads may come before
     /// or after it). SQLite undoes a failed statement by itself, so such a write needs no
     /// savepoint of its own.
@@ -87,6 +104,7 @@ trait Operation: Send {
 
 struct Typed<T> {
     write: Option<WriteFn<T>>,
+    lane: Lane,
     one_statement: bool,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
@@ -120,6 +138,10 @@ impl<T: Send + 'static> Operation for Typed<T> {
             self.result = Some(result);
             ok
         })
+    }
+
+    fn lane(&self) -> Lane {
+        self.lane
     }
 
     fn is_one_statement(&self) -> bool {
@@ -218,30 +240,30 @@ impl Writer {
 
     /// Runs `write` in the next group, inside a savepoint of its own, and answers once that
     /// group is durable.
-    pub(crate) async fn write<T, F>(&self, write: F) -> StoreResult<T>
+    pub(crate) async fn write<T, F>(&self, lane: Lane, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
             + Send
             + 'static,
     {
-        self.submit(Box::new(write), false, None).await
+        self.submit(Box::new(write), lane, false, None).await
     }
 
     /// Like [`Writer::write`] for a write that changes the database in at most one statement:
     /// it runs without a savepoint, and alone in its group without a transaction around it.
-    pub(crate) async fn write_one<T, F>(&self, write: F) -> StoreResult<T>
+    pub(crate) async fn write_one<T, F>(&self, lane: Lane, write: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<T>>
             + Send
             + 'static,
     {
-        self.submit(Box::new(write), true, None).await
+        self.submit(Box::new(write), lane, true, None).await
     }
 
-    /// Like [`Writer::write_one`]; when the caller has gone by the time the write committed,
-    /// its successful result is handed to `orphaned` instead.
+    /// Like [`Writer::write_one`] in the lease lane (a claim); when the caller has gone by the
+    /// time the write committed, its successful result is handed to `orphaned` instead.
     pub(crate) async fn write_or_else<T, F>(
         &self,
         write: F,
@@ -253,18 +275,21 @@ impl Writer {
             + Send
             + 'static,
     {
-        self.submit(Box::new(write), true, Some(orphaned)).await
+        self.submit(Box::new(write), Lane::Lease, true, Some(orphaned))
+            .await
     }
 
     async fn submit<T: Send + 'static>(
         &self,
         write: WriteFn<T>,
+        lane: Lane,
         one_statement: bool,
         orphaned: Option<Box<dyn FnOnce(T) + Send>>,
     ) -> StoreResult<T> {
         let (reply, answer) = oneshot::channel();
         let operation = Typed {
             write: Some(write),
+            lane,
             one_statement,
             result: None,
             reply,
@@ -299,6 +324,7 @@ impl Writer {
         let operation = Detached {
             inner: Typed {
                 write: Some(Box::new(write)),
+                lane: Lane::Lease,
                 one_statement: false,
                 result: None,
                 reply,
@@ -344,6 +370,10 @@ impl Operation for Detached {
 
     fn run<'c>(&'c mut self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, bool> {
         self.inner.run(conn)
+    }
+
+    fn lane(&self) -> Lane {
+        self.inner.lane()
     }
 
     fn is_one_statement(&self) -> bool {
@@ -402,10 +432,15 @@ impl GroupCommit {
                 group.append(&mut self.detached.lock());
             }
             group.retain(|op| op.is_wanted());
-            if !group.is_empty() {
+            let (lease, bulk): (Vec<_>, Vec<_>) = std::mem::take(&mut group)
+                .into_iter()
+                .partition(|op| op.lane() == Lane::Lease);
+            for batch in [lease, bulk] {
+                if batch.is_empty() {
+                    continue;
+                }
                 // A panic here would be a bug of this file; catching it keeps the writer (and so
                 // the whole store) alive, and the group's callers get an error.
-                let batch = std::mem::take(&mut group);
                 let committed =
                     keel_guard::isolate_async(WRITER_COMPONENT, self.commit_group(batch)).await;
                 if committed.is_err() {
@@ -510,4 +545,98 @@ async fn run_in_transaction(
     )));
     sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed expectation is meant to fail the test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// Appends `name` to the `log` table: its rowid is its place in the commit order.
+    fn append(
+        name: &'static str,
+    ) -> impl for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, StoreResult<()>> + Send + 'static
+    {
+        move |conn| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO log (name) VALUES (?)")
+                    .bind(name)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_writes_taken_with_bulk_ones_commit_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let connect = SqliteConnectOptions::new()
+            .filename(dir.path().join("lanes.db"))
+            .create_if_missing(true);
+        let mut conn = connect.connect().await.unwrap();
+        sqlx::query("CREATE TABLE log (seq INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let writer = Writer::start(conn, connect, WriterOptions::default());
+
+        // The first write holds the writer until the others are queued behind it.
+        let (release, held) = oneshot::channel::<()>();
+        let (running, started) = oneshot::channel::<()>();
+        let blocker = {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                writer
+                    .write_one(Lane::Bulk, move |_conn| {
+                        Box::pin(async move {
+                            let _ = running.send(());
+                            let _ = held.await;
+                            Ok(())
+                        })
+                    })
+                    .await
+            })
+        };
+        started.await.unwrap();
+        let mut queued = Vec::new();
+        for (lane, name) in [
+            (Lane::Bulk, "create-1"),
+            (Lane::Bulk, "create-2"),
+            (Lane::Lease, "heartbeat"),
+            (Lane::Bulk, "create-3"),
+        ] {
+            let submitter = writer.clone();
+            queued.push(tokio::spawn(async move {
+                submitter.write_one(lane, append(name)).await
+            }));
+            // Queued in this order.
+            while writer.pressure().queue_depth < queued.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        for write in queued {
+            write.await.unwrap().unwrap();
+        }
+        writer.close().await;
+
+        let conn = &mut connect_again(dir.path()).await;
+        let order: Vec<String> = sqlx::query_scalar("SELECT name FROM log ORDER BY seq")
+            .fetch_all(conn)
+            .await
+            .unwrap();
+        assert_eq!(order, ["heartbeat", "create-1", "create-2", "create-3"]);
+    }
+
+    async fn connect_again(dir: &std::path::Path) -> SqliteConnection {
+        SqliteConnectOptions::new()
+            .filename(dir.join("lanes.db"))
+            .connect()
+            .await
+            .unwrap()
+    }
 }
