@@ -3,7 +3,7 @@
 //!
 //! Organisation B's 4 agents (in-process HTTP clients: claim, heartbeat, complete) run 500
 //! commands alone, then again while organisation A floods creates as fast as it can, ignoring
-//! `Retry-After`. Printed: B's claim and heartbeat latency unloaded vs loaded, whether any of
+//! `Retry-After` (from a runtime and connection pool of its own, as another client would). Printed: B's claim and heartbeat latency unloaded vs loaded, whether any of
 //! B's leases expired (`keel_commands_released_total`, attempts > 1), whether any command ran
 //! twice, and A's status-code histogram (201/429/503 expected, never 500).
 //!
@@ -177,11 +177,23 @@ async fn run(flood_for: Duration, flooders: u64, extra_toml: &'static str) {
     println!("A floods creates with {flooders} clients for {flood_for:?}; B runs again");
     let stop = Arc::new(AtomicBool::new(false));
     let a_statuses = Statuses::default();
+    // A is another client than B's agents: its tasks run on a runtime (and a connection pool)
+    // of their own, so B's requests never wait behind A's in the bench's own task queues.
+    let flood_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("flood")
+        .enable_all()
+        .build()
+        .unwrap();
+    let a_ops = Api {
+        client: reqwest::Client::new(),
+        ..a_ops
+    };
     let flood_started = Instant::now();
     let flood: Vec<_> = (0..flooders)
         .map(|_| {
             let (api, stop, statuses) = (a_ops.clone(), stop.clone(), a_statuses.clone());
-            tokio::spawn(async move {
+            flood_runtime.spawn(async move {
                 let body =
                     json!({"type": "flood", "queue": "flood", "params": {"pad": "x".repeat(200)}});
                 while !stop.load(Ordering::Relaxed) {
@@ -200,6 +212,7 @@ async fn run(flood_for: Duration, flooders: u64, extra_toml: &'static str) {
         task.await.unwrap();
     }
     let flood_elapsed = flood_started.elapsed();
+    flood_runtime.shutdown_background();
 
     let metrics = server.metrics().await;
     let ran_twice = claims_per_command
