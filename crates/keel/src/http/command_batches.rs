@@ -38,7 +38,8 @@ pub(super) struct BatchView {
 /// (`commands[3].queue: …`) and nothing is created. With an `Idempotency-Key` header `K`, item
 /// `n` is created under the key `K·n` ([`batch_item_key`]): a retried batch answers the same
 /// commands (200).
-/// Creates up to 1000 commands, all or nothing.
+/// Creates up to 1000 commands, all or nothing. Each command draws a token of the
+/// organisation's `work` bucket, as its own request would.
 #[utoipa::path(
     post,
     path = "/v1/commands/batch",
@@ -90,6 +91,10 @@ pub(super) async fn create_batch(
             .map_err(|err| at_item(n, err))?;
         items.push(item);
     }
+    state
+        .overload
+        .admit_batch_create(state.store.as_ref(), caller.org(), items.len())
+        .await?;
     // Under pressure a batch is shed as its lowest priority would be.
     let lowest = items.iter().map(|item| item.command.priority).min();
     if let Some(priority) = lowest {

@@ -20,7 +20,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
-use keel_store::{AgentId, OrgId};
+use keel_store::{AgentId, OrgId, Store};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::AppState;
 use super::auth::{Caller, bearer_token};
 use super::error::ApiError;
-use super::rate_limit::{Bucket, OrgRateLimits, RateLimits};
+use super::rate_limit::{Bucket, OrgRateLimits, RateLimits, Refusal};
 use super::waiting_claims::{CapReached, WaitingClaim, WaitingClaims};
 
 /// The `[overload]` configuration.
@@ -439,6 +439,37 @@ impl Overload {
             commit_latency_ms: self.source.commit_latency().as_secs_f64() * 1000.0,
             in_flight: counted,
             waiting_claims: self.waiting_claims.total(),
+        }
+    }
+
+    /// A batch of `count` creates draws `count` tokens of the `work` bucket, as many requests
+    /// would (admission drew one): 429 with `Retry-After` when they are not all there, 422 when
+    /// the batch is larger than the bucket can ever hold.
+    pub async fn admit_batch_create(
+        &self,
+        store: &dyn Store,
+        org: OrgId,
+        count: usize,
+    ) -> Result<(), ApiError> {
+        let total = u32::try_from(count).unwrap_or(u32::MAX);
+        match self
+            .rate_limits
+            .check_rest(store, org, Bucket::Work, total)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(Refusal::Wait(retry_after)) => {
+                rejected("rate_limit");
+                Err(ApiError::RateLimited {
+                    message: format!(
+                        "this organisation is over its `work` rate limit: a batch of {total} takes {total} of its tokens"
+                    ),
+                    retry_after,
+                })
+            }
+            Err(Refusal::OverBurst { burst }) => Err(ApiError::Validation(format!(
+                "commands: {total} commands are more than this organisation's `work` burst of {burst}; send at most {burst} in one batch"
+            ))),
         }
     }
 

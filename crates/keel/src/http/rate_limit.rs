@@ -67,10 +67,23 @@ impl Bucket {
     }
 }
 
+/// Why a request drawing several tokens was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not enough tokens now; this long until there are.
+    Wait(Duration),
+    /// More tokens than the bucket holds: the request can never pass whole.
+    OverBurst {
+        /// The bucket's size.
+        burst: u32,
+    },
+}
+
 /// The two limiters of one set of quotas, keyed by organisation.
 struct Buckets {
     work: DefaultKeyedRateLimiter<OrgId>,
     agent: DefaultKeyedRateLimiter<OrgId>,
+    limits: RateLimits,
 }
 
 impl Buckets {
@@ -82,6 +95,7 @@ impl Buckets {
             agent: RateLimiter::keyed(
                 Quota::per_second(limits.agent_per_second).allow_burst(limits.agent_burst),
             ),
+            limits,
         })
     }
 }
@@ -127,6 +141,33 @@ impl OrgRateLimits {
         limiter
             .check_key(&org)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// For a request worth `total` tokens, which drew one when it was admitted: draws the other
+    /// `total - 1`, all or none.
+    pub async fn check_rest(
+        &self,
+        store: &dyn Store,
+        org: OrgId,
+        bucket: Bucket,
+        total: u32,
+    ) -> Result<(), Refusal> {
+        let buckets = self.buckets(store, org).await;
+        let (limiter, burst) = match bucket {
+            Bucket::Work => (&buckets.work, buckets.limits.work_burst),
+            Bucket::Agent => (&buckets.agent, buckets.limits.agent_burst),
+        };
+        if total > burst.get() {
+            return Err(Refusal::OverBurst { burst: burst.get() });
+        }
+        let Some(rest) = NonZeroU32::new(total.saturating_sub(1)) else {
+            return Ok(());
+        };
+        match limiter.check_key_n(&org, rest) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Refusal::Wait(not_until.wait_time_from(self.clock.now()))),
+            Err(_) => Err(Refusal::OverBurst { burst: burst.get() }),
+        }
     }
 
     async fn buckets(&self, store: &dyn Store, org: OrgId) -> Arc<Buckets> {

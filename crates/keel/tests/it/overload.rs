@@ -137,6 +137,45 @@ async fn an_org_over_its_rate_limit_gets_429_with_retry_after_while_others_are_s
     );
 }
 
+const BATCH_BUCKET: &str = r#"
+[overload.rate_limits]
+work_per_second = 1
+work_burst = 10
+"#;
+
+#[tokio::test]
+async fn each_command_of_a_batch_draws_a_token_of_its_org_s_work_bucket() {
+    let server = Server::start_with(Options {
+        extra_toml: BATCH_BUCKET,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let batch = |n: usize| json!({"commands": vec![create_body(0); n]});
+
+    // More than the bucket can ever hold: 422 naming the burst, nothing created.
+    let over = send(&ops, Method::POST, "/v1/commands/batch", Some(&batch(11))).await;
+    assert_eq!(
+        over.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        over.body
+    );
+    let message = over.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("burst of 10"), "{message}");
+    // 8 fit in what is left (10, less the one the 422 drew); 8 more do not, right after.
+    let first = send(&ops, Method::POST, "/v1/commands/batch", Some(&batch(8))).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let second = send(&ops, Method::POST, "/v1/commands/batch", Some(&batch(8))).await;
+    assert_refused(&second, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+
+    // The refused batch created nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = ops.get("/v1/commands?limit=100", 200).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 8);
+}
+
 #[tokio::test]
 async fn agent_reports_go_through_while_their_org_and_another_are_rate_limited_on_work() {
     let server = start_with_orgs_a_and_b(SMALL_WORK_BUCKET).await;
