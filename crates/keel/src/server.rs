@@ -136,6 +136,7 @@ pub async fn run(
         ),
         keys: Arc::new(crate::http::auth::KeyCache::new()),
         ui_sessions: Arc::new(crate::http::ui::Sessions::default()),
+        overviews: Arc::new(crate::http::operations::Overviews::default()),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,

@@ -327,8 +327,8 @@ function drawDead(dead) {
       }, "Requeue")));
   }));
   $("dead-empty").hidden = dead.items.length > 0;
+  $("dead-truncated").hidden = !dead.truncated;
   $("requeue-selected").disabled = dead.items.length === 0;
-  if (dead.truncated) $("dead-empty").textContent = "More dead commands exist than are shown.";
 }
 
 async function requeue(commands) {

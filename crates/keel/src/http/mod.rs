@@ -90,6 +90,8 @@ pub struct AppState {
     pub keys: Arc<auth::KeyCache>,
     /// The operator page's sessions and its sign-in limiter.
     pub ui_sessions: Arc<ui::Sessions>,
+    /// The overviews the operator page polls, shared by every page.
+    pub overviews: Arc<operations::Overviews>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.

@@ -1,13 +1,15 @@
 //! Operator routes that gather what the operator page shows across organisations: commands by
 //! status and finished per minute over the last hour, agents online and offline, and dead
 //! letters with their requeue. Nested under `/v1/admin`, behind its operator check; each reads
-//! one organisation at a time through the store's indexed queries.
+//! one organisation at a time through the store's indexed queries, at most once every
+//! [`OVERVIEW_TTL`] whatever the number of pages polling.
 
 use axum::Router;
 use axum::extract::{Extension, Query, State};
 use axum::routing::{get, post};
 use keel_store::{CommandId, CommandStatus, Organisation};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::AppState;
@@ -26,6 +28,60 @@ const DEFAULT_DEAD: u32 = 100;
 
 /// The most commands one requeue names.
 const MAX_REQUEUE: usize = 100;
+
+/// How long an overview answer is reused: whatever the number of open pages polling them,
+/// each overview is read from the store at most once in this time.
+const OVERVIEW_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// One overview's last answer, and what it was asked with.
+pub struct Overview<K>(parking_lot::Mutex<Option<(std::time::Instant, K, Value)>>);
+
+impl<K: PartialEq> Overview<K> {
+    /// The answer for `key` read less than [`OVERVIEW_TTL`] ago, or `read`'s.
+    async fn read<T: Serialize>(
+        &self,
+        key: K,
+        read: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<Value, ApiError> {
+        if let Some((at, asked, value)) = &*self.0.lock()
+            && *asked == key
+            && at.elapsed() < OVERVIEW_TTL
+        {
+            return Ok(value.clone());
+        }
+        let value = serde_json::to_value(read.await?).map_err(|error| {
+            ApiError::Internal(format!("an overview did not serialise: {error}"))
+        })?;
+        *self.0.lock() = Some((std::time::Instant::now(), key, value.clone()));
+        Ok(value)
+    }
+
+    fn forget(&self) {
+        *self.0.lock() = None;
+    }
+}
+
+impl<K> Default for Overview<K> {
+    fn default() -> Self {
+        Self(parking_lot::Mutex::new(None))
+    }
+}
+
+/// The overviews the operator page polls.
+#[derive(Default)]
+pub struct Overviews {
+    summary: Overview<()>,
+    agents: Overview<()>,
+    dead: Overview<u32>,
+}
+
+impl Overviews {
+    /// Forgets the answers that a requeue changes.
+    fn forget(&self) {
+        self.summary.forget();
+        self.dead.forget();
+    }
+}
 
 /// The routes, nested under `/v1/admin`.
 pub fn routes() -> Router<AppState> {
@@ -105,9 +161,16 @@ pub(super) struct CommandSummary {
         (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
-pub(super) async fn summary(
-    State(state): State<AppState>,
-) -> Result<Json<CommandSummary>, ApiError> {
+pub(super) async fn summary(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let overviews = state.overviews.clone();
+    overviews
+        .summary
+        .read((), read_summary(state))
+        .await
+        .map(Json)
+}
+
+async fn read_summary(state: AppState) -> Result<CommandSummary, ApiError> {
     let mut total = StatusCounts::default();
     let mut organisations = Vec::new();
     for org in state.store.list_organisations().await? {
@@ -148,11 +211,11 @@ pub(super) async fn summary(
         };
         *slot = slot.saturating_add(finished.count);
     }
-    Ok(Json(CommandSummary {
+    Ok(CommandSummary {
         by_status: total,
         organisations,
         finished_per_minute: minutes,
-    }))
+    })
 }
 
 /// An agent and its organisation.
@@ -185,9 +248,16 @@ pub(super) struct AgentsOverview {
         (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
-pub(super) async fn agents(
-    State(state): State<AppState>,
-) -> Result<Json<AgentsOverview>, ApiError> {
+pub(super) async fn agents(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let overviews = state.overviews.clone();
+    overviews
+        .agents
+        .read((), read_agents(state))
+        .await
+        .map(Json)
+}
+
+async fn read_agents(state: AppState) -> Result<AgentsOverview, ApiError> {
     let now = state.store.now();
     let mut agents = Vec::new();
     for org in state.store.list_organisations().await? {
@@ -199,11 +269,11 @@ pub(super) async fn agents(
         }
     }
     let online = agents.iter().filter(|a| a.agent.is_online()).count();
-    Ok(Json(AgentsOverview {
+    Ok(AgentsOverview {
         online,
         offline: agents.len() - online,
         agents,
-    }))
+    })
 }
 
 /// The query of `GET /v1/admin/dead-commands`.
@@ -250,7 +320,7 @@ pub(super) struct DeadCommands {
 pub(super) async fn dead_commands(
     State(state): State<AppState>,
     query: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<DeadCommands>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_DEAD);
     if !(1..=MAX_DEAD).contains(&limit) {
@@ -258,6 +328,15 @@ pub(super) async fn dead_commands(
             "limit: must be between 1 and {MAX_DEAD}"
         )));
     }
+    let overviews = state.overviews.clone();
+    overviews
+        .dead
+        .read(limit, read_dead(state, limit))
+        .await
+        .map(Json)
+}
+
+async fn read_dead(state: AppState, limit: u32) -> Result<DeadCommands, ApiError> {
     let mut items = Vec::new();
     let mut truncated = false;
     for org in state.store.list_organisations().await? {
@@ -279,7 +358,7 @@ pub(super) async fn dead_commands(
             command: command.into(),
         }));
     }
-    Ok(Json(DeadCommands { items, truncated }))
+    Ok(DeadCommands { items, truncated })
 }
 
 /// One command to requeue.
@@ -308,7 +387,7 @@ pub(super) struct NotRequeued {
     org: String,
     #[schema(value_type = uuid::Uuid)]
     id: CommandId,
-    /// `not_found` or `invalid_state`.
+    /// `not_found`, `invalid_state`, or `unavailable` (the store could not be reached for this item).
     code: &'static str,
     message: String,
 }
@@ -362,9 +441,21 @@ pub(super) async fn requeue(
             code,
             message,
         };
+        // Each item stands alone: one that cannot be read now (a busy store) is reported as not
+        // requeued, and the items requeued before it stay requeued and reported.
+        let found = match state.store.find_org_by_name(&org).await {
+            Ok(found) => found,
+            Err(error) => {
+                let message = ApiError::from(error).to_string();
+                result
+                    .not_requeued
+                    .push(refused("unavailable", message, org));
+                continue;
+            }
+        };
         let Some(Organisation {
             id: org_id, name, ..
-        }) = state.store.find_org_by_name(&org).await?
+        }) = found
         else {
             result
                 .not_requeued
@@ -395,8 +486,14 @@ pub(super) async fn requeue(
                     .not_requeued
                     .push(refused("invalid_state", message, name));
             }
-            Err(other) => return Err(other),
+            Err(other) => {
+                result
+                    .not_requeued
+                    .push(refused("unavailable", other.to_string(), name));
+            }
         }
     }
+    // What the page shows next reflects the requeue at once.
+    state.overviews.forget();
     Ok(Json(result))
 }

@@ -162,6 +162,9 @@ struct Session {
 pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     sign_ins: DefaultKeyedRateLimiter<IpAddr>,
+    /// When the limiter last forgot addresses it no longer needs (a sweep reads them all, so
+    /// it runs at most once a second, however many addresses try to sign in).
+    last_sweep: Mutex<std::time::Instant>,
     ttl: Duration,
 }
 
@@ -181,6 +184,7 @@ impl Sessions {
         Self {
             sessions: Mutex::new(HashMap::new()),
             sign_ins: RateLimiter::keyed(quota),
+            last_sweep: Mutex::new(std::time::Instant::now()),
             ttl,
         }
     }
@@ -188,7 +192,11 @@ impl Sessions {
     /// Counts a sign-in attempt from `client`; 429 past the limit.
     fn admit_sign_in(&self, client: IpAddr) -> Result<(), ApiError> {
         if self.sign_ins.len() > MAX_TRACKED_ADDRESSES {
-            self.sign_ins.retain_recent();
+            let mut last_sweep = self.last_sweep.lock();
+            if last_sweep.elapsed() >= Duration::from_secs(1) {
+                *last_sweep = std::time::Instant::now();
+                self.sign_ins.retain_recent();
+            }
         }
         self.sign_ins.check_key(&client).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
