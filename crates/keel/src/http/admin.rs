@@ -104,9 +104,6 @@ async fn require_operator(
     security(("operator" = [])),
     responses(
         (status = 200, description = "The components", body = Vec<Object>),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn components(State(state): State<AppState>) -> Json<Vec<ComponentStatus>> {
@@ -133,9 +130,6 @@ pub(super) struct Panics {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The panics", body = Panics),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn panics() -> Json<Panics> {
@@ -156,9 +150,6 @@ pub(super) async fn panics() -> Json<Panics> {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The jobs", body = Vec<Object>),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn jobs(State(state): State<AppState>) -> Json<Vec<JobStats>> {
@@ -187,13 +178,8 @@ pub(super) struct JobInterval {
     responses(
         (status = 200, description = "The job", body = Object),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_job_interval(
@@ -227,9 +213,6 @@ pub(super) async fn set_job_interval(
     security(("operator" = [])),
     responses(
         (status = 200, description = "The overload state", body = OverloadView),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn overload(State(state): State<AppState>) -> Json<OverloadView> {
@@ -256,12 +239,7 @@ pub(super) struct OverloadMode {
     responses(
         (status = 200, description = "The overload state", body = OverloadView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_overload_mode(
@@ -283,9 +261,6 @@ pub(super) async fn set_overload_mode(
     security(("operator" = [])),
     responses(
         (status = 200, description = "The filters", body = Object),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn log_filters(State(state): State<AppState>) -> Json<FilterSet> {
@@ -304,12 +279,7 @@ pub(super) async fn log_filters(State(state): State<AppState>) -> Json<FilterSet
     responses(
         (status = 200, description = "The filters", body = Object),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_log_filters(

@@ -114,10 +114,7 @@ pub(super) struct CheckInRequest {
         (status = 400, description = "`malformed_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`: not an agent key", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
         (status = 503, description = "`overloaded`", body = ErrorBody),
     )
 )]
@@ -184,7 +181,6 @@ pub(super) struct AgentList {
         (status = 200, description = "The agents", body = AgentList),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
         (status = 503, description = "`overloaded`", body = ErrorBody),
     )
 )]

@@ -51,14 +51,8 @@ pub(super) struct BatchView {
         (status = 201, description = "Created, in request order", body = BatchView),
         (status = 200, description = "A retry with the same `Idempotency-Key`: the commands created first", body = BatchView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn create_batch(
@@ -207,13 +201,7 @@ pub(super) struct ReportsView {
     responses(
         (status = 200, description = "Each report's outcome, in request order", body = ReportsView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn report_batch(

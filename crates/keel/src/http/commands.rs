@@ -245,14 +245,8 @@ impl CreateCommand {
         (status = 201, description = "Created", body = CommandView),
         (status = 200, description = "A retry with the same `Idempotency-Key`: the command created first", body = CommandView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn create(
@@ -350,11 +344,7 @@ pub(super) struct CommandDetailView {
     responses(
         (status = 200, description = "The command", body = CommandDetailView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn get_one(
@@ -410,11 +400,7 @@ pub(super) struct ListQuery {
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "A page of commands", body = PageView),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn list(
@@ -457,11 +443,7 @@ pub(super) struct PageQuery {
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "A page of dead commands", body = PageView),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn list_dead(
@@ -489,12 +471,8 @@ pub(super) async fn list_dead(
     responses(
         (status = 200, description = "The command", body = CommandView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn cancel(
@@ -519,12 +497,8 @@ pub(super) async fn cancel(
     responses(
         (status = 200, description = "The command", body = CommandView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn requeue(
@@ -562,10 +536,6 @@ pub(super) struct ReleaseStuckView {
     security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "The released commands", body = ReleaseStuckView),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn release_stuck(
@@ -628,13 +598,7 @@ pub(super) struct ClaimResponse {
     responses(
         (status = 200, description = "The claimed commands (possibly none)", body = ClaimResponse),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn claim(
@@ -741,15 +705,9 @@ pub(super) struct HeartbeatResponse {
     responses(
         (status = 200, description = "The new lease", body = HeartbeatResponse),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn heartbeat(
@@ -800,15 +758,9 @@ pub(super) struct CompleteRequest {
     responses(
         (status = 200, description = "The command", body = CommandView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn complete(
@@ -853,15 +805,9 @@ pub(super) struct FailRequest {
     responses(
         (status = 200, description = "The command", body = CommandView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown key", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the key lacks the scope", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn fail(

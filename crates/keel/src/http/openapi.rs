@@ -66,7 +66,7 @@ use super::{admin, agents, command_batches, commands, health, operations, organi
         ui::sign_out,
     ),
     components(schemas(super::error::ErrorBody, super::error::ErrorCode)),
-    modifiers(&SecuritySchemes),
+    modifiers(&SecuritySchemes, &CommonErrors),
     tags(
         (name = "health", description = "Liveness, readiness, metrics and this document"),
         (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
@@ -76,6 +76,76 @@ use super::{admin, agents, command_batches, commands, health, operations, organi
     )
 )]
 pub struct ApiDoc;
+
+/// The errors the layers in front of every `/v1/` handler can answer, whatever the handler
+/// does: added to each operation here, once, so each handler's annotation lists only its own
+/// answers (an entry a handler gives itself is kept).
+///
+/// - credentials: 401, and 403 (an organisation's key on `/v1/admin/`, or a key without the
+///   route's scope elsewhere);
+/// - 503 `overloaded` (in-flight limit, pressure, a busy store) or `unavailable`;
+/// - outside `/v1/admin/`: 429 `rate_limited` (the organisation's buckets);
+/// - with a request body: 413 (the body limit) and 415 (not JSON).
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let Some(route) = path.strip_prefix("/v1/") else {
+                continue;
+            };
+            let admin = route.starts_with("admin/");
+            let operations = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let mut common = vec![
+                    if admin {
+                        ("401", "`unauthorized`: no or an unknown credential")
+                    } else {
+                        ("401", "`unauthorized`: no or an unknown key")
+                    },
+                    if admin {
+                        ("403", "`forbidden`: an organisation's API key")
+                    } else {
+                        ("403", "`forbidden`: the key lacks the scope")
+                    },
+                ];
+                if operation.request_body.is_some() {
+                    common.push(("413", "`payload_too_large`"));
+                    common.push(("415", "`unsupported_media_type`"));
+                }
+                if !admin {
+                    common.push(("429", "`rate_limited`"));
+                }
+                common.push(("503", "`overloaded` or `unavailable`"));
+                for (status, description) in common {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error(description).into());
+                }
+            }
+        }
+    }
+}
 
 /// The bearer credentials the routes name.
 struct SecuritySchemes;

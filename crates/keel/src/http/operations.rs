@@ -156,9 +156,6 @@ pub(super) struct CommandSummary {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The counts", body = CommandSummary),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn summary(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -243,9 +240,6 @@ pub(super) struct AgentsOverview {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The agents", body = AgentsOverview),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn agents(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -311,10 +305,7 @@ pub(super) struct DeadCommands {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The dead commands", body = DeadCommands),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn dead_commands(
@@ -412,12 +403,8 @@ pub(super) struct RequeueResult {
     responses(
         (status = 200, description = "What was requeued and what was not", body = RequeueResult),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
         (status = 403, description = "`forbidden`: an organisation's API key, or no CSRF token with a session cookie", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn requeue(

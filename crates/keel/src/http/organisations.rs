@@ -111,9 +111,6 @@ pub(super) struct NewKey {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The organisations", body = Vec<OrganisationView>),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn list(
@@ -134,13 +131,8 @@ pub(super) async fn list(
     responses(
         (status = 201, description = "Created", body = OrganisationView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn create(
@@ -164,10 +156,7 @@ pub(super) async fn create(
     security(("operator" = [])),
     responses(
         (status = 200, description = "The keys", body = Vec<KeyView>),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn list_keys(
@@ -191,14 +180,9 @@ pub(super) async fn list_keys(
     responses(
         (status = 201, description = "Created", body = CreatedKeyView),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`validation_failed`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn create_key(
@@ -252,10 +236,7 @@ pub(super) async fn create_key(
     responses(
         (status = 204, description = "Revoked (or revoked before)"),
         (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no or an unknown credential", body = ErrorBody),
-        (status = 403, description = "`forbidden`: an organisation's API key", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 503, description = "`overloaded` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn revoke_key(
