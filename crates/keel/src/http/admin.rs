@@ -177,9 +177,7 @@ pub(super) struct JobInterval {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The job", body = Object),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_job_interval(
@@ -238,8 +236,6 @@ pub(super) struct OverloadMode {
     security(("operator" = [])),
     responses(
         (status = 200, description = "The overload state", body = OverloadView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_overload_mode(
@@ -278,8 +274,6 @@ pub(super) async fn log_filters(State(state): State<AppState>) -> Json<FilterSet
     security(("operator" = [])),
     responses(
         (status = 200, description = "The filters", body = Object),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn set_log_filters(

@@ -114,7 +114,6 @@ pub(super) struct CheckInRequest {
         (status = 400, description = "`malformed_json`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`: not an agent key", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
         (status = 503, description = "`overloaded`", body = ErrorBody),
     )
 )]

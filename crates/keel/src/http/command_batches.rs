@@ -50,8 +50,6 @@ pub(super) struct BatchView {
     responses(
         (status = 201, description = "Created, in request order", body = BatchView),
         (status = 200, description = "A retry with the same `Idempotency-Key`: the commands created first", body = BatchView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
     )
 )]
@@ -200,8 +198,6 @@ pub(super) struct ReportsView {
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "Each report's outcome, in request order", body = ReportsView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn report_batch(

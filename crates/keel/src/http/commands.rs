@@ -244,8 +244,6 @@ impl CreateCommand {
     responses(
         (status = 201, description = "Created", body = CommandView),
         (status = 200, description = "A retry with the same `Idempotency-Key`: the command created first", body = CommandView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
     )
 )]
@@ -597,8 +595,6 @@ pub(super) struct ClaimResponse {
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The claimed commands (possibly none)", body = ClaimResponse),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn claim(
@@ -704,10 +700,8 @@ pub(super) struct HeartbeatResponse {
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The new lease", body = HeartbeatResponse),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn heartbeat(
@@ -757,10 +751,8 @@ pub(super) struct CompleteRequest {
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The command", body = CommandView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn complete(
@@ -804,10 +796,8 @@ pub(super) struct FailRequest {
     security(("api_key" = ["agent"])),
     responses(
         (status = 200, description = "The command", body = CommandView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn fail(

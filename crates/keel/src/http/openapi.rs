@@ -85,7 +85,8 @@ pub struct ApiDoc;
 ///   route's scope elsewhere);
 /// - 503 `overloaded` (in-flight limit, pressure, a busy store) or `unavailable`;
 /// - outside `/v1/admin/`: 429 `rate_limited` (the organisation's buckets);
-/// - with a request body: 413 (the body limit) and 415 (not JSON).
+/// - with a request body: 400 (malformed JSON, or a bad path parameter), 413 (the body
+///   limit), 415 (not JSON) and 422 (a body that is not valid).
 struct CommonErrors;
 
 impl Modify for CommonErrors {
@@ -128,8 +129,10 @@ impl Modify for CommonErrors {
                     },
                 ];
                 if operation.request_body.is_some() {
+                    common.push(("400", "`malformed_json` or `bad_request`"));
                     common.push(("413", "`payload_too_large`"));
                     common.push(("415", "`unsupported_media_type`"));
+                    common.push(("422", "`validation_failed`"));
                 }
                 if !admin {
                     common.push(("429", "`rate_limited`"));

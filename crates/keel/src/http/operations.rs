@@ -402,9 +402,7 @@ pub(super) struct RequeueResult {
     security(("operator" = [])),
     responses(
         (status = 200, description = "What was requeued and what was not", body = RequeueResult),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 403, description = "`forbidden`: an organisation's API key, or no CSRF token with a session cookie", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn requeue(

@@ -130,9 +130,7 @@ pub(super) async fn list(
     security(("operator" = [])),
     responses(
         (status = 201, description = "Created", body = OrganisationView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn create(
@@ -179,10 +177,8 @@ pub(super) async fn list_keys(
     security(("operator" = [])),
     responses(
         (status = 201, description = "Created", body = CreatedKeyView),
-        (status = 400, description = "`malformed_json` or `bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`conflict`, `stale_claim`, `idempotency_mismatch` or `invalid_state`", body = ErrorBody),
-        (status = 422, description = "`validation_failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn create_key(
