@@ -32,6 +32,9 @@ use crate::{
 };
 use crate::{AttemptOutcome, NewCommandItem};
 
+mod schedules;
+pub use schedules::*;
+
 /// The instant the suite's clock starts at.
 pub const START: OffsetDateTime = datetime!(2030-01-01 00:00 UTC);
 
@@ -74,7 +77,13 @@ macro_rules! conformance_tests {
             claim_with_a_queue_named_twice,
             scheduled_commands_wait_their_turn,
             operator_keys,
-            operator_and_organisation_keys_are_apart
+            operator_and_organisation_keys_are_apart,
+            schedules_create_read_pause_delete,
+            schedules_are_isolated,
+            schedule_fires_once_per_fire_time,
+            skip_fires_nothing_for_missed_times,
+            catch_up_one_fires_once_for_missed_times,
+            a_refused_fire_is_recorded_with_its_reason
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

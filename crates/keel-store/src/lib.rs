@@ -5,6 +5,8 @@
 //!
 //! - [`store`]: the [`Store`] trait and its limits.
 //! - [`model`]: identifiers, organisations, keys, agents, commands, claims and leases.
+//! - [`schedule`]: schedules, their fire times (cron patterns in IANA time zones) and the
+//!   missed-fire policy.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
 //! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
 //! - [`backoff`]: the delay before a failed command is retried.
@@ -17,6 +19,7 @@ pub mod backoff;
 pub mod clock;
 pub mod error;
 pub mod model;
+pub mod schedule;
 pub mod sqlite;
 pub mod store;
 mod token;
@@ -32,8 +35,9 @@ pub use model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, CheckIn, ClaimToken, Claimed,
     Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
     DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount, Idempotency, Lease,
-    NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page,
-    Principal, ReleaseOutcome, Released, Scope, Target, UnknownName,
+    MissedFires, NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId,
+    Organisation, Page, Principal, ReleaseOutcome, Released, ScheduleId, ScheduleState, Scope,
+    Target, UnknownName,
 };
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};

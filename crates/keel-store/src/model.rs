@@ -76,6 +76,10 @@ id_type!(
     /// Identifies a command; v7, so identifiers sort by creation time.
     CommandId
 );
+id_type!(
+    /// Identifies a schedule; v7, so identifiers sort by creation time.
+    ScheduleId
+);
 
 /// A text value that names none of the known variants.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +201,27 @@ named_enum!(
         LeaseExpired => "lease_expired",
         /// The command was cancelled while this attempt ran.
         Cancelled => "cancelled",
+    }
+);
+
+named_enum!(
+    /// What a schedule does with the fire times the scheduler missed (see
+    /// [`plan_fire`](crate::schedule::plan_fire)).
+    MissedFires, "missed fire policy" {
+        /// Nothing is created for them.
+        Skip => "skip",
+        /// One command (set) is created for all of them, for the latest.
+        CatchUpOne => "catch_up_one",
+    }
+);
+
+named_enum!(
+    /// Whether a schedule fires.
+    ScheduleState, "schedule state" {
+        /// It fires.
+        Active => "active",
+        /// It does not fire until resumed.
+        Paused => "paused",
     }
 );
 

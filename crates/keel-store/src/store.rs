@@ -11,6 +11,10 @@ use crate::model::{
     FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
     OperatorKeyId, OrgId, Organisation, Page, Principal, Released,
 };
+use crate::model::{ScheduleId, ScheduleState};
+use crate::schedule::{
+    AdvanceOutcome, NewSchedule, Schedule, ScheduleAdvance, ScheduleFire, SchedulePage,
+};
 use crate::sqlite::WritePressure;
 
 /// The most commands one claim hands out.
@@ -255,6 +259,59 @@ pub trait Store: Send + Sync {
         agent: AgentId,
         queues: &[String],
     ) -> StoreResult<Option<OffsetDateTime>>;
+
+    // --- schedules ---
+
+    /// Creates an active schedule whose next fire time is the pattern's first after now. A
+    /// pattern or time zone that cannot be read, or a pattern with no fire time after now, is
+    /// `InvalidInput` naming the field (`cron: …`, `timezone: …`). The command template is
+    /// stored as given: checking it is the caller's business.
+    async fn create_schedule(&self, org: OrgId, schedule: NewSchedule) -> StoreResult<Schedule>;
+
+    /// The organisation's schedules, oldest first, after `cursor` (exclusive); `limit` is
+    /// clamped to `1..=MAX_PAGE_SIZE`.
+    async fn list_schedules(
+        &self,
+        org: OrgId,
+        cursor: Option<ScheduleId>,
+        limit: u32,
+    ) -> StoreResult<SchedulePage>;
+
+    /// One schedule of the organisation.
+    async fn get_schedule(&self, org: OrgId, id: ScheduleId) -> StoreResult<Option<Schedule>>;
+
+    /// Pauses or resumes a schedule (either twice is not an error). Its next fire time stays:
+    /// on resume, the fire times that passed meanwhile are missed ones, handled by its policy.
+    async fn set_schedule_state(
+        &self,
+        org: OrgId,
+        id: ScheduleId,
+        state: ScheduleState,
+    ) -> StoreResult<Schedule>;
+
+    /// Deletes a schedule and its fire records; the commands it created stay.
+    async fn delete_schedule(&self, org: OrgId, id: ScheduleId) -> StoreResult<()>;
+
+    /// The schedule's latest handled fire times, newest first, at most `limit` (clamped to
+    /// `1..=MAX_PAGE_SIZE`); empty for another organisation's schedule.
+    async fn list_schedule_fires(
+        &self,
+        org: OrgId,
+        id: ScheduleId,
+        limit: u32,
+    ) -> StoreResult<Vec<ScheduleFire>>;
+
+    /// Active schedules of every organisation whose next fire time is at or before now,
+    /// earliest first, at most `limit` (clamped to `1..=MAX_PAGE_SIZE`). Reads an index of
+    /// active schedules by next fire time: the cost does not grow with the schedules not due.
+    async fn due_schedules(&self, limit: u32) -> StoreResult<Vec<Schedule>>;
+
+    /// One step of a due schedule, in one transaction: the schedule moves from `step.due` to
+    /// `step.next` and, when the step fires, the fire time is recorded with its commands (all
+    /// created, or none). Nothing is written (`Stale`) unless the schedule is active with the
+    /// next fire time `step.due`, nor when the fire time was recorded before: each fire time
+    /// creates its commands once, whatever the restarts and instances.
+    async fn advance_schedule(&self, step: ScheduleAdvance) -> StoreResult<AdvanceOutcome>;
 
     /// Waits for the connections to close; called once at shutdown.
     async fn close(&self);

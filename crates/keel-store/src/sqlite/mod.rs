@@ -12,6 +12,7 @@
 mod lease;
 mod operator_keys;
 mod rows;
+mod schedules;
 pub mod writer;
 
 use std::fmt::Write as _;
@@ -44,6 +45,10 @@ use crate::model::{
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
     FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
     OperatorKeyId, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
+};
+use crate::model::{ScheduleId, ScheduleState};
+use crate::schedule::{
+    AdvanceOutcome, NewSchedule, Schedule, ScheduleAdvance, ScheduleFire, SchedulePage,
 };
 use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
 use crate::token;
@@ -1012,6 +1017,53 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn create_schedule(&self, org: OrgId, schedule: NewSchedule) -> StoreResult<Schedule> {
+        schedules::create(self, org, schedule).await
+    }
+
+    async fn list_schedules(
+        &self,
+        org: OrgId,
+        cursor: Option<ScheduleId>,
+        limit: u32,
+    ) -> StoreResult<SchedulePage> {
+        schedules::list(self, org, cursor, limit).await
+    }
+
+    async fn get_schedule(&self, org: OrgId, id: ScheduleId) -> StoreResult<Option<Schedule>> {
+        schedules::get(self, org, id).await
+    }
+
+    async fn set_schedule_state(
+        &self,
+        org: OrgId,
+        id: ScheduleId,
+        state: ScheduleState,
+    ) -> StoreResult<Schedule> {
+        schedules::set_state(self, org, id, state).await
+    }
+
+    async fn delete_schedule(&self, org: OrgId, id: ScheduleId) -> StoreResult<()> {
+        schedules::delete(self, org, id).await
+    }
+
+    async fn list_schedule_fires(
+        &self,
+        org: OrgId,
+        id: ScheduleId,
+        limit: u32,
+    ) -> StoreResult<Vec<ScheduleFire>> {
+        schedules::list_fires(self, org, id, limit).await
+    }
+
+    async fn due_schedules(&self, limit: u32) -> StoreResult<Vec<Schedule>> {
+        schedules::due(self, limit).await
+    }
+
+    async fn advance_schedule(&self, step: ScheduleAdvance) -> StoreResult<AdvanceOutcome> {
+        schedules::advance(self, step).await
     }
 
     async fn next_due_at(

@@ -166,7 +166,7 @@ impl From<Page> for PageView {
 /// The body of `POST /v1/commands`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct CreateCommand {
+pub(crate) struct CreateCommand {
     #[serde(rename = "type")]
     #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     command_type: String,
@@ -189,7 +189,9 @@ pub(super) struct CreateCommand {
 }
 
 impl CreateCommand {
-    pub(super) fn validate(self, limits: &CommandLimits) -> Result<NewCommand, ApiError> {
+    /// The command this body asks for, or a 422 (413 for `params`) naming the field. Also how a
+    /// schedule's command template is read, at its creation and at each fire.
+    pub(crate) fn validate(self, limits: &CommandLimits) -> Result<NewCommand, ApiError> {
         check_name("type", &self.command_type)?;
         let target = match (self.agent_id, self.queue) {
             (Some(agent), None) => Target::Agent(agent),
@@ -857,7 +859,7 @@ pub(super) fn count_finished(command: &Command) {
 // Validation.
 
 /// Deserialises a JSON body already parsed as a `Value`; errors name the field.
-pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
     serde_json::from_value(body).map_err(|e| ApiError::Validation(e.to_string()))
 }
 

@@ -50,9 +50,55 @@ pub fn check_size(field: &'static str, value: &Value, limit: usize) -> Result<()
     Ok(())
 }
 
+/// `err`, about a field of the object at `path` (`command`), naming the field from the top:
+/// `command.queue: …`; an error about the object as a whole reads `command: …`. A value over
+/// its size limit is a 422 here, naming the field and the limit.
+pub fn within(path: &str, err: ApiError) -> ApiError {
+    match err {
+        ApiError::Validation(what) => {
+            let names_a_field = what.split_once(": ").is_some_and(|(field, _)| {
+                !field.is_empty()
+                    && field
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || matches!(b, b'_' | b'.'))
+            });
+            if names_a_field {
+                ApiError::Validation(format!("{path}.{what}"))
+            } else {
+                ApiError::Validation(format!("{path}: {what}"))
+            }
+        }
+        ApiError::FieldTooLarge { field, limit } => {
+            ApiError::Validation(format!("{path}.{field}: larger than {limit} bytes"))
+        }
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_within_an_object_name_the_field_from_the_top() {
+        let named = within("command", ApiError::Validation("queue: 1 to 64".to_owned()));
+        assert!(matches!(named, ApiError::Validation(m) if m == "command.queue: 1 to 64"));
+        let whole = within(
+            "command",
+            ApiError::Validation("missing field `type`".to_owned()),
+        );
+        assert!(matches!(whole, ApiError::Validation(m) if m == "command: missing field `type`"));
+        let large = within(
+            "command",
+            ApiError::FieldTooLarge {
+                field: "params",
+                limit: 16,
+            },
+        );
+        assert!(
+            matches!(large, ApiError::Validation(m) if m == "command.params: larger than 16 bytes")
+        );
+    }
 
     #[test]
     fn names_are_checked() {
