@@ -127,6 +127,14 @@ pub struct CommandsConfig {
     pub retention_interval: Duration,
     /// The largest `params`, `result`, `error` and `progress`; agents learn them at check-in.
     pub limits: CommandLimits,
+    /// How often the scheduler creates the commands of schedules whose fire time has come.
+    #[serde(with = "humantime_serde")]
+    pub schedule_interval: Duration,
+    /// A fire time at most this old when the scheduler reaches it still fires; an older one was
+    /// missed (keel was down, the schedule paused) and the schedule's `missed` policy applies.
+    /// At least `schedule_interval`.
+    #[serde(with = "humantime_serde")]
+    pub schedule_grace: Duration,
 }
 
 impl Default for CommandsConfig {
@@ -137,6 +145,8 @@ impl Default for CommandsConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_interval: Duration::from_secs(600),
             limits: CommandLimits::default(),
+            schedule_interval: Duration::from_secs(1),
+            schedule_grace: Duration::from_secs(5),
         }
     }
 }
@@ -439,6 +449,15 @@ impl Config {
         }
         if self.commands.release_stuck_interval.is_zero() {
             return invalid("commands.release_stuck_interval", "must be longer than 0s");
+        }
+        if self.commands.schedule_interval.is_zero() {
+            return invalid("commands.schedule_interval", "must be longer than 0s");
+        }
+        if self.commands.schedule_grace < self.commands.schedule_interval {
+            return invalid(
+                "commands.schedule_grace",
+                "must be at least commands.schedule_interval",
+            );
         }
         self.validate_command_limits()?;
         self.supervisor.validate()?;

@@ -23,6 +23,7 @@ pub const KNOWN: &[&str] = &[
     "http.delay",
     "job.telemetry",
     "commands.release_stuck",
+    "commands.scheduler",
     "overload.pressure",
 ];
 

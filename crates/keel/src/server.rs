@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::commands::release::{self, release_expired_leases};
 use crate::commands::retention::purge_finished_commands;
+use crate::commands::scheduler::{self, fire_due_schedules};
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::http::connections::{self, ConnectionLimits};
@@ -104,6 +105,7 @@ pub async fn run(
         start_telemetry(&supervisor, &config, &logger, &metrics),
         start_release_stuck(&supervisor, &config, &store, &wakeups),
         start_retention(&supervisor, &config, &store),
+        start_scheduler(&supervisor, &config, &store, &wakeups),
     ];
     let job_names: Vec<&str> = jobs.iter().map(JobHandle::name).collect();
     telemetry::seed(&job_names);
@@ -338,6 +340,34 @@ fn start_retention(supervisor: &Supervisor, config: &Config, store: &Arc<dyn Sto
             }
         }
     })
+}
+
+/// The scheduler job: schedules whose fire time has come create their commands.
+fn start_scheduler(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+    wakeups: &Wakeups,
+) -> JobHandle {
+    let store = store.clone();
+    let wakeups = wakeups.clone();
+    let limits = config.commands.limits;
+    let grace = config.commands.schedule_grace;
+    supervisor.every(
+        scheduler::JOB_NAME,
+        config.commands.schedule_interval,
+        move || {
+            let store = store.clone();
+            let wakeups = wakeups.clone();
+            async move {
+                if let Err(error) =
+                    fire_due_schedules(store.as_ref(), &wakeups, &limits, grace).await
+                {
+                    tracing::error!(%error, "scheduler: the store failed; retrying at the next tick");
+                }
+            }
+        },
+    )
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).

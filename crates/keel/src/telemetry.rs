@@ -94,6 +94,9 @@ pub fn seed(jobs: &[&str]) {
     for outcome in ["requeued", "dead", "cancelled"] {
         metrics::counter!("keel_commands_released_total", "outcome" => outcome).increment(0);
     }
+    for outcome in ["created", "failed"] {
+        metrics::counter!("keel_schedule_fires_total", "outcome" => outcome).increment(0);
+    }
     for status in ["completed", "failed", "pending", "dead", "cancelled"] {
         metrics::counter!("keel_commands_finished_total", "status" => status).increment(0);
     }
@@ -148,6 +151,10 @@ fn describe() {
     describe_counter!(
         "keel_commands_released_total",
         "Expired leases released, by outcome"
+    );
+    describe_counter!(
+        "keel_schedule_fires_total",
+        "Schedule fire times that created their commands (`created`) or could not (`failed`)"
     );
     describe_counter!(
         "keel_commands_finished_total",

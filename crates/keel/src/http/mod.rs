@@ -11,7 +11,7 @@
 //!   [`organisations`]: its organisations and their API keys.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
-//!   made, in one request.
+//!   made, in one request; [`schedules`]: schedules that create commands at cron fire times.
 //! - [`ui`]: `/ui/`, the operator page and its sessions; [`operations`]: the operator routes
 //!   that gather what it shows across organisations (command counts and rates, agents, dead
 //!   letters).
@@ -34,6 +34,7 @@ pub mod organisations;
 pub mod overload;
 pub mod rate_limit;
 pub mod request_id;
+pub mod schedules;
 pub mod ui;
 pub mod validate;
 pub mod waiting_claims;
@@ -103,6 +104,7 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
         .nest("/v1/admin", admin::routes(state.clone()))
         .nest("/v1/agents", agents::routes())
         .nest("/v1/commands", commands::routes())
+        .nest("/v1/schedules", schedules::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

@@ -8,7 +8,9 @@ use utoipa::{Modify, OpenApi};
 
 use super::AppState;
 use super::json::Json;
-use super::{admin, agents, command_batches, commands, health, operations, organisations, ui};
+use super::{
+    admin, agents, command_batches, commands, health, operations, organisations, schedules, ui,
+};
 
 /// The document: every route, its bodies, its errors and its credentials.
 #[derive(OpenApi)]
@@ -40,6 +42,12 @@ use super::{admin, agents, command_batches, commands, health, operations, organi
         commands::heartbeat,
         commands::complete,
         commands::fail,
+        schedules::create,
+        schedules::list,
+        schedules::get_one,
+        schedules::pause,
+        schedules::resume,
+        schedules::delete,
         admin::components,
         admin::panics,
         admin::jobs,
@@ -71,6 +79,7 @@ use super::{admin, agents, command_batches, commands, health, operations, organi
         (name = "health", description = "Liveness, readiness, metrics and this document"),
         (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
         (name = "commands", description = "Create, read, list, cancel and requeue commands"),
+        (name = "schedules", description = "Schedules that create commands at the fire times of a cron pattern in a time zone"),
         (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
         (name = "operator page", description = "`/ui/`: the operator page and its session cookie (docs/operator-page.md)"),
     )

@@ -25,6 +25,7 @@ mod overload;
 mod panics;
 mod profiles;
 mod queue_core;
+mod schedules;
 mod secrets;
 mod shutdown;
 mod supervision;

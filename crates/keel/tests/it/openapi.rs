@@ -49,6 +49,7 @@ fn routed() -> BTreeSet<(String, String)> {
         ("ui.rs", ""),
         ("agents.rs", "/v1/agents"),
         ("commands.rs", "/v1/commands"),
+        ("schedules.rs", "/v1/schedules"),
     ];
     let mut routes = BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
