@@ -496,6 +496,18 @@ mod tests {
                 datetime!(2026-10-27 02:30 +01:00),
             ]
         );
+        // An interval pattern fires in both passes of the repeated hour.
+        let half_hourly = berlin("0,30 * * * *");
+        assert_eq!(
+            half_hourly.upcoming(datetime!(2026-10-25 01:59 +02:00), 5),
+            vec![
+                datetime!(2026-10-25 02:00 +02:00),
+                datetime!(2026-10-25 02:30 +02:00),
+                datetime!(2026-10-25 02:00 +01:00),
+                datetime!(2026-10-25 02:30 +01:00),
+                datetime!(2026-10-25 03:00 +01:00),
+            ]
+        );
     }
 
     #[test]
