@@ -83,7 +83,8 @@ macro_rules! conformance_tests {
             schedule_fires_once_per_fire_time,
             skip_fires_nothing_for_missed_times,
             catch_up_one_fires_once_for_missed_times,
-            a_refused_fire_is_recorded_with_its_reason
+            a_refused_fire_is_recorded_with_its_reason,
+            a_panicking_template_fails_its_own_fire_alone
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

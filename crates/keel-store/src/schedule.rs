@@ -62,6 +62,23 @@ impl FireTimes {
         Ok(Self { cron, zone })
     }
 
+    /// Parses as [`FireTimes::parse`] does, and refuses a pattern that has no fire time after
+    /// `now` (`0 0 30 2 *`); returns the first one. Finding that a pattern never matches may
+    /// search years ahead (a good part of a second): callers on an async runtime run this on a
+    /// blocking thread.
+    pub fn parse_firing(
+        pattern: &str,
+        timezone: &str,
+        now: OffsetDateTime,
+    ) -> Result<(Self, OffsetDateTime), InvalidSchedule> {
+        let times = Self::parse(pattern, timezone)?;
+        let first = times.next_after(now).ok_or_else(|| InvalidSchedule {
+            field: "cron",
+            message: format!("`{pattern}` has no fire time after now"),
+        })?;
+        Ok((times, first))
+    }
+
     /// The first fire time strictly after `t`, in the schedule's time zone; `None` when there
     /// is none (the pattern never matches again within croner's search range).
     pub fn next_after(&self, t: OffsetDateTime) -> Option<OffsetDateTime> {
@@ -342,26 +359,37 @@ where
             let Some(due_at) = schedule.next_fire_at else {
                 continue;
             };
-            let step = match schedule.fire_times() {
-                Ok(times) => plan_fire(&times, due_at, now, grace, schedule.missed),
-                // Checked at creation, so only a damaged row gets here: it stops firing.
-                Err(_) => FireStep::Skip { next: None },
+            // A panic in one schedule's step (the pattern search, the template) is caught,
+            // logged and counted here, so it cannot stop the others at every run.
+            let scope = keel_guard::scope::current()
+                .unwrap_or_else(|| keel_guard::Scope::new("schedules"))
+                .with_context(format!("schedule {}", schedule.id));
+            let step = keel_guard::isolate(scope.clone(), || {
+                schedule
+                    .fire_times()
+                    .map(|times| plan_fire(&times, due_at, now, grace, schedule.missed))
+            });
+            let step = match step {
+                Ok(Ok(step)) => step,
+                // Checked at creation, so only a damaged row or a panicking search gets here:
+                // the schedule stops firing rather than failing every run.
+                Ok(Err(_)) | Err(_) => FireStep::Skip { next: None },
             };
             let (next, fire) = match step {
                 FireStep::Skip { next } => (next, None),
                 FireStep::Fire { fire_at, next } => {
-                    let (items, error) = match items_for(&schedule, fire_at) {
+                    let made = keel_guard::isolate(scope, || items_for(&schedule, fire_at))
+                        .unwrap_or_else(|panicked| Err(panicked.to_string()));
+                    let (items, error) = match made {
                         Ok(items) => (items, None),
                         Err(why) => (Vec::new(), Some(why)),
                     };
-                    (
-                        next,
-                        Some(FireRecord {
-                            fire_at,
-                            items,
-                            error,
-                        }),
-                    )
+                    let record = FireRecord {
+                        fire_at,
+                        items,
+                        error,
+                    };
+                    (next, Some(record))
                 }
             };
             let targets: Vec<Target> = fire
@@ -432,6 +460,66 @@ mod tests {
         assert_eq!(err.field, "cron");
         let err = FireTimes::parse("* * * * *", "Mars/Olympus").unwrap_err();
         assert_eq!(err.field, "timezone");
+    }
+
+    /// Odd patterns are read or refused; none panics or hangs, and each read one answers its
+    /// next fire times.
+    #[test]
+    fn odd_patterns_are_read_or_refused_without_a_panic() {
+        let patterns = [
+            "",
+            " ",
+            "*",
+            "* * * *",
+            "* * * * * * * *",
+            "? ? ? ? ?",
+            "L * * * *",
+            "0 0 L * *",
+            "0 0 1W * *",
+            "0 0 LW * *",
+            "0 0 * * 5#6",
+            "0 0 * * 5#0",
+            "0 0 * * 5L",
+            "*/0 * * * *",
+            "0/0 * * * *",
+            "1-0 * * * *",
+            "59-1 * * * *",
+            "-1 * * * *",
+            "1,,2 * * * *",
+            "99999999999999999999999 * * * *",
+            "٣ * * * *",
+            "0 0 31 2 *",
+            "0 0 30 2 *",
+            "0 0 31 4,6,9,11 *",
+            "0 0 29 2 *",
+            "@yearly",
+            "@reboot",
+            "@every 5s",
+            "0 0 * * 7",
+            "0 0 * * 8",
+            "0 0 * 13 *",
+            "0 0 0 * *",
+            "0 24 * * *",
+            "60 * * * * *",
+            "*/61 * * * * *",
+            "0 0 * JAN-DEC MON-SUN",
+            "0 0 * * SUN#5",
+            "0 0 L-3 * *",
+            "0 0 15W 2 *",
+            "0 0 * * MON-FRI/2",
+            "\u{0} * * * *",
+            "0 0 1 1 * 2030",
+        ];
+        let start = datetime!(2030-01-01 00:00 UTC);
+        for pattern in patterns {
+            for zone in ["Europe/Berlin", "Pacific/Kiritimati"] {
+                if let Ok(times) = FireTimes::parse(pattern, zone) {
+                    let upcoming = times.upcoming(start, NEXT_FIRES_SHOWN);
+                    assert!(upcoming.windows(2).all(|w| w[0] < w[1]), "{pattern}");
+                    let _ = times.last_before(start);
+                }
+            }
+        }
     }
 
     #[test]

@@ -435,3 +435,34 @@ pub async fn a_refused_fire_is_recorded_with_its_reason(store: &dyn Store, clock
     clock.advance(secs(1));
     assert_eq!(run(store).await[0].fire.fire_at, START + secs(2));
 }
+
+pub async fn a_panicking_template_fails_its_own_fire_alone(store: &dyn Store, clock: &ManualClock) {
+    let org = tenant(store, "acme").await.org;
+    for queue in ["boom", "fine"] {
+        store
+            .create_schedule(org, new_schedule("* * * * * *", queue, MissedFires::Skip))
+            .await
+            .unwrap();
+    }
+    clock.advance(secs(1));
+    let fired = run_due_schedules(store, GRACE, |schedule, fire_at| {
+        if schedule.command["queue"] == "boom" {
+            panic!("template reader failed");
+        }
+        items_for(schedule, fire_at)
+    })
+    .await
+    .unwrap();
+    assert_eq!(fired.len(), 2);
+    let boom = fired
+        .iter()
+        .find(|f| f.schedule.command["queue"] == "boom")
+        .unwrap();
+    assert!(boom.fire.command_ids.is_empty());
+    let error = boom.fire.error.as_deref().unwrap();
+    assert!(error.contains("template reader failed"), "{error}");
+    assert_eq!(fired_times(store, org, "fine").await, vec![at(1)]);
+    // Both go on at the next fire time.
+    clock.advance(secs(1));
+    assert_eq!(run(store).await.len(), 2);
+}

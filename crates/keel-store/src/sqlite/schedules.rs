@@ -86,14 +86,9 @@ pub(super) async fn create(
     org: OrgId,
     new: NewSchedule,
 ) -> StoreResult<Schedule> {
-    let times = FireTimes::parse(&new.cron, &new.timezone)
-        .map_err(|err| StoreError::InvalidInput(err.to_string()))?;
     let (now, now_us) = store.now_and_micros();
-    let Some(next) = times.next_after(now) else {
-        return Err(StoreError::InvalidInput(
-            "cron: the pattern has no fire time after now".to_owned(),
-        ));
-    };
+    let (_, next) = FireTimes::parse_firing(&new.cron, &new.timezone, now)
+        .map_err(|err| StoreError::InvalidInput(err.to_string()))?;
     store
         .write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {

@@ -200,7 +200,16 @@ pub(super) async fn create(
             .parse()
             .map_err(|_| ApiError::Validation("missed: `skip` or `catch_up_one`".to_owned()))?,
     };
-    FireTimes::parse(&request.cron, &request.timezone)
+    let (cron, timezone, now) = (
+        request.cron.clone(),
+        request.timezone.clone(),
+        state.store.now(),
+    );
+    // Finding that a pattern never matches (Feb 30) searches years ahead: off the async
+    // threads. A panic there is the hook's to log; the request gets a 500.
+    tokio::task::spawn_blocking(move || FireTimes::parse_firing(&cron, &timezone, now))
+        .await
+        .map_err(|err| ApiError::Internal(format!("reading the cron pattern: {err}")))?
         .map_err(|err| ApiError::Validation(err.to_string()))?;
     // The template is read as POST /v1/commands reads its body, and its agent must exist.
     for item in fire_items(&request.command, &state.command_limits, None)? {

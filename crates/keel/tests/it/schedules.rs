@@ -171,6 +171,7 @@ async fn bad_schedules_get_422_naming_the_field_and_create_nothing() {
         (with("cron", json!("* * *")), "cron:"),
         (with("cron", json!("0 0 0 * * * 2030")), "cron:"),
         (with("cron", json!(5)), "cron:"),
+        (with("cron", json!("0 0 30 2 *")), "cron:"),
         (with("timezone", json!("Mars/Olympus_Mons")), "timezone:"),
         (with("timezone", json!("")), "timezone:"),
         (with("missed", json!("sometimes")), "missed:"),
