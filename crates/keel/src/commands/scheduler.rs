@@ -7,6 +7,7 @@ use keel_store::schedule::run_due_schedules;
 use keel_store::{NewCommandItem, Store, StoreError};
 use serde_json::Value;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use super::wakeups::Wakeups;
 use crate::config::CommandLimits;
@@ -68,12 +69,13 @@ pub async fn fire_due_schedules(
             .iter()
             .map(ToString::to_string)
             .collect();
+        let fire_at = fire.fire.fire_at.format(&Rfc3339).unwrap_or_default();
         tracing::info!(
             target: "keel::audit",
             action = "schedule.fire",
             schedule_id = %fire.schedule.id,
             org_id = %fire.schedule.org_id.0,
-            fire_at = %fire.fire.fire_at,
+            fire_at,
             command_ids = %command_ids.join(","),
             error = fire.fire.error.as_deref().unwrap_or(""),
             outcome,

@@ -369,6 +369,20 @@ async fn a_schedule_every_second_fires_once_per_fire_time_across_a_kill_9_restar
         rfc3339(&view["last_fire_at"]),
         rfc3339(&recent[0]["fire_at"])
     );
+    // Each fire is an audit record naming its command, once. (The records the first process
+    // still held in its log queue when it was killed are lost with it.)
+    let audited: Vec<String> = server
+        .log_records()
+        .into_iter()
+        .filter(|r| r["stream"] == "audit" && r["action"] == "schedule.fire")
+        .map(|r| r["command_ids"].as_str().unwrap().to_owned())
+        .collect();
+    let distinct: BTreeSet<String> = audited.iter().cloned().collect();
+    assert_eq!(distinct.len(), audited.len(), "{audited:?}");
+    assert!(
+        !distinct.is_empty() && distinct.is_subset(&created),
+        "{audited:?}"
+    );
 }
 
 #[tokio::test]
