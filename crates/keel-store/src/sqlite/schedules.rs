@@ -17,7 +17,17 @@ use crate::store::MAX_PAGE_SIZE;
 const COLUMNS: &str = "id, org_id, name, cron, timezone, command, missed, state, next_fire_at, \
      last_fire_at, created_at, updated_at";
 
-const FIRE_COLUMNS: &str = "schedule_id, fire_at, fired_at, command_ids, error";
+/// An organisation's schedules after the cursor `?2` (none when NULL), oldest first, at most
+/// `?3`.
+const LIST_SQL: &str = "SELECT id, org_id, name, cron, timezone, command, missed, state, \
+     next_fire_at, last_fire_at, created_at, updated_at FROM schedules INDEXED BY schedules_list \
+     WHERE org_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3";
+
+/// The latest `?3` fires of schedule `?1`, newest first, if it is one of organisation `?2`'s.
+const FIRES_SQL: &str = "SELECT schedule_id, fire_at, fired_at, command_ids, error \
+     FROM schedule_fires WHERE schedule_id = ?1 \
+     AND EXISTS (SELECT 1 FROM schedules WHERE id = ?1 AND org_id = ?2) \
+     ORDER BY fire_at DESC LIMIT ?3";
 
 /// The schedules due at `?1`, earliest first, at most `?2`: read on the due index alone.
 const DUE_SQL: &str = "SELECT id, org_id, name, cron, timezone, command, missed, state, \
@@ -123,16 +133,13 @@ pub(super) async fn list(
     limit: u32,
 ) -> StoreResult<SchedulePage> {
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
-    let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM schedules INDEXED BY schedules_list \
-         WHERE org_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
-    ))
-    .bind(org)
-    .bind(cursor)
-    // One more than asked, to know whether there is a next page.
-    .bind(i64::from(limit) + 1)
-    .fetch_all(store.pool())
-    .await?;
+    let rows: Vec<ScheduleRow> = sqlx::query_as(LIST_SQL)
+        .bind(org)
+        .bind(cursor)
+        // One more than asked, to know whether there is a next page.
+        .bind(i64::from(limit) + 1)
+        .fetch_all(store.pool())
+        .await?;
     let mut items = rows
         .into_iter()
         .map(ScheduleRow::into_schedule)
@@ -214,16 +221,12 @@ pub(super) async fn list_fires(
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
     // The organisation is checked on the schedule; the fires are read on their primary key,
     // newest first.
-    let rows: Vec<FireRow> = sqlx::query_as(&format!(
-        "SELECT {FIRE_COLUMNS} FROM schedule_fires WHERE schedule_id = ?1 \
-         AND EXISTS (SELECT 1 FROM schedules WHERE id = ?1 AND org_id = ?2) \
-         ORDER BY fire_at DESC LIMIT ?3"
-    ))
-    .bind(id)
-    .bind(org)
-    .bind(i64::from(limit))
-    .fetch_all(store.pool())
-    .await?;
+    let rows: Vec<FireRow> = sqlx::query_as(FIRES_SQL)
+        .bind(id)
+        .bind(org)
+        .bind(i64::from(limit))
+        .fetch_all(store.pool())
+        .await?;
     rows.into_iter().map(FireRow::into_fire).collect()
 }
 
@@ -321,11 +324,12 @@ pub(super) async fn advance(
 
 #[cfg(test)]
 mod tests {
-    use super::DUE_SQL;
+    use super::{DUE_SQL, FIRES_SQL, LIST_SQL};
 
-    /// The due read is served by its partial index, in order, without a scan or a sort.
+    /// The due read, the listing and the fires are each served by an index, in order, without a
+    /// scan or a sort.
     #[tokio::test]
-    async fn the_due_read_uses_its_index() {
+    async fn schedule_reads_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let store = super::SqliteStore::open(
             dir.path().join("keel.db"),
@@ -334,23 +338,30 @@ mod tests {
         )
         .await
         .unwrap();
-        let plan: Vec<(i64, i64, i64, String)> =
-            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {DUE_SQL}"))
-                .bind(0_i64)
-                .bind(10_i64)
-                .fetch_all(store.pool())
-                .await
-                .unwrap();
-        let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
-        assert!(
-            details
-                .iter()
-                .all(|d| !d.starts_with("SCAN") && !d.contains("TEMP B-TREE")),
-            "{details:?}"
-        );
-        assert!(
-            details.iter().any(|d| d.contains("schedules_due")),
-            "{details:?}"
-        );
+        for (sql, index) in [
+            (DUE_SQL, "schedules_due"),
+            (LIST_SQL, "schedules_list"),
+            (FIRES_SQL, "PRIMARY KEY"),
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .bind(0_i64)
+                    .bind(0_i64)
+                    .bind(10_i64)
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
+            assert!(
+                details
+                    .iter()
+                    .all(|d| !d.starts_with("SCAN") && !d.contains("TEMP B-TREE")),
+                "{sql}: {details:?}"
+            );
+            assert!(
+                details.iter().any(|d| d.contains(index)),
+                "{sql}: {details:?}"
+            );
+        }
     }
 }
