@@ -292,12 +292,14 @@ pub trait Store: Send + Sync {
     /// Deletes a schedule and its fire records; the commands it created stay.
     async fn delete_schedule(&self, org: OrgId, id: ScheduleId) -> StoreResult<()>;
 
-    /// The schedule's latest handled fire times, newest first, at most `limit` (clamped to
-    /// `1..=MAX_PAGE_SIZE`); empty for another organisation's schedule.
+    /// The schedule's handled fire times before `before` (all when `None`), newest first, at
+    /// most `limit` (clamped to `1..=MAX_PAGE_SIZE`); empty for another organisation's
+    /// schedule.
     async fn list_schedule_fires(
         &self,
         org: OrgId,
         id: ScheduleId,
+        before: Option<OffsetDateTime>,
         limit: u32,
     ) -> StoreResult<Vec<ScheduleFire>>;
 

@@ -56,7 +56,7 @@ async fn every_second_fires_once_per_fire_time_across_a_restart() {
         .collect();
     assert_eq!(fired_times(&store, org, "ticks").await, expected);
     let fires = store
-        .list_schedule_fires(org, schedule.id, 100)
+        .list_schedule_fires(org, schedule.id, None, 100)
         .await
         .unwrap();
     assert_eq!(fires.len(), 10);

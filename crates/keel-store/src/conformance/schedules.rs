@@ -207,7 +207,7 @@ pub async fn schedules_are_isolated(store: &dyn Store, clock: &ManualClock) {
     );
     assert!(
         store
-            .list_schedule_fires(b, schedule.id, 10)
+            .list_schedule_fires(b, schedule.id, None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -239,7 +239,7 @@ pub async fn schedules_are_isolated(store: &dyn Store, clock: &ManualClock) {
     assert_eq!(after.next_fire_at, Some(START + secs(2)));
     assert_eq!(
         store
-            .list_schedule_fires(a, schedule.id, 10)
+            .list_schedule_fires(a, schedule.id, None, 10)
             .await
             .unwrap()
             .len(),
@@ -274,7 +274,7 @@ pub async fn schedule_fires_once_per_fire_time(store: &dyn Store, clock: &Manual
 
     // The fire records name their commands, newest first.
     let fires = store
-        .list_schedule_fires(org, schedule.id, 3)
+        .list_schedule_fires(org, schedule.id, None, 3)
         .await
         .unwrap();
     assert_eq!(
@@ -287,6 +287,15 @@ pub async fn schedule_fires_once_per_fire_time(store: &dyn Store, clock: &Manual
         .unwrap()
         .unwrap();
     assert_eq!(command.run_at, START + secs(5));
+    // The next page: the fires before the last one listed.
+    let older = store
+        .list_schedule_fires(org, schedule.id, Some(fires[2].fire_at), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        older.iter().map(|f| f.fire_at).collect::<Vec<_>>(),
+        vec![START + secs(2), START + secs(1)]
+    );
 
     // A step from a next fire time the schedule has left writes nothing.
     let template = Schedule {

@@ -1053,9 +1053,10 @@ impl Store for SqliteStore {
         &self,
         org: OrgId,
         id: ScheduleId,
+        before: Option<OffsetDateTime>,
         limit: u32,
     ) -> StoreResult<Vec<ScheduleFire>> {
-        schedules::list_fires(self, org, id, limit).await
+        schedules::list_fires(self, org, id, before, limit).await
     }
 
     async fn due_schedules(&self, limit: u32) -> StoreResult<Vec<Schedule>> {

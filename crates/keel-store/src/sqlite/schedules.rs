@@ -3,6 +3,7 @@
 
 use serde_json::Value;
 use sqlx::types::Json;
+use time::OffsetDateTime;
 
 use super::rows::{corrupt, from_micros, to_micros};
 use super::writer::Lane;
@@ -23,9 +24,10 @@ const LIST_SQL: &str = "SELECT id, org_id, name, cron, timezone, command, missed
      next_fire_at, last_fire_at, created_at, updated_at FROM schedules INDEXED BY schedules_list \
      WHERE org_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3";
 
-/// The latest `?3` fires of schedule `?1`, newest first, if it is one of organisation `?2`'s.
+/// The latest `?3` fires of schedule `?1` before `?4` (all when NULL), newest first, if it is
+/// one of organisation `?2`'s.
 const FIRES_SQL: &str = "SELECT schedule_id, fire_at, fired_at, command_ids, error \
-     FROM schedule_fires WHERE schedule_id = ?1 \
+     FROM schedule_fires WHERE schedule_id = ?1 AND (?4 IS NULL OR fire_at < ?4) \
      AND EXISTS (SELECT 1 FROM schedules WHERE id = ?1 AND org_id = ?2) \
      ORDER BY fire_at DESC LIMIT ?3";
 
@@ -216,6 +218,7 @@ pub(super) async fn list_fires(
     store: &SqliteStore,
     org: OrgId,
     id: ScheduleId,
+    before: Option<OffsetDateTime>,
     limit: u32,
 ) -> StoreResult<Vec<ScheduleFire>> {
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
@@ -225,6 +228,7 @@ pub(super) async fn list_fires(
         .bind(id)
         .bind(org)
         .bind(i64::from(limit))
+        .bind(before.map(to_micros))
         .fetch_all(store.pool())
         .await?;
     rows.into_iter().map(FireRow::into_fire).collect()
@@ -338,19 +342,17 @@ mod tests {
         )
         .await
         .unwrap();
-        for (sql, index) in [
-            (DUE_SQL, "schedules_due"),
-            (LIST_SQL, "schedules_list"),
-            (FIRES_SQL, "PRIMARY KEY"),
+        for (sql, index, parameters) in [
+            (DUE_SQL, "schedules_due", 2),
+            (LIST_SQL, "schedules_list", 3),
+            (FIRES_SQL, "PRIMARY KEY", 4),
         ] {
-            let plan: Vec<(i64, i64, i64, String)> =
-                sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
-                    .bind(0_i64)
-                    .bind(0_i64)
-                    .bind(10_i64)
-                    .fetch_all(store.pool())
-                    .await
-                    .unwrap();
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let mut query = sqlx::query_as(&explain);
+            for _ in 0..parameters {
+                query = query.bind(0_i64);
+            }
+            let plan: Vec<(i64, i64, i64, String)> = query.fetch_all(store.pool()).await.unwrap();
             let details: Vec<&str> = plan.iter().map(|row| row.3.as_str()).collect();
             assert!(
                 details

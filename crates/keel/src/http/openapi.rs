@@ -45,6 +45,7 @@ use super::{
         schedules::create,
         schedules::list,
         schedules::get_one,
+        schedules::list_fires,
         schedules::pause,
         schedules::resume,
         schedules::delete,

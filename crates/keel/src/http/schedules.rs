@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", post(create).get(list))
         .route("/{id}", get(get_one).delete(delete))
+        .route("/{id}/fires", get(list_fires))
         .route("/{id}/pause", post(pause))
         .route("/{id}/resume", post(resume))
 }
@@ -307,7 +308,7 @@ pub(super) async fn get_one(
         .ok_or(ApiError::NotFound)?;
     let fires = state
         .store
-        .list_schedule_fires(caller.org(), id, RECENT_FIRES_SHOWN)
+        .list_schedule_fires(caller.org(), id, None, RECENT_FIRES_SHOWN)
         .await?;
     let times = schedule.fire_times().ok();
     let recent_fires = fires
@@ -317,6 +318,75 @@ pub(super) async fn get_one(
     Ok(Json(ScheduleDetailView {
         schedule: view(schedule, state.store.now()),
         recent_fires,
+    }))
+}
+
+/// The query of `GET /v1/schedules/{id}/fires`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct FiresQuery {
+    /// Only fire times before this one (RFC 3339): the `next_before` of the previous page.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    before: Option<OffsetDateTime>,
+    /// 1 to 500; 50 unless given.
+    limit: Option<u32>,
+}
+
+/// A page of a schedule's fires, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct FirePageView {
+    items: Vec<FireView>,
+    /// The `before` of the next page, when there may be one.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    next_before: Option<String>,
+}
+
+/// The schedule's handled fire times, newest first, each with the commands it created.
+#[utoipa::path(
+    get,
+    path = "/v1/schedules/{id}/fires",
+    tag = "schedules",
+    params(("id" = uuid::Uuid, Path, description = "The schedule id (anything but a UUID is 400 `bad_request`)"), FiresQuery),
+    security(("api_key" = ["commands:read"])),
+    responses(
+        (status = 200, description = "A page of fires", body = FirePageView),
+        (status = 400, description = "`bad_request`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    )
+)]
+pub(super) async fn list_fires(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: Result<Query<FiresQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<FirePageView>, ApiError> {
+    caller.require(Scope::CommandsRead)?;
+    let id = schedule_id(&id)?;
+    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
+    let limit = page_limit(query.limit)?;
+    let schedule = state
+        .store
+        .get_schedule(caller.org(), id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let fires = state
+        .store
+        .list_schedule_fires(caller.org(), id, query.before, limit)
+        .await?;
+    let times = schedule.fire_times().ok();
+    let next_before = if fires.len() == limit as usize {
+        fires.last().map(|fire| zoned(times.as_ref(), fire.fire_at))
+    } else {
+        None
+    };
+    Ok(Json(FirePageView {
+        items: fires
+            .into_iter()
+            .map(|fire| fire_view(fire, times.as_ref()))
+            .collect(),
+        next_before,
     }))
 }
 

@@ -246,6 +246,7 @@ async fn another_organisations_schedules_are_404_on_every_route() {
 
     for answer in [
         alpha.get(&path, 404).await,
+        alpha.get(&format!("{path}/fires"), 404).await,
         alpha.post(&format!("{path}/pause"), &json!({}), 404).await,
         alpha.post(&format!("{path}/resume"), &json!({}), 404).await,
         delete(&alpha, &path, 404).await,
@@ -369,6 +370,42 @@ async fn a_schedule_every_second_fires_once_per_fire_time_across_a_kill_9_restar
         rfc3339(&view["last_fire_at"]),
         rfc3339(&recent[0]["fire_at"])
     );
+    // Every fire, page by page: one command each, the one due at that fire time.
+    let mut fire_pages: Vec<Value> = Vec::new();
+    let mut page_path = format!("/v1/schedules/{id}/fires?limit=3");
+    loop {
+        let page = ops.get(&page_path, 200).await;
+        fire_pages.extend(page["items"].as_array().unwrap().iter().cloned());
+        let Some(before) = page["next_before"].as_str() else {
+            break;
+        };
+        let before = rfc3339(&json!(before)).format(&Rfc3339).unwrap();
+        page_path = format!(
+            "/v1/schedules/{id}/fires?limit=3&before={}",
+            before.replace('+', "%2B")
+        );
+    }
+    let fired: BTreeMap<String, String> = fire_pages
+        .iter()
+        .map(|fire| {
+            let ids = fire["command_ids"].as_array().unwrap();
+            assert_eq!(ids.len(), 1, "{fire}");
+            let fire_at = rfc3339(&fire["fire_at"]).format(&Rfc3339).unwrap();
+            (ids[0].as_str().unwrap().to_owned(), fire_at)
+        })
+        .collect();
+    assert_eq!(fired.len(), fire_pages.len(), "a command in two fires");
+    let run_at: BTreeMap<String, String> = commands
+        .iter()
+        .map(|c| {
+            let at = rfc3339(&c["run_at"]).format(&Rfc3339).unwrap();
+            (c["id"].as_str().unwrap().to_owned(), at)
+        })
+        .collect();
+    assert_eq!(fired, run_at);
+    ops.get(&format!("/v1/schedules/{id}/fires?before=yesterday"), 422)
+        .await;
+
     // Each fire is an audit record naming its command, once. (The records the first process
     // still held in its log queue when it was killed are lost with it.)
     let audited: Vec<String> = server
