@@ -452,3 +452,37 @@ async fn a_panicking_scheduler_tick_is_counted_and_the_next_tick_fires() {
     );
     assert!(metric(&text, r#"keel_schedule_fires_total{outcome="created"}"#).unwrap_or(0.0) >= 1.0);
 }
+
+#[tokio::test]
+async fn a_fire_wakes_the_agent_waiting_in_a_long_poll() {
+    let server = Server::start_with(Options {
+        extra_toml: FAST_SCHEDULER,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let agent = server.key("acme", "agent", Some("waiter"));
+    let agent_id = agent.check_in(&[]).await["id"].clone();
+    // Targeted at the agent, every 3 seconds.
+    ops.post(
+        "/v1/schedules",
+        &json!({"cron": "*/3 * * * * *", "timezone": "UTC",
+                "command": {"type": "tick", "agent_id": agent_id}}),
+        201,
+    )
+    .await;
+    let started = Instant::now();
+    let answer = agent
+        .post(
+            "/v1/commands/claim",
+            &json!({"limit": 1, "wait_seconds": 20}),
+            200,
+        )
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(answer["commands"].as_array().unwrap().len(), 1, "{answer}");
+    assert_eq!(answer["commands"][0]["target"]["agent_id"], agent_id);
+    // Woken by the fire (at most 3 s away, plus a scheduler tick), not by the end of the wait.
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+}
