@@ -61,6 +61,8 @@ impl Wakeups {
         let interest = match target {
             Target::Agent(agent) => Interest::Agent(*agent),
             Target::Queue(queue) => Interest::Queue(queue.clone()),
+            // A broadcast parent is never claimed; its children wake their agents.
+            Target::Broadcast(_) => return,
         };
         let notify = self
             .registry
