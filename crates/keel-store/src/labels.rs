@@ -221,7 +221,10 @@ impl Parser<'_> {
         let key = self.word();
         if key.is_empty() {
             return Err(match self.peek() {
-                Some(c) => format!("expected a label key at byte {at}, found `{}`", c.escape_debug()),
+                Some(c) => format!(
+                    "expected a label key at byte {at}, found `{}`",
+                    c.escape_debug()
+                ),
                 None => format!("expected a label key at byte {at}, found the end"),
             });
         }

@@ -32,11 +32,12 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, StoreResult};
 pub use labels::{LabelSelector, Labels};
 pub use model::{
-    Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, Broadcast, CheckIn, ClaimToken, Claimed,
-    Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount, Idempotency, Lease,
-    NewApiKey, NewBroadcast, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId, Organisation, Page,
-    PausedQueue, Principal, ReleaseOutcome, Released, Scope, Target, UnknownName,
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, Broadcast, CheckIn, ClaimToken,
+    Claimed, Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey,
+    CreatedOperatorKey, DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount,
+    Idempotency, Lease, NewApiKey, NewBroadcast, NewCommand, NewCommandItem, OperatorKey,
+    OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, ReleaseOutcome, Released,
+    Scope, Target, UnknownName,
 };
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};

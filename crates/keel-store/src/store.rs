@@ -5,13 +5,13 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::error::StoreResult;
+use crate::labels::Labels;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
     FinishedCount, Idempotency, Lease, NewApiKey, NewBroadcast, NewCommand, NewCommandItem,
     OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, Released,
 };
-use crate::labels::Labels;
 use crate::sqlite::WritePressure;
 
 /// The most commands one claim hands out.
@@ -115,8 +115,12 @@ pub trait Store: Send + Sync {
     async fn list_agents(&self, org: OrgId) -> StoreResult<Vec<Agent>>;
 
     /// Replaces the labels assigned to the agent over the API (its reported ones stay).
-    async fn set_agent_labels(&self, org: OrgId, agent: AgentId, labels: Labels)
-    -> StoreResult<Agent>;
+    async fn set_agent_labels(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        labels: Labels,
+    ) -> StoreResult<Agent>;
 
     /// Cordons the agent (it claims nothing new; what it runs finishes) or uncordons it.
     /// Cordoning twice keeps the first time.

@@ -46,7 +46,13 @@ async fn run_targeted(store: &dyn Store, org: OrgId, agent: AgentId) -> usize {
     let claimed = store.claim(org, agent, &[], 10).await.unwrap();
     for c in &claimed {
         store
-            .complete(org, agent, c.command.id, &c.claim_token, json!({"ok": true}))
+            .complete(
+                org,
+                agent,
+                c.command.id,
+                &c.claim_token,
+                json!({"ok": true}),
+            )
             .await
             .unwrap();
     }
@@ -71,7 +77,11 @@ pub async fn agent_labels(store: &dyn Store, _clock: &ManualClock) {
 
     // Assigned labels win over reported ones on a shared key, and survive check-ins.
     let a = store
-        .set_agent_labels(t.org, t.agent, labels(&[("env", "staging"), ("rack", "r1")]))
+        .set_agent_labels(
+            t.org,
+            t.agent,
+            labels(&[("env", "staging"), ("rack", "r1")]),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -79,7 +89,11 @@ pub async fn agent_labels(store: &dyn Store, _clock: &ManualClock) {
         labels(&[("env", "staging"), ("os", "linux"), ("rack", "r1")])
     );
     let a = store
-        .check_in(t.org, t.agent, check_in_with(Some(labels(&[("os", "bsd")]))))
+        .check_in(
+            t.org,
+            t.agent,
+            check_in_with(Some(labels(&[("os", "bsd")]))),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -232,7 +246,13 @@ pub async fn paused_queue_hands_out_nothing(store: &dyn Store, clock: &ManualClo
     );
     let listed = store.list_paused_queues(t.org).await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert!(store.list_paused_queues(other.org).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_paused_queues(other.org)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(!store.resume_queue(other.org, "deploy").await.unwrap());
 
     // Resumed: everything.
@@ -294,8 +314,20 @@ pub async fn broadcast_reaches_each_agent_once(store: &dyn Store, _clock: &Manua
 
     // Another organisation sees neither the parent nor its children.
     let other = tenant(store, "other").await;
-    assert!(store.get_command(other.org, parent.id).await.unwrap().is_none());
-    assert!(store.list_children(other.org, parent.id).await.unwrap().is_empty());
+    assert!(
+        store
+            .get_command(other.org, parent.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .list_children(other.org, parent.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub async fn broadcast_max_concurrency_holds_children(store: &dyn Store, _clock: &ManualClock) {
@@ -366,7 +398,14 @@ pub async fn broadcast_ends_failed_when_a_child_fails(store: &dyn Store, _clock:
     )
     .await;
     store
-        .fail(t.org, second, c.command.id, &c.claim_token, json!("disk full"), false)
+        .fail(
+            t.org,
+            second,
+            c.command.id,
+            &c.claim_token,
+            json!("disk full"),
+            false,
+        )
         .await
         .unwrap();
     let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();
@@ -382,15 +421,16 @@ pub async fn broadcast_ends_failed_when_a_child_fails(store: &dyn Store, _clock:
     assert_eq!(parent_now.status, CommandStatus::Completed);
 }
 
-pub async fn broadcast_cancel_cancels_unfinished_children(
-    store: &dyn Store,
-    _clock: &ManualClock,
-) {
+pub async fn broadcast_cancel_cancels_unfinished_children(store: &dyn Store, _clock: &ManualClock) {
     let t = tenant(store, "acme").await;
     let second = agent(store, t.org, "agent-2").await;
     let third = agent(store, t.org, "agent-3").await;
     let parent = store
-        .create_broadcast(t.org, broadcast(vec![t.agent, second, third], Some(2)), None)
+        .create_broadcast(
+            t.org,
+            broadcast(vec![t.agent, second, third], Some(2)),
+            None,
+        )
         .await
         .unwrap()
         .command;
@@ -400,7 +440,11 @@ pub async fn broadcast_cancel_cancels_unfinished_children(
     assert_eq!(running.len(), 1);
     let cancelled = store.cancel_command(t.org, parent.id).await.unwrap();
     assert!(cancelled.cancel_requested);
-    assert_eq!(cancelled.status, CommandStatus::Pending, "a child still runs");
+    assert_eq!(
+        cancelled.status,
+        CommandStatus::Pending,
+        "a child still runs"
+    );
     let children = store.list_children(t.org, parent.id).await.unwrap();
     let statuses: Vec<_> = children.iter().map(|c| c.status).collect();
     assert_eq!(
@@ -422,7 +466,14 @@ pub async fn broadcast_cancel_cancels_unfinished_children(
         .unwrap();
     assert!(lease.cancel_requested);
     store
-        .fail(t.org, second, c.command.id, &c.claim_token, json!("stopped"), true)
+        .fail(
+            t.org,
+            second,
+            c.command.id,
+            &c.claim_token,
+            json!("stopped"),
+            true,
+        )
         .await
         .unwrap();
     let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();

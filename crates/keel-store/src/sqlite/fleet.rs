@@ -15,6 +15,21 @@ use crate::model::{
 };
 use crate::store::{MAX_BATCH_CREATE, check_queue_name};
 
+/// Whether the agent is cordoned, and the organisation's paused queues (a JSON array): the
+/// agent's primary key and the first rows of `paused_queues`' key. No row: no such agent.
+pub(super) const CLAIM_GATE_SQL: &str = "SELECT cordoned_at IS NOT NULL, \
+       (SELECT json_group_array(queue) FROM paused_queues WHERE org_id = ?1) \
+     FROM agents WHERE org_id = ?1 AND id = ?2";
+
+/// A parent's children in creation order, on `commands_children`; the sort is of at most
+/// `MAX_BATCH_CREATE` rows, the most one broadcast has.
+pub(super) fn children_sql() -> String {
+    format!(
+        "SELECT {COMMAND_COLUMNS} FROM commands INDEXED BY commands_children \
+         WHERE parent_id = ? AND org_id = ? ORDER BY id"
+    )
+}
+
 /// What a claim of one agent may take.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Gate {
@@ -36,15 +51,11 @@ pub(super) async fn claim_gate<'e, E>(
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
-    let row: Option<(bool, Json<Vec<String>>)> = sqlx::query_as(
-        "SELECT cordoned_at IS NOT NULL, \
-           (SELECT json_group_array(queue) FROM paused_queues WHERE org_id = ?1) \
-         FROM agents WHERE org_id = ?1 AND id = ?2",
-    )
-    .bind(org)
-    .bind(agent)
-    .fetch_optional(executor)
-    .await?;
+    let row: Option<(bool, Json<Vec<String>>)> = sqlx::query_as(CLAIM_GATE_SQL)
+        .bind(org)
+        .bind(agent)
+        .fetch_optional(executor)
+        .await?;
     Ok(match row {
         None => Gate::UnknownAgent,
         Some((true, _)) => Gate::Cordoned,
@@ -143,7 +154,11 @@ pub(super) async fn pause_queue(
         .await
 }
 
-pub(super) async fn resume_queue(store: &SqliteStore, org: OrgId, queue: &str) -> StoreResult<bool> {
+pub(super) async fn resume_queue(
+    store: &SqliteStore,
+    org: OrgId,
+    queue: &str,
+) -> StoreResult<bool> {
     let queue = queue.to_owned();
     store
         .write_one(Lane::Bulk, move |conn| {
@@ -292,14 +307,11 @@ pub(super) async fn list_children(
     org: OrgId,
     parent: CommandId,
 ) -> StoreResult<Vec<Command>> {
-    let rows: Vec<CommandRow> = sqlx::query_as(&format!(
-        "SELECT {COMMAND_COLUMNS} FROM commands INDEXED BY commands_children \
-         WHERE parent_id = ? AND org_id = ? ORDER BY id"
-    ))
-    .bind(parent)
-    .bind(org)
-    .fetch_all(&store.read)
-    .await?;
+    let rows: Vec<CommandRow> = sqlx::query_as(&children_sql())
+        .bind(parent)
+        .bind(org)
+        .fetch_all(&store.read)
+        .await?;
     rows.into_iter()
         .map(|row| row.into_command().map(|(command, _)| command))
         .collect()

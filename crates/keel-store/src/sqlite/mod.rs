@@ -31,6 +31,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, SqliteConnection};
 use time::OffsetDateTime;
 
+use self::fleet::Gate;
 use self::lease::{Claim, Fence, LeaseTable};
 use self::rows::{
     AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
@@ -40,6 +41,7 @@ use self::writer::{Lane, Writer};
 pub use self::writer::{WritePressure, WriterOptions};
 use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
+use crate::labels::Labels;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, CheckIn, ClaimToken, Claimed, Command,
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
@@ -47,8 +49,6 @@ use crate::model::{
     OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, ReleaseOutcome,
     Released, Scope, Target,
 };
-use crate::labels::Labels;
-use self::fleet::Gate;
 use crate::store::{MAX_BATCH_CREATE, MAX_CLAIM_BATCH, MAX_PAGE_SIZE, Store};
 use crate::token;
 
@@ -660,7 +660,17 @@ impl Store for SqliteStore {
         not_a_broadcast(&command)?;
         let (_, now_us) = self.now_and_micros();
         self.write_one(Lane::Bulk, move |conn| {
-            Box::pin(async move { insert_command(conn, org, command, idempotency, now_us, Placement::default()).await })
+            Box::pin(async move {
+                insert_command(
+                    conn,
+                    org,
+                    command,
+                    idempotency,
+                    now_us,
+                    Placement::default(),
+                )
+                .await
+            })
         })
         .await
     }
@@ -679,11 +689,11 @@ impl Store for SqliteStore {
             validate_new_command(&item.command)
                 .and_then(|()| not_a_broadcast(&item.command))
                 .map_err(|err| match err {
-                StoreError::InvalidInput(what) => {
-                    StoreError::InvalidInput(format!("commands[{n}]: {what}"))
-                }
-                other => other,
-            })?;
+                    StoreError::InvalidInput(what) => {
+                        StoreError::InvalidInput(format!("commands[{n}]: {what}"))
+                    }
+                    other => other,
+                })?;
         }
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
@@ -815,13 +825,12 @@ impl Store for SqliteStore {
                     Box::pin(async move {
                         // Again on the writer: a cordon or a pause that committed since the
                         // read above holds for this claim.
-                        let queues = match fleet::claim_gate(&mut *conn, org, agent, &queues)
-                            .await?
-                        {
-                            Gate::UnknownAgent => return Err(StoreError::UnknownAgent),
-                            Gate::Cordoned => return Ok(Vec::new()),
-                            Gate::Open(open) => open,
-                        };
+                        let queues =
+                            match fleet::claim_gate(&mut *conn, org, agent, &queues).await? {
+                                Gate::UnknownAgent => return Err(StoreError::UnknownAgent),
+                                Gate::Cordoned => return Ok(Vec::new()),
+                                Gate::Open(open) => open,
+                            };
                         let candidates = claim_candidates_sql(queues.len());
                         let rows: Vec<CommandRow> = COMMANDS
                             .claim(

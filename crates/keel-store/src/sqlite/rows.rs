@@ -8,11 +8,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::{StoreError, StoreResult};
-use crate::model::{
-    Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, ClaimToken, Claimed, Command,
-    CommandId, CommandStatus, DeadReason, OrgId, Organisation, PausedQueue, Scope, Target,
-};
 use crate::labels::Labels;
+use crate::model::{
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, ClaimToken, Claimed, Command, CommandId,
+    CommandStatus, DeadReason, OrgId, Organisation, PausedQueue, Scope, Target,
+};
 
 pub(super) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
     from_micros(to_micros(t)).unwrap_or(t)

@@ -223,6 +223,7 @@ pub(super) struct ListQuery {
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "The agents", body = AgentList),
+        (status = 422, description = "`validation_failed`: a malformed selector", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 503, description = "`overloaded`", body = ErrorBody),
@@ -255,6 +256,7 @@ pub(super) async fn list(
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
     )
 )]
@@ -293,6 +295,7 @@ pub(super) struct LabelsRequest {
     security(("api_key" = ["admin"])),
     responses(
         (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
     )
 )]
@@ -324,6 +327,7 @@ pub(super) async fn set_labels(
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
     )
 )]
@@ -344,6 +348,7 @@ pub(super) async fn cordon(
     security(("api_key" = ["commands:write"])),
     responses(
         (status = 200, description = "The agent", body = AgentView),
+        (status = 400, description = "`bad_request`: the id is not a UUID", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
     )
 )]

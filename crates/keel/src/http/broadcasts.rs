@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keel_store::{
-    AgentId, Broadcast, Command, CommandId, CommandStatus, LabelSelector, NewBroadcast,
-    NewCommand, OrgId,
+    AgentId, Broadcast, Command, CommandId, CommandStatus, LabelSelector, NewBroadcast, NewCommand,
+    OrgId,
 };
 use serde::Serialize;
 use serde_json::Value;

@@ -21,9 +21,9 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use super::auth::Caller;
+use super::broadcasts::{BroadcastView, ChildrenView};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
-use super::broadcasts::{BroadcastView, ChildrenView};
 use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
 use crate::commands::release::{self, outcome_name};
 use crate::config::CommandLimits;
@@ -276,7 +276,10 @@ impl CreateCommand {
                         "selector: must name at least one requirement".to_owned(),
                     ));
                 }
-                (Target::Broadcast(selector.as_str().to_owned()), Some(selector))
+                (
+                    Target::Broadcast(selector.as_str().to_owned()),
+                    Some(selector),
+                )
             }
             _ => {
                 return Err(ApiError::Validation(
@@ -412,7 +415,10 @@ pub(super) fn canonical(command: &NewCommand) -> Value {
 }
 
 /// The `Idempotency-Key` header, if any, with a hash of `canonical`.
-pub(super) fn keyed(headers: &HeaderMap, canonical: Value) -> Result<Option<Idempotency>, ApiError> {
+pub(super) fn keyed(
+    headers: &HeaderMap,
+    canonical: Value,
+) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -992,9 +998,17 @@ pub(super) fn reported(state: &AppState, org: keel_store::OrgId, command: &Comma
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
-/// Deserialises a JSON body already parsed as a `Value`; errors name the field.
+/// Deserialises a JSON body already parsed as a `Value`; errors name the field (a missing or
+/// unknown field names itself in the message).
 pub(super) fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
-    serde_json::from_value(body).map_err(|e| ApiError::Validation(e.to_string()))
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::Validation(e.inner().to_string())
+        } else {
+            ApiError::Validation(format!("{path}: {}", e.inner()))
+        }
+    })
 }
 
 /// A command id from the path; anything else is a 400.
@@ -1030,7 +1044,7 @@ mod tests {
         let hash = |body: &str| {
             let request: CreateCommand = serde_json::from_str(body).unwrap();
             let command = request.validate(&CommandLimits::default()).unwrap();
-            idempotency(&headers, &command)
+            idempotency(&headers, command.command())
                 .unwrap()
                 .unwrap()
                 .request_hash
@@ -1057,7 +1071,7 @@ mod tests {
                 "idempotency-key",
                 axum::http::HeaderValue::from_bytes(key).unwrap(),
             );
-            idempotency(&headers, &command)
+            idempotency(&headers, command.command())
         };
         assert!(with_key(b"order 42/retry~1").is_ok());
         for bad in [&b"a\tb"[..], b"caf\xc3\xa9"] {
