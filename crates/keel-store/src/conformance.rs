@@ -85,7 +85,8 @@ macro_rules! conformance_tests {
             broadcast_max_concurrency_holds_children,
             broadcast_ends_failed_when_a_child_fails,
             broadcast_cancel_cancels_unfinished_children,
-            broadcast_idempotency_and_refusals
+            broadcast_idempotency_and_refusals,
+            broadcast_requeue_keeps_to_max_concurrency
         );
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -550,3 +550,57 @@ pub async fn broadcast_idempotency_and_refusals(store: &dyn Store, _clock: &Manu
         Err(StoreError::InvalidInput(_))
     ));
 }
+
+pub async fn broadcast_requeue_keeps_to_max_concurrency(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    let mut agents = vec![t.agent];
+    for n in 2..=4 {
+        agents.push(agent(store, t.org, &format!("agent-{n}")).await);
+    }
+    let mut new = broadcast(agents.clone(), Some(2));
+    new.command.max_attempts = 1;
+    let parent = store
+        .create_broadcast(t.org, new, None)
+        .await
+        .unwrap()
+        .command;
+    // Every child fails, two at a time.
+    for _ in 0..2 {
+        for agent in &agents {
+            for c in store.claim(t.org, *agent, &[], 10).await.unwrap() {
+                store
+                    .fail(
+                        t.org,
+                        *agent,
+                        c.command.id,
+                        &c.claim_token,
+                        json!("no"),
+                        true,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();
+    assert_eq!(parent_now.status, CommandStatus::Failed);
+    // Requeuing the parent requeues every failed child and reopens it.
+    let requeued = store.requeue(t.org, parent.id).await.unwrap();
+    assert_eq!(requeued.status, CommandStatus::Pending);
+    let children = store.list_children(t.org, parent.id).await.unwrap();
+    assert!(
+        children
+            .iter()
+            .all(|c| c.status == CommandStatus::Pending && c.attempts == 0)
+    );
+    // Still two at a time.
+    let mut running = 0;
+    for agent in &agents {
+        running += store.claim(t.org, *agent, &[], 10).await.unwrap().len();
+    }
+    assert_eq!(running, 2);
+    assert!(matches!(
+        store.requeue(t.org, parent.id).await,
+        Err(StoreError::InvalidState(_))
+    ));
+}

@@ -359,3 +359,91 @@ pub(super) async fn cancel_broadcast(
     .await?;
     Ok(row)
 }
+
+/// A command's place in a broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    /// Not part of one (or no such command in the organisation).
+    Plain,
+    /// A broadcast parent.
+    Parent,
+    /// A child of this parent.
+    Child(CommandId),
+}
+
+/// Reads the role of a command (on the writer's connection).
+pub(super) async fn role(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    id: CommandId,
+) -> StoreResult<Role> {
+    let row: Option<(bool, Option<CommandId>)> = sqlx::query_as(
+        "SELECT selector IS NOT NULL, parent_id FROM commands WHERE org_id = ? AND id = ?",
+    )
+    .bind(org)
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match row {
+        Some((true, _)) => Role::Parent,
+        Some((false, Some(parent))) => Role::Child(parent),
+        _ => Role::Plain,
+    })
+}
+
+/// Requeues a broadcast parent's failed and dead children (on the writer's connection): each
+/// goes back to pending with its attempts reset, which reopens the parent; with
+/// `max_concurrency`, those beyond the free places are held. `InvalidState` when there is none.
+pub(super) async fn requeue_broadcast(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    parent: CommandId,
+    now_us: i64,
+) -> StoreResult<CommandRow> {
+    let children: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT id FROM commands INDEXED BY commands_children \
+         WHERE parent_id = ? AND status IN ('failed', 'dead') ORDER BY id",
+    )
+    .bind(parent)
+    .fetch_all(&mut *conn)
+    .await?;
+    if children.is_empty() {
+        return Err(StoreError::InvalidState(
+            "the broadcast has no failed or dead child to requeue".to_owned(),
+        ));
+    }
+    for child in children {
+        let _: CommandRow = COMMANDS.requeue(conn, org, child, now_us).await?;
+    }
+    hold_beyond_concurrency(conn, parent).await?;
+    let row: CommandRow = sqlx::query_as(&format!(
+        "SELECT {COMMAND_COLUMNS} FROM commands WHERE org_id = ? AND id = ?"
+    ))
+    .bind(org)
+    .bind(parent)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row)
+}
+
+/// After children were requeued: with `max_concurrency` n, holds the released, unclaimed
+/// children beyond n (the last ones first), so the broadcast keeps to its limit.
+pub(super) async fn hold_beyond_concurrency(
+    conn: &mut SqliteConnection,
+    parent: CommandId,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE commands SET scheduled = 2 WHERE id IN ( \
+           SELECT id FROM commands INDEXED BY commands_children \
+           WHERE parent_id = ?1 AND status = 'pending' AND scheduled <> 2 \
+           ORDER BY id DESC \
+           LIMIT MAX(0, \
+             (SELECT COUNT(*) FROM commands INDEXED BY commands_children \
+              WHERE parent_id = ?1 AND status IN ('pending', 'executing') AND scheduled <> 2) \
+             - COALESCE((SELECT max_concurrency FROM commands WHERE id = ?1), 1000000000)))",
+    )
+    .bind(parent)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}

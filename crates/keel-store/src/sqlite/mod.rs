@@ -31,7 +31,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, SqliteConnection};
 use time::OffsetDateTime;
 
-use self::fleet::Gate;
+use self::fleet::{Gate, Role};
 use self::lease::{Claim, Fence, LeaseTable};
 use self::rows::{
     AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
@@ -746,14 +746,7 @@ impl Store for SqliteStore {
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
-                let is_parent: Option<bool> = sqlx::query_scalar(
-                    "SELECT selector IS NOT NULL FROM commands WHERE org_id = ? AND id = ?",
-                )
-                .bind(org)
-                .bind(id)
-                .fetch_optional(&mut *conn)
-                .await?;
-                let row: CommandRow = if is_parent == Some(true) {
+                let row: CommandRow = if fleet::role(conn, org, id).await? == Role::Parent {
                     fleet::cancel_broadcast(conn, org, id, now_us).await?
                 } else {
                     COMMANDS.cancel(conn, org, id.0, now_us).await?
@@ -1100,9 +1093,17 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(Lane::Bulk, move |conn| {
+        self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
-                let row: CommandRow = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                let row: CommandRow = match fleet::role(conn, org, id).await? {
+                    Role::Parent => fleet::requeue_broadcast(conn, org, id, now_us).await?,
+                    Role::Child(parent) => {
+                        let row = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                        fleet::hold_beyond_concurrency(conn, parent).await?;
+                        row
+                    }
+                    Role::Plain => COMMANDS.requeue(conn, org, id.0, now_us).await?,
+                };
                 Ok(row.into_command()?.0)
             })
         })

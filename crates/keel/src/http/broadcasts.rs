@@ -179,11 +179,7 @@ pub(super) async fn create(
     let status = if created.created {
         metrics::counter!("keel_commands_created_total").increment(agents.len() as u64 + 1);
         tracing::info!(target: "keel::audit", action = "command.broadcast", command_id = %created.command.id, selector = %selector, agents = agents.len(), "broadcast created");
-        for agent in &agents {
-            state
-                .wakeups
-                .wake_target(org, &keel_store::Target::Agent(*agent));
-        }
+        state.wakeups.wake_target(org, &created.command.target);
         StatusCode::CREATED
     } else {
         StatusCode::OK
