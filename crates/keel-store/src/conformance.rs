@@ -32,6 +32,8 @@ use crate::{
 };
 use crate::{AttemptOutcome, NewCommandItem};
 
+mod fleet;
+pub use fleet::*;
 mod schedules;
 pub use schedules::*;
 
@@ -78,6 +80,15 @@ macro_rules! conformance_tests {
             scheduled_commands_wait_their_turn,
             operator_keys,
             operator_and_organisation_keys_are_apart,
+            agent_labels,
+            cordoned_agent_claims_nothing_new,
+            paused_queue_hands_out_nothing,
+            broadcast_reaches_each_agent_once,
+            broadcast_max_concurrency_holds_children,
+            broadcast_ends_failed_when_a_child_fails,
+            broadcast_cancel_cancels_unfinished_children,
+            broadcast_idempotency_and_refusals,
+            broadcast_requeue_keeps_to_max_concurrency,
             schedules_create_read_pause_delete,
             schedules_are_isolated,
             schedule_fires_once_per_fire_time,
@@ -447,6 +458,7 @@ pub async fn agent_check_in(store: &dyn Store, clock: &ManualClock) {
         metadata: json!({"os": "linux"}),
         queues: queues(&["build", "deploy"]),
         boot_id,
+        labels: None,
     };
     let before = store.get_agent(t.org, t.agent).await.unwrap().unwrap();
     assert_eq!(before.last_seen_at, None);
@@ -1286,6 +1298,7 @@ pub async fn check_in_never_renames(store: &dyn Store, _clock: &ManualClock) {
         metadata: json!({}),
         queues: Vec::new(),
         boot_id: Uuid::new_v4(),
+        labels: None,
     };
     let same = store
         .check_in(t.org, t.agent, check_in(Some(&named)))

@@ -5,6 +5,7 @@
 //!
 //! - [`store`]: the [`Store`] trait and its limits.
 //! - [`model`]: identifiers, organisations, keys, agents, commands, claims and leases.
+//! - [`labels`]: agent labels and the label selectors that pick agents by them.
 //! - [`schedule`]: schedules, their fire times (cron patterns in IANA time zones) and the
 //!   missed-fire policy.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
@@ -18,6 +19,7 @@
 pub mod backoff;
 pub mod clock;
 pub mod error;
+pub mod labels;
 pub mod model;
 pub mod schedule;
 pub mod sqlite;
@@ -31,13 +33,14 @@ pub mod conformance;
 pub use backoff::retry_backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, StoreResult};
+pub use labels::{LabelSelector, Labels};
 pub use model::{
-    Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, CheckIn, ClaimToken, Claimed,
-    Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount, Idempotency, Lease,
-    MissedFires, NewApiKey, NewCommand, NewCommandItem, OperatorKey, OperatorKeyId, OrgId,
-    Organisation, Page, Principal, ReleaseOutcome, Released, ScheduleId, ScheduleState, Scope,
-    Target, UnknownName,
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, AttemptOutcome, Broadcast, CheckIn, ClaimToken,
+    Claimed, Command, CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey,
+    CreatedOperatorKey, DEFAULT_LEASE_DURATION, DEFAULT_MAX_ATTEMPTS, DeadReason, FinishedCount,
+    Idempotency, Lease, MissedFires, NewApiKey, NewBroadcast, NewCommand, NewCommandItem,
+    OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, ReleaseOutcome,
+    Released, ScheduleId, ScheduleState, Scope, Target, UnknownName,
 };
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};

@@ -10,6 +10,8 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::labels::Labels;
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -357,6 +359,25 @@ pub struct Agent {
     pub last_seen_at: Option<OffsetDateTime>,
     /// When the record was created.
     pub created_at: OffsetDateTime,
+    /// The labels it reported at its last check-in.
+    pub reported_labels: Labels,
+    /// The labels assigned to it over the API.
+    pub assigned_labels: Labels,
+    /// Since when it is cordoned (it claims nothing new); `None` when it is not.
+    pub cordoned_at: Option<OffsetDateTime>,
+}
+
+impl Agent {
+    /// Its labels: the reported ones, with the assigned ones over them.
+    pub fn labels(&self) -> Labels {
+        let mut labels = self.reported_labels.clone();
+        labels.extend(
+            self.assigned_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        labels
+    }
 }
 
 /// What an agent reports when it checks in.
@@ -372,6 +393,8 @@ pub struct CheckIn {
     pub queues: Vec<String>,
     /// Chosen anew by each process start: a new value means the agent restarted.
     pub boot_id: Uuid,
+    /// Its labels; `None` keeps the ones it reported before.
+    pub labels: Option<Labels>,
 }
 
 /// Who may run a command.
@@ -382,6 +405,9 @@ pub enum Target {
     Agent(AgentId),
     /// Any agent of the organisation that serves this queue.
     Queue(String),
+    /// Every agent the label selector matched at creation: a broadcast parent, run by its
+    /// children, one per agent.
+    Broadcast(String),
 }
 
 /// How many times a command is handed out before it fails or dies, unless set.
@@ -480,6 +506,44 @@ pub struct Command {
     pub updated_at: OffsetDateTime,
     /// When it reached its current terminal state.
     pub finished_at: Option<OffsetDateTime>,
+    /// The broadcast it is a child of.
+    pub parent_id: Option<CommandId>,
+    /// For a broadcast parent: how it was created and the agents it reached.
+    pub broadcast: Option<Broadcast>,
+}
+
+/// How a broadcast was created, and the agents its selector matched then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broadcast {
+    /// Only agents online at creation were matched.
+    pub online_only: bool,
+    /// At most this many children unfinished and released at once; `None`: no limit.
+    pub max_concurrency: Option<u32>,
+    /// The matched agents, one child each, in child order.
+    pub agents: Vec<AgentId>,
+}
+
+/// What to create a broadcast with: the parent (its target the selector), and the agents the
+/// selector matched, each of which gets a child with the parent's type, parameters and limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBroadcast {
+    /// The parent; its target is [`Target::Broadcast`].
+    pub command: NewCommand,
+    /// See [`Broadcast::online_only`].
+    pub online_only: bool,
+    /// See [`Broadcast::max_concurrency`].
+    pub max_concurrency: Option<u32>,
+    /// The agents the selector matched (1 to [`crate::MAX_BATCH_CREATE`]).
+    pub agents: Vec<AgentId>,
+}
+
+/// A paused queue: its pooled commands are not claimed until it is resumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PausedQueue {
+    /// The queue.
+    pub queue: String,
+    /// Since when.
+    pub paused_at: OffsetDateTime,
 }
 
 /// The outcome of a create: the command, and whether this call created it.

@@ -5,11 +5,12 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::error::StoreResult;
+use crate::labels::Labels;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
-    OperatorKeyId, OrgId, Organisation, Page, Principal, Released,
+    FinishedCount, Idempotency, Lease, NewApiKey, NewBroadcast, NewCommand, NewCommandItem,
+    OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, Released,
 };
 use crate::model::{ScheduleId, ScheduleState};
 use crate::schedule::{
@@ -117,6 +118,38 @@ pub trait Store: Send + Sync {
     /// The organisation's agents, by name.
     async fn list_agents(&self, org: OrgId) -> StoreResult<Vec<Agent>>;
 
+    /// Replaces the labels assigned to the agent over the API (its reported ones stay).
+    async fn set_agent_labels(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        labels: Labels,
+    ) -> StoreResult<Agent>;
+
+    /// Cordons the agent (it claims nothing new; what it runs finishes) or uncordons it.
+    /// Cordoning twice keeps the first time.
+    async fn set_agent_cordoned(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        cordoned: bool,
+    ) -> StoreResult<Agent>;
+
+    // --- queues ---
+
+    /// Pauses a queue of the organisation: its pooled commands are not claimed (creates are
+    /// still accepted). Pausing twice keeps the first time. The queue need not exist yet.
+    async fn pause_queue(&self, org: OrgId, queue: &str) -> StoreResult<PausedQueue>;
+
+    /// Resumes a queue; `false` when it was not paused.
+    async fn resume_queue(&self, org: OrgId, queue: &str) -> StoreResult<bool>;
+
+    /// The organisation's paused queues, by name.
+    async fn list_paused_queues(&self, org: OrgId) -> StoreResult<Vec<PausedQueue>>;
+
+    /// Across organisations: `(cordoned agents, paused queues)`.
+    async fn count_cordoned_and_paused(&self) -> StoreResult<(u64, u64)>;
+
     // --- commands ---
 
     /// Creates a command. With an idempotency key seen before: the same request hash gives the
@@ -137,6 +170,22 @@ pub trait Store: Send + Sync {
         items: Vec<NewCommandItem>,
     ) -> StoreResult<Vec<Created>>;
 
+    /// Creates a broadcast: the parent and one child per agent, in one transaction (all or
+    /// nothing), with the idempotency rules of [`Store::create_command`] on the parent. Each
+    /// child has the parent's type, parameters, priority, due time, attempts and lease, and
+    /// targets its agent; with `max_concurrency` n, children after the n-th are held until a
+    /// sibling finishes. No agent, or more than `MAX_BATCH_CREATE`, is `InvalidInput`; an
+    /// agent not in `org` is `UnknownAgent`.
+    async fn create_broadcast(
+        &self,
+        org: OrgId,
+        broadcast: NewBroadcast,
+        idempotency: Option<Idempotency>,
+    ) -> StoreResult<Created>;
+
+    /// A broadcast's children, in creation order (empty for a command that has none).
+    async fn list_children(&self, org: OrgId, parent: CommandId) -> StoreResult<Vec<Command>>;
+
     /// One command of the organisation.
     async fn get_command(&self, org: OrgId, id: CommandId) -> StoreResult<Option<Command>>;
 
@@ -151,12 +200,14 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Page>;
 
     /// Cancels a command: a pending one at once, an executing one by setting `cancel_requested`
-    /// (the agent sees it in its heartbeat). `InvalidState` for a finished one.
+    /// (the agent sees it in its heartbeat). `InvalidState` for a finished one. A broadcast
+    /// parent cancels its unfinished children the same way and ends `cancelled` with the last
+    /// of them.
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command>;
 
     /// Hands up to `limit` (clamped to `1..=MAX_CLAIM_BATCH`) due pending commands to `agent`:
-    /// those targeted at it and those pooled on one of `queues`, best priority first, then
-    /// oldest. Each gets a new claim token, a lease of its own duration and one more attempt, in
+    /// those targeted at it and those pooled on one of `queues` that is not paused, best
+    /// priority first, then oldest; nothing while the agent is cordoned. Each gets a new claim token, a lease of its own duration and one more attempt, in
     /// one atomic statement. `UnknownAgent` if the agent is not in `org`.
     async fn claim(
         &self,

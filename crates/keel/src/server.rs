@@ -109,6 +109,7 @@ pub async fn run(
     ];
     let job_names: Vec<&str> = jobs.iter().map(JobHandle::name).collect();
     telemetry::seed(&job_names);
+    telemetry::refresh_fleet_gauges(store.as_ref()).await;
 
     let state = AppState {
         components,

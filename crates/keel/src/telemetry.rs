@@ -168,6 +168,26 @@ fn describe() {
         "keel_log_queue_length",
         "Records waiting in the log queue, sampled by the telemetry job"
     );
+    describe_gauge!(
+        "keel_agents_cordoned",
+        "Agents cordoned (claiming nothing new), across organisations"
+    );
+    describe_gauge!(
+        "keel_queues_paused",
+        "Queues paused (their pooled commands not handed out), across organisations"
+    );
+}
+
+/// Sets the cordoned-agents and paused-queues gauges from the store (at start, and after each
+/// cordon, uncordon, pause or resume). A failed read keeps the last values.
+pub async fn refresh_fleet_gauges(store: &dyn keel_store::Store) {
+    match store.count_cordoned_and_paused().await {
+        Ok((cordoned, paused)) => {
+            metrics::gauge!("keel_agents_cordoned").set(cordoned as f64);
+            metrics::gauge!("keel_queues_paused").set(paused as f64);
+        }
+        Err(err) => tracing::warn!(error = %err, "fleet gauges not refreshed"),
+    }
 }
 
 #[cfg(test)]

@@ -295,8 +295,11 @@ function drawAgents(overview) {
   $("agents").tBodies[0].replaceChildren(...overview.agents.map((agent) => el("tr", {},
     el("td", {}, agent.org),
     el("td", {}, agent.name),
-    el("td", {}, el("span", { class: "state " + (agent.online ? "online" : "offline") }, agent.online ? "online" : "offline")),
+    el("td", {},
+      el("span", { class: "state " + (agent.online ? "online" : "offline") }, agent.online ? "online" : "offline"),
+      agent.cordoned ? el("span", { class: "state cordoned" }, " cordoned") : ""),
     el("td", {}, (agent.queues || []).join(", ") || "—"),
+    el("td", {}, Object.entries(agent.labels || {}).map(([k, v]) => k + "=" + v).join(", ") || "—"),
     el("td", {}, time(agent.last_seen_at)))));
 }
 

@@ -9,6 +9,7 @@
 //! Reads use their own pool of `query_only` connections: under WAL they never wait for the
 //! writer.
 
+mod fleet;
 mod lease;
 mod operator_keys;
 mod rows;
@@ -31,6 +32,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, SqliteConnection};
 use time::OffsetDateTime;
 
+use self::fleet::{Gate, Role};
 use self::lease::{Claim, Fence, LeaseTable};
 use self::rows::{
     AgentRow, ApiKeyRow, AttemptRow, CommandRow, OrgRow, duration_millis, from_micros,
@@ -40,11 +42,13 @@ use self::writer::{Lane, Writer};
 pub use self::writer::{WritePressure, WriterOptions};
 use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
+use crate::labels::Labels;
 use crate::model::{
-    Agent, AgentId, ApiKey, ApiKeyId, Attempt, CheckIn, ClaimToken, Claimed, Command,
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, CheckIn, ClaimToken, Claimed, Command,
     CommandFilter, CommandId, CommandStatus, Created, CreatedApiKey, CreatedOperatorKey,
-    FinishedCount, Idempotency, Lease, NewApiKey, NewCommand, NewCommandItem, OperatorKey,
-    OperatorKeyId, OrgId, Organisation, Page, Principal, ReleaseOutcome, Released, Scope, Target,
+    FinishedCount, Idempotency, Lease, NewApiKey, NewBroadcast, NewCommand, NewCommandItem,
+    OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, ReleaseOutcome,
+    Released, Scope, Target,
 };
 use crate::model::{ScheduleId, ScheduleState};
 use crate::schedule::{
@@ -106,10 +110,11 @@ const PREFIX_ATTEMPTS: u32 = 3;
 const COMMAND_COLUMNS: &str = "id, org_id, command_type, target_agent_id, queue, params, \
      priority, run_at, max_attempts, lease_duration_ms, status, attempts, claim_token, \
      lease_expires_at, claimed_by, progress, result, error, dead_reason, cancel_requested, \
-     idempotency_key, request_hash, created_at, updated_at, finished_at";
+     idempotency_key, request_hash, created_at, updated_at, finished_at, parent_id, selector, \
+     online_only, max_concurrency, broadcast_agents";
 
 const AGENT_COLUMNS: &str = "id, org_id, name, version, metadata, queues, boot_id, boot_count, \
-     booted_at, last_seen_at, created_at";
+     booted_at, last_seen_at, created_at, labels, assigned_labels, cordoned_at";
 
 const API_KEY_COLUMNS: &str =
     "id, org_id, name, prefix, token_hash, scopes, agent_id, created_at, revoked_at";
@@ -542,6 +547,10 @@ impl Store for SqliteStore {
                 "agent metadata must be a JSON object".to_owned(),
             ));
         }
+        if let Some(labels) = &check_in.labels {
+            crate::labels::check_labels(labels)
+                .map_err(|rule| StoreError::InvalidInput(format!("labels: {rule}")))?;
+        }
         let (_, now_us) = self.now_and_micros();
         self.write_one(Lane::Bulk, move |conn| {
             Box::pin(async move {
@@ -553,7 +562,7 @@ impl Store for SqliteStore {
                        version = ?2, metadata = ?3, queues = ?4, \
                        boot_count = CASE WHEN boot_id IS ?5 THEN boot_count ELSE boot_count + 1 END, \
                        booted_at = CASE WHEN boot_id IS ?5 THEN booted_at ELSE ?6 END, \
-                       boot_id = ?5, last_seen_at = ?6 \
+                       boot_id = ?5, last_seen_at = ?6, labels = COALESCE(?9, labels) \
                      WHERE org_id = ?7 AND id = ?8 AND (?1 IS NULL OR name = ?1) \
                      RETURNING {AGENT_COLUMNS}"
                 ))
@@ -565,6 +574,7 @@ impl Store for SqliteStore {
                 .bind(now_us)
                 .bind(org)
                 .bind(agent)
+                .bind(check_in.labels.map(Json))
                 .fetch_optional(&mut *conn)
                 .await?;
                 match row {
@@ -611,6 +621,40 @@ impl Store for SqliteStore {
         rows.into_iter().map(AgentRow::into_agent).collect()
     }
 
+    async fn set_agent_labels(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        labels: Labels,
+    ) -> StoreResult<Agent> {
+        fleet::set_agent_labels(self, org, agent, labels).await
+    }
+
+    async fn set_agent_cordoned(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        cordoned: bool,
+    ) -> StoreResult<Agent> {
+        fleet::set_agent_cordoned(self, org, agent, cordoned).await
+    }
+
+    async fn pause_queue(&self, org: OrgId, queue: &str) -> StoreResult<PausedQueue> {
+        fleet::pause_queue(self, org, queue).await
+    }
+
+    async fn resume_queue(&self, org: OrgId, queue: &str) -> StoreResult<bool> {
+        fleet::resume_queue(self, org, queue).await
+    }
+
+    async fn list_paused_queues(&self, org: OrgId) -> StoreResult<Vec<PausedQueue>> {
+        fleet::list_paused_queues(self, org).await
+    }
+
+    async fn count_cordoned_and_paused(&self) -> StoreResult<(u64, u64)> {
+        fleet::count_cordoned_and_paused(self).await
+    }
+
     async fn create_command(
         &self,
         org: OrgId,
@@ -618,9 +662,20 @@ impl Store for SqliteStore {
         idempotency: Option<Idempotency>,
     ) -> StoreResult<Created> {
         validate_new_command(&command)?;
+        not_a_broadcast(&command)?;
         let (_, now_us) = self.now_and_micros();
         self.write_one(Lane::Bulk, move |conn| {
-            Box::pin(async move { insert_command(conn, org, command, idempotency, now_us).await })
+            Box::pin(async move {
+                insert_command(
+                    conn,
+                    org,
+                    command,
+                    idempotency,
+                    now_us,
+                    Placement::default(),
+                )
+                .await
+            })
         })
         .await
     }
@@ -636,12 +691,14 @@ impl Store for SqliteStore {
             )));
         }
         for (n, item) in items.iter().enumerate() {
-            validate_new_command(&item.command).map_err(|err| match err {
-                StoreError::InvalidInput(what) => {
-                    StoreError::InvalidInput(format!("commands[{n}]: {what}"))
-                }
-                other => other,
-            })?;
+            validate_new_command(&item.command)
+                .and_then(|()| not_a_broadcast(&item.command))
+                .map_err(|err| match err {
+                    StoreError::InvalidInput(what) => {
+                        StoreError::InvalidInput(format!("commands[{n}]: {what}"))
+                    }
+                    other => other,
+                })?;
         }
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
@@ -649,7 +706,15 @@ impl Store for SqliteStore {
                 let mut created = Vec::with_capacity(items.len());
                 for item in items {
                     created.push(
-                        insert_command(conn, org, item.command, item.idempotency, now_us).await?,
+                        insert_command(
+                            conn,
+                            org,
+                            item.command,
+                            item.idempotency,
+                            now_us,
+                            Placement::default(),
+                        )
+                        .await?,
                     );
                 }
                 Ok(created)
@@ -684,13 +749,30 @@ impl Store for SqliteStore {
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(Lane::Bulk, move |conn| {
+        self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
-                let row: CommandRow = COMMANDS.cancel(conn, org, id.0, now_us).await?;
+                let row: CommandRow = if fleet::role(conn, org, id).await? == Role::Parent {
+                    fleet::cancel_broadcast(conn, org, id, now_us).await?
+                } else {
+                    COMMANDS.cancel(conn, org, id.0, now_us).await?
+                };
                 Ok(row.into_command()?.0)
             })
         })
         .await
+    }
+
+    async fn create_broadcast(
+        &self,
+        org: OrgId,
+        broadcast: NewBroadcast,
+        idempotency: Option<Idempotency>,
+    ) -> StoreResult<Created> {
+        fleet::create_broadcast(self, org, broadcast, idempotency).await
+    }
+
+    async fn list_children(&self, org: OrgId, parent: CommandId) -> StoreResult<Vec<Command>> {
+        fleet::list_children(self, org, parent).await
     }
 
     async fn claim(
@@ -706,10 +788,15 @@ impl Store for SqliteStore {
         let mut unique: Vec<String> = queues.to_vec();
         unique.sort();
         unique.dedup();
-        let queues = unique.as_slice();
+        // Reads first: most claims of idle agents and long polls find nothing, and a read does
+        // not queue for the writer. A cordoned agent takes nothing; a paused queue gives nothing.
+        let open = match fleet::claim_gate(&self.read, org, agent, &unique).await? {
+            Gate::UnknownAgent => return Err(StoreError::UnknownAgent),
+            Gate::Cordoned => return Ok(Vec::new()),
+            Gate::Open(open) => open,
+        };
+        let queues = open.as_slice();
         let (_, now_us) = self.now_and_micros();
-        // A read first: most claims of idle agents and long polls find nothing, and a read does
-        // not queue for the writer.
         let (claimable, next_scheduled) = self.probe(org, agent, queues).await?;
         let fell_due = next_scheduled.is_some_and(|due| due <= now_us);
         if fell_due {
@@ -725,13 +812,8 @@ impl Store for SqliteStore {
             .await?;
         }
         if !claimable && !fell_due {
-            return if agent_exists(&self.read, org, agent).await? {
-                Ok(Vec::new())
-            } else {
-                Err(StoreError::UnknownAgent)
-            };
+            return Ok(Vec::new());
         }
-        let candidates = claim_candidates_sql(queues.len());
         let queues = queues.to_vec();
         let hand_back = self.writer.clone();
         let claimed = self
@@ -739,6 +821,15 @@ impl Store for SqliteStore {
             .write_or_else(
                 move |conn| {
                     Box::pin(async move {
+                        // Again on the writer: a cordon or a pause that committed since the
+                        // read above holds for this claim.
+                        let queues =
+                            match fleet::claim_gate(&mut *conn, org, agent, &queues).await? {
+                                Gate::UnknownAgent => return Err(StoreError::UnknownAgent),
+                                Gate::Cordoned => return Ok(Vec::new()),
+                                Gate::Open(open) => open,
+                            };
+                        let candidates = claim_candidates_sql(queues.len());
                         let rows: Vec<CommandRow> = COMMANDS
                             .claim(
                                 conn,
@@ -776,9 +867,6 @@ impl Store for SqliteStore {
                 }),
             )
             .await?;
-        if claimed.is_empty() && !agent_exists(&self.read, org, agent).await? {
-            return Err(StoreError::UnknownAgent);
-        }
         let mut claimed = claimed;
         claimed.sort_by(|a, b| {
             b.command
@@ -1010,9 +1098,17 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(Lane::Bulk, move |conn| {
+        self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
-                let row: CommandRow = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                let row: CommandRow = match fleet::role(conn, org, id).await? {
+                    Role::Parent => fleet::requeue_broadcast(conn, org, id, now_us).await?,
+                    Role::Child(parent) => {
+                        let row = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                        fleet::hold_beyond_concurrency(conn, parent).await?;
+                        row
+                    }
+                    Role::Plain => COMMANDS.requeue(conn, org, id.0, now_us).await?,
+                };
                 Ok(row.into_command()?.0)
             })
         })
@@ -1073,7 +1169,13 @@ impl Store for SqliteStore {
         agent: AgentId,
         queues: &[String],
     ) -> StoreResult<Option<OffsetDateTime>> {
-        let (claimable, next_scheduled) = self.probe(org, agent, queues).await?;
+        let queues = match fleet::claim_gate(&self.read, org, agent, queues).await? {
+            Gate::UnknownAgent => return Err(StoreError::UnknownAgent),
+            // Nothing until it is uncordoned, which wakes its claims.
+            Gate::Cordoned => return Ok(None),
+            Gate::Open(open) => open,
+        };
+        let (claimable, next_scheduled) = self.probe(org, agent, &queues).await?;
         if claimable {
             return Ok(Some(self.now()));
         }
@@ -1121,13 +1223,15 @@ impl<'q, O> BindMore<'q>
     }
 }
 
-async fn agent_exists(read: &SqlitePool, org: OrgId, agent: AgentId) -> StoreResult<bool> {
-    let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM agents WHERE org_id = ? AND id = ?")
-        .bind(org)
-        .bind(agent)
-        .fetch_optional(read)
-        .await?;
-    Ok(found.is_some())
+/// Where a new command sits in a broadcast; the default is outside any.
+#[derive(Debug, Default, Clone, Copy)]
+struct Placement<'a> {
+    /// The broadcast it is a child of.
+    parent: Option<CommandId>,
+    /// Held (`scheduled = 2`): the parent for good, a child until a sibling hands it a slot.
+    held: bool,
+    /// For a parent: how the broadcast was created.
+    broadcast: Option<&'a Broadcast>,
 }
 
 /// Inserts one command (on the writer's connection), or answers an earlier one with the same
@@ -1138,6 +1242,7 @@ async fn insert_command(
     command: NewCommand,
     idempotency: Option<Idempotency>,
     now_us: i64,
+    placement: Placement<'_>,
 ) -> StoreResult<Created> {
     if let Some(idem) = &idempotency {
         let existing: Option<CommandRow> = sqlx::query_as(&format!(
@@ -1151,18 +1256,28 @@ async fn insert_command(
             return replay(existing, idem);
         }
     }
-    let (target_agent, queue) = match &command.target {
-        Target::Agent(agent) => (Some(*agent), None),
-        Target::Queue(queue) => (None, Some(queue.as_str())),
+    let (target_agent, queue, selector) = match &command.target {
+        Target::Agent(agent) => (Some(*agent), None, None),
+        Target::Queue(queue) => (None, Some(queue.as_str()), None),
+        // The empty queue name, which no agent serves (see the fleet migration).
+        Target::Broadcast(selector) => (None, Some(""), Some(selector.as_str())),
     };
     let run_at = command
         .run_at
         .map_or(now_us, |t| to_micros(truncate_to_micros(t)));
+    let scheduled = if placement.held {
+        2
+    } else {
+        // Not due yet: out of the claim indexes until a claim finds it due.
+        i64::from(run_at > now_us)
+    };
+    let broadcast = placement.broadcast;
     let row: CommandRow = sqlx::query_as(&format!(
         "INSERT INTO commands (id, org_id, command_type, target_agent_id, queue, params, \
            priority, run_at, max_attempts, lease_duration_ms, status, idempotency_key, \
-           request_hash, created_at, updated_at, scheduled) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) \
+           request_hash, created_at, updated_at, scheduled, parent_id, selector, online_only, \
+           max_concurrency, broadcast_agents) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          RETURNING {COMMAND_COLUMNS}"
     ))
     .bind(CommandId::new())
@@ -1179,8 +1294,12 @@ async fn insert_command(
     .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
     .bind(now_us)
     .bind(now_us)
-    // Not due yet: out of the claim indexes until a claim finds it due.
-    .bind(run_at > now_us)
+    .bind(scheduled)
+    .bind(placement.parent)
+    .bind(selector)
+    .bind(broadcast.map(|b| b.online_only))
+    .bind(broadcast.and_then(|b| b.max_concurrency).map(i64::from))
+    .bind(broadcast.map(|b| Json(&b.agents)))
     .fetch_one(&mut *conn)
     .await
     .map_err(|err| {
@@ -1329,6 +1448,16 @@ fn validate_new_command(command: &NewCommand) -> StoreResult<()> {
         return invalid("lease_duration must be at least 1 ms");
     }
     Ok(())
+}
+
+/// A broadcast is created with its children ([`Store::create_broadcast`]), never alone.
+fn not_a_broadcast(command: &NewCommand) -> StoreResult<()> {
+    match command.target {
+        Target::Broadcast(_) => Err(StoreError::InvalidInput(
+            "a broadcast is created with its children".to_owned(),
+        )),
+        Target::Agent(_) | Target::Queue(_) => Ok(()),
+    }
 }
 
 /// Rewrites a `Conflict` with a message that names what exists.

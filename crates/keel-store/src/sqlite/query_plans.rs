@@ -173,5 +173,15 @@ async fn every_query_shape_is_served_by_an_index() {
         let lines = plan(pool, &sql, params).await;
         assert_served(what, &lines, false);
     }
+
+    // Fleet: the claim gate reads two primary keys; a broadcast's children are read on their
+    // index and sorted (at most `MAX_BATCH_CREATE` rows).
+    let gate = plan(pool, super::fleet::CLAIM_GATE_SQL, 2).await;
+    assert!(
+        gate.iter().all(|line| !line.starts_with("SCAN")),
+        "claim gate scans\n{gate:#?}"
+    );
+    let children = plan(pool, &super::fleet::children_sql(), 2).await;
+    assert_served("children", &children, true);
     store.close().await;
 }

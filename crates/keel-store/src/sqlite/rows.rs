@@ -8,9 +8,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::error::{StoreError, StoreResult};
+use crate::labels::Labels;
 use crate::model::{
-    Agent, AgentId, ApiKey, ApiKeyId, Attempt, ClaimToken, Claimed, Command, CommandId,
-    CommandStatus, DeadReason, OrgId, Organisation, Scope, Target,
+    Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, ClaimToken, Claimed, Command, CommandId,
+    CommandStatus, DeadReason, OrgId, Organisation, PausedQueue, Scope, Target,
 };
 
 pub(super) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
@@ -108,6 +109,9 @@ pub(super) struct AgentRow {
     pub(super) booted_at: Option<i64>,
     pub(super) last_seen_at: Option<i64>,
     pub(super) created_at: i64,
+    pub(super) labels: Json<Labels>,
+    pub(super) assigned_labels: Json<Labels>,
+    pub(super) cordoned_at: Option<i64>,
 }
 
 impl AgentRow {
@@ -124,6 +128,9 @@ impl AgentRow {
             booted_at: self.booted_at.map(from_micros).transpose()?,
             last_seen_at: self.last_seen_at.map(from_micros).transpose()?,
             created_at: from_micros(self.created_at)?,
+            reported_labels: self.labels.0,
+            assigned_labels: self.assigned_labels.0,
+            cordoned_at: self.cordoned_at.map(from_micros).transpose()?,
         })
     }
 }
@@ -155,14 +162,28 @@ pub(super) struct CommandRow {
     pub(super) created_at: i64,
     pub(super) updated_at: i64,
     pub(super) finished_at: Option<i64>,
+    pub(super) parent_id: Option<CommandId>,
+    pub(super) selector: Option<String>,
+    pub(super) online_only: Option<bool>,
+    pub(super) max_concurrency: Option<i64>,
+    pub(super) broadcast_agents: Option<Json<Vec<AgentId>>>,
 }
 
 impl CommandRow {
     /// The command, and its claim token if it is executing.
     pub(super) fn into_command(self) -> StoreResult<(Command, Option<ClaimToken>)> {
-        let target = match (self.target_agent_id, self.queue) {
-            (Some(agent), None) => Target::Agent(agent),
-            (None, Some(queue)) => Target::Queue(queue),
+        let (target, broadcast) = match (self.target_agent_id, self.queue, self.selector) {
+            (Some(agent), None, None) => (Target::Agent(agent), None),
+            (None, Some(queue), None) => (Target::Queue(queue), None),
+            // A broadcast parent: see the fleet migration.
+            (None, Some(_), Some(selector)) => (
+                Target::Broadcast(selector),
+                Some(Broadcast {
+                    online_only: self.online_only.unwrap_or(true),
+                    max_concurrency: self.max_concurrency.map(to_u32).transpose()?,
+                    agents: self.broadcast_agents.map(|a| a.0).unwrap_or_default(),
+                }),
+            ),
             _ => return Err(corrupt(format!("command {}: bad target", self.id))),
         };
         let command = Command {
@@ -193,6 +214,8 @@ impl CommandRow {
             created_at: from_micros(self.created_at)?,
             updated_at: from_micros(self.updated_at)?,
             finished_at: self.finished_at.map(from_micros).transpose()?,
+            parent_id: self.parent_id,
+            broadcast,
         };
         Ok((command, self.claim_token.map(ClaimToken)))
     }
@@ -235,6 +258,21 @@ impl AttemptRow {
                 .map(|o| o.parse().map_err(corrupt))
                 .transpose()?,
             error: self.error.map(|j| j.0),
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct PausedQueueRow {
+    pub(super) queue: String,
+    pub(super) paused_at: i64,
+}
+
+impl PausedQueueRow {
+    pub(super) fn into_paused_queue(self) -> StoreResult<PausedQueue> {
+        Ok(PausedQueue {
+            queue: self.queue,
+            paused_at: from_micros(self.paused_at)?,
         })
     }
 }

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::rows::{corrupt, from_micros, to_micros};
 use super::writer::Lane;
-use super::{SqliteStore, found, insert_command, validate_new_command};
+use super::{Placement, SqliteStore, found, insert_command, validate_new_command};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CommandId, OrgId, ScheduleId, ScheduleState};
 use crate::schedule::{
@@ -291,8 +291,15 @@ pub(super) async fn advance(
                 };
                 let mut command_ids = Vec::with_capacity(fire.items.len());
                 for item in fire.items {
-                    let created =
-                        insert_command(conn, org, item.command, item.idempotency, now_us).await?;
+                    let created = insert_command(
+                        conn,
+                        org,
+                        item.command,
+                        item.idempotency,
+                        now_us,
+                        Placement::default(),
+                    )
+                    .await?;
                     command_ids.push(created.command.id);
                 }
                 let recorded = sqlx::query(

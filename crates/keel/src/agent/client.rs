@@ -89,6 +89,8 @@ pub struct CheckIn {
     pub queues: Vec<String>,
     /// A new id on every start of the agent process.
     pub boot_id: Uuid,
+    /// The agent's labels (`--label`).
+    pub labels: keel_store::Labels,
 }
 
 /// The answer to a heartbeat.

@@ -74,6 +74,12 @@ pub struct AgentArgs {
     /// The agent's name, sent on check-in (the server checks it is the key's agent).
     #[arg(long, env = "KEEL_AGENT_NAME")]
     pub name: Option<String>,
+    /// Labels sent on check-in, `key=value`, comma-separated or repeated (at most 64; keys 1–63
+    /// and values 0–63 characters of a-z A-Z 0-9 _ . - /, beginning and ending with a letter or
+    /// digit). Broadcasts pick agents by them (`"selector": "env=prod"`).
+    #[arg(long = "label", env = "KEEL_AGENT_LABELS", value_name = "KEY=VALUE",
+          value_delimiter = ',', value_parser = label)]
+    pub labels: Vec<(String, String)>,
     /// How long one claim waits on the server for a command to become due (0–60).
     #[arg(long, env = "KEEL_AGENT_WAIT_SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(0..=60))]
@@ -117,6 +123,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metadata: metadata(args.concurrency).await,
         queues: queues.clone(),
         boot_id,
+        labels: labels(&args.labels)?,
     };
 
     let Some(agent) = first_check_in(&client, &check_in, &signals.stop).await? else {
@@ -433,6 +440,23 @@ async fn keep_checking_in(client: Client, body: CheckIn, limits: Arc<Mutex<Repor
             Err(error) => tracing::error!(%error, "check-in refused"),
         }
     }
+}
+
+/// One `--label key=value`, checked as the server checks it.
+fn label(raw: &str) -> Result<(String, String), String> {
+    let (key, value) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("`{raw}` is not key=value"))?;
+    keel_store::labels::check_label_key(key)?;
+    keel_store::labels::check_label_value(value)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// The `--label` pairs as a map (the last value of a key repeated wins), within the count limit.
+fn labels(pairs: &[(String, String)]) -> anyhow::Result<keel_store::Labels> {
+    let labels: keel_store::Labels = pairs.iter().cloned().collect();
+    keel_store::labels::check_labels(&labels).map_err(|rule| anyhow::anyhow!("--label: {rule}"))?;
+    Ok(labels)
 }
 
 /// The `--queues` list without empty entries; each a valid queue name.

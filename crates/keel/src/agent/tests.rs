@@ -275,6 +275,7 @@ fn check_in_body() -> CheckIn {
         metadata: json!({"pid": 1}),
         queues: vec!["deploys".to_owned()],
         boot_id: Uuid::new_v4(),
+        labels: [("env".to_owned(), "prod".to_owned())].into(),
     }
 }
 

@@ -11,7 +11,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::wakeups::Wakeups;
 use crate::config::CommandLimits;
-use crate::http::commands::{CreateCommand, parse_body};
+use crate::http::commands::{CommandRequest, CreateCommand, parse_body};
 use crate::http::error::ApiError;
 use crate::http::validate::within;
 
@@ -29,7 +29,18 @@ pub fn fire_items(
 ) -> Result<Vec<NewCommandItem>, ApiError> {
     let in_template = |err| within("command", err);
     let request: CreateCommand = parse_body(template.clone()).map_err(in_template)?;
-    let mut command = request.validate(limits).map_err(in_template)?;
+    let mut command = match request.validate(limits).map_err(in_template)? {
+        CommandRequest::Single(command) => command,
+        // Resolving a selector at each fire, and writing the broadcast with the fire record,
+        // is not built yet.
+        CommandRequest::Broadcast { .. } => {
+            return Err(in_template(ApiError::Validation(
+                "selector: a schedule's command is for one agent or one queue; \
+                 broadcast templates are not supported yet"
+                    .to_owned(),
+            )));
+        }
+    };
     if command.run_at.is_some() {
         return Err(in_template(ApiError::Validation(
             "run_at: not allowed: each command is due at its fire time".to_owned(),

@@ -3,7 +3,8 @@
 //! A waiting claim listens on its agent and on each queue it serves; a command that becomes
 //! claimable (created, requeued, or pending again after a retryable failure) wakes the claims
 //! listening on its target only (a targeted command wakes its agent, a pooled one the claims on
-//! its queue), so agents waiting on other queues sleep on. A release of expired leases, which
+//! its queue; a broadcast, or a child of one that finished, the whole organisation), so agents
+//! waiting on other queues sleep on. A release of expired leases, which
 //! does not report targets, wakes every waiting claim of the organisation.
 //!
 //! Memory stays bounded by the claims waiting now: an entry lives while a claim listens on it
@@ -61,6 +62,9 @@ impl Wakeups {
         let interest = match target {
             Target::Agent(agent) => Interest::Agent(*agent),
             Target::Queue(queue) => Interest::Queue(queue.clone()),
+            // A broadcast's children (created, or requeued with it) are spread over the
+            // organisation's agents.
+            Target::Broadcast(_) => return self.wake_org(org),
         };
         let notify = self
             .registry

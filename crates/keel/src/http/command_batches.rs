@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::AppState;
 use super::auth::Caller;
 use super::commands::{
-    CommandView, CreateCommand, agent_report, count_finished, idempotency, parse_body,
+    CommandRequest, CommandView, CreateCommand, agent_report, idempotency, parse_body, reported,
 };
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::json::Json;
@@ -70,6 +70,12 @@ pub(super) async fn create_batch(
     for (n, raw) in batch.commands.into_iter().enumerate() {
         let item = parse_body::<CreateCommand>(raw)
             .and_then(|request| request.validate(&state.command_limits))
+            .and_then(|request| match request {
+                CommandRequest::Single(command) => Ok(command),
+                CommandRequest::Broadcast { .. } => Err(ApiError::Validation(
+                    "selector: a broadcast is created alone, with POST /v1/commands".to_owned(),
+                )),
+            })
             .and_then(|command| {
                 let idempotency = idempotency(&headers, &command)?.map(|idem| Idempotency {
                     key: batch_item_key(&idem.key, n),
@@ -252,10 +258,7 @@ pub(super) async fn report_batch(
             .await;
             match outcome {
                 Ok(command) => {
-                    count_finished(&command);
-                    if command.status == CommandStatus::Pending {
-                        state.wakeups.wake_target(org, &command.target);
-                    }
+                    reported(&state, org, &command);
                     ReportResult {
                         id,
                         status: Some(command.status),

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use keel_store::{
     AgentId, AttemptOutcome, ClaimToken, Claimed, Command, CommandFilter, CommandId, CommandStatus,
-    DeadReason, Idempotency, MAX_LEASE_SECONDS, MIN_LEASE_SECONDS, NewCommand, Page, Scope, Target,
+    DeadReason, Idempotency, LabelSelector, MAX_BATCH_CREATE, MAX_LEASE_SECONDS, MIN_LEASE_SECONDS,
+    NewCommand, Page, Scope, Target,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,6 +21,7 @@ use time::OffsetDateTime;
 
 use super::AppState;
 use super::auth::Caller;
+use super::broadcasts::{BroadcastView, ChildrenView};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
@@ -86,14 +88,41 @@ pub struct CommandView {
     updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     finished_at: Option<OffsetDateTime>,
+    /// The broadcast this command is a child of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_id: Option<CommandId>,
+    /// For a broadcast parent: how it was created, the agents it reached and (when one command
+    /// is shown) its children.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broadcast: Option<BroadcastView>,
 }
 
-/// `{"agent_id": …}` or `{"queue": …}`.
+/// `{"agent_id": …}`, `{"queue": …}` or, for a broadcast parent, `{"selector": …}`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 enum TargetView {
     AgentId(AgentId),
     Queue(String),
+    Selector(String),
+}
+
+impl CommandView {
+    /// The command's id.
+    pub(super) fn id(&self) -> CommandId {
+        self.id
+    }
+
+    /// Adds a broadcast parent's children (nothing for another command).
+    pub(super) fn set_children(&mut self, children: Vec<Command>) {
+        if let Some(broadcast) = &mut self.broadcast {
+            broadcast.children = Some(ChildrenView::new(children));
+        }
+    }
+
+    /// Whether it is a broadcast parent.
+    pub(super) fn is_broadcast(&self) -> bool {
+        self.broadcast.is_some()
+    }
 }
 
 impl From<Command> for CommandView {
@@ -104,6 +133,7 @@ impl From<Command> for CommandView {
             target: match command.target {
                 Target::Agent(agent) => TargetView::AgentId(agent),
                 Target::Queue(queue) => TargetView::Queue(queue),
+                Target::Broadcast(selector) => TargetView::Selector(selector),
             },
             params: command.params,
             priority: command.priority,
@@ -123,6 +153,8 @@ impl From<Command> for CommandView {
             created_at: command.created_at,
             updated_at: command.updated_at,
             finished_at: command.finished_at,
+            parent_id: command.parent_id,
+            broadcast: command.broadcast.map(BroadcastView::from),
         }
     }
 }
@@ -163,16 +195,26 @@ impl From<Page> for PageView {
 // ---------------------------------------------------------------------------------------------
 // Callers: create, read, list, cancel, requeue.
 
-/// The body of `POST /v1/commands`.
+/// The body of `POST /v1/commands`: exactly one of `agent_id` (one agent), `queue` (any agent
+/// serving it) and `selector` (a broadcast: one child command per agent whose labels match).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateCommand {
+pub struct CreateCommand {
     #[serde(rename = "type")]
     #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     command_type: String,
     agent_id: Option<AgentId>,
     #[schema(pattern = "^[a-zA-Z0-9_.:-]{1,64}$")]
     queue: Option<String>,
+    /// A label selector (`env=prod,os in (linux,bsd),!canary`): a broadcast to every agent it
+    /// matches now.
+    #[schema(max_length = 1024)]
+    selector: Option<String>,
+    /// With `selector`: only agents online now (default true).
+    online_only: Option<bool>,
+    /// With `selector`: at most this many children unfinished at once (default: no limit).
+    #[schema(minimum = 1, maximum = 1000)]
+    max_concurrency: Option<u32>,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     params: Option<Value>,
@@ -188,23 +230,72 @@ pub(crate) struct CreateCommand {
     lease_seconds: Option<u64>,
 }
 
+/// A validated `POST /v1/commands` body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandRequest {
+    /// A command for one agent or one queue.
+    Single(NewCommand),
+    /// A broadcast: `command` (targeted at the selector) runs once on each matched agent.
+    Broadcast {
+        /// The parent; its target is [`Target::Broadcast`].
+        command: NewCommand,
+        /// The selector, parsed.
+        selector: LabelSelector,
+        /// Only agents online now.
+        online_only: bool,
+        /// At most this many children unfinished at once.
+        max_concurrency: Option<u32>,
+    },
+}
+
+impl CommandRequest {
+    /// The command, or a broadcast's parent.
+    pub fn command(&self) -> &NewCommand {
+        match self {
+            Self::Single(command) | Self::Broadcast { command, .. } => command,
+        }
+    }
+}
+
 impl CreateCommand {
-    /// The command this body asks for, or a 422 (413 for `params`) naming the field. Also how a
-    /// schedule's command template is read, at its creation and at each fire.
-    pub(crate) fn validate(self, limits: &CommandLimits) -> Result<NewCommand, ApiError> {
+    /// Checks every field; a refusal names the field. Also how a schedule's command template
+    /// is read, at its creation and at each fire.
+    pub fn validate(self, limits: &CommandLimits) -> Result<CommandRequest, ApiError> {
         check_name("type", &self.command_type)?;
-        let target = match (self.agent_id, self.queue) {
-            (Some(agent), None) => Target::Agent(agent),
-            (None, Some(queue)) => {
+        let broadcast_only = self.online_only.is_some() || self.max_concurrency.is_some();
+        let (target, selector) = match (self.agent_id, self.queue, self.selector) {
+            (Some(agent), None, None) => (Target::Agent(agent), None),
+            (None, Some(queue), None) => {
                 check_name("queue", &queue)?;
-                Target::Queue(queue)
+                (Target::Queue(queue), None)
+            }
+            (None, None, Some(text)) => {
+                let selector = LabelSelector::parse(&text)
+                    .map_err(|err| ApiError::Validation(format!("selector: {err}")))?;
+                if selector.is_empty() {
+                    return Err(ApiError::Validation(
+                        "selector: must name at least one requirement".to_owned(),
+                    ));
+                }
+                (
+                    Target::Broadcast(selector.as_str().to_owned()),
+                    Some(selector),
+                )
             }
             _ => {
                 return Err(ApiError::Validation(
-                    "exactly one of `agent_id` and `queue` is required".to_owned(),
+                    "exactly one of `agent_id`, `queue` and `selector` is required".to_owned(),
                 ));
             }
         };
+        if selector.is_none() && broadcast_only {
+            return Err(ApiError::Validation(
+                "online_only, max_concurrency: only with `selector`".to_owned(),
+            ));
+        }
+        if let Some(max) = self.max_concurrency {
+            check_range("max_concurrency", max, 1, MAX_BATCH_CREATE as u32)?;
+        }
         let params = self
             .params
             .unwrap_or_else(|| Value::Object(Default::default()));
@@ -231,7 +322,15 @@ impl CreateCommand {
             )?;
             command.lease_duration = Duration::from_secs(seconds);
         }
-        Ok(command)
+        Ok(match selector {
+            None => CommandRequest::Single(command),
+            Some(selector) => CommandRequest::Broadcast {
+                command,
+                selector,
+                online_only: self.online_only.unwrap_or(true),
+                max_concurrency: self.max_concurrency,
+            },
+        })
     }
 }
 
@@ -257,7 +356,23 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::CommandsWrite)?;
     let request: CreateCommand = parse_body(body)?;
-    let command = request.validate(&state.command_limits)?;
+    let command = match request.validate(&state.command_limits)? {
+        CommandRequest::Single(command) => command,
+        CommandRequest::Broadcast {
+            command,
+            selector,
+            online_only,
+            max_concurrency,
+        } => {
+            let broadcast = super::broadcasts::Request {
+                command,
+                selector,
+                online_only,
+                max_concurrency,
+            };
+            return super::broadcasts::create(&state, &caller, &headers, broadcast).await;
+        }
+    };
     state.overload.admit_create(command.priority)?;
     let idempotency = idempotency(&headers, &command)?;
     let created = state
@@ -283,6 +398,28 @@ pub(super) fn idempotency(
     headers: &HeaderMap,
     command: &NewCommand,
 ) -> Result<Option<Idempotency>, ApiError> {
+    keyed(headers, canonical(command))
+}
+
+/// What identifies a command request for its idempotency key: the validated fields, with
+/// defaults spelt out.
+pub(super) fn canonical(command: &NewCommand) -> Value {
+    serde_json::json!({
+        "type": command.command_type,
+        "target": command.target,
+        "params": command.params,
+        "priority": command.priority,
+        "run_at": command.run_at.map(|at| at.unix_timestamp_nanos().to_string()),
+        "max_attempts": command.max_attempts,
+        "lease_seconds": command.lease_duration.as_secs(),
+    })
+}
+
+/// The `Idempotency-Key` header, if any, with a hash of `canonical`.
+pub(super) fn keyed(
+    headers: &HeaderMap,
+    canonical: Value,
+) -> Result<Option<Idempotency>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -297,15 +434,6 @@ pub(super) fn idempotency(
                 "Idempotency-Key: 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
             ))
         })?;
-    let canonical = serde_json::json!({
-        "type": command.command_type,
-        "target": command.target,
-        "params": command.params,
-        "priority": command.priority,
-        "run_at": command.run_at.map(|at| at.unix_timestamp_nanos().to_string()),
-        "max_attempts": command.max_attempts,
-        "lease_seconds": command.lease_duration.as_secs(),
-    });
     // `serde_json::Value` keeps object keys sorted, so the text is canonical.
     Ok(Some(Idempotency {
         key: key.to_owned(),
@@ -360,8 +488,10 @@ pub(super) async fn get_one(
         .await?
         .ok_or(ApiError::NotFound)?;
     let attempts = state.store.list_attempts(caller.org(), id).await?;
+    let mut view = CommandView::from(command);
+    super::broadcasts::add_children(&state, caller.org(), &mut view).await?;
     Ok(Json(CommandDetailView {
-        command: command.into(),
+        command: view,
         attempt_history: attempts
             .into_iter()
             .map(|a| AttemptView {
@@ -484,7 +614,9 @@ pub(super) async fn cancel(
     let id = command_id(&id)?;
     let command = state.store.cancel_command(caller.org(), id).await?;
     tracing::info!(target: "keel::audit", action = "command.cancel", command_id = %id.0, status = command.status.as_str(), "command cancel");
-    Ok(Json(command.into()))
+    let mut view = CommandView::from(command);
+    super::broadcasts::add_children(&state, caller.org(), &mut view).await?;
+    Ok(Json(view))
 }
 
 /// Puts a dead command back to pending.
@@ -774,7 +906,7 @@ pub(super) async fn complete(
         .store
         .complete(caller.org(), agent, id, &token, request.result)
         .await?;
-    count_finished(&command);
+    reported(&state, caller.org(), &command);
     Ok(Json(command.into()))
 }
 
@@ -826,11 +958,7 @@ pub(super) async fn fail(
             request.retryable,
         )
         .await?;
-    count_finished(&command);
-    if command.status == CommandStatus::Pending {
-        // Waiting claims look again, so they learn the retry's due time.
-        state.wakeups.wake_target(caller.org(), &command.target);
-    }
+    reported(&state, caller.org(), &command);
     Ok(Json(command.into()))
 }
 
@@ -850,17 +978,38 @@ pub(super) fn agent_report(
 
 /// Counts a reported command by the status it reached (`pending` again after a retryable
 /// failure).
-pub(super) fn count_finished(command: &Command) {
+fn count_finished(command: &Command) {
     metrics::counter!("keel_commands_finished_total", "status" => command.status.as_str())
         .increment(1);
+}
+
+/// After a completion or failure report: counts it, and wakes the claims that may now take
+/// work: the command's own after a retryable failure (they learn its due time), and those of
+/// the organisation when a broadcast child finished (it may have handed its slot to a held
+/// sibling).
+pub(super) fn reported(state: &AppState, org: keel_store::OrgId, command: &Command) {
+    count_finished(command);
+    if command.status == CommandStatus::Pending {
+        state.wakeups.wake_target(org, &command.target);
+    } else if command.parent_id.is_some() {
+        state.wakeups.wake_org(org);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
-/// Deserialises a JSON body already parsed as a `Value`; errors name the field.
+/// Deserialises a JSON body already parsed as a `Value`; errors name the field (a missing or
+/// unknown field names itself in the message).
 pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
-    serde_json::from_value(body).map_err(|e| ApiError::Validation(e.to_string()))
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::Validation(e.inner().to_string())
+        } else {
+            ApiError::Validation(format!("{path}: {}", e.inner()))
+        }
+    })
 }
 
 /// A command id from the path; anything else is a 400.
@@ -896,7 +1045,7 @@ mod tests {
         let hash = |body: &str| {
             let request: CreateCommand = serde_json::from_str(body).unwrap();
             let command = request.validate(&CommandLimits::default()).unwrap();
-            idempotency(&headers, &command)
+            idempotency(&headers, command.command())
                 .unwrap()
                 .unwrap()
                 .request_hash
@@ -923,7 +1072,7 @@ mod tests {
                 "idempotency-key",
                 axum::http::HeaderValue::from_bytes(key).unwrap(),
             );
-            idempotency(&headers, &command)
+            idempotency(&headers, command.command())
         };
         assert!(with_key(b"order 42/retry~1").is_ok());
         for bad in [&b"a\tb"[..], b"caf\xc3\xa9"] {

@@ -11,7 +11,9 @@
 //!   [`organisations`]: its organisations and their API keys.
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
-//!   made, in one request; [`schedules`]: schedules that create commands at cron fire times.
+//!   made, in one request; [`broadcasts`]: one command to every agent a label selector
+//!   matches; [`queues`]: the queues, paused and resumed; [`schedules`]: schedules that create
+//!   commands at cron fire times.
 //! - [`ui`]: `/ui/`, the operator page and its sessions; [`operations`]: the operator routes
 //!   that gather what it shows across organisations (command counts and rates, agents, dead
 //!   letters).
@@ -21,6 +23,7 @@
 pub mod admin;
 pub mod agents;
 pub mod auth;
+pub mod broadcasts;
 pub mod command_batches;
 pub mod commands;
 pub mod connections;
@@ -32,6 +35,7 @@ pub mod openapi;
 pub mod operations;
 pub mod organisations;
 pub mod overload;
+pub mod queues;
 pub mod rate_limit;
 pub mod request_id;
 pub mod schedules;
@@ -104,6 +108,7 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
         .nest("/v1/admin", admin::routes(state.clone()))
         .nest("/v1/agents", agents::routes())
         .nest("/v1/commands", commands::routes())
+        .nest("/v1/queues", queues::routes())
         .nest("/v1/schedules", schedules::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -9,7 +9,8 @@ use utoipa::{Modify, OpenApi};
 use super::AppState;
 use super::json::Json;
 use super::{
-    admin, agents, command_batches, commands, health, operations, organisations, schedules, ui,
+    admin, agents, command_batches, commands, health, operations, organisations, queues, schedules,
+    ui,
 };
 
 /// The document: every route, its bodies, its errors and its credentials.
@@ -29,6 +30,13 @@ use super::{
         openapi_json,
         agents::list,
         agents::check_in,
+        agents::get_one,
+        agents::set_labels,
+        agents::cordon,
+        agents::uncordon,
+        queues::list,
+        queues::pause,
+        queues::resume,
         commands::create,
         commands::list,
         commands::claim,
@@ -80,6 +88,7 @@ use super::{
         (name = "health", description = "Liveness, readiness, metrics and this document"),
         (name = "agents", description = "What agents call (a key with the `agent` scope), and the agent list"),
         (name = "commands", description = "Create, read, list, cancel and requeue commands"),
+        (name = "queues", description = "The organisation's queues; pause and resume one"),
         (name = "schedules", description = "Schedules that create commands at the fire times of a cron pattern in a time zone"),
         (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
         (name = "operator page", description = "`/ui/`: the operator page and its session cookie (docs/operator-page.md)"),

@@ -17,7 +17,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::AppState;
 use super::auth::Caller;
-use super::commands::{CreateCommand, page_limit};
+use super::commands::{CreateCommand, page_limit, parse_body};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
 use crate::commands::scheduler::fire_items;
@@ -179,13 +179,7 @@ pub(super) async fn create(
     Json(body): Json<Value>,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::CommandsWrite)?;
-    let request: CreateSchedule = serde_path_to_error::deserialize(body).map_err(|e| {
-        // The root's path is `.`: a missing or unknown field names itself in the message.
-        match e.path().to_string().as_str() {
-            "." => ApiError::Validation(e.inner().to_string()),
-            path => ApiError::Validation(format!("{path}: {}", e.inner())),
-        }
-    })?;
+    let request: CreateSchedule = parse_body(body)?;
     if let Some(name) = &request.name
         && (name.trim().is_empty()
             || name.chars().count() > MAX_NAME_LEN

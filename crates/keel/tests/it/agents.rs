@@ -9,17 +9,17 @@ use serde_json::{Value, json};
 use crate::harness::{Api, Options, Server, pipe_to_test_output, poll_until};
 
 /// A `keel agent` process, killed when dropped.
-struct AgentProcess {
+pub(crate) struct AgentProcess {
     child: Option<Child>,
 }
 
 impl AgentProcess {
     /// Starts `keel agent`; its programs get `KEEL_TEST_DIR`, the server's directory.
-    fn start(server: &Server, key: &Api, script: &Path, args: &[&str]) -> AgentProcess {
+    pub(crate) fn start(server: &Server, key: &Api, script: &Path, args: &[&str]) -> AgentProcess {
         Self::start_with_env(server, key, script, args, &[])
     }
 
-    fn start_with_env(
+    pub(crate) fn start_with_env(
         server: &Server,
         key: &Api,
         script: &Path,
@@ -99,7 +99,7 @@ impl Drop for AgentProcess {
 }
 
 /// Writes an executable shell script into the server's directory.
-fn script(server: &Server, name: &str, body: &str) -> PathBuf {
+pub(crate) fn script(server: &Server, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = server.dir.path().join(name);
     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();

@@ -49,6 +49,7 @@ fn routed() -> BTreeSet<(String, String)> {
         ("ui.rs", ""),
         ("agents.rs", "/v1/agents"),
         ("commands.rs", "/v1/commands"),
+        ("queues.rs", "/v1/queues"),
         ("schedules.rs", "/v1/schedules"),
     ];
     let mut routes = BTreeSet::new();
@@ -134,7 +135,8 @@ async fn the_document_lists_every_route_and_each_is_served() {
         let concrete = path
             .replace("{id}", "01a22513-ba98-70aa-884d-bbbc383d3f6c")
             .replace("{org}", "acme")
-            .replace("{name}", "release_stuck");
+            .replace("{name}", "release_stuck")
+            .replace("{queue}", "deploy");
         let request = client.request(method.parse().unwrap(), server.url(&concrete));
         let request = if method == "GET" {
             request

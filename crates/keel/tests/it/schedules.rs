@@ -207,7 +207,11 @@ async fn bad_schedules_get_422_naming_the_field_and_create_nothing() {
         ),
         (
             with_command(json!({"type": "cleanup", "queue": "q", "colour": "red"})),
-            "command: unknown field `colour`",
+            "command.colour: unknown field",
+        ),
+        (
+            with_command(json!({"type": "cleanup", "selector": "env=prod"})),
+            "command.selector:",
         ),
     ];
     for (body, field) in cases {
