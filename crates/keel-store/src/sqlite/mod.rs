@@ -321,16 +321,11 @@ impl SqliteStore {
             .bind(i64::from(limit) + 1)
             .fetch_all(&self.read)
             .await?;
-        let mut items = rows
+        let items = rows
             .into_iter()
             .map(|row| row.into_command().map(|(command, _)| command))
             .collect::<StoreResult<Vec<_>>>()?;
-        let next_cursor = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|c| c.id)
-        } else {
-            None
-        };
+        let (items, next_cursor) = page_of(items, limit, |c| c.id);
         Ok(Page { items, next_cursor })
     }
 
@@ -1409,6 +1404,19 @@ where
         .fetch_optional(read)
         .await?;
     Ok(row.filter(|row| !row.is_revoked() && token::matches(token, row.token_hash())))
+}
+
+/// A page from `items`, read with one more than `limit` to know whether there is a next page:
+/// at most `limit` of them, and the cursor of the next page (the last one's id) when there is
+/// one.
+fn page_of<T, I>(mut items: Vec<T>, limit: u32, id: impl Fn(&T) -> I) -> (Vec<T>, Option<I>) {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        let cursor = items.last().map(id);
+        (items, cursor)
+    } else {
+        (items, None)
+    }
 }
 
 /// `NotFound` unless a statement changed a row.

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::rows::{corrupt, from_micros, to_micros};
 use super::writer::Lane;
-use super::{Placement, SqliteStore, found, insert_command, validate_new_command};
+use super::{Placement, SqliteStore, found, insert_command, page_of, validate_new_command};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CommandId, OrgId, ScheduleId, ScheduleState};
 use crate::schedule::{
@@ -142,16 +142,11 @@ pub(super) async fn list(
         .bind(i64::from(limit) + 1)
         .fetch_all(store.pool())
         .await?;
-    let mut items = rows
+    let items = rows
         .into_iter()
         .map(ScheduleRow::into_schedule)
         .collect::<StoreResult<Vec<_>>>()?;
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|s| s.id)
-    } else {
-        None
-    };
+    let (items, next_cursor) = page_of(items, limit, |s| s.id);
     Ok(SchedulePage { items, next_cursor })
 }
 
