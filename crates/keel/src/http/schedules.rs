@@ -55,7 +55,7 @@ pub(super) struct ScheduleView {
     missed: MissedFires,
     state: ScheduleState,
     /// The next 5 fire times of the pattern after now (a paused schedule fires none of them
-    /// unless resumed first).
+    /// unless resumed first); none when the schedule has no fire time left.
     #[schema(value_type = Vec<String>, format = DateTime)]
     next_fires: Vec<String>,
     /// The latest fire time that was handled by creating commands.
@@ -102,10 +102,12 @@ fn zoned(times: Option<&FireTimes>, t: OffsetDateTime) -> String {
 }
 
 fn view(schedule: Schedule, now: OffsetDateTime) -> ScheduleView {
-    // Checked when the schedule was created; a row that no longer parses shows no fire times.
+    // Checked when the schedule was created; a row that no longer parses shows no fire times,
+    // and neither does a schedule that has none left (its next fire time is cleared).
     let times = schedule.fire_times().ok();
     let next_fires = times
         .as_ref()
+        .filter(|_| schedule.next_fire_at.is_some())
         .map(|times| {
             times
                 .upcoming(now, NEXT_FIRES_SHOWN)
