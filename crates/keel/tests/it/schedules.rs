@@ -331,6 +331,11 @@ async fn a_schedule_every_second_fires_once_per_fire_time_across_a_kill_9_restar
         .as_array()
         .unwrap()
         .clone();
+    // Paused, it creates nothing more.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = ops.get("/v1/commands?queue=ticks&limit=500", 200).await;
+    assert_eq!(later["items"].as_array().unwrap().len(), commands.len());
+
     // One command per fire time: each is due at its fire time, and no fire time repeats.
     let mut by_fire_time: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for command in &commands {
