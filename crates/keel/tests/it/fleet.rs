@@ -38,6 +38,29 @@ fn audit_actions(server: &Server) -> Vec<String> {
         .collect()
 }
 
+/// Creates `count` commands of `type` on `queue`; their ids.
+async fn create_pooled(ops: &Api, command_type: &str, queue: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let body = json!({"type": command_type, "queue": queue, "params": {"n": n}});
+        let created = ops.post("/v1/commands", &body, 201).await;
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+/// Waits until every command of `ids` is completed.
+async fn wait_completed(ops: &Api, ids: &[String]) {
+    poll_until(Duration::from_secs(60), || async {
+        let mut all = true;
+        for id in ids {
+            all &= ops.get(&format!("/v1/commands/{id}"), 200).await["status"] == "completed";
+        }
+        all
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_broadcast_to_env_prod_runs_once_on_each_of_the_four_prod_agents_two_at_a_time() {
     let server = Server::start().await;
@@ -135,10 +158,7 @@ async fn a_broadcast_to_env_prod_runs_once_on_each_of_the_four_prod_agents_two_a
         4
     );
 
-    poll_until(Duration::from_secs(60), || async {
-        ops.get(&format!("/v1/commands/{parent}"), 200).await["status"] == "completed"
-    })
-    .await;
+    wait_completed(&ops, &[parent.to_owned()]).await;
     let done = ops.get(&format!("/v1/commands/{parent}"), 200).await;
     let children = &done["broadcast"]["children"];
     assert_eq!(children["counts"]["completed"], 4, "{done}");
@@ -438,17 +458,7 @@ async fn a_paused_queue_hands_out_nothing_until_it_is_resumed_then_everything() 
     ops.post("/v1/queues/bad%20name/pause", &json!({}), 422)
         .await;
     // Creates are still accepted.
-    let mut ids = Vec::new();
-    for n in 0..5 {
-        let created = ops
-            .post(
-                "/v1/commands",
-                &json!({"type": "deploy", "queue": "deploy", "params": {"n": n}}),
-                201,
-            )
-            .await;
-        ids.push(created["id"].as_str().unwrap().to_owned());
-    }
+    let ids = create_pooled(&ops, "deploy", "deploy", 5).await;
     let other_queue = ops
         .post(
             "/v1/commands",
@@ -460,10 +470,7 @@ async fn a_paused_queue_hands_out_nothing_until_it_is_resumed_then_everything() 
 
     // The other queue flows; the paused one does not.
     let build = other_queue["id"].as_str().unwrap();
-    poll_until(Duration::from_secs(30), || async {
-        ops.get(&format!("/v1/commands/{build}"), 200).await["status"] == "completed"
-    })
-    .await;
+    wait_completed(&ops, &[build.to_owned()]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
         assert_eq!(
@@ -505,14 +512,7 @@ async fn a_paused_queue_hands_out_nothing_until_it_is_resumed_then_everything() 
     // Resumed: the waiting agent is woken and takes everything.
     let resumed = ops.post("/v1/queues/deploy/resume", &json!({}), 200).await;
     assert_eq!(resumed["paused"], false);
-    poll_until(Duration::from_secs(30), || async {
-        let mut all = true;
-        for id in &ids {
-            all &= ops.get(&format!("/v1/commands/{id}"), 200).await["status"] == "completed";
-        }
-        all
-    })
-    .await;
+    wait_completed(&ops, &ids).await;
     assert_eq!(
         metric(&server.metrics().await, "keel_queues_paused"),
         Some(0.0)
@@ -552,17 +552,7 @@ async fn a_cordoned_agent_gets_nothing_new_while_another_drains_the_queue() {
     ops.post("/v1/agents/not-an-id/cordon", &json!({}), 400)
         .await;
 
-    let mut pooled = Vec::new();
-    for n in 0..10 {
-        let created = ops
-            .post(
-                "/v1/commands",
-                &json!({"type": "job", "queue": "jobs", "params": {"n": n}}),
-                201,
-            )
-            .await;
-        pooled.push(created["id"].as_str().unwrap().to_owned());
-    }
+    let pooled = create_pooled(&ops, "job", "jobs", 10).await;
     let targeted = ops
         .post(
             "/v1/commands",
@@ -583,14 +573,7 @@ async fn a_cordoned_agent_gets_nothing_new_while_another_drains_the_queue() {
             &["--queues", "jobs", "--concurrency", "4"],
         ),
     ];
-    poll_until(Duration::from_secs(60), || async {
-        let mut all = true;
-        for id in &pooled {
-            all &= ops.get(&format!("/v1/commands/{id}"), 200).await["status"] == "completed";
-        }
-        all
-    })
-    .await;
+    wait_completed(&ops, &pooled).await;
     for id in &pooled {
         assert_eq!(
             ops.get(&format!("/v1/commands/{id}"), 200).await["claimed_by"],
@@ -621,10 +604,7 @@ async fn a_cordoned_agent_gets_nothing_new_while_another_drains_the_queue() {
         )
         .await;
     assert_eq!(view["cordoned"], false);
-    poll_until(Duration::from_secs(30), || async {
-        ops.get(&format!("/v1/commands/{targeted}"), 200).await["status"] == "completed"
-    })
-    .await;
+    wait_completed(&ops, &[targeted.to_owned()]).await;
     assert_eq!(
         metric(&server.metrics().await, "keel_agents_cordoned"),
         Some(0.0)
