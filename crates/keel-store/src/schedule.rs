@@ -17,8 +17,9 @@ use serde_json::Value;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::error::{StoreError, StoreResult};
+use crate::labels::LabelSelector;
 use crate::model::{
-    CommandId, MissedFires, NewCommandItem, OrgId, ScheduleId, ScheduleState, Target,
+    CommandId, MissedFires, NewCommand, NewCommandItem, OrgId, ScheduleId, ScheduleState, Target,
 };
 use crate::store::Store;
 
@@ -312,8 +313,35 @@ pub struct FireRecord {
     pub fire_at: OffsetDateTime,
     /// The commands to create.
     pub items: Vec<NewCommandItem>,
+    /// A broadcast to create, its selector resolved in the fire's own write.
+    pub broadcast: Option<BroadcastFire>,
     /// Why there are no commands, when the template could not make any.
     pub error: Option<String>,
+}
+
+/// What one fire of a schedule creates from its template.
+#[derive(Debug, Clone)]
+pub enum FireCommands {
+    /// Commands for one agent or one queue.
+    Items(Vec<NewCommandItem>),
+    /// A broadcast.
+    Broadcast(BroadcastFire),
+}
+
+/// A broadcast a fire creates: the selector is resolved when the fire is written, on the agents
+/// of that moment, exactly as a `POST /v1/commands` with a selector resolves it.
+#[derive(Debug, Clone)]
+pub struct BroadcastFire {
+    /// The parent; its target is the selector ([`Target::Broadcast`]).
+    pub command: NewCommand,
+    /// The selector, parsed.
+    pub selector: LabelSelector,
+    /// Only agents seen within `online_window` of the fire's write.
+    pub online_only: bool,
+    /// At most this many children unfinished at once.
+    pub max_concurrency: Option<u32>,
+    /// How recently an agent must have been seen to count as online.
+    pub online_window: Duration,
 }
 
 /// How many due schedules one read takes.
@@ -346,7 +374,7 @@ pub async fn run_due_schedules<F>(
     mut items_for: F,
 ) -> StoreResult<Vec<Fired>>
 where
-    F: FnMut(&Schedule, OffsetDateTime) -> Result<Vec<NewCommandItem>, String> + Send,
+    F: FnMut(&Schedule, OffsetDateTime) -> Result<FireCommands, String> + Send,
 {
     let mut fired = Vec::new();
     for _ in 0..MAX_DUE_ROUNDS {
@@ -380,13 +408,17 @@ where
                 FireStep::Fire { fire_at, next } => {
                     let made = keel_guard::isolate(scope, || items_for(&schedule, fire_at))
                         .unwrap_or_else(|panicked| Err(panicked.to_string()));
-                    let (items, error) = match made {
-                        Ok(items) => (items, None),
-                        Err(why) => (Vec::new(), Some(why)),
+                    let (items, broadcast, error) = match made {
+                        Ok(FireCommands::Items(items)) => (items, None, None),
+                        Ok(FireCommands::Broadcast(broadcast)) => {
+                            (Vec::new(), Some(broadcast), None)
+                        }
+                        Err(why) => (Vec::new(), None, Some(why)),
                     };
                     let record = FireRecord {
                         fire_at,
                         items,
+                        broadcast,
                         error,
                     };
                     (next, Some(record))
@@ -394,7 +426,13 @@ where
             };
             let targets: Vec<Target> = fire
                 .iter()
-                .flat_map(|f| f.items.iter().map(|item| item.command.target.clone()))
+                .flat_map(|f| {
+                    f.items
+                        .iter()
+                        .map(|item| &item.command)
+                        .chain(f.broadcast.iter().map(|b| &b.command))
+                        .map(|command| command.target.clone())
+                })
                 .collect();
             let mut step = ScheduleAdvance {
                 org: schedule.org_id,
@@ -408,6 +446,7 @@ where
                     // Recorded without commands, with the reason.
                     if let Some(fire) = &mut step.fire {
                         fire.items.clear();
+                        fire.broadcast = None;
                         fire.error = Some(refused.to_string());
                     }
                     store.advance_schedule(step).await?

@@ -353,6 +353,7 @@ fn start_scheduler(
     let store = store.clone();
     let wakeups = wakeups.clone();
     let limits = config.commands.limits;
+    let online_window = config.commands.agent_online_window;
     let grace = config.commands.schedule_grace;
     supervisor.every(
         scheduler::JOB_NAME,
@@ -362,7 +363,8 @@ fn start_scheduler(
             let wakeups = wakeups.clone();
             async move {
                 if let Err(error) =
-                    fire_due_schedules(store.as_ref(), &wakeups, &limits, grace).await
+                    fire_due_schedules(store.as_ref(), &wakeups, &limits, online_window, grace)
+                        .await
                 {
                     tracing::error!(%error, "scheduler: the store failed; retrying at the next tick");
                 }

@@ -9,7 +9,8 @@ use time::{Duration, OffsetDateTime};
 
 use super::{START, agent, tenant};
 use crate::schedule::{
-    AdvanceOutcome, FireRecord, Fired, NewSchedule, Schedule, ScheduleAdvance, run_due_schedules,
+    AdvanceOutcome, FireCommands, FireRecord, Fired, NewSchedule, Schedule, ScheduleAdvance,
+    run_due_schedules,
 };
 use crate::{
     CommandFilter, ManualClock, MissedFires, NewCommand, NewCommandItem, OrgId, ScheduleState,
@@ -55,7 +56,11 @@ pub fn items_for(
 
 /// One scheduler run at the store's now.
 pub async fn run(store: &dyn Store) -> Vec<Fired> {
-    run_due_schedules(store, GRACE, items_for).await.unwrap()
+    run_due_schedules(store, GRACE, |schedule, fire_at| {
+        items_for(schedule, fire_at).map(FireCommands::Items)
+    })
+    .await
+    .unwrap()
 }
 
 /// The fire times (Unix seconds) of the commands on `queue`, as their params carry them,
@@ -310,6 +315,7 @@ pub async fn schedule_fires_once_per_fire_time(store: &dyn Store, clock: &Manual
         fire: Some(FireRecord {
             fire_at: START + secs(5),
             items: items_for(&template, START + secs(5)).unwrap(),
+            broadcast: None,
             error: None,
         }),
     };
@@ -327,6 +333,7 @@ pub async fn schedule_fires_once_per_fire_time(store: &dyn Store, clock: &Manual
         fire: Some(FireRecord {
             fire_at: START + secs(5),
             items: items_for(&template, START + secs(5)).unwrap(),
+            broadcast: None,
             error: None,
         }),
     };
@@ -458,7 +465,7 @@ pub async fn a_panicking_template_fails_its_own_fire_alone(store: &dyn Store, cl
         if schedule.command["queue"] == "boom" {
             panic!("template reader failed");
         }
-        items_for(schedule, fire_at)
+        items_for(schedule, fire_at).map(FireCommands::Items)
     })
     .await
     .unwrap();

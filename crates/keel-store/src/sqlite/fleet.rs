@@ -13,7 +13,9 @@ use crate::model::{
     Agent, AgentId, Broadcast, Command, CommandId, Created, Idempotency, NewBroadcast, OrgId,
     PausedQueue, Target,
 };
+use crate::schedule::BroadcastFire;
 use crate::store::{MAX_BATCH_CREATE, check_queue_name};
+use time::OffsetDateTime;
 
 /// Whether the agent is cordoned, and the organisation's paused queues (a JSON array): the
 /// agent's primary key and the first rows of `paused_queues`' key. No row: no such agent.
@@ -230,6 +232,42 @@ fn check_broadcast(broadcast: &NewBroadcast) -> StoreResult<()> {
     Ok(())
 }
 
+/// Resolves a scheduled broadcast's selector on the writer's connection, on the organisation's
+/// agents as they are now, and checks the result as [`create_broadcast`] would.
+pub(super) async fn resolve_fire(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    fire: BroadcastFire,
+    now: OffsetDateTime,
+) -> StoreResult<NewBroadcast> {
+    let rows: Vec<AgentRow> = sqlx::query_as(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE org_id = ? ORDER BY name"
+    ))
+    .bind(org)
+    .fetch_all(&mut *conn)
+    .await?;
+    let window = time::Duration::try_from(fire.online_window).unwrap_or(time::Duration::MAX);
+    let mut agents = Vec::new();
+    for row in rows {
+        let agent = row.into_agent()?;
+        let online = agent.last_seen_at.is_some_and(|seen| now - seen <= window);
+        if fire.selector.matches(&agent.labels()) && (online || !fire.online_only) {
+            agents.push(agent.id);
+        }
+    }
+    let new = NewBroadcast {
+        command: fire.command,
+        online_only: fire.online_only,
+        max_concurrency: fire.max_concurrency,
+        agents,
+    };
+    check_broadcast(&new).map_err(|err| match err {
+        StoreError::InvalidInput(why) => StoreError::InvalidInput(format!("command.{why}")),
+        other => other,
+    })?;
+    Ok(new)
+}
+
 pub(super) async fn create_broadcast(
     store: &SqliteStore,
     org: OrgId,
@@ -247,7 +285,7 @@ pub(super) async fn create_broadcast(
 }
 
 /// Inserts the parent, then its children (on the writer's connection, in one savepoint).
-async fn insert_broadcast(
+pub(super) async fn insert_broadcast(
     conn: &mut SqliteConnection,
     org: OrgId,
     new: NewBroadcast,

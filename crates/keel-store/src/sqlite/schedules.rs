@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::rows::{corrupt, from_micros, to_micros};
 use super::writer::Lane;
-use super::{Placement, SqliteStore, found, insert_command, page_of, validate_new_command};
+use super::{Placement, SqliteStore, fleet, found, insert_command, page_of, validate_new_command};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CommandId, OrgId, ScheduleId, ScheduleState};
 use crate::schedule::{
@@ -250,6 +250,9 @@ pub(super) async fn advance(
         for item in &fire.items {
             validate_new_command(&item.command)?;
         }
+        if let Some(broadcast) = &fire.broadcast {
+            validate_new_command(&broadcast.command)?;
+        }
     }
     let (now, now_us) = store.now_and_micros();
     let outcome = store
@@ -285,6 +288,11 @@ pub(super) async fn advance(
                     return Ok(AdvanceOutcome::Skipped);
                 };
                 let mut command_ids = Vec::with_capacity(fire.items.len());
+                if let Some(broadcast) = fire.broadcast {
+                    let new = fleet::resolve_fire(conn, org, broadcast, now).await?;
+                    let created = fleet::insert_broadcast(conn, org, new, None, now_us).await?;
+                    command_ids.push(created.command.id);
+                }
                 for item in fire.items {
                     let created = insert_command(
                         conn,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keel_store::schedule::run_due_schedules;
+use keel_store::schedule::{BroadcastFire, FireCommands, run_due_schedules};
 use keel_store::{NewCommandItem, Store, StoreError};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -18,28 +18,22 @@ use crate::http::validate::within;
 /// The name of the scheduler job.
 pub const JOB_NAME: &str = "scheduler";
 
-/// The commands one fire of a schedule creates from its template (the body of a
-/// `POST /v1/commands`), read exactly as that route reads its body. With `fire_at`, each is
-/// due at that fire time. Also how a template is checked when its schedule is created (without
-/// `fire_at`). Errors name the field under `command` (`command.queue: …`).
-pub fn fire_items(
+/// What one fire of a schedule creates from its template (the body of a `POST /v1/commands`),
+/// read exactly as that route reads its body: a command for one agent or one queue, or a
+/// broadcast whose selector the store resolves as it writes the fire. With `fire_at`, the
+/// command is due at that fire time. Also how a template is checked when its schedule is
+/// created (without `fire_at`). Errors name the field under `command` (`command.queue: …`).
+pub fn fire_commands(
     template: &Value,
     limits: &CommandLimits,
+    online_window: Duration,
     fire_at: Option<OffsetDateTime>,
-) -> Result<Vec<NewCommandItem>, ApiError> {
+) -> Result<FireCommands, ApiError> {
     let in_template = |err| within("command", err);
     let request: CreateCommand = parse_body(template.clone()).map_err(in_template)?;
-    let mut command = match request.validate(limits).map_err(in_template)? {
-        CommandRequest::Single(command) => command,
-        // Resolving a selector at each fire, and writing the broadcast with the fire record,
-        // is not built yet.
-        CommandRequest::Broadcast { .. } => {
-            return Err(in_template(ApiError::Validation(
-                "selector: a schedule's command is for one agent or one queue; \
-                 broadcast templates are not supported yet"
-                    .to_owned(),
-            )));
-        }
+    let mut request = request.validate(limits).map_err(in_template)?;
+    let command = match &mut request {
+        CommandRequest::Single(command) | CommandRequest::Broadcast { command, .. } => command,
     };
     if command.run_at.is_some() {
         return Err(in_template(ApiError::Validation(
@@ -47,10 +41,24 @@ pub fn fire_items(
         )));
     }
     command.run_at = fire_at;
-    Ok(vec![NewCommandItem {
-        command,
-        idempotency: None,
-    }])
+    Ok(match request {
+        CommandRequest::Single(command) => FireCommands::Items(vec![NewCommandItem {
+            command,
+            idempotency: None,
+        }]),
+        CommandRequest::Broadcast {
+            command,
+            selector,
+            online_only,
+            max_concurrency,
+        } => FireCommands::Broadcast(BroadcastFire {
+            command,
+            selector,
+            online_only,
+            max_concurrency,
+            online_window,
+        }),
+    })
 }
 
 /// One run of the scheduler: every due schedule fires (or skips missed fire times, by its
@@ -61,11 +69,13 @@ pub async fn fire_due_schedules(
     store: &dyn Store,
     wakeups: &Wakeups,
     limits: &CommandLimits,
+    online_window: Duration,
     grace: Duration,
 ) -> Result<usize, StoreError> {
     fail::fail_point!("commands.scheduler");
     let fired = run_due_schedules(store, grace, |schedule, fire_at| {
-        fire_items(&schedule.command, limits, Some(fire_at)).map_err(|err| err.to_string())
+        fire_commands(&schedule.command, limits, online_window, Some(fire_at))
+            .map_err(|err| err.to_string())
     })
     .await?;
     for fire in &fired {

@@ -8,7 +8,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use keel_store::schedule::{FireTimes, NEXT_FIRES_SHOWN, NewSchedule, Schedule, ScheduleFire};
+use keel_store::schedule::{
+    FireCommands, FireTimes, NEXT_FIRES_SHOWN, NewSchedule, Schedule, ScheduleFire,
+};
 use keel_store::{CommandId, MissedFires, ScheduleId, ScheduleState, Scope, Target};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,7 +22,7 @@ use super::auth::Caller;
 use super::commands::{CreateCommand, page_limit, parse_body};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
-use crate::commands::scheduler::fire_items;
+use crate::commands::scheduler::fire_commands;
 
 /// Longest schedule name.
 const MAX_NAME_LEN: usize = 128;
@@ -209,13 +211,21 @@ pub(super) async fn create(
         .map_err(|err| ApiError::Internal(format!("reading the cron pattern: {err}")))?
         .map_err(|err| ApiError::Validation(err.to_string()))?;
     // The template is read as POST /v1/commands reads its body, and its agent must exist.
-    for item in fire_items(&request.command, &state.command_limits, None)? {
-        if let Target::Agent(agent) = item.command.target
-            && state.store.get_agent(caller.org(), agent).await?.is_none()
-        {
-            return Err(ApiError::Validation(
-                "command.agent_id: no such agent in the organisation".to_owned(),
-            ));
+    let commands = fire_commands(
+        &request.command,
+        &state.command_limits,
+        state.agent_online_window,
+        None,
+    )?;
+    if let FireCommands::Items(items) = commands {
+        for item in items {
+            if let Target::Agent(agent) = item.command.target
+                && state.store.get_agent(caller.org(), agent).await?.is_none()
+            {
+                return Err(ApiError::Validation(
+                    "command.agent_id: no such agent in the organisation".to_owned(),
+                ));
+            }
         }
     }
     let schedule = state

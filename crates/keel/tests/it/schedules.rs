@@ -210,7 +210,7 @@ async fn bad_schedules_get_422_naming_the_field_and_create_nothing() {
             "command.colour: unknown field",
         ),
         (
-            with_command(json!({"type": "cleanup", "selector": "env=prod"})),
+            with_command(json!({"type": "cleanup", "selector": "env in prod"})),
             "command.selector:",
         ),
     ];
@@ -494,4 +494,103 @@ async fn a_fire_wakes_the_agent_waiting_in_a_long_poll() {
     assert_eq!(answer["commands"][0]["target"]["agent_id"], agent_id);
     // Woken by the fire (at most 3 s away, plus a scheduler tick), not by the end of the wait.
     assert!(waited < Duration::from_secs(6), "{waited:?}");
+}
+
+#[tokio::test]
+async fn a_broadcast_schedule_resolves_its_selector_at_each_fire() {
+    let server = Server::start_with(Options {
+        extra_toml: FAST_SCHEDULER,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "commands:write,commands:read", None);
+    let check_in = |key: Api, env: &'static str| async move {
+        key.post(
+            "/v1/agents/check-in",
+            &json!({"version": "1", "boot_id": uuid::Uuid::new_v4(), "labels": {"env": env}}),
+            200,
+        )
+        .await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let web = check_in(server.key("acme", "agent", Some("web")), "prod").await;
+    let db = check_in(server.key("acme", "agent", Some("db")), "prod").await;
+    check_in(server.key("acme", "agent", Some("dev")), "dev").await;
+
+    let schedule = ops
+        .post(
+            "/v1/schedules",
+            &json!({"cron": "* * * * * *", "timezone": "UTC",
+                    "command": {"type": "rotate-logs", "selector": "env=prod", "max_concurrency": 1}}),
+            201,
+        )
+        .await;
+    let id = schedule["id"].as_str().unwrap();
+    poll_until(Duration::from_secs(20), || async {
+        ops.get(&format!("/v1/schedules/{id}/fires"), 200).await["items"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 2
+    })
+    .await;
+    ops.post(&format!("/v1/schedules/{id}/pause"), &json!({}), 200)
+        .await;
+    let fires = ops.get(&format!("/v1/schedules/{id}/fires"), 200).await;
+    let prod: BTreeSet<&str> = [web.as_str(), db.as_str()].into();
+    for fire in fires["items"].as_array().unwrap() {
+        assert_eq!(fire["error"], Value::Null, "{fire}");
+        let ids = fire["command_ids"].as_array().unwrap();
+        assert_eq!(ids.len(), 1, "one broadcast per fire: {fire}");
+        let parent = ops
+            .get(&format!("/v1/commands/{}", ids[0].as_str().unwrap()), 200)
+            .await;
+        assert_eq!(parent["target"], json!({"selector": "env=prod"}));
+        assert_eq!(parent["run_at"], fire["fire_at"]);
+        let reached: BTreeSet<&str> = parent["broadcast"]["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(reached, prod, "{parent}");
+        assert_eq!(parent["broadcast"]["max_concurrency"], 1);
+        assert_eq!(
+            parent["broadcast"]["children"]["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    // A selector that matches nothing at a fire is recorded on that fire, with no command.
+    let lonely = ops
+        .post(
+            "/v1/schedules",
+            &json!({"cron": "* * * * * *", "timezone": "UTC",
+                    "command": {"type": "t", "selector": "env=nowhere"}}),
+            201,
+        )
+        .await;
+    let lonely = lonely["id"].as_str().unwrap();
+    poll_until(Duration::from_secs(20), || async {
+        !ops.get(&format!("/v1/schedules/{lonely}/fires"), 200).await["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let fire = ops.get(&format!("/v1/schedules/{lonely}/fires"), 200).await["items"][0].clone();
+    assert_eq!(fire["command_ids"], json!([]));
+    assert!(
+        fire["error"]
+            .as_str()
+            .unwrap()
+            .contains("command.selector: `env=nowhere` matches no agent"),
+        "{fire}"
+    );
 }
