@@ -143,12 +143,13 @@ async function signOut() {
 async function refresh() {
   const started = new Date();
   const get = (path) => api("GET", path).catch((failure) => ({ failed: failure }));
-  const [ready, components, panics, summary, agents, dead, jobs] = await Promise.all([
+  const [ready, components, panics, summary, agents, fleet, dead, jobs] = await Promise.all([
     fetch("/readyz").then((r) => r.json()).catch(() => null),
     get("/v1/admin/components"),
     get("/v1/admin/panics"),
     get("/v1/admin/commands/summary"),
     get("/v1/admin/agents"),
+    get("/v1/admin/fleet"),
     get("/v1/admin/dead-commands"),
     get("/v1/admin/jobs"),
   ]);
@@ -158,10 +159,11 @@ async function refresh() {
   draw("panics", panics, drawPanics);
   draw("summary", summary, drawSummary);
   draw("agents", agents, drawAgents);
+  draw("fleet", fleet, drawFleet);
   draw("dead", dead, drawDead);
   // An interval being edited is not overwritten: the table waits until focus leaves it.
   if (!$("jobs").contains(document.activeElement)) draw("jobs", jobs, drawJobs);
-  const failed = [components, panics, summary, agents, dead, jobs].filter((data) => data && data.failed);
+  const failed = [components, panics, summary, agents, fleet, dead, jobs].filter((data) => data && data.failed);
   $("updated").textContent = "Updated " + started.toLocaleTimeString() + " (every " + POLL_MS / 1000 + " s)" +
     (failed.length ? "; " + failed.length + " section" + (failed.length === 1 ? "" : "s") + " could not be read: " + failed[0].failed.message : "");
 }
@@ -288,6 +290,23 @@ function drawSummary(summary) {
   $("org-counts").tBodies[0].replaceChildren(...summary.organisations.map((org) => el("tr", {},
     el("td", {}, org.org),
     ...STATUSES.map((status) => el("td", { class: "num" }, org.by_status[status])))));
+}
+
+function drawFleet(overview) {
+  $("paused-summary").textContent = overview.paused_queues.length
+    ? overview.paused_queues.length + " paused queue" + (overview.paused_queues.length === 1 ? "" : "s") + "."
+    : "No queue is paused.";
+  $("paused-queues").tBodies[0].replaceChildren(...overview.paused_queues.map((paused) => el("tr", {},
+    el("td", {}, paused.org),
+    el("td", {}, paused.queue),
+    el("td", {}, time(paused.paused_at)))));
+  $("schedules").tBodies[0].replaceChildren(...overview.schedules.map((schedule) => el("tr", {},
+    el("td", {}, schedule.org),
+    el("td", {}, schedule.name || schedule.id),
+    el("td", {}, schedule.cron + " (" + schedule.timezone + ")"),
+    el("td", {}, el("span", { class: "state " + (schedule.state === "active" ? "active" : "stopped") }, schedule.state)),
+    el("td", {}, time(schedule.next_fires[0])),
+    el("td", {}, time(schedule.last_fire_at)))));
 }
 
 function drawAgents(overview) {

@@ -72,6 +72,7 @@ use super::{
         organisations::revoke_key,
         operations::summary,
         operations::agents,
+        operations::fleet,
         operations::dead_commands,
         operations::requeue,
         ui::to_page,

@@ -73,6 +73,7 @@ pub struct Overviews {
     summary: Overview<()>,
     agents: Overview<()>,
     dead: Overview<u32>,
+    fleet: Overview<()>,
 }
 
 impl Overviews {
@@ -88,6 +89,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/commands/summary", get(summary))
         .route("/agents", get(agents))
+        .route("/fleet", get(fleet))
         .route("/dead-commands", get(dead_commands))
         .route("/dead-commands/requeue", post(requeue))
 }
@@ -267,6 +269,78 @@ async fn read_agents(state: AppState) -> Result<AgentsOverview, ApiError> {
         online,
         offline: agents.len() - online,
         agents,
+    })
+}
+
+/// A paused queue and its organisation.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct OrganisationQueue {
+    org: String,
+    queue: String,
+    #[serde(with = "time::serde::rfc3339")]
+    paused_at: time::OffsetDateTime,
+}
+
+/// A schedule and its organisation.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct OrganisationSchedule {
+    org: String,
+    #[serde(flatten)]
+    schedule: super::schedules::ScheduleView,
+}
+
+/// The body of `GET /v1/admin/fleet`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct FleetOverview {
+    /// Every organisation's paused queues.
+    paused_queues: Vec<OrganisationQueue>,
+    /// Every organisation's schedules (at most [`MAX_PAGE_SIZE`](keel_store::MAX_PAGE_SIZE)
+    /// each, oldest first).
+    schedules: Vec<OrganisationSchedule>,
+}
+
+/// Every organisation's paused queues and schedules (cordoned agents show in
+/// `GET /v1/admin/agents`).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/fleet",
+    tag = "admin",
+    security(("operator" = [])),
+    responses(
+        (status = 200, description = "Paused queues and schedules", body = FleetOverview),
+    )
+)]
+pub(super) async fn fleet(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let overviews = state.overviews.clone();
+    overviews.fleet.read((), read_fleet(state)).await.map(Json)
+}
+
+async fn read_fleet(state: AppState) -> Result<FleetOverview, ApiError> {
+    let now = state.store.now();
+    let mut paused_queues = Vec::new();
+    let mut schedules = Vec::new();
+    for org in state.store.list_organisations().await? {
+        for paused in state.store.list_paused_queues(org.id).await? {
+            paused_queues.push(OrganisationQueue {
+                org: org.name.clone(),
+                queue: paused.queue,
+                paused_at: paused.paused_at,
+            });
+        }
+        let page = state
+            .store
+            .list_schedules(org.id, None, keel_store::MAX_PAGE_SIZE)
+            .await?;
+        for schedule in page.items {
+            schedules.push(OrganisationSchedule {
+                org: org.name.clone(),
+                schedule: super::schedules::view(schedule, now),
+            });
+        }
+    }
+    Ok(FleetOverview {
+        paused_queues,
+        schedules,
     })
 }
 

@@ -103,7 +103,7 @@ fn zoned(times: Option<&FireTimes>, t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
-fn view(schedule: Schedule, now: OffsetDateTime) -> ScheduleView {
+pub(super) fn view(schedule: Schedule, now: OffsetDateTime) -> ScheduleView {
     // Checked when the schedule was created; a row that no longer parses shows no fire times,
     // and neither does a schedule that has none left (its next fire time is cleared).
     let times = schedule.fire_times().ok();

@@ -93,6 +93,9 @@ try {
     "scripts cannot read the session cookie");
   await page.locator("#panics-total", { hasText: "No panics" }).waitFor();
   await page.locator("#components tbody tr").first().waitFor();
+  await page.locator("#paused-queues tbody tr", { hasText: "nightly-q" }).waitFor();
+  await page.locator("#schedules tbody tr", { hasText: "nightly cleanup" }).locator("td", { hasText: "30 2 * * * (Europe/Berlin)" }).waitFor();
+  await page.locator("#agents tbody tr", { hasText: "web-1" }).locator(".state.cordoned").waitFor();
   const navigationsAfterSignIn = navigations;
   await page.evaluate(() => { window.__keelNotReloaded = true; });
 

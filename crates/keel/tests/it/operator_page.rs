@@ -88,6 +88,25 @@ async fn the_operator_page_works_in_headless_chromium() {
         )
         .await;
     assert_eq!(claimed["commands"].as_array().unwrap().len(), 2);
+    // Fleet state the page shows: a paused queue, a schedule and a cordoned agent.
+    org_admin
+        .post("/v1/queues/nightly-q/pause", &json!({}), 200)
+        .await;
+    org_admin
+        .post(
+            "/v1/schedules",
+            &json!({"name": "nightly cleanup", "cron": "30 2 * * *", "timezone": "Europe/Berlin",
+                    "command": {"type": "cleanup", "queue": "nightly-q"}}),
+            201,
+        )
+        .await;
+    let agent_id = agent.check_in(&["deploys"]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    org_admin
+        .post(&format!("/v1/agents/{agent_id}/cordon"), &json!({}), 200)
+        .await;
 
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("operator-page");
     let mut script = Command::new("node")
