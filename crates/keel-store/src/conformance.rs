@@ -89,6 +89,8 @@ macro_rules! conformance_tests {
             broadcast_cancel_cancels_unfinished_children,
             broadcast_idempotency_and_refusals,
             broadcast_requeue_keeps_to_max_concurrency,
+            broadcast_slots_pass_only_from_released_children_and_wait_for_due_time,
+            broadcast_cancel_requeue_and_retention_keep_its_children,
             schedules_create_read_pause_delete,
             schedules_are_isolated,
             schedule_fires_once_per_fire_time,

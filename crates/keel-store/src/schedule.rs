@@ -237,7 +237,7 @@ pub struct Schedule {
     /// The next fire time the scheduler will handle (it may have passed while paused); `None`
     /// when the pattern has no further fire time.
     pub next_fire_at: Option<OffsetDateTime>,
-    /// The latest fire time that created commands.
+    /// The latest fire time handled: it created commands, or its record says why not.
     pub last_fire_at: Option<OffsetDateTime>,
     /// When it was created.
     pub created_at: OffsetDateTime,

@@ -183,6 +183,15 @@ pub trait Store: Send + Sync {
         idempotency: Option<Idempotency>,
     ) -> StoreResult<Created>;
 
+    /// The command created earlier with this idempotency key, as a retry gets it
+    /// (`created: false`); `IdempotencyMismatch` when its request hash differs; `None` when the
+    /// key is new. A read: a retry answers without work the create would do first.
+    async fn find_idempotent(
+        &self,
+        org: OrgId,
+        idempotency: &Idempotency,
+    ) -> StoreResult<Option<Created>>;
+
     /// A broadcast's children, in creation order (empty for a command that has none).
     async fn list_children(&self, org: OrgId, parent: CommandId) -> StoreResult<Vec<Command>>;
 

@@ -35,17 +35,22 @@ ALTER TABLE commands ADD COLUMN broadcast_agents TEXT;
 -- A parent's children by status: its summary, its end, and the next held child.
 CREATE INDEX commands_children ON commands (parent_id, status, id) WHERE parent_id IS NOT NULL;
 
--- A child that finishes hands its slot to the next held sibling (unless the broadcast is being
--- cancelled), and the last one to finish ends the parent.
+-- A child that held a slot hands it, when it finishes, to the next held sibling (unless the
+-- broadcast is being cancelled); the sibling is claimable at once, or scheduled when it is not
+-- due yet. A held child that finishes (cancelled on its own) had no slot to hand on. The last
+-- child to finish ends the parent.
 CREATE TRIGGER broadcast_child_finishes AFTER UPDATE OF status ON commands
 WHEN NEW.parent_id IS NOT NULL
      AND NEW.status IN ('completed', 'failed', 'cancelled', 'dead')
      AND OLD.status IN ('pending', 'executing')
 BEGIN
-    UPDATE commands SET scheduled = 0, updated_at = NEW.updated_at
+    UPDATE commands
+    SET scheduled = CASE WHEN run_at > NEW.updated_at THEN 1 ELSE 0 END,
+        updated_at = NEW.updated_at
     WHERE id = (SELECT id FROM commands INDEXED BY commands_children
                 WHERE parent_id = NEW.parent_id AND status = 'pending' AND scheduled = 2
                 ORDER BY id LIMIT 1)
+      AND OLD.scheduled <> 2
       AND NOT (SELECT cancel_requested FROM commands WHERE id = NEW.parent_id);
     UPDATE commands
     SET status = CASE

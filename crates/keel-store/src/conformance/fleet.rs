@@ -604,3 +604,116 @@ pub async fn broadcast_requeue_keeps_to_max_concurrency(store: &dyn Store, _cloc
         Err(StoreError::InvalidState(_))
     ));
 }
+
+pub async fn broadcast_slots_pass_only_from_released_children_and_wait_for_due_time(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    let t = tenant(store, "acme").await;
+    let mut agents = vec![t.agent];
+    for n in 2..=4 {
+        agents.push(agent(store, t.org, &format!("agent-{n}")).await);
+    }
+    // Due in an hour, one at a time.
+    let mut new = broadcast(agents.clone(), Some(1));
+    new.command.run_at = Some(START + secs(3600));
+    let parent = store
+        .create_broadcast(t.org, new, None)
+        .await
+        .unwrap()
+        .command;
+    let children = store.list_children(t.org, parent.id).await.unwrap();
+    // A held child cancelled on its own hands on no slot.
+    store.cancel_command(t.org, children[1].id).await.unwrap();
+    // The released first child is cancelled: its slot goes to the third, which still waits for
+    // its due time.
+    store.cancel_command(t.org, children[0].id).await.unwrap();
+    for agent in &agents {
+        assert_eq!(
+            run_targeted(store, t.org, *agent).await,
+            0,
+            "nothing is due yet"
+        );
+    }
+    clock.advance(secs(3600));
+    assert_eq!(run_targeted(store, t.org, agents[1]).await, 0, "cancelled");
+    assert_eq!(run_targeted(store, t.org, agents[3]).await, 0, "still held");
+    assert_eq!(
+        run_targeted(store, t.org, agents[2]).await,
+        1,
+        "due, with the slot"
+    );
+    assert_eq!(
+        run_targeted(store, t.org, agents[3]).await,
+        1,
+        "the slot passed on"
+    );
+    let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();
+    assert_eq!(
+        parent_now.status,
+        CommandStatus::Failed,
+        "two children were cancelled"
+    );
+}
+
+pub async fn broadcast_cancel_requeue_and_retention_keep_its_children(
+    store: &dyn Store,
+    clock: &ManualClock,
+) {
+    let t = tenant(store, "acme").await;
+    let second = agent(store, t.org, "agent-2").await;
+    let third = agent(store, t.org, "agent-3").await;
+    let mut new = broadcast(vec![t.agent, second, third], None);
+    new.command.max_attempts = 1;
+    let parent = store
+        .create_broadcast(t.org, new, None)
+        .await
+        .unwrap()
+        .command;
+    // The first fails; a week and a day pass; retention keeps it while the broadcast runs.
+    let c = claim_one(store, &t, &[]).await;
+    store
+        .fail(
+            t.org,
+            t.agent,
+            c.command.id,
+            &c.claim_token,
+            json!("no"),
+            false,
+        )
+        .await
+        .unwrap();
+    clock.advance(secs(8 * 86_400));
+    assert_eq!(
+        store
+            .purge_finished(START + secs(86_400), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    // Cancelled while the second runs: no requeue until the cancel is through.
+    let running = store.claim(t.org, second, &[], 1).await.unwrap();
+    store.cancel_command(t.org, parent.id).await.unwrap();
+    for id in [parent.id, c.command.id] {
+        assert!(matches!(
+            store.requeue(t.org, id).await,
+            Err(StoreError::InvalidState(_))
+        ));
+    }
+    let r = &running[0];
+    store
+        .complete(t.org, second, r.command.id, &r.claim_token, json!({}))
+        .await
+        .unwrap();
+    let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();
+    assert_eq!(parent_now.status, CommandStatus::Cancelled);
+    // Finished, the broadcast and its children go together with retention.
+    clock.advance(secs(8 * 86_400));
+    assert_eq!(
+        store
+            .purge_finished(START + secs(15 * 86_400), 100)
+            .await
+            .unwrap(),
+        4
+    );
+}

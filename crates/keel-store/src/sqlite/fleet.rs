@@ -429,6 +429,26 @@ pub(super) async fn role(
     })
 }
 
+/// A requeue is refused while the broadcast is being cancelled (its cancel waits for executing
+/// children): the requeued children would run, or be held for good, against the cancel.
+pub(super) async fn refuse_while_cancelling(
+    conn: &mut SqliteConnection,
+    parent: CommandId,
+) -> StoreResult<()> {
+    let cancelling: Option<bool> = sqlx::query_scalar(
+        "SELECT status = 'pending' AND cancel_requested FROM commands WHERE id = ?",
+    )
+    .bind(parent)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if cancelling == Some(true) {
+        return Err(StoreError::InvalidState(
+            "the broadcast is being cancelled".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Requeues a broadcast parent's failed and dead children (on the writer's connection): each
 /// goes back to pending with its attempts reset, which reopens the parent; with
 /// `max_concurrency`, those beyond the free places are held. `InvalidState` when there is none.

@@ -32,6 +32,9 @@ pub(super) struct LeaseTable {
     pub(super) table: &'static str,
     /// The columns a row type reads, in its order.
     pub(super) columns: &'static str,
+    /// Added to the retention purge's condition (` AND …`, or empty): the finished rows it
+    /// must keep all the same.
+    pub(super) keep: &'static str,
 }
 
 /// What a fenced report names: the row, the holder and its token.
@@ -376,11 +379,11 @@ impl LeaseTable {
         before_us: i64,
         limit: u32,
     ) -> StoreResult<u64> {
-        let table = self.table;
+        let Self { table, keep, .. } = self;
         let done = sqlx::query(&format!(
             "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} \
                WHERE status IN ('completed', 'failed', 'cancelled', 'dead') \
-                 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2)"
+                 AND finished_at < ?1{keep} ORDER BY finished_at LIMIT ?2)"
         ))
         .bind(before_us)
         .bind(i64::from(limit))

@@ -123,6 +123,9 @@ const API_KEY_COLUMNS: &str =
 const COMMANDS: LeaseTable = LeaseTable {
     table: "commands",
     columns: COMMAND_COLUMNS,
+    // A broadcast's finished children stay while it runs: its end and its summary read them.
+    keep: " AND (parent_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands AS parent \
+           WHERE parent.id = commands.parent_id AND parent.status = 'pending'))",
 };
 
 /// Claim order, the order of the claim indexes.
@@ -766,6 +769,21 @@ impl Store for SqliteStore {
         fleet::create_broadcast(self, org, broadcast, idempotency).await
     }
 
+    async fn find_idempotent(
+        &self,
+        org: OrgId,
+        idempotency: &Idempotency,
+    ) -> StoreResult<Option<Created>> {
+        let existing: Option<CommandRow> = sqlx::query_as(&format!(
+            "SELECT {COMMAND_COLUMNS} FROM commands WHERE org_id = ? AND idempotency_key = ?"
+        ))
+        .bind(org)
+        .bind(&idempotency.key)
+        .fetch_optional(&self.read)
+        .await?;
+        existing.map(|row| replay(row, idempotency)).transpose()
+    }
+
     async fn list_children(&self, org: OrgId, parent: CommandId) -> StoreResult<Vec<Command>> {
         fleet::list_children(self, org, parent).await
     }
@@ -1096,8 +1114,12 @@ impl Store for SqliteStore {
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let row: CommandRow = match fleet::role(conn, org, id).await? {
-                    Role::Parent => fleet::requeue_broadcast(conn, org, id, now_us).await?,
+                    Role::Parent => {
+                        fleet::refuse_while_cancelling(conn, id).await?;
+                        fleet::requeue_broadcast(conn, org, id, now_us).await?
+                    }
                     Role::Child(parent) => {
+                        fleet::refuse_while_cancelling(conn, parent).await?;
                         let row = COMMANDS.requeue(conn, org, id.0, now_us).await?;
                         fleet::hold_beyond_concurrency(conn, parent).await?;
                         row

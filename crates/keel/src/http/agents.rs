@@ -232,9 +232,10 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<AgentList>, ApiError> {
     caller.require(Scope::CommandsRead)?;
+    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let selector = LabelSelector::parse(query.selector.as_deref().unwrap_or_default())
         .map_err(|err| ApiError::Validation(format!("selector: {err}")))?;
     let agents = state.store.list_agents(caller.org()).await?;

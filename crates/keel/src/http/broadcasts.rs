@@ -144,6 +144,14 @@ pub(super) async fn create(
         fields.insert("max_concurrency".to_owned(), max_concurrency.into());
     }
     let idempotency = keyed(headers, identity)?;
+    // A retry answers the broadcast it created, whatever the agents and the bucket are now.
+    if let Some(idempotency) = &idempotency
+        && let Some(earlier) = state.store.find_idempotent(org, idempotency).await?
+    {
+        let mut view = CommandView::from(earlier.command);
+        add_children(state, org, &mut view).await?;
+        return Ok((StatusCode::OK, Json(view)).into_response());
+    }
     let agents = broadcast::resolve(
         state.store.as_ref(),
         org,

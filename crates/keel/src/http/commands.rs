@@ -614,6 +614,10 @@ pub(super) async fn cancel(
     let id = command_id(&id)?;
     let command = state.store.cancel_command(caller.org(), id).await?;
     tracing::info!(target: "keel::audit", action = "command.cancel", command_id = %id.0, status = command.status.as_str(), "command cancel");
+    if command.parent_id.is_some() {
+        // A child that held a slot of its broadcast handed it to a held sibling.
+        state.wakeups.wake_org(caller.org());
+    }
     let mut view = CommandView::from(command);
     super::broadcasts::add_children(&state, caller.org(), &mut view).await?;
     Ok(Json(view))

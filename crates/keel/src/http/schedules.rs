@@ -60,7 +60,7 @@ pub(super) struct ScheduleView {
     /// unless resumed first); none when the schedule has no fire time left.
     #[schema(value_type = Vec<String>, format = DateTime)]
     next_fires: Vec<String>,
-    /// The latest fire time that was handled by creating commands.
+    /// The latest fire time handled: it created commands, or its record says why not.
     #[schema(value_type = Option<String>, format = DateTime)]
     last_fire_at: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
