@@ -5,6 +5,7 @@
 //!
 //! - [`store`]: the [`Store`] trait and its limits.
 //! - [`model`]: identifiers, organisations, keys, agents, commands, claims and leases.
+//! - [`notifications`]: notification settings, events and deliveries.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
 //! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
 //! - [`backoff`]: the delay before a failed command is retried.
@@ -17,6 +18,7 @@ pub mod backoff;
 pub mod clock;
 pub mod error;
 pub mod model;
+pub mod notifications;
 pub mod sqlite;
 pub mod store;
 mod token;
@@ -24,6 +26,9 @@ mod token;
 #[cfg(feature = "conformance")]
 #[doc(hidden)]
 pub mod conformance;
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
+pub mod conformance_notifications;
 
 pub use backoff::retry_backoff;
 pub use clock::{Clock, ManualClock, SystemClock};

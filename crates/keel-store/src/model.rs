@@ -142,6 +142,9 @@ macro_rules! named_enum {
     };
 }
 
+// The notification types are made with the same macros.
+pub(crate) use {id_type, named_enum};
+
 named_enum!(
     /// What an API key may do.
     Scope, "scope" {
