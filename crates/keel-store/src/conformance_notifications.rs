@@ -17,7 +17,7 @@ use time::Duration;
 
 use crate::notifications::NotificationStore;
 use crate::notifications::model::{
-    ChannelType, DeliveryFailure, DeliveryFilter, DeliveryStatus, NewDelivery, NewEvent,
+    ChannelType, DeliveryFailure, DeliveryFilter, DeliveryStatus, EventId, NewDelivery, NewEvent,
     NewSetting, SealedSecret, SettingKind, Severity, WorkerId,
 };
 use crate::{ClaimToken, Idempotency, ManualClock, OrgId, Store, StoreError};
@@ -64,6 +64,7 @@ async fn org(store: &dyn Store, name: &str) -> OrgId {
 
 fn event(event_type: &str, key: Option<(&str, &str)>) -> NewEvent {
     NewEvent {
+        id: EventId::new(),
         event_type: event_type.to_owned(),
         payload: json!({"order": 42}),
         domain: "orders".to_owned(),

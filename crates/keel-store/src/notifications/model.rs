@@ -143,6 +143,8 @@ pub struct Setting {
 /// A classified event to record with its deliveries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
+    /// Its identifier, chosen by the caller (templates may show it before it is stored).
+    pub id: EventId,
     /// What happened (`order_failed`, `disk.space_warning`).
     pub event_type: String,
     /// Its data, which templates render.

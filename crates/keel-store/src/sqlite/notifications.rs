@@ -268,7 +268,7 @@ async fn insert_event(
            idempotency_key, request_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
          RETURNING {EVENT_COLUMNS}"
     ))
-    .bind(EventId::new())
+    .bind(event.id)
     .bind(org)
     .bind(&event.event_type)
     .bind(Json(&event.payload))
