@@ -156,6 +156,10 @@ named_enum!(
         CommandsRead => "commands:read",
         /// Act as the key's agent: check in, claim, heartbeat, complete, fail.
         Agent => "agent",
+        /// Trigger events, send messages, change notification settings, requeue deliveries.
+        NotificationsWrite => "notifications:write",
+        /// Read notification settings and deliveries, preview templates.
+        NotificationsRead => "notifications:read",
     }
 );
 

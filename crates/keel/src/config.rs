@@ -73,6 +73,8 @@ pub struct Config {
     /// Fair sharing and load shedding: rate limits, long-poll caps, the in-flight limit and
     /// pressure (docs/overload.md).
     pub overload: crate::http::overload::OverloadConfig,
+    /// Notifications: senders' secrets and the delivery workers (docs/notifications.md).
+    pub notifications: crate::notifications::config::NotificationsConfig,
 }
 
 /// The database (embedded SQLite in `<data_dir>/keel.db`).
@@ -281,6 +283,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             commands: CommandsConfig::default(),
             overload: crate::http::overload::OverloadConfig::default(),
+            notifications: Default::default(),
         }
     }
 }

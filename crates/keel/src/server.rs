@@ -31,6 +31,8 @@ use crate::http::connections::{self, ConnectionLimits};
 use crate::http::lifecycle::Lifecycle;
 use crate::http::overload::{Overload, StorePressure};
 use crate::http::{self, AppState};
+use crate::notifications::NotificationState;
+use crate::notifications::secrets::SecretBox;
 use crate::telemetry;
 
 /// The exit status after a second signal.
@@ -137,6 +139,19 @@ pub async fn run(
         keys: Arc::new(crate::http::auth::KeyCache::new()),
         ui_sessions: Arc::new(crate::http::ui::Sessions::default()),
         overviews: Arc::new(crate::http::operations::Overviews::default()),
+        notifications: Arc::new(NotificationState {
+            secrets: SecretBox::load(
+                config
+                    .notifications
+                    .secret_key
+                    .as_ref()
+                    .map(|key| SecretString::from(key.expose_secret()))
+                    .as_ref(),
+                &config.data_dir,
+            )
+            .context("loading the notification key")?,
+            queued: Arc::new(tokio::sync::Notify::new()),
+        }),
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,

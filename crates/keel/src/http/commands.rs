@@ -877,7 +877,7 @@ fn claim_token(token: String) -> Result<ClaimToken, ApiError> {
     Ok(ClaimToken(token))
 }
 
-fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+pub(super) fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(DEFAULT_PAGE_SIZE);
     check_range("limit", limit, 1, keel_store::MAX_PAGE_SIZE)?;
     Ok(limit)

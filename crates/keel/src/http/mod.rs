@@ -12,6 +12,8 @@
 //! - [`auth`]: API keys, organisations and scopes; [`agents`] and [`commands`]: the commands
 //!   API (`docs/commands.md`); [`command_batches`]: many commands created, or many reports
 //!   made, in one request.
+//! - [`notifications`]: events, deliveries and template previews; [`notification_settings`]:
+//!   rules, policies, channels, senders, templates and routes (`docs/notifications.md`).
 //! - [`ui`]: `/ui/`, the operator page and its sessions; [`operations`]: the operator routes
 //!   that gather what it shows across organisations (command counts and rates, agents, dead
 //!   letters).
@@ -28,6 +30,8 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod lifecycle;
+pub mod notification_settings;
+pub mod notifications;
 pub mod openapi;
 pub mod operations;
 pub mod organisations;
@@ -92,6 +96,8 @@ pub struct AppState {
     pub ui_sessions: Arc<ui::Sessions>,
     /// The overviews the operator page polls, shared by every page.
     pub overviews: Arc<operations::Overviews>,
+    /// Senders' secret sealing and the delivery workers' wake-up.
+    pub notifications: Arc<crate::notifications::NotificationState>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.
@@ -103,6 +109,8 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
         .nest("/v1/admin", admin::routes(state.clone()))
         .nest("/v1/agents", agents::routes())
         .nest("/v1/commands", commands::routes())
+        .merge(notifications::routes())
+        .merge(notification_settings::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

@@ -72,6 +72,33 @@ pub struct OpenSecrets {
     pub bot_token: Option<String>,
 }
 
+impl OpenSecrets {
+    /// Whether there is nothing to seal.
+    pub fn is_empty(&self) -> bool {
+        self.signing_secrets.is_empty() && self.password.is_none() && self.bot_token.is_none()
+    }
+}
+
+impl From<&super::settings::SenderSecrets> for OpenSecrets {
+    fn from(secrets: &super::settings::SenderSecrets) -> Self {
+        Self {
+            signing_secrets: secrets
+                .signing_secrets
+                .iter()
+                .map(|s| s.expose_secret().to_owned())
+                .collect(),
+            password: secrets
+                .password
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned()),
+            bot_token: secrets
+                .bot_token
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned()),
+        }
+    }
+}
+
 impl std::fmt::Debug for OpenSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OpenSecrets([REDACTED])")

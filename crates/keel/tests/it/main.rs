@@ -19,6 +19,7 @@ mod http_errors;
 mod isolation;
 mod logging;
 mod metrics;
+mod notifications;
 mod openapi;
 mod operator_page;
 mod overload;

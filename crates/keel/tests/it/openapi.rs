@@ -49,6 +49,8 @@ fn routed() -> BTreeSet<(String, String)> {
         ("ui.rs", ""),
         ("agents.rs", "/v1/agents"),
         ("commands.rs", "/v1/commands"),
+        ("notifications.rs", ""),
+        ("notification_settings.rs", ""),
     ];
     let mut routes = BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
