@@ -448,6 +448,9 @@ impl Config {
         self.overload
             .validate()
             .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
+        self.notifications
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         if let Some(token) = &self.admin.token
             && token.expose_secret().len() < 16
         {

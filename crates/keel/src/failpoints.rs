@@ -24,6 +24,9 @@ pub const KNOWN: &[&str] = &[
     "job.telemetry",
     "commands.release_stuck",
     "overload.pressure",
+    "deliveries.item",
+    "deliveries.cleanup",
+    "channels.webhook.send",
 ];
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`failpoints`]: the names of every fault-injection point.
 //! - [`server`]: wires everything together, runs it and shuts it down on a signal.
 //! - [`commands`]: commands beyond the store: long-poll wake-ups and the release-stuck job.
+//! - [`deliveries`]: the delivery processor pool, its channels and jobs.
 //! - [`notifications`]: classification, routing, rendering and signing of notifications.
 //! - [`admin`]: `keel admin`, organisations and API keys from the command line.
 //! - [`agent`]: `keel agent`, the ready agent that runs a program per command.
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deliveries;
 pub mod failpoints;
 pub mod http;
 pub mod notifications;

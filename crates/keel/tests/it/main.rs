@@ -14,6 +14,7 @@ mod audit;
 mod cli;
 mod commands;
 mod connections;
+mod deliveries;
 mod harness;
 mod http_errors;
 mod isolation;

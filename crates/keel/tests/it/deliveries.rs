@@ -1,0 +1,441 @@
+//! Deliveries sent by the processor to real receivers: a Python receiver that verifies the
+//! Standard Webhooks signature with the `standardwebhooks` package, a receiver that fails then
+//! recovers, an item that panics every time, and a private address that is refused.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+use crate::harness::{Api, Options, Server, free_port, poll_until};
+
+/// Webhooks may reach the test receivers on loopback.
+const ALLOW_LOOPBACK: &str = "[notifications]\nallowed_networks = [\"127.0.0.1\"]\nworkers = 4\n";
+
+const SECRET_OLD: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_NEW: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+/// The Python interpreter of a virtual environment with the receivers' packages
+/// (`tests/receivers/requirements.txt`), created under the target directory at first use.
+/// A missing Python or a failed install fails the test: the receivers are not optional.
+fn python() -> &'static str {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let receivers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/receivers");
+        let venv = concat!(env!("CARGO_TARGET_TMPDIR"), "/receivers-venv");
+        let python = format!("{venv}/bin/python");
+        let ready = |python: &str| {
+            Command::new(python)
+                .args(["-c", "import standardwebhooks"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ready(&python) {
+            let created = Command::new("python3")
+                .args(["-m", "venv", venv])
+                .status()
+                .expect("python3 is needed for the webhook receiver");
+            assert!(created.success(), "python3 -m venv {venv} failed");
+            let installed = Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "-r"])
+                .arg(format!("{receivers}/requirements.txt"))
+                .status()
+                .unwrap();
+            assert!(
+                installed.success(),
+                "pip install of the receivers' packages failed"
+            );
+            assert!(ready(&python));
+        }
+        python
+    })
+}
+
+/// The Python receiver, killed when dropped.
+struct PythonReceiver {
+    child: Child,
+    url: String,
+}
+
+impl PythonReceiver {
+    async fn start(secret: &str) -> Self {
+        let port = free_port();
+        let child = Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/receivers/webhook_receiver.py"
+            ))
+            .arg(port.to_string())
+            .arg(secret)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let receiver = Self { child, url };
+        let client = reqwest::Client::new();
+        poll_until(Duration::from_secs(20), || {
+            let client = client.clone();
+            let url = format!("{}/received", receiver.url);
+            async move { client.get(url).send().await.is_ok() }
+        })
+        .await;
+        receiver
+    }
+
+    async fn received(&self) -> Vec<Value> {
+        let url = format!("{}/received", self.url);
+        reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+}
+
+impl Drop for PythonReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request a [`Receiver`] saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    headers: HeaderMap,
+    body: String,
+}
+
+/// What a [`Receiver`] answers: the statuses of its first requests (with `Retry-After` when
+/// given), then 200.
+#[derive(Default)]
+struct Script {
+    answers: Vec<(u16, Option<u64>)>,
+    seen: Vec<Seen>,
+}
+
+/// An HTTP receiver in the test process that records every request.
+#[derive(Clone)]
+struct Receiver {
+    script: Arc<Mutex<Script>>,
+    url: String,
+}
+
+impl Receiver {
+    async fn start(answers: Vec<(u16, Option<u64>)>) -> Self {
+        let script = Arc::new(Mutex::new(Script {
+            answers,
+            seen: Vec::new(),
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .fallback(receive)
+            .with_state(script.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            script,
+            url: format!("http://{address}/hook"),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.script.lock().seen.clone()
+    }
+}
+
+async fn receive(
+    State(script): State<Arc<Mutex<Script>>>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    let mut script = script.lock();
+    let n = script.seen.len();
+    script.seen.push(Seen {
+        at: Instant::now(),
+        headers,
+        body,
+    });
+    match script.answers.get(n).copied() {
+        Some((status, retry_after)) => {
+            let status = StatusCode::from_u16(status).unwrap();
+            match retry_after {
+                Some(seconds) => {
+                    (status, [("retry-after", seconds.to_string())], "try later").into_response()
+                }
+                None => (status, "no").into_response(),
+            }
+        }
+        None => (StatusCode::OK, "ok").into_response(),
+    }
+}
+
+async fn setup(failpoints: Option<&'static str>) -> (Server, Api) {
+    let server = Server::start_with(Options {
+        extra_toml: ALLOW_LOOPBACK,
+        failpoints,
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    (server, ops)
+}
+
+/// A webhook channel to `url`, signed by a sender with `secrets`, routed for every event.
+async fn webhook_channel(ops: &Api, url: &str, secrets: &[&str]) -> String {
+    let sender = ops
+        .post(
+            "/v1/senders",
+            &json!({"name": "signing", "type": "webhook", "secrets": {"signing_secrets": secrets}}),
+            201,
+        )
+        .await;
+    let channel = ops
+        .post(
+            "/v1/channels",
+            &json!({"name": "hook", "type": "webhook", "url": url, "sender_id": sender["id"],
+                    "timeout_seconds": 5}),
+            201,
+        )
+        .await;
+    ops.post("/v1/routes", &json!({"name": "all"}), 201).await;
+    channel["id"].as_str().unwrap().to_owned()
+}
+
+async fn delivery(ops: &Api, id: &str) -> Value {
+    ops.get(&format!("/v1/deliveries/{id}"), 200).await
+}
+
+async fn wait_for_status(ops: &Api, id: &str, status: &str, deadline: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let d = delivery(ops, id).await;
+        if d["status"] == status {
+            return d;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "{id} is not {status} in time: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_is_signed_as_the_standard_says_and_verified_independently() {
+    let receiver = PythonReceiver::start(SECRET_NEW).await;
+    let (_server, ops) = setup(None).await;
+    // During a rotation both secrets sign; the receiver knows only the new one.
+    webhook_channel(
+        &ops,
+        &format!("{}/hook", receiver.url),
+        &[SECRET_OLD, SECRET_NEW],
+    )
+    .await;
+    let triggered = ops
+        .post(
+            "/v1/events",
+            &json!({"event_type": "order_failed", "payload": {"order": 7}}),
+            202,
+        )
+        .await;
+    let id = triggered["deliveries"][0].as_str().unwrap();
+    let done = wait_for_status(&ops, id, "completed", Duration::from_secs(20)).await;
+    assert_eq!(done["attempts"], 1);
+    assert_eq!(done["attempt_history"][0]["outcome"], "completed");
+    assert_eq!(done["attempt_history"][0]["detail"]["status"], 204);
+
+    let received = receiver.received().await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    let request = &received[0];
+    assert_eq!(request["verified"], true, "{request}");
+    let signatures = request["headers"]["webhook-signature"].as_str().unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "one signature per secret");
+    let body: Value = serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["type"], "order_failed");
+    assert_eq!(body["data"]["order"], 7);
+}
+
+#[tokio::test]
+async fn a_signature_by_an_unknown_secret_is_refused_by_the_receiver() {
+    let receiver = PythonReceiver::start(SECRET_NEW).await;
+    let (_server, ops) = setup(None).await;
+    webhook_channel(&ops, &format!("{}/hook", receiver.url), &[SECRET_OLD]).await;
+    let triggered = ops
+        .post("/v1/events", &json!({"event_type": "x_failed"}), 202)
+        .await;
+    let id = triggered["deliveries"][0].as_str().unwrap();
+    // The receiver's 401 is one of the permanent statuses: failed at once, not retried.
+    let failed = wait_for_status(&ops, id, "failed", Duration::from_secs(20)).await;
+    assert_eq!(failed["attempt_history"][0]["detail"]["status"], 401);
+    let received = receiver.received().await;
+    assert_eq!(received[0]["verified"], false);
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_then_recovers_gets_the_delivery_on_the_fourth_attempt() {
+    let receiver = Receiver::start(vec![(500, Some(3)), (500, None), (500, None)]).await;
+    let (_server, ops) = setup(None).await;
+    webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    let triggered = ops
+        .post("/v1/events", &json!({"event_type": "payment_failed"}), 202)
+        .await;
+    let id = triggered["deliveries"][0].as_str().unwrap();
+    let done = wait_for_status(&ops, id, "completed", Duration::from_secs(60)).await;
+    assert_eq!(done["attempts"], 4);
+    let history = done["attempt_history"].as_array().unwrap();
+    let outcomes: Vec<&str> = history
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["retry", "retry", "retry", "completed"]);
+    for attempt in &history[..3] {
+        assert_eq!(attempt["detail"]["status"], 500, "{attempt}");
+        assert_eq!(attempt["detail"]["error"], "HTTP 500");
+        assert!(attempt["detail"]["duration_ms"].is_u64());
+        assert!(attempt["ended_at"].is_string());
+    }
+    assert_eq!(history[0]["detail"]["response"], "try later");
+
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 4);
+    // The same message id on every attempt.
+    let ids: Vec<_> = seen
+        .iter()
+        .map(|s| s.headers["webhook-id"].clone())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]));
+    // Retry-After 3 s is honoured; then the engine's backoff (at least half its 10 s and
+    // 20 s steps).
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
+    assert!(gaps[0] >= Duration::from_secs(3), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_secs(5), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_secs(10), "{gaps:?}");
+    assert!(seen.iter().all(|s| !s.body.is_empty()));
+}
+
+#[tokio::test]
+async fn an_item_that_panics_every_time_ends_dead_while_the_others_are_delivered() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let (server, ops) = setup(Some("deliveries.item=panic(poisoned item)")).await;
+    let channel = webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    ops.post(
+        "/v1/policies",
+        &json!({"severity": "low", "priority": 0, "max_attempts": 2}),
+        201,
+    )
+    .await;
+    let poison = ops
+        .post(
+            "/v1/deliveries",
+            &json!({"channel_id": channel, "subject": "failpoint:deliveries.item", "body": "{}"}),
+            202,
+        )
+        .await;
+    let poison = poison["deliveries"][0].as_str().unwrap().to_owned();
+    let mut others = Vec::new();
+    for n in 0..5 {
+        let sent = ops
+            .post(
+                "/v1/deliveries",
+                &json!({"channel_id": channel, "subject": "fine", "body": format!("{{\"n\": {n}}}")}),
+                202,
+            )
+            .await;
+        others.push(sent["deliveries"][0].as_str().unwrap().to_owned());
+    }
+    for id in &others {
+        wait_for_status(&ops, id, "completed", Duration::from_secs(20)).await;
+    }
+    let dead = wait_for_status(&ops, &poison, "dead", Duration::from_secs(30)).await;
+    assert_eq!(dead["dead_reason"], "attempts_exhausted");
+    assert_eq!(dead["attempts"], 2);
+    for attempt in dead["attempt_history"].as_array().unwrap() {
+        assert_eq!(
+            attempt["detail"]["error"], "panicked: poisoned item",
+            "{attempt}"
+        );
+    }
+    let listed = ops.get("/v1/deliveries/dead", 200).await;
+    assert_eq!(listed["items"][0]["id"], poison.as_str());
+    assert_eq!(
+        receiver.seen().len(),
+        5,
+        "the poisoned item never reached the receiver"
+    );
+
+    // The exhaustion is audited, and the panics were counted.
+    poll_until(Duration::from_secs(10), || async {
+        server.log_records().iter().any(|r| {
+            r["stream"] == "audit"
+                && r["action"] == "delivery.exhausted"
+                && r["delivery_id"] == poison.as_str()
+        })
+    })
+    .await;
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("keel_panics_total{component=\"deliveries\"} 2"),
+        "{metrics}"
+    );
+
+    // A requeue puts it back: it panics again, and goes on being isolated.
+    ops.post(&format!("/v1/deliveries/{poison}/requeue"), &json!({}), 200)
+        .await;
+    wait_for_status(&ops, &poison, "dead", Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_webhook_to_a_private_address_is_refused_unless_allowed() {
+    let receiver = Receiver::start(Vec::new()).await;
+    // No allowed networks: loopback is not public.
+    let server = Server::start().await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    let channel = webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    let sent = ops
+        .post(
+            "/v1/deliveries",
+            &json!({"channel_id": channel, "body": "{}"}),
+            202,
+        )
+        .await;
+    let id = sent["deliveries"][0].as_str().unwrap();
+    let failed = wait_for_status(&ops, id, "failed", Duration::from_secs(20)).await;
+    let error = failed["attempt_history"][0]["detail"]["error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.contains("127.0.0.1 is not a public address"),
+        "{error}"
+    );
+    // A name that resolves to loopback is refused by the resolver too.
+    let by_name = receiver.url.replace("127.0.0.1", "localhost");
+    let named = ops
+        .post(
+            "/v1/channels",
+            &json!({"name": "named", "type": "webhook", "url": by_name}),
+            201,
+        )
+        .await;
+    let sent = ops
+        .post(
+            "/v1/deliveries",
+            &json!({"channel_id": named["id"], "body": "{}"}),
+            202,
+        )
+        .await;
+    let id = sent["deliveries"][0].as_str().unwrap();
+    let retried = poll_until(Duration::from_secs(20), || async {
+        let d = delivery(&ops, id).await;
+        d["attempt_history"][0]["detail"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a public address"))
+    });
+    retried.await;
+    assert!(receiver.seen().is_empty());
+}
