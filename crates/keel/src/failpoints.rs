@@ -27,6 +27,8 @@ pub const KNOWN: &[&str] = &[
     "deliveries.item",
     "deliveries.cleanup",
     "channels.webhook.send",
+    "channels.telegram.send",
+    "channels.email.send",
 ];
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //!   channel's timeout is delivered, a status of `notifications.permanent_statuses` fails for
 //!   good, anything else is retried (after `Retry-After` when the receiver sends one).
 //!
-//! Email and Telegram deliveries are not sent by this version: they fail for good, saying so.
+//! - telegram: the Bot API's `sendMessage` at the sender's base URL; `ok: true` is delivered,
+//!   a 429 waits the `retry_after` it names, a permanent status fails for good.
+//! - email: SMTP with `lettre`, STARTTLS or plain per sender, a text and an HTML part; the
+//!   server's acceptance is delivered, a permanent (5xx) refusal fails for good.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,8 +17,9 @@ use keel_store::notifications::model::{ChannelType, Delivery, SettingKind};
 use serde_json::{Value, json};
 
 use super::address::{AddressPolicy, CheckedResolver};
+use crate::notifications::secrets::OpenSecrets;
 use crate::notifications::secrets::SecretBox;
-use crate::notifications::settings::Channel;
+use crate::notifications::settings::{Channel, Sender};
 use crate::notifications::trigger::DEFAULT_TIMEOUT;
 use crate::notifications::webhook;
 
@@ -96,13 +100,8 @@ impl Channels {
         };
         match delivery.channel_type {
             ChannelType::Webhook => self.webhook(delivery, &channel).await,
-            ChannelType::Email | ChannelType::Telegram => Outcome::failed(
-                format!(
-                    "{} delivery is not available in this version",
-                    delivery.channel_type
-                ),
-                false,
-            ),
+            ChannelType::Telegram => self.telegram(delivery, &channel).await,
+            ChannelType::Email => self.email(delivery, &channel).await,
         }
     }
 
@@ -125,14 +124,14 @@ impl Channels {
             .map_err(|e| Outcome::failed(format!("the stored channel does not parse: {e}"), false))
     }
 
-    /// The signing keys of the channel's sender (none without a sender).
-    async fn signing_keys(
+    /// The channel's sender and its secrets, opened (`None` without a sender).
+    async fn sender(
         &self,
         delivery: &Delivery,
         channel: &Channel,
-    ) -> Result<Vec<Vec<u8>>, Outcome> {
+    ) -> Result<Option<(Sender, OpenSecrets)>, Outcome> {
         let Some(sender_id) = channel.sender_id else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let setting = self
             .store
@@ -141,13 +140,28 @@ impl Channels {
             .await
             .map_err(|e| Outcome::failed(format!("reading the sender: {e}"), true))?
             .ok_or_else(|| Outcome::failed("the channel's sender was deleted", false))?;
-        let Some(sealed) = &setting.sealed_secret else {
+        let sender: Sender = serde_json::from_value(setting.body).map_err(|e| {
+            Outcome::failed(format!("the stored sender does not parse: {e}"), false)
+        })?;
+        let secrets = match &setting.sealed_secret {
+            Some(sealed) => self
+                .secrets
+                .open(delivery.org_id, sealed)
+                .map_err(|e| Outcome::failed(e.to_string(), false))?,
+            None => OpenSecrets::default(),
+        };
+        Ok(Some((sender, secrets)))
+    }
+
+    /// The signing keys of the channel's sender (none without a sender).
+    async fn signing_keys(
+        &self,
+        delivery: &Delivery,
+        channel: &Channel,
+    ) -> Result<Vec<Vec<u8>>, Outcome> {
+        let Some((_, secrets)) = self.sender(delivery, channel).await? else {
             return Ok(Vec::new());
         };
-        let secrets = self
-            .secrets
-            .open(delivery.org_id, sealed)
-            .map_err(|e| Outcome::failed(e.to_string(), false))?;
         secrets
             .signing_secrets
             .iter()
@@ -174,10 +188,7 @@ impl Channels {
             },
             None => Vec::new(),
         };
-        let timeout = channel
-            .as_ref()
-            .and_then(|c| c.timeout_seconds)
-            .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
+        let timeout = channel.as_ref().map_or(DEFAULT_TIMEOUT, timeout_of);
         // The same id on every attempt, so the receiver can tell a retry from a new message.
         let id = format!("msg_{}", delivery.id.0.simple());
         let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -237,7 +248,136 @@ impl Channels {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+/// A Bot API answer.
+#[derive(Debug, serde::Deserialize)]
+struct TelegramAnswer {
+    ok: bool,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<TelegramParameters>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct TelegramParameters {
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+/// The Bot API's address when the sender names none.
+pub const TELEGRAM_API: &str = "https://api.telegram.org";
+
+impl Channels {
+    async fn telegram(&self, delivery: &Delivery, channel: &Option<Channel>) -> Outcome {
+        fail::fail_point!("channels.telegram.send", |_| Outcome::failed(
+            "injected by failpoint channels.telegram.send",
+            true
+        ));
+        let Some(channel) = channel else {
+            return Outcome::failed("a telegram delivery needs its channel", false);
+        };
+        let (sender, secrets) = match self.sender(delivery, channel).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Outcome::failed("the telegram channel has no sender", false),
+            Err(outcome) => return outcome,
+        };
+        let Some(token) = secrets.bot_token else {
+            return Outcome::failed("the telegram sender has no bot token", false);
+        };
+        let base = sender.base_url.as_deref().unwrap_or(TELEGRAM_API);
+        let url = match reqwest::Url::parse(&format!(
+            "{}/bot{token}/sendMessage",
+            base.trim_end_matches('/')
+        )) {
+            Ok(url) => url,
+            Err(_) => return Outcome::failed("the Bot API URL does not parse", false),
+        };
+        if let Err(refused) = self.policy.check_url(&url) {
+            return Outcome::failed(refused.to_string(), false);
+        }
+        let text = if delivery.subject.is_empty() {
+            delivery.body.clone()
+        } else {
+            format!("{}\n{}", delivery.subject, delivery.body)
+        };
+        let started = Instant::now();
+        let sent = self
+            .http
+            .post(url)
+            .timeout(timeout_of(channel))
+            .json(&json!({"chat_id": delivery.recipient, "text": text}))
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            // The URL holds the bot token: the error is kept without it.
+            Err(error) => {
+                return Outcome::Failed {
+                    detail: json!({
+                        "error": error_chain(&error.without_url()),
+                        "duration_ms": millis(started.elapsed()),
+                    }),
+                    retryable: true,
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let header_wait = retry_after(response.headers());
+        let excerpt = excerpt(response).await;
+        let answer: Option<TelegramAnswer> = serde_json::from_str(&excerpt).ok();
+        let mut detail = json!({
+            "status": status,
+            "duration_ms": millis(started.elapsed()),
+            "response": excerpt,
+        });
+        if answer.as_ref().is_some_and(|a| a.ok) {
+            return Outcome::Delivered(detail);
+        }
+        let description = answer
+            .as_ref()
+            .and_then(|a| a.description.clone())
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        if let Some(object) = detail.as_object_mut() {
+            object.insert("error".to_owned(), json!(description));
+        }
+        let retry_after = answer
+            .as_ref()
+            .and_then(|a| a.parameters.as_ref())
+            .and_then(|p| p.retry_after)
+            .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
+            .or(header_wait);
+        Outcome::Failed {
+            detail,
+            retryable: status == 429 || !self.permanent.contains(&status),
+            retry_after,
+        }
+    }
+
+    async fn email(&self, delivery: &Delivery, channel: &Option<Channel>) -> Outcome {
+        fail::fail_point!("channels.email.send", |_| Outcome::failed(
+            "injected by failpoint channels.email.send",
+            true
+        ));
+        let Some(channel) = channel else {
+            return Outcome::failed("an email delivery needs its channel", false);
+        };
+        let (sender, secrets) = match self.sender(delivery, channel).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Outcome::failed("the email channel has no sender", false),
+            Err(outcome) => return outcome,
+        };
+        super::email::send(delivery, &sender, secrets.password, timeout_of(channel)).await
+    }
+}
+
+fn timeout_of(channel: &Channel) -> Duration {
+    channel
+        .timeout_seconds
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+}
+
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

@@ -2,11 +2,13 @@
 //! policy of webhooks, and the periodic jobs.
 //!
 //! - [`processor`]: supervised workers that claim, send and record, each item isolated.
-//! - [`channels`]: sending one delivery (webhook) and what came of it.
+//! - [`channels`]: sending one delivery (webhook, Telegram, email) and what came of it;
+//!   [`email`]: the SMTP part.
 //! - [`address`]: which addresses a webhook may reach.
 //! - [`jobs`]: release of expired leases, cleanup under retention.
 
 pub mod address;
 pub mod channels;
+pub mod email;
 pub mod jobs;
 pub mod processor;

@@ -1,6 +1,8 @@
 //! Deliveries sent by the processor to real receivers: a Python receiver that verifies the
-//! Standard Webhooks signature with the `standardwebhooks` package, a receiver that fails then
-//! recovers, an item that panics every time, and a private address that is refused.
+//! Standard Webhooks signature with the `standardwebhooks` package, an SMTP server (`aiosmtpd`),
+//! a local endpoint that answers like the Telegram Bot API (429 with `retry_after` included), a
+//! receiver that fails then recovers, an item that panics every time, and a private address
+//! that is refused.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -32,7 +34,7 @@ fn python() -> &'static str {
         let python = format!("{venv}/bin/python");
         let ready = |python: &str| {
             Command::new(python)
-                .args(["-c", "import standardwebhooks"])
+                .args(["-c", "import standardwebhooks, aiosmtpd"])
                 .status()
                 .is_ok_and(|s| s.success())
         };
@@ -438,4 +440,209 @@ async fn a_webhook_to_a_private_address_is_refused_unless_allowed() {
     });
     retried.await;
     assert!(receiver.seen().is_empty());
+}
+
+/// `aiosmtpd` keeping every message it accepts in a maildir; killed when dropped.
+struct SmtpServer {
+    child: Child,
+    port: u16,
+    maildir: tempfile::TempDir,
+}
+
+impl SmtpServer {
+    async fn start() -> Self {
+        let port = free_port();
+        let maildir = tempfile::tempdir().unwrap();
+        let child = Command::new(python())
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir.path().join("mail"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        poll_until(Duration::from_secs(20), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await;
+        Self {
+            child,
+            port,
+            maildir,
+        }
+    }
+
+    /// The raw messages received.
+    fn messages(&self) -> Vec<String> {
+        let new = self.maildir.path().join("mail/new");
+        std::fs::read_dir(new)
+            .map(|entries| {
+                entries
+                    .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the local Bot API saw: the path (with the token) and the JSON of each call.
+#[derive(Clone, Default)]
+struct BotApi {
+    calls: Arc<Mutex<Vec<(Instant, String, Value)>>>,
+}
+
+impl BotApi {
+    /// Answers like the Bot API: the first `sendMessage` is refused with 429 and
+    /// `retry_after: 2`, the next ones succeed.
+    async fn start() -> (Self, String) {
+        let api = Self::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .fallback(bot_api_call)
+            .with_state(api.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (api, format!("http://{address}"))
+    }
+}
+
+async fn bot_api_call(
+    State(api): State<BotApi>,
+    uri: axum::http::Uri,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::response::Response {
+    let mut calls = api.calls.lock();
+    calls.push((Instant::now(), uri.path().to_owned(), body.clone()));
+    if calls.len() == 1 {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            axum::Json(json!({"ok": false, "error_code": 429,
+                              "description": "Too Many Requests: retry after 2",
+                              "parameters": {"retry_after": 2}})),
+        )
+            .into_response();
+    }
+    axum::Json(
+        json!({"ok": true, "result": {"message_id": calls.len(), "chat": {"id": body["chat_id"]},
+                                            "text": body["text"]}}),
+    )
+    .into_response()
+}
+
+#[tokio::test]
+async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
+    let receiver = PythonReceiver::start(SECRET_NEW).await;
+    let smtp = SmtpServer::start().await;
+    let (bot, bot_url) = BotApi::start().await;
+    let (server, ops) = setup(None).await;
+    webhook_channel(&ops, &format!("{}/hook", receiver.url), &[SECRET_NEW]).await;
+
+    let mail_sender = ops
+        .post(
+            "/v1/senders",
+            &json!({"name": "mail", "type": "email", "host": "127.0.0.1", "port": smtp.port,
+                    "tls": "plain", "from": "keel@example.com"}),
+            201,
+        )
+        .await;
+    ops.post(
+        "/v1/channels",
+        &json!({"name": "ops mail", "type": "email", "recipients": ["ops@example.com"],
+                "sender_id": mail_sender["id"]}),
+        201,
+    )
+    .await;
+    let bot_token = "123456:bot-token-never-shown";
+    let bot_sender = ops
+        .post(
+            "/v1/senders",
+            &json!({"name": "bot", "type": "telegram", "base_url": bot_url,
+                    "secrets": {"bot_token": bot_token}}),
+            201,
+        )
+        .await;
+    ops.post(
+        "/v1/channels",
+        &json!({"name": "chat", "type": "telegram", "chat_ids": ["-1001"],
+                "sender_id": bot_sender["id"]}),
+        201,
+    )
+    .await;
+    ops.post(
+        "/v1/templates",
+        &json!({"event_type": "site_down", "channel_type": "email",
+                "subject": "{{ payload.site }} is down",
+                "body": "Site {{ payload.site }} <down> since {{ payload.since }}"}),
+        201,
+    )
+    .await;
+
+    let triggered = ops
+        .post(
+            "/v1/events",
+            &json!({"event_type": "site_down", "payload": {"site": "shop", "since": "12:00"}}),
+            202,
+        )
+        .await;
+    let ids: Vec<String> = triggered["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        wait_for_status(&ops, id, "completed", Duration::from_secs(30)).await;
+    }
+
+    let received = receiver.received().await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0]["verified"], true, "{}", received[0]);
+
+    let messages = smtp.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let mail = &messages[0];
+    assert!(mail.contains("Subject: shop is down"), "{mail}");
+    assert!(mail.contains("To: ops@example.com"), "{mail}");
+    assert!(mail.contains("Content-Type: text/plain"), "{mail}");
+    assert!(mail.contains("Content-Type: text/html"), "{mail}");
+    assert!(mail.contains("Site shop <down> since 12:00"), "{mail}");
+    assert!(mail.contains("&lt;down&gt;"), "{mail}");
+
+    // The Bot API refused the first call with 429 and retry_after 2: the second came later.
+    let calls = bot.calls.lock().clone();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].1, format!("/bot{bot_token}/sendMessage"));
+    assert_eq!(calls[1].2["chat_id"], "-1001");
+    assert!(calls[1].2["text"].as_str().unwrap().contains("site_down"));
+    assert!(calls[1].0 - calls[0].0 >= Duration::from_secs(2));
+    let telegram = ops.get("/v1/deliveries?channel_type=telegram", 200).await;
+    let telegram_id = telegram["items"][0]["id"].as_str().unwrap();
+    let detail = delivery(&ops, telegram_id).await;
+    let history = detail["attempt_history"].as_array().unwrap();
+    assert_eq!(history[0]["outcome"], "retry");
+    assert_eq!(history[0]["detail"]["status"], 429);
+    assert_eq!(history[1]["outcome"], "completed");
+
+    // The bot token is in no answer and no log line.
+    let everything = format!(
+        "{} {} {}",
+        ops.get("/v1/deliveries", 200).await,
+        ops.get("/v1/senders", 200).await,
+        detail
+    );
+    assert!(!everything.contains(bot_token));
+    for record in server.log_records() {
+        let line = record.to_string();
+        assert!(!line.contains(bot_token), "{line}");
+    }
 }
