@@ -543,7 +543,11 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
     let receiver = PythonReceiver::start(SECRET_NEW).await;
     let smtp = SmtpServer::start().await;
     let (bot, bot_url) = BotApi::start().await;
-    let (server, ops) = setup(None).await;
+    // The first email and Telegram attempts fail by failpoint: both channels retry.
+    let (server, ops) = setup(Some(
+        "channels.telegram.send=1*return;channels.email.send=1*return",
+    ))
+    .await;
     webhook_channel(&ops, &format!("{}/hook", receiver.url), &[SECRET_NEW]).await;
 
     let mail_sender = ops
@@ -629,9 +633,21 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
     let telegram_id = telegram["items"][0]["id"].as_str().unwrap();
     let detail = delivery(&ops, telegram_id).await;
     let history = detail["attempt_history"].as_array().unwrap();
-    assert_eq!(history[0]["outcome"], "retry");
-    assert_eq!(history[0]["detail"]["status"], 429);
-    assert_eq!(history[1]["outcome"], "completed");
+    assert_eq!(
+        history[0]["detail"]["error"],
+        "injected by failpoint channels.telegram.send"
+    );
+    assert_eq!(history[1]["outcome"], "retry");
+    assert_eq!(history[1]["detail"]["status"], 429);
+    assert_eq!(history[2]["outcome"], "completed");
+    let email = ops.get("/v1/deliveries?channel_type=email", 200).await;
+    let email = delivery(&ops, email["items"][0]["id"].as_str().unwrap()).await;
+    assert_eq!(
+        email["attempt_history"][0]["detail"]["error"],
+        "injected by failpoint channels.email.send"
+    );
+    assert_eq!(email["attempt_history"][1]["outcome"], "completed");
+    assert_eq!(email["attempt_history"][1]["detail"]["status"], 250);
 
     // The bot token is in no answer and no log line.
     let everything = format!(
@@ -645,4 +661,44 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
         let line = record.to_string();
         assert!(!line.contains(bot_token), "{line}");
     }
+}
+
+#[tokio::test]
+async fn channel_failpoints_fail_an_attempt_and_a_panicking_cleanup_tick_is_counted() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let server = Server::start_with(Options {
+        extra_toml: "[notifications]\nallowed_networks = [\"127.0.0.1\"]\ncleanup_interval = \"100ms\"\n",
+        failpoints: Some("channels.webhook.send=1*return;deliveries.cleanup=2*panic(cleanup boom)"),
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    let channel = webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    let sent = ops
+        .post(
+            "/v1/deliveries",
+            &json!({"channel_id": channel, "body": "{}"}),
+            202,
+        )
+        .await;
+    let id = sent["deliveries"][0].as_str().unwrap();
+    // The injected failure is a retryable attempt; the next one reaches the receiver.
+    let done = wait_for_status(&ops, id, "completed", Duration::from_secs(30)).await;
+    assert_eq!(
+        done["attempt_history"][0]["detail"]["error"],
+        "injected by failpoint channels.webhook.send"
+    );
+    assert_eq!(receiver.seen().len(), 1);
+
+    // Two cleanup ticks panic; the job is not stopped by them and goes on ticking.
+    poll_until(Duration::from_secs(10), || async {
+        let jobs = server.admin_get("/v1/admin/jobs").await;
+        jobs.as_array().unwrap().iter().any(|j| {
+            j["name"] == "delivery-cleanup"
+                && j["failures"] == 2
+                && j["runs"].as_u64().unwrap() >= 4
+        })
+    })
+    .await;
 }
