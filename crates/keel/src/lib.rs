@@ -1,4 +1,4 @@
-//! keel: hands commands to remote agents, and does not fall over (notifications are planned).
+//! keel: hands commands to remote agents, delivers notifications, and does not fall over.
 //!
 //! The binary's parts, one module each:
 //! - [`config`]: the typed configuration, merged from defaults, `keel.toml`, `KEEL_*`
