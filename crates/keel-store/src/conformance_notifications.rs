@@ -39,7 +39,8 @@ macro_rules! notification_conformance_tests {
                 expired_delivery_lease_is_released,
                 requeue_by_filter,
                 purge_finished_deliveries,
-                deliveries_are_isolated
+                deliveries_are_isolated,
+                throttled_deliveries_fold_into_one_digest
             );
         }
     };
@@ -86,6 +87,7 @@ fn delivery(recipient: &str, priority: i32, max_attempts: u32) -> NewDelivery {
         priority,
         max_attempts,
         lease_duration: StdDuration::from_secs(30),
+        throttle: None,
     }
 }
 
@@ -614,4 +616,102 @@ pub async fn deliveries_are_isolated(store: &dyn Store, _clock: &ManualClock) {
             .await,
         Err(StoreError::NotFound)
     ));
+}
+
+pub async fn throttled_deliveries_fold_into_one_digest(store: &dyn Store, clock: &ManualClock) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    let worker = WorkerId::new();
+    let throttled = |recipient: &str| NewDelivery {
+        throttle: Some(StdDuration::from_secs(60)),
+        ..delivery(recipient, 5, 3)
+    };
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let t = n
+            .trigger(acme, event("disk_warning", None), vec![throttled("ops")])
+            .await
+            .unwrap();
+        ids.push(t.deliveries[0].id);
+        clock.advance(secs(1));
+    }
+    // Another recipient and another type are throttled apart.
+    n.trigger(acme, event("disk_warning", None), vec![throttled("other")])
+        .await
+        .unwrap();
+    n.trigger(acme, event("cpu_warning", None), vec![throttled("ops")])
+        .await
+        .unwrap();
+    let lead = n.get_delivery(acme, ids[0]).await.unwrap().unwrap();
+    assert_eq!(lead.status, DeliveryStatus::Pending);
+    let mut digest_id = None;
+    for id in &ids[1..] {
+        let d = n.get_delivery(acme, *id).await.unwrap().unwrap();
+        assert_eq!(d.status, DeliveryStatus::Throttled);
+        assert!(d.digest_id.is_some());
+        assert!(
+            digest_id.is_none() || digest_id == d.digest_id,
+            "one digest"
+        );
+        digest_id = d.digest_id;
+    }
+    let digest_id = digest_id.unwrap();
+    let digest = n.get_delivery(acme, digest_id).await.unwrap().unwrap();
+    assert_eq!(digest.digest_of, Some(lead.id));
+    assert_eq!(digest.status, DeliveryStatus::Pending);
+    assert_eq!(
+        digest.run_at,
+        lead.created_at + secs(60),
+        "due when the window closes"
+    );
+    assert_eq!(n.list_digested(acme, digest_id).await.unwrap().len(), 9);
+
+    // The three leads go now; the digest only when the window closes.
+    let claimed = n.claim_deliveries(worker, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    for c in &claimed {
+        assert!(c.delivery.digest_of.is_none());
+        n.complete_delivery(worker, c.delivery.id, &c.claim_token, json!({}))
+            .await
+            .unwrap();
+    }
+    clock.advance(secs(50));
+    let claimed = n.claim_deliveries(worker, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].delivery.id, digest_id);
+    n.complete_delivery(worker, digest_id, &claimed[0].claim_token, json!({}))
+        .await
+        .unwrap();
+    // Once the digest is out, the next one leads a new window.
+    let next = n
+        .trigger(acme, event("disk_warning", None), vec![throttled("ops")])
+        .await
+        .unwrap();
+    assert_eq!(next.deliveries[0].status, DeliveryStatus::Pending);
+    // Throttled deliveries are purged after their digest.
+    for c in n.claim_deliveries(worker, 10).await.unwrap() {
+        n.complete_delivery(worker, c.delivery.id, &c.claim_token, json!({}))
+            .await
+            .unwrap();
+    }
+    clock.advance(secs(3600));
+    let purged = n
+        .purge_finished_deliveries(store.now() - secs(60), 1000)
+        .await
+        .unwrap();
+    let left = n
+        .list_deliveries(acme, DeliveryFilter::default(), None, 100)
+        .await
+        .unwrap()
+        .items;
+    let left: Vec<_> = left
+        .iter()
+        .map(|d| (d.status, d.recipient.as_str(), d.digest_of.is_some()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        purged,
+        3 + 1 + 9 + 1,
+        "leads, digest, throttled, the new lead"
+    );
 }

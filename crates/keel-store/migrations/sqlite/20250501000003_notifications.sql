@@ -49,8 +49,10 @@ CREATE INDEX notification_events_created ON notification_events (created_at);
 CREATE TABLE deliveries (
     id                 BLOB    PRIMARY KEY NOT NULL,
     org_id             BLOB    NOT NULL REFERENCES organisations (id),
+    -- `throttled`: folded into a digest (`digest_id`), never sent alone.
     status             TEXT    NOT NULL CHECK (status IN
-                           ('pending', 'executing', 'completed', 'failed', 'cancelled', 'dead')),
+                           ('pending', 'executing', 'completed', 'failed', 'cancelled', 'dead',
+                            'throttled')),
     run_at             INTEGER NOT NULL,
     scheduled          INTEGER NOT NULL DEFAULT 0,
     priority           INTEGER NOT NULL,
@@ -80,6 +82,12 @@ CREATE TABLE deliveries (
     body               TEXT    NOT NULL,
     -- One delivery per (event, channel, recipient): the same key again creates nothing.
     dedupe_key         TEXT    NOT NULL,
+    -- Throttles: (event type, channel, recipient). A delivery sent alone within its severity's
+    -- window leads; the next ones of the window are throttled into one digest, a delivery of
+    -- its own (`digest_of` = the lead) sent when the window closes.
+    throttle_key       TEXT    NOT NULL,
+    digest_of          BLOB,
+    digest_id          BLOB,
     CHECK ((status = 'executing') = (claim_token IS NOT NULL AND lease_expires_at IS NOT NULL)),
     UNIQUE (org_id, dedupe_key)
 );
@@ -99,6 +107,13 @@ CREATE INDEX deliveries_finished ON deliveries (finished_at)
 CREATE INDEX deliveries_list ON deliveries (org_id, id);
 CREATE INDEX deliveries_list_status ON deliveries (org_id, status, id);
 CREATE INDEX deliveries_event ON deliveries (event_id);
+-- Throttles: the latest lead of a key; the digest of a lead; the deliveries of a digest.
+CREATE INDEX deliveries_throttle ON deliveries (org_id, throttle_key, created_at)
+    WHERE status <> 'throttled' AND digest_of IS NULL;
+CREATE UNIQUE INDEX deliveries_digest_of ON deliveries (digest_of) WHERE digest_of IS NOT NULL;
+CREATE INDEX deliveries_digested ON deliveries (digest_id) WHERE digest_id IS NOT NULL;
+-- Retention of throttled deliveries (finished when they were folded).
+CREATE INDEX deliveries_throttled ON deliveries (finished_at) WHERE status = 'throttled';
 
 -- One row per attempt, kept by the triggers below as for commands. `agent_id` is the worker.
 -- `detail` is what the channel reported: the error of a failed attempt, the result of a

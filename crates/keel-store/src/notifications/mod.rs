@@ -74,7 +74,9 @@ pub trait NotificationStore: Send + Sync {
     /// idempotency key seen before, the same request hash answers the earlier event and its
     /// deliveries (`created: false`) and creates nothing; another hash is
     /// `IdempotencyMismatch`. A delivery whose (event, channel, recipient) is already there is
-    /// not created twice.
+    /// not created twice. A delivery with a throttle window whose (event type, channel,
+    /// recipient) had a delivery sent alone within the window is `throttled` and folded into
+    /// that delivery's digest, created on the first such fold and due when the window closes.
     async fn trigger(
         &self,
         org: OrgId,
@@ -101,6 +103,9 @@ pub trait NotificationStore: Send + Sync {
         cursor: Option<DeliveryId>,
         limit: u32,
     ) -> StoreResult<DeliveryPage>;
+
+    /// The deliveries folded into the digest `digest`, oldest first.
+    async fn list_digested(&self, org: OrgId, digest: DeliveryId) -> StoreResult<Vec<Delivery>>;
 
     /// Puts a dead or failed delivery back to pending, due now, attempts reset.
     /// `InvalidState` for one in another state.

@@ -90,6 +90,9 @@ named_enum!(
         Cancelled => "cancelled",
         /// Its attempts ran out, or its lease expired on its last one (terminal, requeue-able).
         Dead => "dead",
+        /// Folded into a digest inside its severity's throttle window (terminal; the digest is
+        /// sent instead).
+        Throttled => "throttled",
     }
 );
 
@@ -197,6 +200,9 @@ pub struct NewDelivery {
     pub max_attempts: u32,
     /// How long a worker's claim holds.
     pub lease_duration: std::time::Duration,
+    /// The severity's throttle window: within it, a second delivery of the same event type to
+    /// the same channel and recipient is folded into a digest.
+    pub throttle: Option<std::time::Duration>,
 }
 
 /// A delivery as stored.
@@ -242,6 +248,10 @@ pub struct Delivery {
     pub error: Option<Value>,
     /// Why it is dead: `attempts_exhausted` or `lease_expired`.
     pub dead_reason: Option<String>,
+    /// A digest: the delivery whose throttle window it closes.
+    pub digest_of: Option<DeliveryId>,
+    /// A throttled delivery: the digest it is folded into.
+    pub digest_id: Option<DeliveryId>,
     /// When it was created.
     pub created_at: OffsetDateTime,
     /// When it last changed.

@@ -41,7 +41,7 @@ const EVENT_COLUMNS: &str =
 const DELIVERY_COLUMNS: &str = "id, org_id, event_id, event_type, severity, channel_id, \
      channel_type, recipient, subject, body, status, priority, attempts, max_attempts, run_at, \
      claimed_by, claim_token, lease_expires_at, result, error, dead_reason, created_at, \
-     updated_at, finished_at";
+     updated_at, finished_at, digest_of, digest_id";
 
 /// Deliveries are leased to the processor's workers.
 const DELIVERIES: LeaseTable = LeaseTable {
@@ -143,6 +143,8 @@ struct DeliveryRow {
     created_at: i64,
     updated_at: i64,
     finished_at: Option<i64>,
+    digest_of: Option<DeliveryId>,
+    digest_id: Option<DeliveryId>,
 }
 
 impl DeliveryRow {
@@ -168,6 +170,8 @@ impl DeliveryRow {
             result: self.result.map(|j| j.0),
             error: self.error.map(|j| j.0),
             dead_reason: self.dead_reason,
+            digest_of: self.digest_of,
+            digest_id: self.digest_id,
             created_at: from_micros(self.created_at)?,
             updated_at: from_micros(self.updated_at)?,
             finished_at: self.finished_at.map(from_micros).transpose()?,
@@ -281,36 +285,9 @@ async fn insert_event(
     .await
     .map_err(|err| missing_as(StoreError::from(err), StoreError::NotFound))?;
     let event = row.into_event()?;
-    let sql = format!(
-        "INSERT INTO deliveries (id, org_id, status, run_at, priority, max_attempts, \
-           lease_duration_ms, created_at, updated_at, event_id, event_type, severity, \
-           channel_id, channel_type, recipient, subject, body, dedupe_key) \
-         VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (org_id, dedupe_key) DO NOTHING \
-         RETURNING {DELIVERY_COLUMNS}"
-    );
     let mut created = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
-        let row: Option<DeliveryRow> = sqlx::query_as(&sql)
-            .bind(DeliveryId::new())
-            .bind(org)
-            .bind(now_us)
-            .bind(delivery.priority)
-            .bind(i64::from(delivery.max_attempts))
-            .bind(duration_millis(delivery.lease_duration))
-            .bind(now_us)
-            .bind(now_us)
-            .bind(event.id)
-            .bind(&event.event_type)
-            .bind(event.severity.as_str())
-            .bind(delivery.channel_id)
-            .bind(delivery.channel_type.as_str())
-            .bind(&delivery.recipient)
-            .bind(&delivery.subject)
-            .bind(&delivery.body)
-            .bind(dedupe_key(event.id, &delivery))
-            .fetch_optional(&mut *conn)
-            .await?;
+        let row = insert_delivery(conn, org, &event, &delivery, now_us).await?;
         if let Some(row) = row {
             created.push(row.into_plain()?);
         }
@@ -320,6 +297,145 @@ async fn insert_event(
         deliveries: created,
         created: true,
     })
+}
+
+/// Inserts one delivery of `event`: sent alone, or throttled into its lead's digest. `None`
+/// when its dedupe key is taken.
+async fn insert_delivery(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    event: &Event,
+    delivery: &NewDelivery,
+    now_us: i64,
+) -> StoreResult<Option<DeliveryRow>> {
+    let channel = delivery.channel_id.map_or_else(
+        || delivery.channel_type.as_str().to_owned(),
+        |c| c.to_string(),
+    );
+    let throttle_key = format!("{}/{channel}/{}", event.event_type, delivery.recipient);
+    let dedupe_key = dedupe_key(event.id, delivery);
+    let taken: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM deliveries WHERE org_id = ? AND dedupe_key = ?")
+            .bind(org)
+            .bind(&dedupe_key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if taken.is_some() {
+        return Ok(None);
+    }
+    let digest = match delivery.throttle.filter(|w| !w.is_zero()) {
+        Some(window) => open_digest(conn, org, &throttle_key, delivery, window, now_us).await?,
+        None => None,
+    };
+    let status = if digest.is_some() {
+        "throttled"
+    } else {
+        "pending"
+    };
+    let row: Option<DeliveryRow> = sqlx::query_as(&format!(
+        "INSERT INTO deliveries (id, org_id, status, run_at, priority, max_attempts, \
+           lease_duration_ms, created_at, updated_at, finished_at, event_id, event_type, \
+           severity, channel_id, channel_type, recipient, subject, body, dedupe_key, \
+           throttle_key, digest_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (org_id, dedupe_key) DO NOTHING \
+         RETURNING {DELIVERY_COLUMNS}"
+    ))
+    .bind(DeliveryId::new())
+    .bind(org)
+    .bind(status)
+    .bind(now_us)
+    .bind(delivery.priority)
+    .bind(i64::from(delivery.max_attempts))
+    .bind(duration_millis(delivery.lease_duration))
+    .bind(now_us)
+    .bind(now_us)
+    .bind(digest.map(|_| now_us))
+    .bind(event.id)
+    .bind(&event.event_type)
+    .bind(event.severity.as_str())
+    .bind(delivery.channel_id)
+    .bind(delivery.channel_type.as_str())
+    .bind(&delivery.recipient)
+    .bind(&delivery.subject)
+    .bind(&delivery.body)
+    .bind(&dedupe_key)
+    .bind(&throttle_key)
+    .bind(digest)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row)
+}
+
+/// The digest a delivery with this throttle key is folded into, when a delivery of the key was
+/// sent alone within `window`: its pending digest, created due at the window's end if it is
+/// the first fold. `None` when the delivery leads (nothing within the window, or the window's
+/// digest already went out).
+async fn open_digest(
+    conn: &mut SqliteConnection,
+    org: OrgId,
+    throttle_key: &str,
+    delivery: &NewDelivery,
+    window: Duration,
+    now_us: i64,
+) -> StoreResult<Option<DeliveryId>> {
+    let window_us = duration_millis(window).saturating_mul(1000);
+    let lead: Option<(DeliveryId, i64, EventId, String, String)> = sqlx::query_as(
+        "SELECT id, created_at, event_id, event_type, severity FROM deliveries \
+         INDEXED BY deliveries_throttle \
+         WHERE org_id = ?1 AND throttle_key = ?2 AND created_at > ?3 \
+           AND status <> 'throttled' AND digest_of IS NULL \
+         ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(org)
+    .bind(throttle_key)
+    .bind(now_us.saturating_sub(window_us))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((lead, lead_at, lead_event, event_type, severity)) = lead else {
+        return Ok(None);
+    };
+    let digest: Option<(DeliveryId, String)> =
+        sqlx::query_as("SELECT id, status FROM deliveries WHERE digest_of = ?")
+            .bind(lead)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match digest {
+        Some((id, status)) if status == "pending" => return Ok(Some(id)),
+        // The window's digest is out: this one leads a new window.
+        Some(_) => return Ok(None),
+        None => {}
+    }
+    let due = lead_at.saturating_add(window_us);
+    let id = DeliveryId::new();
+    sqlx::query(
+        "INSERT INTO deliveries (id, org_id, status, run_at, scheduled, priority, max_attempts, \
+           lease_duration_ms, created_at, updated_at, event_id, event_type, severity, \
+           channel_id, channel_type, recipient, subject, body, dedupe_key, throttle_key, \
+           digest_of) \
+         VALUES (?, ?, 'pending', ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(org)
+    .bind(due)
+    .bind(delivery.priority)
+    .bind(i64::from(delivery.max_attempts))
+    .bind(duration_millis(delivery.lease_duration))
+    .bind(now_us)
+    .bind(now_us)
+    .bind(lead_event)
+    .bind(&event_type)
+    .bind(&severity)
+    .bind(delivery.channel_id)
+    .bind(delivery.channel_type.as_str())
+    .bind(&delivery.recipient)
+    .bind(format!("digest of {event_type}"))
+    .bind(format!("{lead}/digest"))
+    .bind(throttle_key)
+    .bind(lead)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Some(id))
 }
 
 /// The answer to a trigger whose idempotency key was seen before.
@@ -580,6 +696,18 @@ impl NotificationStore for SqliteStore {
         Ok(DeliveryPage { items, next_cursor })
     }
 
+    async fn list_digested(&self, org: OrgId, digest: DeliveryId) -> StoreResult<Vec<Delivery>> {
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM deliveries INDEXED BY deliveries_digested \
+             WHERE digest_id = ? AND org_id = ? ORDER BY created_at, id"
+        ))
+        .bind(digest)
+        .bind(org)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(DeliveryRow::into_plain).collect()
+    }
+
     async fn requeue_delivery(&self, org: OrgId, id: DeliveryId) -> StoreResult<Delivery> {
         let (_, now_us) = self.now_and_micros();
         self.write_one(Lane::Bulk, move |conn| {
@@ -811,6 +939,20 @@ impl NotificationStore for SqliteStore {
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
                 let purged = DELIVERIES.purge_finished(conn, before_us, limit).await?;
+                // Throttled deliveries finished when they were folded; they go once their
+                // digest is gone too.
+                let throttled = sqlx::query(
+                    "DELETE FROM deliveries WHERE id IN (SELECT t.id FROM deliveries t \
+                     INDEXED BY deliveries_throttled WHERE t.status = 'throttled' \
+                     AND t.finished_at < ?1 AND NOT EXISTS (SELECT 1 FROM deliveries d \
+                     WHERE d.id = t.digest_id) LIMIT ?2)",
+                )
+                .bind(before_us)
+                .bind(i64::from(limit))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                let purged = purged + throttled;
                 // Events older than the retention that no delivery refers to any more go too
                 // (their idempotency keys with them).
                 sqlx::query(

@@ -94,6 +94,16 @@ impl Channels {
 
     /// Sends `delivery` and says what came of it.
     pub async fn send(&self, delivery: &Delivery) -> Outcome {
+        let digest;
+        let delivery = if delivery.digest_of.is_some() {
+            digest = match self.digest(delivery).await {
+                Ok(digest) => digest,
+                Err(outcome) => return outcome,
+            };
+            &digest
+        } else {
+            delivery
+        };
         let channel = match self.channel(delivery).await {
             Ok(channel) => channel,
             Err(outcome) => return outcome,
@@ -103,6 +113,43 @@ impl Channels {
             ChannelType::Telegram => self.telegram(delivery, &channel).await,
             ChannelType::Email => self.email(delivery, &channel).await,
         }
+    }
+
+    /// A digest with its message written: the deliveries throttled into it, each listed.
+    async fn digest(&self, digest: &Delivery) -> Result<Delivery, Outcome> {
+        let folded = self
+            .store
+            .notifications()
+            .list_digested(digest.org_id, digest.id)
+            .await
+            .map_err(|e| Outcome::failed(format!("reading the digest: {e}"), true))?;
+        let mut written = digest.clone();
+        written.subject = format!("{} more {} events", folded.len(), digest.event_type);
+        written.body = match digest.channel_type {
+            ChannelType::Webhook => json!({
+                "type": "digest",
+                "event_type": digest.event_type,
+                "severity": digest.severity.as_str(),
+                "count": folded.len(),
+                "events": folded
+                    .iter()
+                    .map(|d| json!({
+                        "event_id": d.event_id,
+                        "at": d.created_at.unix_timestamp(),
+                        "subject": d.subject,
+                        "body": serde_json::from_str::<Value>(&d.body)
+                            .unwrap_or_else(|_| Value::String(d.body.clone())),
+                    }))
+                    .collect::<Vec<_>>(),
+            })
+            .to_string(),
+            ChannelType::Email | ChannelType::Telegram => folded
+                .iter()
+                .map(|d| format!("- {}\n{}", d.subject, d.body))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        Ok(written)
     }
 
     /// The delivery's channel, as it is now.

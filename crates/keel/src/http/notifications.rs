@@ -27,7 +27,7 @@ use super::validate::check_size;
 use crate::notifications::classify::classify;
 use crate::notifications::render::{self, context, default_template};
 use crate::notifications::settings::{Channel, Template, check_event_type};
-use crate::notifications::trigger::{self, Settings, Trigger, lease_for};
+use crate::notifications::trigger::{self, Settings, Trigger, lease_for, throttle_of};
 
 /// The longest idempotency key.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -70,6 +70,10 @@ pub struct DeliveryView {
     #[schema(value_type = Option<Object>)]
     error: Option<Value>,
     dead_reason: Option<String>,
+    /// A digest: the delivery whose throttle window it closes.
+    digest_of: Option<DeliveryId>,
+    /// A throttled delivery: the digest it is folded into.
+    digest_id: Option<DeliveryId>,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -98,6 +102,8 @@ impl From<Delivery> for DeliveryView {
             result: d.result,
             error: d.error,
             dead_reason: d.dead_reason,
+            digest_of: d.digest_of,
+            digest_id: d.digest_id,
             created_at: d.created_at,
             updated_at: d.updated_at,
             finished_at: d.finished_at,
@@ -371,6 +377,7 @@ pub(super) async fn send(
             priority: policy.priority,
             max_attempts: policy.max_attempts,
             lease_duration: lease_for(&channel),
+            throttle: throttle_of(&policy),
         })
         .collect();
     record(&state, &caller, event, deliveries).await

@@ -155,11 +155,17 @@ pub fn plan(
                     priority: policy.priority,
                     max_attempts: policy.max_attempts,
                     lease_duration: lease_for(channel),
+                    throttle: throttle_of(&policy),
                 });
             }
         }
     }
     Ok((event, deliveries))
+}
+
+/// The policy's throttle window, if it has one.
+pub fn throttle_of(policy: &Policy) -> Option<Duration> {
+    (policy.throttle_seconds > 0).then(|| Duration::from_secs(policy.throttle_seconds))
 }
 
 /// A delivery's lease: its channel's timeout and a margin.

@@ -702,3 +702,56 @@ async fn channel_failpoints_fail_an_attempt_and_a_panicking_cleanup_tick_is_coun
     })
     .await;
 }
+
+#[tokio::test]
+async fn ten_events_inside_a_throttle_window_give_one_message_and_one_digest_of_the_other_nine() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let (_server, ops) = setup(None).await;
+    webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    ops.post(
+        "/v1/policies",
+        &json!({"severity": "medium", "priority": 10, "max_attempts": 3, "throttle_seconds": 3}),
+        201,
+    )
+    .await;
+    let started = Instant::now();
+    for n in 0..10 {
+        ops.post(
+            "/v1/events",
+            &json!({"event_type": "disk_warning", "payload": {"n": n}}),
+            202,
+        )
+        .await;
+    }
+    let throttled = ops.get("/v1/deliveries?status=throttled", 200).await;
+    let throttled = throttled["items"].as_array().unwrap();
+    assert_eq!(throttled.len(), 9);
+    let digest_id = throttled[0]["digest_id"].as_str().unwrap();
+    assert!(throttled.iter().all(|d| d["digest_id"] == digest_id));
+    poll_until(Duration::from_secs(20), || async {
+        receiver.seen().len() >= 2
+    })
+    .await;
+    // Nothing else comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 2, "one message and one digest");
+    let first: Value = serde_json::from_str(&seen[0].body).unwrap();
+    assert_eq!(first["data"]["n"], 0);
+    assert!(
+        seen[1].at - started >= Duration::from_secs(3),
+        "the digest waits for the window"
+    );
+    let digest: Value = serde_json::from_str(&seen[1].body).unwrap();
+    assert_eq!(digest["type"], "digest");
+    assert_eq!(digest["count"], 9);
+    let listed: Vec<u64> = digest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["body"]["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, (1..10).collect::<Vec<u64>>());
+    let sent = wait_for_status(&ops, digest_id, "completed", Duration::from_secs(5)).await;
+    assert!(sent["digest_of"].is_string());
+}
