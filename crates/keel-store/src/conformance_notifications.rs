@@ -40,6 +40,7 @@ macro_rules! notification_conformance_tests {
                 requeue_by_filter,
                 purge_finished_deliveries,
                 deliveries_are_isolated,
+                postponed_delivery_spends_no_attempt,
                 throttled_deliveries_fold_into_one_digest
             );
         }
@@ -714,4 +715,38 @@ pub async fn throttled_deliveries_fold_into_one_digest(store: &dyn Store, clock:
         3 + 1 + 9 + 1,
         "leads, digest, throttled, the new lead"
     );
+}
+
+pub async fn postponed_delivery_spends_no_attempt(store: &dyn Store, clock: &ManualClock) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    let worker = WorkerId::new();
+    n.trigger(acme, event("x", None), vec![delivery("r", 0, 3)])
+        .await
+        .unwrap();
+    let c = n.claim_deliveries(worker, 1).await.unwrap().pop().unwrap();
+    assert_eq!(c.delivery.attempts, 1);
+    let until = store.now() + secs(30);
+    assert!(matches!(
+        n.postpone_delivery(WorkerId::new(), c.delivery.id, &c.claim_token, until)
+            .await,
+        Err(StoreError::StaleClaim)
+    ));
+    let postponed = n
+        .postpone_delivery(worker, c.delivery.id, &c.claim_token, until)
+        .await
+        .unwrap();
+    assert_eq!(postponed.status, DeliveryStatus::Pending);
+    assert_eq!(postponed.attempts, 0);
+    assert_eq!(postponed.run_at, until);
+    assert!(
+        n.list_delivery_attempts(acme, c.delivery.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(n.claim_deliveries(worker, 1).await.unwrap().is_empty());
+    clock.advance(secs(30));
+    let again = n.claim_deliveries(worker, 1).await.unwrap().pop().unwrap();
+    assert_eq!(again.delivery.attempts, 1);
 }

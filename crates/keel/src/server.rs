@@ -28,6 +28,7 @@ use crate::commands::retention::purge_finished_commands;
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
 use crate::deliveries::address::AddressPolicy;
+use crate::deliveries::breaker::Breakers;
 use crate::deliveries::channels::Channels;
 use crate::deliveries::jobs as delivery_jobs;
 use crate::deliveries::processor::Processor;
@@ -118,6 +119,10 @@ pub async fn run(
         )
         .context("loading the notification key")?,
         queued: Arc::new(tokio::sync::Notify::new()),
+        breakers: Arc::new(Breakers::new(
+            config.notifications.breaker_failures,
+            config.notifications.breaker_cooldown,
+        )),
     });
     start_delivery_workers(&supervisor, &config, &store, &notifications)?;
     let jobs = [
@@ -380,8 +385,13 @@ fn start_delivery_workers(
         settings.permanent_statuses.clone(),
     )
     .context("building the webhook client")?;
-    Processor::new(store.clone(), channels, notifications.queued.clone())
-        .start(supervisor, settings.workers);
+    Processor::new(
+        store.clone(),
+        channels,
+        notifications.queued.clone(),
+        notifications.breakers.clone(),
+    )
+    .start(supervisor, settings.workers);
     Ok(())
 }
 

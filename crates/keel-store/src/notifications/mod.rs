@@ -146,6 +146,17 @@ pub trait NotificationStore: Send + Sync {
         failure: DeliveryFailure,
     ) -> StoreResult<Delivery>;
 
+    /// Gives a claimed delivery back without spending its attempt (its endpoint's circuit is
+    /// open): pending again, due at `until`, its attempt count and history as before the claim.
+    /// `StaleClaim` (and no change) unless `worker` holds it under `token`.
+    async fn postpone_delivery(
+        &self,
+        worker: WorkerId,
+        id: DeliveryId,
+        token: &ClaimToken,
+        until: OffsetDateTime,
+    ) -> StoreResult<Delivery>;
+
     /// Up to `limit` executing deliveries whose lease ended before now go back to pending, or
     /// to `dead` (`lease_expired`) when their attempts are used up.
     async fn release_expired_deliveries(&self, limit: u32) -> StoreResult<Vec<ReleasedDelivery>>;

@@ -895,6 +895,40 @@ impl NotificationStore for SqliteStore {
         .await
     }
 
+    async fn postpone_delivery(
+        &self,
+        worker: WorkerId,
+        id: DeliveryId,
+        token: &ClaimToken,
+        until: OffsetDateTime,
+    ) -> StoreResult<Delivery> {
+        let (_, now_us) = self.now_and_micros();
+        let until_us = to_micros(until);
+        let token = token.clone();
+        self.write(Lane::Lease, move |conn| {
+            Box::pin(async move {
+                let org = org_of(conn, id).await?;
+                let claims = [(id.0, token)];
+                let handed_back = DELIVERIES
+                    .hand_back(conn, org, holder(worker), &claims, now_us)
+                    .await?;
+                if handed_back == 0 {
+                    return Err(StoreError::StaleClaim);
+                }
+                let row: DeliveryRow = sqlx::query_as(&format!(
+                    "UPDATE deliveries SET run_at = MAX(run_at, ?1), scheduled = 1 \
+                     WHERE id = ?2 AND status = 'pending' RETURNING {DELIVERY_COLUMNS}"
+                ))
+                .bind(until_us)
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+                row.into_plain()
+            })
+        })
+        .await
+    }
+
     async fn release_expired_deliveries(&self, limit: u32) -> StoreResult<Vec<ReleasedDelivery>> {
         let (_, now_us) = self.now_and_micros();
         let limit = limit.max(1);

@@ -4,10 +4,12 @@
 //! - [`processor`]: supervised workers that claim, send and record, each item isolated.
 //! - [`channels`]: sending one delivery (webhook, Telegram, email) and what came of it;
 //!   [`email`]: the SMTP part.
-//! - [`address`]: which addresses a webhook may reach.
+//! - [`address`]: which addresses a webhook may reach; [`breaker`]: a circuit breaker per
+//!   webhook endpoint.
 //! - [`jobs`]: release of expired leases, cleanup under retention.
 
 pub mod address;
+pub mod breaker;
 pub mod channels;
 pub mod email;
 pub mod jobs;

@@ -13,12 +13,13 @@ use std::time::Duration;
 use keel_guard::supervisor::{Supervisor, TaskError};
 use keel_store::Store;
 use keel_store::notifications::model::{
-    ClaimedDelivery, DeliveryFailure, DeliveryStatus, WorkerId,
+    ChannelType, ClaimedDelivery, DeliveryFailure, DeliveryStatus, WorkerId,
 };
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::{Admission, Breakers};
 use super::channels::{Channels, Outcome};
 
 /// The longest an idle worker sleeps without looking for work.
@@ -45,15 +46,22 @@ pub struct Processor {
     store: Arc<dyn Store>,
     channels: Channels,
     queued: Arc<Notify>,
+    breakers: Arc<Breakers>,
 }
 
 impl Processor {
     /// A processor sending through `channels`, woken by `queued`.
-    pub fn new(store: Arc<dyn Store>, channels: Channels, queued: Arc<Notify>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        channels: Channels,
+        queued: Arc<Notify>,
+        breakers: Arc<Breakers>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             channels,
             queued,
+            breakers,
         })
     }
 
@@ -110,9 +118,28 @@ impl Processor {
         Ok(())
     }
 
-    /// Sends one delivery, isolated, and records the attempt.
+    /// Sends one delivery, isolated, and records the attempt; a webhook whose endpoint's
+    /// circuit is open goes back to the queue instead, its attempt unspent.
     async fn process(&self, worker: WorkerId, item: ClaimedDelivery) {
         let delivery = &item.delivery;
+        let webhook = delivery.channel_type == ChannelType::Webhook;
+        if webhook
+            && let Admission::Wait(wait) = self.breakers.admit(delivery.org_id, &delivery.recipient)
+        {
+            let until = self
+                .store
+                .now()
+                .saturating_add(time::Duration::try_from(wait).unwrap_or(time::Duration::MAX));
+            if let Err(error) = self
+                .store
+                .notifications()
+                .postpone_delivery(worker, delivery.id, &item.claim_token, until)
+                .await
+            {
+                tracing::error!(delivery_id = %delivery.id, %error, "delivery worker: postponing failed; the lease expiry puts it back");
+            }
+            return;
+        }
         let sent = keel_guard::isolate_async("deliveries", async {
             // Only deliveries whose subject names the failpoint, so that a test can poison one
             // item and watch the others go through.
@@ -126,6 +153,17 @@ impl Processor {
             retryable: true,
             retry_after: None,
         });
+        if webhook {
+            let endpoint_failed = matches!(
+                outcome,
+                Outcome::Failed {
+                    retryable: true,
+                    ..
+                }
+            );
+            self.breakers
+                .record(delivery.org_id, &delivery.recipient, endpoint_failed);
+        }
         let store = self.store.notifications();
         let recorded = match outcome {
             Outcome::Delivered(detail) => {

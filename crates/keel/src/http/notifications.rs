@@ -38,6 +38,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/events", post(trigger_event))
         .route("/v1/deliveries", post(send).get(list))
         .route("/v1/deliveries/dead", get(list_dead))
+        .route("/v1/deliveries/circuits", get(circuits))
         .route("/v1/deliveries/requeue", post(requeue_many))
         .route("/v1/deliveries/{id}", get(get_one))
         .route("/v1/deliveries/{id}/requeue", post(requeue))
@@ -489,6 +490,33 @@ pub(super) async fn list_dead(
         .list_deliveries(caller.org(), filter, query.cursor, limit)
         .await?;
     Ok(Json(page.into()))
+}
+
+/// The organisation's webhook endpoints whose circuit is failing, open or probing.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct CircuitsView {
+    circuits: Vec<crate::deliveries::breaker::CircuitView>,
+}
+
+/// The circuit breakers of the organisation's webhook endpoints that are failing or open (in
+/// this keel process).
+#[utoipa::path(
+    get,
+    path = "/v1/deliveries/circuits",
+    tag = "notifications",
+    security(("api_key" = ["notifications:read"])),
+    responses(
+        (status = 200, description = "The circuits that are not simply closed", body = CircuitsView),
+    )
+)]
+pub(super) async fn circuits(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<CircuitsView>, ApiError> {
+    caller.require(Scope::NotificationsRead)?;
+    Ok(Json(CircuitsView {
+        circuits: state.notifications.breakers.circuits(caller.org()),
+    }))
 }
 
 /// A delivery id from the path; anything else is a 400.

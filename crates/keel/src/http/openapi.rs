@@ -47,6 +47,7 @@ use super::{
         notifications::send,
         notifications::list,
         notifications::list_dead,
+        notifications::circuits,
         notifications::requeue_many,
         notifications::get_one,
         notifications::requeue,

@@ -22,6 +22,12 @@ pub struct NotificationsConfig {
     pub allowed_networks: Vec<String>,
     /// HTTP statuses after which a webhook delivery is not retried: it fails at once.
     pub permanent_statuses: Vec<u16>,
+    /// Retryable failures in a row after which a webhook endpoint's circuit opens: its
+    /// deliveries wait, without spending attempts, until a probe succeeds.
+    pub breaker_failures: u32,
+    /// How long an open circuit waits before it lets a probe through.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
     /// How often deliveries whose worker's lease expired (a killed keel) are put back.
     #[serde(with = "humantime_serde")]
     pub release_interval: Duration,
@@ -41,6 +47,8 @@ impl Default for NotificationsConfig {
             workers: 8,
             allowed_networks: Vec::new(),
             permanent_statuses: vec![400, 401, 403, 404, 405, 410, 413, 415, 422],
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
             release_interval: Duration::from_secs(30),
             retention: Duration::from_secs(7 * 24 * 3600),
             cleanup_interval: Duration::from_secs(600),
@@ -73,7 +81,14 @@ impl NotificationsConfig {
                 "statuses must be between 400 and 599".to_owned(),
             ));
         }
+        if !(1..=1000).contains(&self.breaker_failures) {
+            return Err((
+                "notifications.breaker_failures",
+                "must be between 1 and 1000".to_owned(),
+            ));
+        }
         for (key, interval) in [
+            ("notifications.breaker_cooldown", self.breaker_cooldown),
             ("notifications.release_interval", self.release_interval),
             ("notifications.cleanup_interval", self.cleanup_interval),
         ] {

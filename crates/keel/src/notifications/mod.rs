@@ -29,6 +29,8 @@ pub struct NotificationState {
     pub secrets: secrets::SecretBox,
     /// Wakes idle delivery workers when deliveries are queued.
     pub queued: Arc<Notify>,
+    /// The webhook endpoints' circuits.
+    pub breakers: Arc<crate::deliveries::breaker::Breakers>,
 }
 
 impl NotificationState {

@@ -755,3 +755,76 @@ async fn ten_events_inside_a_throttle_window_give_one_message_and_one_digest_of_
     let sent = wait_for_status(&ops, digest_id, "completed", Duration::from_secs(5)).await;
     assert!(sent["digest_of"].is_string());
 }
+
+#[tokio::test]
+async fn an_endpoint_that_is_down_opens_its_circuit_and_its_deliveries_wait_without_spending_attempts()
+ {
+    // Down for its first four requests, then up.
+    let receiver = Receiver::start(vec![(503, None); 4]).await;
+    let server = Server::start_with(Options {
+        extra_toml: "[notifications]\nallowed_networks = [\"127.0.0.1\"]\nworkers = 1\n\
+                     breaker_failures = 3\nbreaker_cooldown = \"3s\"\n",
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    let channel = webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+    let mut ids = Vec::new();
+    for n in 0..8 {
+        let sent = ops
+            .post(
+                "/v1/deliveries",
+                &json!({"channel_id": channel, "body": format!("{{\"n\": {n}}}")}),
+                202,
+            )
+            .await;
+        ids.push(sent["deliveries"][0].as_str().unwrap().to_owned());
+    }
+    // Three failures in a row open the circuit; it shows in the API and the metrics.
+    poll_until(Duration::from_secs(10), || async {
+        let circuits = ops.get("/v1/deliveries/circuits", 200).await;
+        circuits["circuits"][0]["state"] == "open"
+    })
+    .await;
+    let circuits = ops.get("/v1/deliveries/circuits", 200).await;
+    assert_eq!(circuits["circuits"][0]["endpoint"], receiver.url.as_str());
+    assert!(
+        server
+            .metrics()
+            .await
+            .contains("keel_delivery_circuits_open 1")
+    );
+    // While it is open, nothing reaches the endpoint and no attempt is spent.
+    let seen_when_opened = receiver.seen().len();
+    assert_eq!(seen_when_opened, 3);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(receiver.seen().len(), 3);
+
+    // Then probes: the first fails (the fourth 503) and opens it again; the next succeeds and
+    // everything is delivered.
+    for id in &ids {
+        wait_for_status(&ops, id, "completed", Duration::from_secs(40)).await;
+    }
+    let mut attempts = 0;
+    for id in &ids {
+        attempts += delivery(&ops, id).await["attempt_history"]
+            .as_array()
+            .unwrap()
+            .len();
+    }
+    assert_eq!(
+        receiver.seen().len(),
+        8 + 4,
+        "each delivered once, after four failures"
+    );
+    assert_eq!(
+        attempts,
+        8 + 4,
+        "attempts only where the endpoint was called"
+    );
+    assert_eq!(
+        ops.get("/v1/deliveries/circuits", 200).await["circuits"],
+        json!([])
+    );
+}
