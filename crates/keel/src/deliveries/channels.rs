@@ -17,6 +17,7 @@ use keel_store::notifications::model::{ChannelType, Delivery, SettingKind};
 use serde_json::{Value, json};
 
 use super::address::{AddressPolicy, CheckedResolver};
+use crate::http::error::error_chain;
 use crate::notifications::secrets::OpenSecrets;
 use crate::notifications::secrets::SecretBox;
 use crate::notifications::settings::{Channel, Sender};
@@ -426,18 +427,6 @@ fn timeout_of(channel: &Channel) -> Duration {
 
 pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// An error and its sources (`error sending request: … : connection refused`).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// `Retry-After` in seconds (an HTTP date is not read), at most [`MAX_RETRY_AFTER`].

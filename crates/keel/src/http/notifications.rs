@@ -441,11 +441,22 @@ pub(super) async fn list(
         event_id: query.event_id,
         channel_type: query.channel_type,
     };
-    let limit = page_limit(query.limit)?;
+    page_of(&state, &caller, filter, query.cursor, query.limit).await
+}
+
+/// One page of the caller's deliveries that match `filter`.
+async fn page_of(
+    state: &AppState,
+    caller: &Caller,
+    filter: DeliveryFilter,
+    cursor: Option<DeliveryId>,
+    limit: Option<u32>,
+) -> Result<Json<DeliveryPageView>, ApiError> {
+    let limit = page_limit(limit)?;
     let page = state
         .store
         .notifications()
-        .list_deliveries(caller.org(), filter, query.cursor, limit)
+        .list_deliveries(caller.org(), filter, cursor, limit)
         .await?;
     Ok(Json(page.into()))
 }
@@ -479,17 +490,11 @@ pub(super) async fn list_dead(
 ) -> Result<Json<DeliveryPageView>, ApiError> {
     caller.require(Scope::NotificationsRead)?;
     let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
-    let limit = page_limit(query.limit)?;
     let filter = DeliveryFilter {
         status: Some(DeliveryStatus::Dead),
         ..DeliveryFilter::default()
     };
-    let page = state
-        .store
-        .notifications()
-        .list_deliveries(caller.org(), filter, query.cursor, limit)
-        .await?;
-    Ok(Json(page.into()))
+    page_of(&state, &caller, filter, query.cursor, query.limit).await
 }
 
 /// The organisation's webhook endpoints whose circuit is failing, open or probing.
