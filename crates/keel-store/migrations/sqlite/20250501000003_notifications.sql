@@ -103,10 +103,12 @@ CREATE INDEX deliveries_lease ON deliveries (lease_expires_at) WHERE status = 'e
 -- Retention.
 CREATE INDEX deliveries_finished ON deliveries (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled', 'dead');
--- Listing, newest first (UUIDv7 ids), by status, by event.
+-- Listing, newest first (UUIDv7 ids), by status, by channel type, by event (an event's
+-- deliveries are also read for an idempotent replay and by the cleanup).
 CREATE INDEX deliveries_list ON deliveries (org_id, id);
 CREATE INDEX deliveries_list_status ON deliveries (org_id, status, id);
-CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE INDEX deliveries_list_channel ON deliveries (org_id, channel_type, id);
+CREATE INDEX deliveries_event ON deliveries (event_id, id);
 -- Throttles: the latest lead of a key; the digest of a lead; the deliveries of a digest.
 CREATE INDEX deliveries_throttle ON deliveries (org_id, throttle_key, created_at)
     WHERE status <> 'throttled' AND digest_of IS NULL;

@@ -1018,3 +1018,104 @@ async fn org_of(conn: &mut SqliteConnection, id: DeliveryId) -> StoreResult<OrgI
 fn taken(kind: SettingKind, key: Option<&str>) -> String {
     format!("a {kind} for `{}` exists", key.unwrap_or_default())
 }
+
+#[cfg(test)]
+mod query_plans {
+    use super::super::query_plans::{plan, store};
+    use super::*;
+
+    /// Fails unless the plan reads an index of `deliveries` (or `notification_events`) and
+    /// never scans the table nor sorts. The claim reads its partial index from the start, in
+    /// claim order, and stops at its limit: every row of that index is claimable.
+    fn assert_served(what: &str, lines: &[String]) {
+        for line in lines {
+            let reads_claim_index = what == "claim" && line.contains("INDEX deliveries_claim");
+            assert!(
+                reads_claim_index
+                    || (!line.starts_with("SCAN deliveries")
+                        && !line.starts_with("SCAN notification_")),
+                "{what}: full scan: {line}\n{lines:#?}"
+            );
+            assert!(
+                !line.contains("TEMP B-TREE"),
+                "{what}: sorts rows: {line}\n{lines:#?}"
+            );
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("INDEX") || l.contains("PRIMARY KEY")),
+            "{what}: uses no index\n{lines:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_delivery_query_shape_is_served_by_an_index() {
+        let (_dir, store) = store().await;
+        let pool = store.pool();
+        let shapes = [
+            ("claim", CLAIM_CANDIDATES.to_owned(), 4),
+            (
+                "promote",
+                "SELECT id FROM deliveries INDEXED BY deliveries_scheduled WHERE status = \
+                 'pending' AND scheduled = 1 AND run_at <= ?1 ORDER BY run_at LIMIT 1000"
+                    .to_owned(),
+                1,
+            ),
+            (
+                "release",
+                "SELECT id FROM deliveries WHERE status = 'executing' AND lease_expires_at < ?1 \
+                 AND (?2 IS NULL OR org_id = ?2) ORDER BY lease_expires_at LIMIT ?3"
+                    .to_owned(),
+                3,
+            ),
+            (
+                "retention",
+                "SELECT id FROM deliveries WHERE status IN ('completed', 'failed', \
+                 'cancelled', 'dead') AND finished_at < ?1 ORDER BY finished_at LIMIT ?2"
+                    .to_owned(),
+                2,
+            ),
+            (
+                "throttle lead",
+                "SELECT id, created_at FROM deliveries INDEXED BY deliveries_throttle \
+                 WHERE org_id = ?1 AND throttle_key = ?2 AND created_at > ?3 \
+                 AND status <> 'throttled' AND digest_of IS NULL \
+                 ORDER BY created_at DESC LIMIT 1"
+                    .to_owned(),
+                3,
+            ),
+            (
+                "digest of a lead",
+                "SELECT id, status FROM deliveries WHERE digest_of = ?".to_owned(),
+                1,
+            ),
+            (
+                "an event's deliveries",
+                format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE org_id = ? AND \
+                     event_id = ? ORDER BY id"
+                ),
+                2,
+            ),
+        ];
+        for (what, sql, params) in shapes {
+            assert_served(what, &plan(pool, &sql, params).await);
+        }
+        for status in [false, true] {
+            for event in [false, true] {
+                for channel in [false, true] {
+                    for cursor in [false, true] {
+                        let filter = DeliveryFilter {
+                            status: status.then_some(DeliveryStatus::Dead),
+                            event_id: event.then(EventId::new),
+                            channel_type: channel.then_some(ChannelType::Webhook),
+                        };
+                        let sql = list_sql(&filter, cursor, "id");
+                        assert_served(&format!("list {filter:?}"), &plan(pool, &sql, 6).await);
+                    }
+                }
+            }
+        }
+    }
+}
