@@ -8,6 +8,7 @@
 //! - [`labels`]: agent labels and the label selectors that pick agents by them.
 //! - [`schedule`]: schedules, their fire times (cron patterns in IANA time zones) and the
 //!   missed-fire policy.
+//! - [`notifications`]: notification settings, events and deliveries.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
 //! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
 //! - [`backoff`]: the delay before a failed command is retried.
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod error;
 pub mod labels;
 pub mod model;
+pub mod notifications;
 pub mod schedule;
 pub mod sqlite;
 pub mod store;
@@ -29,6 +31,9 @@ mod token;
 #[cfg(feature = "conformance")]
 #[doc(hidden)]
 pub mod conformance;
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
+pub mod conformance_notifications;
 
 pub use backoff::retry_backoff;
 pub use clock::{Clock, ManualClock, SystemClock};

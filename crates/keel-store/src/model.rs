@@ -148,6 +148,9 @@ macro_rules! named_enum {
     };
 }
 
+// The notification types are made with the same macros.
+pub(crate) use {id_type, named_enum};
+
 named_enum!(
     /// What an API key may do.
     Scope, "scope" {
@@ -159,6 +162,10 @@ named_enum!(
         CommandsRead => "commands:read",
         /// Act as the key's agent: check in, claim, heartbeat, complete, fail.
         Agent => "agent",
+        /// Trigger events, send messages, change notification settings, requeue deliveries.
+        NotificationsWrite => "notifications:write",
+        /// Read notification settings and deliveries, preview templates.
+        NotificationsRead => "notifications:read",
     }
 );
 

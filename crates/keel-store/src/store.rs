@@ -383,6 +383,9 @@ pub trait Store: Send + Sync {
         WritePressure::default()
     }
 
+    /// Notification settings, events and deliveries (`crate::notifications`).
+    fn notifications(&self) -> &dyn crate::notifications::NotificationStore;
+
     /// "Now" by the store's clock, the one its timestamps (run_at, leases, last seen) use.
     fn now(&self) -> OffsetDateTime;
 }

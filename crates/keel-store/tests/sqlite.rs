@@ -33,6 +33,7 @@ async fn fresh() -> (TempDir, Arc<dyn Store>, Arc<ManualClock>) {
 }
 
 keel_store::conformance_tests!(fresh);
+keel_store::notification_conformance_tests!(fresh);
 
 #[tokio::test]
 async fn data_survives_reopening_the_file() {

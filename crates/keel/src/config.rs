@@ -73,6 +73,8 @@ pub struct Config {
     /// Fair sharing and load shedding: rate limits, long-poll caps, the in-flight limit and
     /// pressure (docs/overload.md).
     pub overload: crate::http::overload::OverloadConfig,
+    /// Notifications: senders' secrets and the delivery workers (docs/notifications.md).
+    pub notifications: crate::notifications::config::NotificationsConfig,
 }
 
 /// The database (embedded SQLite in `<data_dir>/keel.db`).
@@ -291,6 +293,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             commands: CommandsConfig::default(),
             overload: crate::http::overload::OverloadConfig::default(),
+            notifications: Default::default(),
         }
     }
 }
@@ -462,6 +465,9 @@ impl Config {
         self.validate_command_limits()?;
         self.supervisor.validate()?;
         self.overload
+            .validate()
+            .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
+        self.notifications
             .validate()
             .map_err(|(key, problem)| ConfigError::Invalid { key, problem })?;
         if let Some(token) = &self.admin.token

@@ -25,6 +25,11 @@ pub const KNOWN: &[&str] = &[
     "commands.release_stuck",
     "commands.scheduler",
     "overload.pressure",
+    "deliveries.item",
+    "deliveries.cleanup",
+    "channels.webhook.send",
+    "channels.telegram.send",
+    "channels.email.send",
 ];
 
 #[cfg(test)]

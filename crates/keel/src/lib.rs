@@ -1,4 +1,4 @@
-//! keel: hands commands to remote agents, and does not fall over (notifications are planned).
+//! keel: hands commands to remote agents, delivers notifications, and does not fall over.
 //!
 //! The binary's parts, one module each:
 //! - [`config`]: the typed configuration, merged from defaults, `keel.toml`, `KEEL_*`
@@ -10,6 +10,8 @@
 //! - [`failpoints`]: the names of every fault-injection point.
 //! - [`server`]: wires everything together, runs it and shuts it down on a signal.
 //! - [`commands`]: commands beyond the store: long-poll wake-ups and the release-stuck job.
+//! - [`deliveries`]: the delivery processor pool, its channels and jobs.
+//! - [`notifications`]: classification, routing, rendering and signing of notifications.
 //! - [`admin`]: `keel admin`, organisations and API keys from the command line.
 //! - [`agent`]: `keel agent`, the ready agent that runs a program per command.
 //!
@@ -20,7 +22,9 @@ pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod deliveries;
 pub mod failpoints;
 pub mod http;
+pub mod notifications;
 pub mod server;
 pub mod telemetry;

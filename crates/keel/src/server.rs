@@ -28,10 +28,17 @@ use crate::commands::retention::purge_finished_commands;
 use crate::commands::scheduler::{self, fire_due_schedules};
 use crate::commands::wakeups::Wakeups;
 use crate::config::Config;
+use crate::deliveries::address::AddressPolicy;
+use crate::deliveries::breaker::Breakers;
+use crate::deliveries::channels::Channels;
+use crate::deliveries::jobs as delivery_jobs;
+use crate::deliveries::processor::Processor;
 use crate::http::connections::{self, ConnectionLimits};
 use crate::http::lifecycle::Lifecycle;
 use crate::http::overload::{Overload, StorePressure};
 use crate::http::{self, AppState};
+use crate::notifications::NotificationState;
+use crate::notifications::secrets::SecretBox;
 use crate::telemetry;
 
 /// The exit status after a second signal.
@@ -101,11 +108,31 @@ pub async fn run(
         tracker.clone(),
     );
     let wakeups = Wakeups::default();
+    let notifications = Arc::new(NotificationState {
+        secrets: SecretBox::load(
+            config
+                .notifications
+                .secret_key
+                .as_ref()
+                .map(|key| SecretString::from(key.expose_secret()))
+                .as_ref(),
+            &config.data_dir,
+        )
+        .context("loading the notification key")?,
+        queued: Arc::new(tokio::sync::Notify::new()),
+        breakers: Arc::new(Breakers::new(
+            config.notifications.breaker_failures,
+            config.notifications.breaker_cooldown,
+        )),
+    });
+    start_delivery_workers(&supervisor, &config, &store, &notifications)?;
     let jobs = [
         start_telemetry(&supervisor, &config, &logger, &metrics),
         start_release_stuck(&supervisor, &config, &store, &wakeups),
         start_retention(&supervisor, &config, &store),
         start_scheduler(&supervisor, &config, &store, &wakeups),
+        start_delivery_release(&supervisor, &config, &store, &notifications),
+        start_delivery_cleanup(&supervisor, &config, &store),
     ];
     let job_names: Vec<&str> = jobs.iter().map(JobHandle::name).collect();
     telemetry::seed(&job_names);
@@ -140,6 +167,7 @@ pub async fn run(
         keys: Arc::new(crate::http::auth::KeyCache::new()),
         ui_sessions: Arc::new(crate::http::ui::Sessions::default()),
         overviews: Arc::new(crate::http::operations::Overviews::default()),
+        notifications,
     };
     let lifecycle = Lifecycle {
         timeout: config.http.request_timeout,
@@ -367,6 +395,82 @@ fn start_scheduler(
                         .await
                 {
                     tracing::error!(%error, "scheduler: the store failed; retrying at the next tick");
+                }
+            }
+        },
+    )
+}
+
+/// The delivery processor's workers (`notifications.workers`), supervised.
+fn start_delivery_workers(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+    notifications: &Arc<NotificationState>,
+) -> anyhow::Result<()> {
+    let settings = &config.notifications;
+    let policy = AddressPolicy::new(&settings.allowed_networks)
+        .map_err(|bad| anyhow::anyhow!("notifications.allowed_networks: `{bad}`"))?;
+    let channels = Channels::new(
+        store.clone(),
+        notifications.secrets.clone(),
+        policy,
+        settings.permanent_statuses.clone(),
+    )
+    .context("building the webhook client")?;
+    Processor::new(
+        store.clone(),
+        channels,
+        notifications.queued.clone(),
+        notifications.breakers.clone(),
+    )
+    .start(supervisor, settings.workers);
+    Ok(())
+}
+
+/// The delivery release job: deliveries whose worker's lease expired go back, or die.
+fn start_delivery_release(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+    notifications: &Arc<NotificationState>,
+) -> JobHandle {
+    let store = store.clone();
+    let notifications = notifications.clone();
+    supervisor.every(
+        delivery_jobs::RELEASE_JOB,
+        config.notifications.release_interval,
+        move || {
+            let store = store.clone();
+            let notifications = notifications.clone();
+            async move {
+                if let Err(error) =
+                    delivery_jobs::release_expired(store.as_ref(), || notifications.wake_workers())
+                        .await
+                {
+                    tracing::error!(%error, "delivery release: the store failed; retrying at the next tick");
+                }
+            }
+        },
+    )
+}
+
+/// The delivery cleanup job: finished deliveries past `notifications.retention` are deleted.
+fn start_delivery_cleanup(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+) -> JobHandle {
+    let store = store.clone();
+    let retention = config.notifications.retention;
+    supervisor.every(
+        delivery_jobs::CLEANUP_JOB,
+        config.notifications.cleanup_interval,
+        move || {
+            let store = store.clone();
+            async move {
+                if let Err(error) = delivery_jobs::purge_finished(store.as_ref(), retention).await {
+                    tracing::error!(%error, "delivery cleanup: the store failed; retrying at the next tick");
                 }
             }
         },

@@ -5,12 +5,15 @@
 //! - [`lease`]: the lease engine (claim, heartbeat, complete, fail, release, requeue,
 //!   hand-back, attempts, retention), written once for every leased table.
 //! - `rows`: rows as stored and their encoding.
+//! - `notifications`: notification settings, events and deliveries (the lease engine's second
+//!   table).
 //!
 //! Reads use their own pool of `query_only` connections: under WAL they never wait for the
 //! writer.
 
 mod fleet;
 mod lease;
+mod notifications;
 mod operator_keys;
 mod rows;
 mod schedules;
@@ -349,6 +352,10 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn now(&self) -> OffsetDateTime {
         self.clock.now()
+    }
+
+    fn notifications(&self) -> &dyn crate::notifications::NotificationStore {
+        self
     }
 
     fn write_pressure(&self) -> WritePressure {

@@ -15,7 +15,7 @@ use crate::model::{AgentId, CommandFilter, CommandStatus};
 use crate::{ManualClock, Store};
 
 /// The plan's lines, as `EXPLAIN QUERY PLAN` prints their details.
-async fn plan(pool: &SqlitePool, sql: &str, params: usize) -> Vec<String> {
+pub(super) async fn plan(pool: &SqlitePool, sql: &str, params: usize) -> Vec<String> {
     let mut query = sqlx::query_as::<_, (i64, i64, i64, String)>(Box::leak(
         format!("EXPLAIN QUERY PLAN {sql}").into_boxed_str(),
     ));
@@ -51,7 +51,7 @@ fn assert_served(what: &str, lines: &[String], merge_sort: bool) {
     );
 }
 
-async fn store() -> (tempfile::TempDir, SqliteStore) {
+pub(super) async fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(
         dir.path().join("keel.db"),

@@ -110,9 +110,16 @@ impl Caller {
         self.0.org_id
     }
 
-    /// 403 unless the key has `scope`; `admin` includes `commands:read` and `commands:write`.
+    /// 403 unless the key has `scope`; `admin` includes `commands:read`, `commands:write`,
+    /// `notifications:read` and `notifications:write`.
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        let implied_by_admin = matches!(scope, Scope::CommandsRead | Scope::CommandsWrite);
+        let implied_by_admin = matches!(
+            scope,
+            Scope::CommandsRead
+                | Scope::CommandsWrite
+                | Scope::NotificationsRead
+                | Scope::NotificationsWrite
+        );
         if self.0.has_scope(scope) || (implied_by_admin && self.0.has_scope(Scope::Admin)) {
             Ok(())
         } else {

@@ -220,8 +220,8 @@ impl From<crate::commands::release::ReleaseNowError> for ApiError {
     }
 }
 
-/// An error and its sources, for the log.
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its sources, for the log (and a delivery attempt's error).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -14,6 +14,8 @@
 //!   made, in one request; [`broadcasts`]: one command to every agent a label selector
 //!   matches; [`queues`]: the queues, paused and resumed; [`schedules`]: schedules that create
 //!   commands at cron fire times.
+//! - [`notifications`]: events, deliveries and template previews; [`notification_settings`]:
+//!   rules, policies, channels, senders, templates and routes (`docs/notifications.md`).
 //! - [`ui`]: `/ui/`, the operator page and its sessions; [`operations`]: the operator routes
 //!   that gather what it shows across organisations (command counts and rates, agents, dead
 //!   letters).
@@ -31,6 +33,8 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod lifecycle;
+pub mod notification_settings;
+pub mod notifications;
 pub mod openapi;
 pub mod operations;
 pub mod organisations;
@@ -97,6 +101,8 @@ pub struct AppState {
     pub ui_sessions: Arc<ui::Sessions>,
     /// The overviews the operator page polls, shared by every page.
     pub overviews: Arc<operations::Overviews>,
+    /// Senders' secret sealing and the delivery workers' wake-up.
+    pub notifications: Arc<crate::notifications::NotificationState>,
 }
 
 /// The whole API, with the lifecycle layer on every route and fallback.
@@ -110,6 +116,8 @@ pub fn router(state: AppState, lifecycle: Lifecycle) -> Router {
         .nest("/v1/commands", commands::routes())
         .nest("/v1/queues", queues::routes())
         .nest("/v1/schedules", schedules::routes())
+        .merge(notifications::routes())
+        .merge(notification_settings::routes())
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

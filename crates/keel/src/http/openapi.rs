@@ -9,8 +9,8 @@ use utoipa::{Modify, OpenApi};
 use super::AppState;
 use super::json::Json;
 use super::{
-    admin, agents, command_batches, commands, health, operations, organisations, queues, schedules,
-    ui,
+    admin, agents, command_batches, commands, health, notification_settings, notifications,
+    operations, organisations, queues, schedules, ui,
 };
 
 /// The document: every route, its bodies, its errors and its credentials.
@@ -57,6 +57,45 @@ use super::{
         schedules::pause,
         schedules::resume,
         schedules::delete,
+        notifications::trigger_event,
+        notifications::send,
+        notifications::list,
+        notifications::list_dead,
+        notifications::circuits,
+        notifications::requeue_many,
+        notifications::get_one,
+        notifications::requeue,
+        notifications::preview,
+        notification_settings::rules::list,
+        notification_settings::rules::create,
+        notification_settings::rules::get_one,
+        notification_settings::rules::replace,
+        notification_settings::rules::remove,
+        notification_settings::policies::list,
+        notification_settings::policies::create,
+        notification_settings::policies::get_one,
+        notification_settings::policies::replace,
+        notification_settings::policies::remove,
+        notification_settings::channels::list,
+        notification_settings::channels::create,
+        notification_settings::channels::get_one,
+        notification_settings::channels::replace,
+        notification_settings::channels::remove,
+        notification_settings::senders::list,
+        notification_settings::senders::create,
+        notification_settings::senders::get_one,
+        notification_settings::senders::replace,
+        notification_settings::senders::remove,
+        notification_settings::templates::list,
+        notification_settings::templates::create,
+        notification_settings::templates::get_one,
+        notification_settings::templates::replace,
+        notification_settings::templates::remove,
+        notification_settings::routing::list,
+        notification_settings::routing::create,
+        notification_settings::routing::get_one,
+        notification_settings::routing::replace,
+        notification_settings::routing::remove,
         admin::components,
         admin::panics,
         admin::jobs,
@@ -91,6 +130,8 @@ use super::{
         (name = "commands", description = "Create, read, list, cancel and requeue commands"),
         (name = "queues", description = "The organisation's queues; pause and resume one"),
         (name = "schedules", description = "Schedules that create commands at the fire times of a cron pattern in a time zone"),
+        (name = "notifications", description = "Trigger events, send messages, read deliveries and their attempts, requeue them, preview templates"),
+        (name = "notification settings", description = "Classification rules, severity policies, channels, senders, templates and routing rules"),
         (name = "admin", description = "The keel process itself: operators only (an operator key or the admin token)"),
         (name = "operator page", description = "`/ui/`: the operator page and its session cookie (docs/operator-page.md)"),
     )
@@ -187,8 +228,10 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme(
             "api_key",
             bearer(
-                "An organisation's API key. Its scopes: `admin` (includes `commands:read` and \
-                 `commands:write`), `commands:write`, `commands:read`, `agent` (bound to one agent).",
+                "An organisation's API key. Its scopes: `admin` (includes `commands:read`, \
+                 `commands:write`, `notifications:read` and `notifications:write`), \
+                 `commands:write`, `commands:read`, `notifications:write`, `notifications:read`, \
+                 `agent` (bound to one agent).",
             ),
         );
         components.add_security_scheme(

@@ -401,7 +401,7 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -51,6 +51,8 @@ fn routed() -> BTreeSet<(String, String)> {
         ("commands.rs", "/v1/commands"),
         ("queues.rs", "/v1/queues"),
         ("schedules.rs", "/v1/schedules"),
+        ("notifications.rs", ""),
+        ("notification_settings.rs", ""),
     ];
     let mut routes = BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {

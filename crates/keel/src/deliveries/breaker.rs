@@ -1,0 +1,178 @@
+//! A circuit breaker per webhook endpoint (organisation and URL), in this keel process.
+//!
+//! After `notifications.breaker_failures` consecutive retryable failures the endpoint's circuit
+//! opens for `notifications.breaker_cooldown`: its deliveries are given back to the queue, due
+//! when it may close, without spending an attempt. When the cooldown ends, one delivery goes
+//! through as a probe (the others keep waiting): its success closes the circuit, its failure
+//! opens it again for another cooldown. A success at any time closes it.
+//!
+//! Only failing endpoints are remembered (a closed circuit with no failure is forgotten), so
+//! memory follows the endpoints that fail now.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use keel_store::OrgId;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// How long deliveries wait while a probe is in flight.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// What the breaker says about sending to an endpoint now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Send (as the probe of a circuit that was open, when `probe`).
+    Send {
+        /// This send decides whether the circuit closes.
+        probe: bool,
+    },
+    /// Do not send before this long: give the delivery back, its attempt unspent.
+    Wait(Duration),
+}
+
+#[derive(Debug, Default)]
+struct Circuit {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+/// A circuit as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct CircuitView {
+    /// The webhook URL.
+    pub endpoint: String,
+    /// `closed` (failing, under the threshold), `open` or `half_open` (a probe is out).
+    pub state: &'static str,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Seconds until an open circuit lets a probe through.
+    pub opens_in_seconds: Option<u64>,
+}
+
+/// Every endpoint's circuit.
+#[derive(Debug)]
+pub struct Breakers {
+    circuits: Mutex<HashMap<(OrgId, String), Circuit>>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breakers {
+    /// Circuits that open after `threshold` failures in a row, for `cooldown`.
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            circuits: Mutex::new(HashMap::new()),
+            threshold: threshold.max(1),
+            cooldown,
+        }
+    }
+
+    /// Whether a delivery to `endpoint` may be sent now.
+    pub fn admit(&self, org: OrgId, endpoint: &str) -> Admission {
+        let now = Instant::now();
+        let mut circuits = self.circuits.lock();
+        let Some(circuit) = circuits.get_mut(&(org, endpoint.to_owned())) else {
+            return Admission::Send { probe: false };
+        };
+        match circuit.open_until {
+            None => Admission::Send { probe: false },
+            Some(until) if now < until => Admission::Wait(until - now),
+            Some(_) if circuit.probing => Admission::Wait(PROBE_WAIT),
+            Some(_) => {
+                circuit.probing = true;
+                Admission::Send { probe: true }
+            }
+        }
+    }
+
+    /// Records how a send to `endpoint` went: `failed` is a failure that says the endpoint is
+    /// not serving (a retryable one).
+    pub fn record(&self, org: OrgId, endpoint: &str, failed: bool) {
+        let mut circuits = self.circuits.lock();
+        let key = (org, endpoint.to_owned());
+        if !failed {
+            if circuits
+                .remove(&key)
+                .is_some_and(|c| c.open_until.is_some())
+            {
+                tracing::info!(%org, endpoint, "circuit closed: the endpoint answered");
+            }
+        } else {
+            let circuit = circuits.entry(key).or_default();
+            circuit.failures = circuit.failures.saturating_add(1);
+            if circuit.probing || circuit.failures >= self.threshold {
+                if circuit.open_until.is_none() {
+                    tracing::warn!(%org, endpoint, failures = circuit.failures, "circuit open: the endpoint keeps failing");
+                }
+                circuit.open_until = Some(Instant::now() + self.cooldown);
+                circuit.probing = false;
+            }
+        }
+        let open = circuits.values().filter(|c| c.open_until.is_some()).count();
+        metrics::gauge!("keel_delivery_circuits_open").set(open as f64);
+    }
+
+    /// The organisation's circuits that are failing or open, by endpoint.
+    pub fn circuits(&self, org: OrgId) -> Vec<CircuitView> {
+        let now = Instant::now();
+        let circuits = self.circuits.lock();
+        let mut views: Vec<CircuitView> = circuits
+            .iter()
+            .filter(|((of, _), _)| *of == org)
+            .map(|((_, endpoint), c)| CircuitView {
+                endpoint: endpoint.clone(),
+                state: match (c.open_until, c.probing) {
+                    (None, _) => "closed",
+                    (Some(_), true) => "half_open",
+                    (Some(_), false) => "open",
+                },
+                consecutive_failures: c.failures,
+                opens_in_seconds: c
+                    .open_until
+                    .map(|until| until.saturating_duration_since(now).as_secs()),
+            })
+            .collect();
+        views.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+        views
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_the_threshold_probes_after_the_cooldown_and_closes_on_success() {
+        let breakers = Breakers::new(3, Duration::from_millis(50));
+        let org = OrgId::new();
+        let url = "http://example.com/hook";
+        for _ in 0..2 {
+            assert_eq!(breakers.admit(org, url), Admission::Send { probe: false });
+            breakers.record(org, url, true);
+        }
+        assert_eq!(breakers.circuits(org)[0].state, "closed");
+        breakers.record(org, url, true);
+        assert!(matches!(breakers.admit(org, url), Admission::Wait(_)));
+        assert_eq!(breakers.circuits(org)[0].state, "open");
+        // Another organisation's endpoint of the same URL is its own circuit.
+        assert_eq!(
+            breakers.admit(OrgId::new(), url),
+            Admission::Send { probe: false }
+        );
+
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(breakers.admit(org, url), Admission::Send { probe: true });
+        assert_eq!(breakers.admit(org, url), Admission::Wait(PROBE_WAIT));
+        assert_eq!(breakers.circuits(org)[0].state, "half_open");
+        // The probe fails: open again.
+        breakers.record(org, url, true);
+        assert!(matches!(breakers.admit(org, url), Admission::Wait(_)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(breakers.admit(org, url), Admission::Send { probe: true });
+        breakers.record(org, url, false);
+        assert_eq!(breakers.admit(org, url), Admission::Send { probe: false });
+        assert!(breakers.circuits(org).is_empty());
+    }
+}

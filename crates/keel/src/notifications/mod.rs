@@ -1,0 +1,44 @@
+//! Notifications beyond the store: what an event means and how it is written.
+//!
+//! - [`config`]: the `[notifications]` table of the configuration.
+//! - [`settings`]: the settings the API takes (rules, policies, channels, senders, templates,
+//!   routes), validated.
+//! - [`classify`]: an event type's domain and severity.
+//! - [`render`]: templates in minijinja, strict about undefined variables.
+//! - [`trigger`]: settings, classification, routing and rendering for one event: its
+//!   deliveries.
+//! - [`secrets`]: senders' credentials sealed at rest.
+//! - [`webhook`]: Standard Webhooks signing.
+
+pub mod classify;
+pub mod config;
+pub mod render;
+pub mod secrets;
+pub mod settings;
+pub mod trigger;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+/// What the HTTP handlers and the delivery workers share.
+#[derive(Debug)]
+pub struct NotificationState {
+    /// Seals and opens senders' secrets.
+    pub secrets: secrets::SecretBox,
+    /// Wakes idle delivery workers when deliveries are queued.
+    pub queued: Arc<Notify>,
+    /// The webhook endpoints' circuits.
+    pub breakers: Arc<crate::deliveries::breaker::Breakers>,
+}
+
+impl NotificationState {
+    /// Deliveries were queued (created or requeued): idle workers look for them now.
+    pub fn wake_workers(&self) {
+        self.queued.notify_waiters();
+        // A worker between its empty claim and its wait would miss `notify_waiters`; the
+        // stored permit wakes it.
+        self.queued.notify_one();
+    }
+}

@@ -1,0 +1,177 @@
+//! A trigger, before the store: the organisation's settings, classification, routing and
+//! rendering, giving the event and every delivery it makes, which the store then records in
+//! one transaction.
+
+use std::time::Duration;
+
+use keel_store::notifications::NotificationStore;
+use keel_store::notifications::model::{
+    EventId, NewDelivery, NewEvent, Setting, SettingId, SettingKind, Severity,
+};
+use keel_store::{Idempotency, OrgId, StoreError};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::classify::{Classification, classify};
+use super::render::{RenderError, context, default_template, render};
+use super::settings::{Channel, Policy, Route, Rule, Template};
+
+/// How long a worker's claim on a delivery holds beyond its channel's timeout: room to record
+/// the outcome after the send.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// A channel's send timeout when it sets none.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An organisation's notification settings, read for one trigger.
+#[derive(Debug, Default)]
+pub struct Settings {
+    /// Classification rules, oldest first.
+    pub rules: Vec<Rule>,
+    /// Policies by severity.
+    pub policies: Vec<Policy>,
+    /// Channels with their ids.
+    pub channels: Vec<(SettingId, Channel)>,
+    /// Templates.
+    pub templates: Vec<Template>,
+    /// Routing rules.
+    pub routes: Vec<Route>,
+}
+
+/// The settings of one kind, parsed; a stored one that no longer parses is logged and left
+/// out (it was validated when it was written).
+fn parse_all<T: DeserializeOwned>(settings: Vec<Setting>) -> Vec<(SettingId, T)> {
+    settings
+        .into_iter()
+        .filter_map(|setting| match serde_json::from_value(setting.body) {
+            Ok(parsed) => Some((setting.id, parsed)),
+            Err(error) => {
+                tracing::error!(setting_id = %setting.id, kind = %setting.kind, %error, "a stored notification setting does not parse; it is ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+fn without_ids<T>(settings: Vec<(SettingId, T)>) -> Vec<T> {
+    settings.into_iter().map(|(_, s)| s).collect()
+}
+
+impl Settings {
+    /// Reads the organisation's settings.
+    pub async fn load(store: &dyn NotificationStore, org: OrgId) -> Result<Self, StoreError> {
+        Ok(Self {
+            rules: without_ids(parse_all(
+                store.list_settings(org, SettingKind::Rule).await?,
+            )),
+            policies: without_ids(parse_all(
+                store.list_settings(org, SettingKind::Policy).await?,
+            )),
+            channels: parse_all(store.list_settings(org, SettingKind::Channel).await?),
+            templates: without_ids(parse_all(
+                store.list_settings(org, SettingKind::Template).await?,
+            )),
+            routes: without_ids(parse_all(
+                store.list_settings(org, SettingKind::Route).await?,
+            )),
+        })
+    }
+
+    /// The policy of `severity`: the organisation's, or the built-in one.
+    pub fn policy(&self, severity: Severity) -> Policy {
+        self.policies
+            .iter()
+            .find(|p| p.severity == severity)
+            .cloned()
+            .unwrap_or_else(|| Policy::default_for(severity))
+    }
+
+    /// The channels the active routes choose for the event, each once, oldest first.
+    pub fn route(&self, event_type: &str, class: &Classification) -> Vec<&(SettingId, Channel)> {
+        let chosen = |(id, channel): &(SettingId, Channel)| {
+            self.routes.iter().any(|route| {
+                route.active
+                    && route.event_type.as_deref().is_none_or(|t| t == event_type)
+                    && route.domain.as_deref().is_none_or(|d| d == class.domain)
+                    && (route.severities.is_empty() || route.severities.contains(&class.severity))
+                    && (route.channel_types.is_empty()
+                        || route.channel_types.contains(&channel.channel_type))
+                    && (route.channel_ids.is_empty() || route.channel_ids.contains(id))
+            })
+        };
+        self.channels.iter().filter(|c| chosen(c)).collect()
+    }
+
+    /// The template for the event type on a channel type: the organisation's, or the default.
+    pub fn template(&self, event_type: &str, channel: &Channel) -> Template {
+        self.templates
+            .iter()
+            .find(|t| t.event_type == event_type && t.channel_type == channel.channel_type)
+            .cloned()
+            .unwrap_or_else(|| default_template(channel.channel_type))
+    }
+}
+
+/// What a trigger asks for.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    /// The event type.
+    pub event_type: String,
+    /// Its data.
+    pub payload: Value,
+    /// The idempotency key and request hash.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// Classifies, routes and renders: the event and its deliveries, or the first template that
+/// does not render.
+pub fn plan(
+    settings: &Settings,
+    trigger: Trigger,
+) -> Result<(NewEvent, Vec<NewDelivery>), RenderError> {
+    let class = classify(&trigger.event_type, &settings.rules);
+    let event = NewEvent {
+        id: EventId::new(),
+        event_type: trigger.event_type,
+        payload: trigger.payload,
+        domain: class.domain.clone(),
+        severity: class.severity,
+        idempotency: trigger.idempotency,
+    };
+    let policy = settings.policy(class.severity);
+    let channels = settings.route(&event.event_type, &class);
+    let mut deliveries = Vec::new();
+    if !channels.is_empty() {
+        let vars = context(&event);
+        for (id, channel) in channels {
+            let rendered = render(&settings.template(&event.event_type, channel), &vars)?;
+            for recipient in channel.recipients() {
+                deliveries.push(NewDelivery {
+                    channel_id: Some(*id),
+                    channel_type: channel.channel_type,
+                    recipient,
+                    subject: rendered.subject.clone(),
+                    body: rendered.body.clone(),
+                    priority: policy.priority,
+                    max_attempts: policy.max_attempts,
+                    lease_duration: lease_for(channel),
+                    throttle: throttle_of(&policy),
+                });
+            }
+        }
+    }
+    Ok((event, deliveries))
+}
+
+/// The policy's throttle window, if it has one.
+pub fn throttle_of(policy: &Policy) -> Option<Duration> {
+    (policy.throttle_seconds > 0).then(|| Duration::from_secs(policy.throttle_seconds))
+}
+
+/// A delivery's lease: its channel's timeout and a margin.
+pub fn lease_for(channel: &Channel) -> Duration {
+    channel
+        .timeout_seconds
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+        + LEASE_MARGIN
+}
