@@ -2,7 +2,7 @@
 //! with online/offline derived from last-seen; labels are assigned and agents cordoned here.
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::routing::{get, post, put};
 use keel_store::{Agent, AgentId, CheckIn, LabelSelector, Labels, Scope};
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
+use super::query::Query;
 use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
 use crate::commands::broadcast::{is_online, select};
 use crate::config::CommandLimits;
@@ -232,10 +233,9 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<AgentList>, ApiError> {
     caller.require(Scope::CommandsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let selector = LabelSelector::parse(query.selector.as_deref().unwrap_or_default())
         .map_err(|err| ApiError::Validation(format!("selector: {err}")))?;
     let agents = state.store.list_agents(caller.org()).await?;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ use super::auth::Caller;
 use super::broadcasts::{BroadcastView, ChildrenView};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
+use super::query::Query;
 use super::validate::{MAX_QUEUES, Name, check_name, check_range, check_size};
 use crate::commands::release::{self, outcome_name};
 use crate::config::CommandLimits;
@@ -536,10 +537,9 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<PageView>, ApiError> {
     caller.require(Scope::CommandsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let filter = CommandFilter {
         status: query.status,
         agent: query.agent_id,
@@ -579,10 +579,9 @@ pub(super) struct PageQuery {
 pub(super) async fn list_dead(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<PageQuery>,
 ) -> Result<Json<PageView>, ApiError> {
     caller.require(Scope::CommandsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = page_limit(query.limit)?;
     let page = state
         .store

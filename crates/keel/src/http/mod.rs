@@ -3,7 +3,8 @@
 //! - [`lifecycle`]: the layer every request goes through (request id, span, timeout, panic
 //!   isolation, JSON error safety net, access record).
 //! - [`error`]: the one error type and its JSON shape; [`json`]: the JSON extractor that
-//!   answers bad bodies in that shape; [`request_id`]: the request id.
+//!   answers bad bodies in that shape, and [`query`] the query-string one that answers bad
+//!   query strings in it; [`request_id`]: the request id.
 //! - [`connections`]: the accept loop, connection timeouts and the connection cap.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`; [`openapi`]: `/openapi.json`, the OpenAPI
 //!   document generated from the handlers.
@@ -39,6 +40,7 @@ pub mod openapi;
 pub mod operations;
 pub mod organisations;
 pub mod overload;
+pub mod query;
 pub mod queues;
 pub mod rate_limit;
 pub mod request_id;

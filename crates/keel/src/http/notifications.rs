@@ -4,7 +4,7 @@
 //! `docs/notifications.md` is the reference.
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,7 @@ use super::auth::Caller;
 use super::commands::page_limit;
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
+use super::query::Query;
 use super::validate::check_size;
 use crate::notifications::classify::classify;
 use crate::notifications::render::{self, context, default_template};
@@ -432,10 +433,9 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<DeliveryPageView>, ApiError> {
     caller.require(Scope::NotificationsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let filter = DeliveryFilter {
         status: query.status,
         event_id: query.event_id,
@@ -486,10 +486,9 @@ pub(super) struct PageQuery {
 pub(super) async fn list_dead(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<PageQuery>,
 ) -> Result<Json<DeliveryPageView>, ApiError> {
     caller.require(Scope::NotificationsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let filter = DeliveryFilter {
         status: Some(DeliveryStatus::Dead),
         ..DeliveryFilter::default()

@@ -5,7 +5,7 @@
 //! [`OVERVIEW_TTL`] whatever the number of pages polling.
 
 use axum::Router;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Extension, State};
 use axum::routing::{get, post};
 use keel_store::{CommandId, CommandStatus, Organisation};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use super::agents::AgentView;
 use super::commands::CommandView;
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
+use super::query::Query;
 
 /// The window of `finished_per_minute`.
 const RATE_MINUTES: i64 = 60;
@@ -384,9 +385,8 @@ pub(super) struct DeadCommands {
 )]
 pub(super) async fn dead_commands(
     State(state): State<AppState>,
-    query: Result<Query<DeadQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<DeadQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = query.limit.unwrap_or(DEFAULT_DEAD);
     if !(1..=MAX_DEAD).contains(&limit) {
         return Err(ApiError::Validation(format!(

@@ -4,7 +4,7 @@
 //! [`crate::commands::scheduler`].
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -22,6 +22,7 @@ use super::auth::Caller;
 use super::commands::{CreateCommand, page_limit, parse_body};
 use super::error::{ApiError, ErrorBody};
 use super::json::Json;
+use super::query::Query;
 use crate::commands::scheduler::fire_commands;
 
 /// Longest schedule name.
@@ -271,10 +272,9 @@ pub(super) struct ListQuery {
 pub(super) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Json<SchedulePageView>, ApiError> {
     caller.require(Scope::CommandsRead)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = page_limit(query.limit)?;
     let page = state
         .store
@@ -366,11 +366,10 @@ pub(super) async fn list_fires(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    query: Result<Query<FiresQuery>, axum::extract::rejection::QueryRejection>,
+    Query(query): Query<FiresQuery>,
 ) -> Result<Json<FirePageView>, ApiError> {
     caller.require(Scope::CommandsRead)?;
     let id = schedule_id(&id)?;
-    let Query(query) = query.map_err(|e| ApiError::Validation(e.body_text()))?;
     let limit = page_limit(query.limit)?;
     let schedule = state
         .store
