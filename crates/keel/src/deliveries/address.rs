@@ -82,7 +82,7 @@ impl AddressPolicy {
 fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -93,17 +93,42 @@ fn is_public(ip: IpAddr) -> bool {
                 // 100.64.0.0/10, shared address space (carrier-grade NAT).
                 || (a == 100 && (64..128).contains(&b))
                 // 0.0.0.0/8, "this network".
-                || a == 0)
+                || a == 0
+                // 192.0.0.0/24, protocol assignments.
+                || (a == 192 && b == 0 && c == 0)
+                // 198.18.0.0/15, benchmarking.
+                || (a == 198 && (b == 18 || b == 19))
+                // 240.0.0.0/4, reserved.
+                || a >= 240)
         }
         IpAddr::V6(v6) => {
-            let first = v6.segments().first().copied().unwrap_or(0);
+            let segments = v6.segments();
+            let [first, second, third, fourth, fifth, sixth, seventh, eighth] = segments;
+            // An IPv4 address carried inside an IPv6 one is judged as that IPv4 address:
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach it through a gateway.
+            let embedded = |high: u16, low: u16| {
+                let [h1, h2] = high.to_be_bytes();
+                let [l1, l2] = low.to_be_bytes();
+                IpAddr::V4(std::net::Ipv4Addr::new(h1, h2, l1, l2))
+            };
+            if first == 0x64 && second == 0xff9b && [third, fourth, fifth, sixth] == [0; 4] {
+                return is_public(embedded(seventh, eighth));
+            }
+            if first == 0x2002 {
+                return is_public(embedded(second, third));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                // 64:ff9b:1::/48, local-use NAT64.
+                || (first == 0x64 && second == 0xff9b && third == 1)
                 // fc00::/7, unique local.
                 || (first & 0xfe00) == 0xfc00
-                // fe80::/10, link-local.
-                || (first & 0xffc0) == 0xfe80)
+                // fe80::/10, link-local; fec0::/10, the former site-local.
+                || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                // 2001:db8::/32, documentation.
+                || (first == 0x2001 && second == 0x0db8))
         }
     }
 }
@@ -162,10 +187,25 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "255.255.255.255",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.0.8",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::1",
+            "fec0::1",
+            "2001:db8::1",
         ] {
             assert!(!strict.permits(refused.parse().unwrap()), "{refused}");
         }
-        for public in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "64:ff9b::101:101",
+            "2002:101:101::1",
+        ] {
             assert!(strict.permits(public.parse().unwrap()), "{public}");
         }
         let allowing =

@@ -16,6 +16,9 @@ use keel_store::OrgId;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+/// The longest a circuit stays open when its cooldown does not fit the clock.
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
 /// How long deliveries wait while a probe is in flight.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 
@@ -106,7 +109,13 @@ impl Breakers {
                 if circuit.open_until.is_none() {
                     tracing::warn!(%org, endpoint, failures = circuit.failures, "circuit open: the endpoint keeps failing");
                 }
-                circuit.open_until = Some(Instant::now() + self.cooldown);
+                // A cooldown too long for the clock keeps the circuit open as long as it can.
+                let now = Instant::now();
+                circuit.open_until = Some(
+                    now.checked_add(self.cooldown)
+                        .or_else(|| now.checked_add(YEAR))
+                        .unwrap_or(now),
+                );
                 circuit.probing = false;
             }
         }

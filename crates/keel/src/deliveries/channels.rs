@@ -27,6 +27,10 @@ use crate::notifications::webhook;
 /// The most of a receiver's answer kept with an attempt, in bytes.
 pub const RESPONSE_EXCERPT_LEN: usize = 1024;
 
+/// How much of a Bot API answer is read: `sendMessage` echoes the message (at most 4096
+/// characters) with the chat and the sender, well within this.
+const TELEGRAM_ANSWER_LEN: usize = 64 * 1024;
+
 /// The longest `Retry-After` honoured; a longer one waits this long.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -371,15 +375,20 @@ impl Channels {
             }
         };
         let status = response.status().as_u16();
+        let success = response.status().is_success();
         let header_wait = retry_after(response.headers());
-        let excerpt = excerpt(response).await;
-        let answer: Option<TelegramAnswer> = serde_json::from_str(&excerpt).ok();
+        // The answer echoes the whole message: it is read up to a bound larger than any
+        // message, to read `ok`, and only its beginning is kept.
+        let answer_bytes = read_prefix(response, TELEGRAM_ANSWER_LEN).await;
+        let answer: Option<TelegramAnswer> = serde_json::from_slice(&answer_bytes).ok();
         let mut detail = json!({
             "status": status,
             "duration_ms": millis(started.elapsed()),
-            "response": excerpt,
+            "response": text_excerpt(&answer_bytes),
         });
-        if answer.as_ref().is_some_and(|a| a.ok) {
+        // `ok: true`, or a 2xx answer too long to read whole (Telegram answers 200 only with
+        // `ok: true`).
+        if answer.as_ref().map_or(success, |a| a.ok) {
             return Outcome::Delivered(detail);
         }
         let description = answer
@@ -442,16 +451,27 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// The first [`RESPONSE_EXCERPT_LEN`] bytes of the answer, as text; the rest is not read.
-async fn excerpt(mut response: reqwest::Response) -> String {
+async fn excerpt(response: reqwest::Response) -> String {
+    text_excerpt(&read_prefix(response, RESPONSE_EXCERPT_LEN).await)
+}
+
+/// The first `limit` bytes of the answer (all of it when shorter); the rest is not read.
+async fn read_prefix(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
     let mut bytes = Vec::new();
-    while bytes.len() < RESPONSE_EXCERPT_LEN {
+    while bytes.len() < limit {
         match response.chunk().await {
             Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
             _ => break,
         }
     }
-    bytes.truncate(RESPONSE_EXCERPT_LEN);
-    String::from_utf8_lossy(&bytes).into_owned()
+    bytes.truncate(limit);
+    bytes
+}
+
+/// The first [`RESPONSE_EXCERPT_LEN`] bytes, as text.
+fn text_excerpt(bytes: &[u8]) -> String {
+    let kept = bytes.get(..RESPONSE_EXCERPT_LEN).unwrap_or(bytes);
+    String::from_utf8_lossy(kept).into_owned()
 }
 
 #[cfg(test)]

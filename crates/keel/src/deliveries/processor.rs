@@ -22,6 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::breaker::{Admission, Breakers};
 use super::channels::{Channels, Outcome};
 
+/// How long before its lease ends a send is given up: the lease is the channel's timeout and
+/// 30 s, so a send has about its timeout and 15 s, and its failure is recorded while the lease
+/// holds.
+const SEND_MARGIN: Duration = Duration::from_secs(15);
+
 /// The longest an idle worker sleeps without looking for work.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
@@ -140,12 +145,31 @@ impl Processor {
             }
             return;
         }
+        // A send ends well inside the lease, whatever the far end does (an SMTP server that
+        // accepts and never answers included): a worker is never held by one receiver.
+        let lease_left = delivery
+            .lease_expires_at
+            .map(|expires| expires - self.store.now())
+            .and_then(|left| Duration::try_from(left).ok())
+            .unwrap_or(SEND_MARGIN);
+        let deadline = lease_left
+            .saturating_sub(SEND_MARGIN)
+            .max(Duration::from_secs(1));
         let sent = keel_guard::isolate_async("deliveries", async {
             // Only deliveries whose subject names the failpoint, so that a test can poison one
             // item and watch the others go through.
             let marked = delivery.subject.contains(ITEM_FAILPOINT_MARK);
             fail::fail_point!("deliveries.item", marked, |_| injected());
-            self.channels.send(delivery).await
+            match tokio::time::timeout(deadline, self.channels.send(delivery)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Failed {
+                    detail: json!({
+                        "error": format!("the send did not finish within {} s", deadline.as_secs()),
+                    }),
+                    retryable: true,
+                    retry_after: None,
+                },
+            }
         })
         .await;
         let outcome = sent.unwrap_or_else(|panicked| Outcome::Failed {

@@ -260,6 +260,9 @@ async fn replace(
     caller.require(Scope::NotificationsWrite)?;
     let id = setting_id(&id)?;
     let setting = validated(&state, caller.org(), kind, body, false).await?;
+    if kind == SettingKind::Sender && setting.sealed_secret.is_none() {
+        keeps_its_destination(&state, caller.org(), id, &setting.body).await?;
+    }
     let updated = state
         .store
         .notifications()
@@ -267,6 +270,41 @@ async fn replace(
         .await?;
     tracing::info!(target: "keel::audit", action = "notification_setting.update", kind = kind_path(kind), setting_id = %id, "notification setting replaced");
     Ok(Json(updated.into()))
+}
+
+/// A sender replaced without its secrets keeps the stored ones, so it must keep sending where
+/// it did: only its name may change. Otherwise a key that may write settings, but was never
+/// given a secret, could point the sender at its own server and receive the secret (the bot
+/// token in the URL, the SMTP password in AUTH).
+async fn keeps_its_destination(
+    state: &AppState,
+    org: keel_store::OrgId,
+    id: SettingId,
+    body: &Value,
+) -> Result<(), ApiError> {
+    let Some(stored) = state
+        .store
+        .notifications()
+        .get_setting(org, SettingKind::Sender, id)
+        .await?
+    else {
+        // The update answers 404.
+        return Ok(());
+    };
+    let without_name = |body: &Value| {
+        let mut body = body.clone();
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("name");
+        }
+        body
+    };
+    if without_name(&stored.body) == without_name(body) {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(
+            "secrets: a sender changed in more than its name needs its secrets again".to_owned(),
+        ))
+    }
 }
 
 async fn remove(

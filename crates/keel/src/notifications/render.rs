@@ -89,22 +89,49 @@ pub fn render(template: &Template, context: &Value) -> Result<Rendered, RenderEr
     let env = environment();
     let name = template.unique_key();
     let part = |source: &str, what: &str| {
-        let text = env.render_str(source, context).map_err(|e| RenderError {
+        let refused = |reason: String| RenderError {
             template: name.clone(),
-            reason: format!("{what}: {}", describe(&e)),
-        })?;
-        if text.len() > MAX_RENDERED_LEN {
-            return Err(RenderError {
-                template: name.clone(),
-                reason: format!("{what}: longer than {MAX_RENDERED_LEN} bytes"),
-            });
+            reason: format!("{what}: {reason}"),
+        };
+        let compiled = env
+            .template_from_str(source)
+            .map_err(|e| refused(describe(&e)))?;
+        // Written into a buffer that refuses to grow past the limit, so a template that would
+        // write gigabytes stops at the limit instead of building them in memory first.
+        let mut out = Bounded::default();
+        let written = compiled.render_captured_to(context, &mut out);
+        if out.overflowed {
+            return Err(refused(format!("longer than {MAX_RENDERED_LEN} bytes")));
         }
-        Ok(text)
+        written.map_err(|e| refused(describe(&e)))?;
+        String::from_utf8(out.bytes).map_err(|_| refused("not UTF-8 text".to_owned()))
     };
     Ok(Rendered {
         subject: part(&template.subject, "subject")?,
         body: part(&template.body, "body")?,
     })
+}
+
+/// A render's output, refused once it would pass [`MAX_RENDERED_LEN`] bytes.
+#[derive(Debug, Default)]
+struct Bounded {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > MAX_RENDERED_LEN {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered text is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// minijinja's error with its detail ("undefined value", the line), without the debug dump.
@@ -187,6 +214,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.reason.contains("fuel"), "{}", error.reason);
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_stops_at_the_limit() {
+        let error = render(
+            &template(
+                "x",
+                "{% set s = \"x\" * 1000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+            ),
+            &context(&event()),
+        )
+        .unwrap_err();
+        assert!(error.reason.contains("longer than"), "{}", error.reason);
     }
 
     #[test]

@@ -290,13 +290,35 @@ async fn settings_refuse_bad_input_and_keep_secrets_sealed() {
         .call(
             Method::PUT,
             &format!("/v1/senders/{id}"),
-            Some(&json!({"name": "smtp-2", "type": "email", "host": "127.0.0.1", "from": "keel@example.com"})),
+            Some(
+                &json!({"name": "smtp-2", "type": "email", "host": "127.0.0.1", "port": 2525,
+                         "tls": "plain", "username": "keel", "from": "keel@example.com"}),
+            ),
             200,
         )
         .await;
     assert_eq!(
         replaced["has_secrets"], true,
         "an update without secrets keeps them"
+    );
+    // Pointing it elsewhere without its secrets would hand them to the new server: refused.
+    let repointed = ops
+        .call(
+            Method::PUT,
+            &format!("/v1/senders/{id}"),
+            Some(
+                &json!({"name": "smtp-2", "type": "email", "host": "203.0.113.9", "port": 2525,
+                         "tls": "plain", "username": "keel", "from": "keel@example.com"}),
+            ),
+            422,
+        )
+        .await;
+    assert!(
+        repointed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("secrets:"),
+        "{repointed}"
     );
     let answers = [
         sender.to_string(),
