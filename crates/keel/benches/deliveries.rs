@@ -17,8 +17,9 @@
 //!    body of a webhook's size and a unique `webhook-id`: what the receiver takes from a plain
 //!    HTTP client at that concurrency.
 //!
-//! `cargo bench -p keel --bench deliveries` (`BENCH_QUICK=1` for a short smoke run). Results and
-//! the reading are in `docs/benchmarks.md`.
+//! `cargo bench -p keel --bench deliveries` (`BENCH_QUICK=1` for a short smoke run;
+//! `BENCH_SYNCHRONOUS=normal` for `[store] synchronous = "normal"`, keel's default being
+//! `"full"`). Results and the reading are in `docs/benchmarks.md`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -282,10 +283,15 @@ struct Run {
 }
 
 async fn run(receiver: &Receiver, concurrency: usize, scale: usize) -> Run {
+    // keel's default is "full"; `BENCH_SYNCHRONOUS=normal` shows what the commits' fsyncs cost.
+    let synchronous = std::env::var("BENCH_SYNCHRONOUS").unwrap_or_else(|_| "full".to_owned());
     // Each configuration text lives for the whole bench: the harness takes `&'static str`.
     let extra_toml: &'static str = Box::leak(
         format!(
-            r#"[notifications]
+            r#"[store]
+synchronous = "{synchronous}"
+
+[notifications]
 allowed_networks = ["127.0.0.1"]
 workers = {concurrency}
 
