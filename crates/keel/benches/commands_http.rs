@@ -21,6 +21,8 @@
     missing_docs
 )]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -30,8 +32,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use serde_json::{Value, json};
+
+use common::{Errors, UNLIMITED_RATES, metric_lines, ms, per_second, percentile};
 
 /// Commands per claim batch size in the throughput phase.
 const THROUGHPUT_COMMANDS: usize = 2_000;
@@ -108,13 +111,7 @@ listen = "127.0.0.1:{port}"
 [store]
 synchronous = "{synchronous}"
 
-# The bench measures capacity: no organisation quota may cut it short.
-[overload.rate_limits]
-work_per_second = 1000000
-work_burst = 1000000
-agent_per_second = 1000000
-agent_burst = 1000000
-"#,
+{UNLIMITED_RATES}"#,
             data = dir.path().join("data").display(),
         );
         let config_path = dir.path().join("keel.toml");
@@ -227,20 +224,6 @@ struct Api {
     client: reqwest::Client,
     base: String,
     token: String,
-}
-
-/// Unexpected answers and transport errors, by `what status`; reported, never fatal.
-#[derive(Clone, Default)]
-struct Errors(Arc<Mutex<BTreeMap<String, u64>>>);
-
-impl Errors {
-    fn record(&self, what: String) {
-        *self.0.lock().entry(what).or_default() += 1;
-    }
-
-    fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.0.lock().clone()
-    }
 }
 
 impl Api {
@@ -467,20 +450,15 @@ async fn run(synchronous: &str, scale: usize) -> Report {
         long_poll.push(result);
     }
 
-    let metrics = ops
-        .metrics()
-        .await
-        .lines()
-        .filter(|line| {
-            let interesting = line.starts_with("keel_log_dropped_total")
-                || line.starts_with("keel_log_fallback_total")
-                || line.starts_with("keel_panics_total")
-                || line.starts_with("keel_commands_finished_total")
-                || (line.starts_with("keel_http_requests_total") && !line.contains("status=\"2"));
-            interesting && !line.starts_with('#')
-        })
-        .map(str::to_owned)
-        .collect();
+    let metrics = metric_lines(
+        &ops.metrics().await,
+        &[
+            "keel_log_dropped_total",
+            "keel_log_fallback_total",
+            "keel_panics_total",
+            "keel_commands_finished_total",
+        ],
+    );
     drop(server);
     Report {
         throughput,
@@ -807,22 +785,6 @@ async fn long_poll_phase(
 
 // ---------------------------------------------------------------------------------------------
 // Numbers.
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
-fn per_second(count: usize, elapsed: Duration) -> f64 {
-    count as f64 / elapsed.as_secs_f64().max(f64::EPSILON)
-}
 
 fn print_summary(reports: &[(&str, Report)]) {
     println!("\n## Summary (markdown)\n");
