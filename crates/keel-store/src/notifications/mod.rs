@@ -12,12 +12,12 @@ pub mod model;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 use crate::model::{ClaimToken, OrgId};
 use model::{
     ClaimedDelivery, Delivery, DeliveryAttempt, DeliveryFailure, DeliveryFilter, DeliveryId,
-    DeliveryPage, NewDelivery, NewEvent, NewSetting, ReleasedDelivery, Setting, SettingId,
-    SettingKind, Triggered, WorkerId,
+    DeliveryOutcome, DeliveryPage, DeliveryReport, NewDelivery, NewEvent, NewSetting,
+    ReleasedDelivery, Setting, SettingId, SettingKind, Triggered, WorkerId,
 };
 
 /// The most deliveries one claim hands out.
@@ -25,6 +25,9 @@ pub const MAX_DELIVERY_CLAIM: u32 = 100;
 
 /// The most deliveries one event may give.
 pub const MAX_DELIVERIES_PER_EVENT: usize = 1000;
+
+/// The most reports one [`NotificationStore::record_deliveries`] records.
+pub const MAX_DELIVERY_REPORTS: usize = 1000;
 
 /// The most deliveries one requeue by filter puts back.
 pub const MAX_REQUEUE: u32 = 10_000;
@@ -125,37 +128,80 @@ pub trait NotificationStore: Send + Sync {
         limit: u32,
     ) -> StoreResult<Vec<ClaimedDelivery>>;
 
-    /// Records a successful attempt with what the channel reported. `StaleClaim` (and no
-    /// change) unless `worker` holds the delivery under `token`.
+    /// Records what came of claimed deliveries, all in one write: each report's answer is the
+    /// delivery as it is now, or its own error (`StaleClaim`, and no change, unless `worker`
+    /// holds it under the report's token), in the reports' order. At most
+    /// [`MAX_DELIVERY_REPORTS`] reports; more is `InvalidInput`.
+    ///
+    /// - `Delivered`: the attempt succeeded, with what the channel reported.
+    /// - `Failed`: back to pending after the engine's backoff (or `not_before` when later)
+    ///   while attempts are left and it is retryable; `dead` (`attempts_exhausted`) when they
+    ///   ran out; `failed` when it is not retryable.
+    /// - `Postponed`: given back without spending its attempt (its endpoint's circuit is
+    ///   open): pending again, due at the given time, its attempt count and history as before
+    ///   the claim.
+    async fn record_deliveries(
+        &self,
+        worker: WorkerId,
+        reports: Vec<DeliveryReport>,
+    ) -> StoreResult<Vec<StoreResult<Delivery>>>;
+
+    /// Records a successful attempt (one report of [`Self::record_deliveries`]).
     async fn complete_delivery(
         &self,
         worker: WorkerId,
         id: DeliveryId,
         token: &ClaimToken,
         detail: serde_json::Value,
-    ) -> StoreResult<Delivery>;
+    ) -> StoreResult<Delivery> {
+        self.record_one(worker, id, token, DeliveryOutcome::Delivered(detail))
+            .await
+    }
 
-    /// Records a failed attempt: back to pending after the engine's backoff (or
-    /// `failure.not_before` when later) while attempts are left and it is retryable; `dead`
-    /// (`attempts_exhausted`) when they ran out; `failed` when it is not retryable.
+    /// Records a failed attempt (one report of [`Self::record_deliveries`]).
     async fn fail_delivery(
         &self,
         worker: WorkerId,
         id: DeliveryId,
         token: &ClaimToken,
         failure: DeliveryFailure,
-    ) -> StoreResult<Delivery>;
+    ) -> StoreResult<Delivery> {
+        self.record_one(worker, id, token, DeliveryOutcome::Failed(failure))
+            .await
+    }
 
-    /// Gives a claimed delivery back without spending its attempt (its endpoint's circuit is
-    /// open): pending again, due at `until`, its attempt count and history as before the claim.
-    /// `StaleClaim` (and no change) unless `worker` holds it under `token`.
+    /// Gives a claimed delivery back unspent, due at `until` (one report of
+    /// [`Self::record_deliveries`]).
     async fn postpone_delivery(
         &self,
         worker: WorkerId,
         id: DeliveryId,
         token: &ClaimToken,
         until: OffsetDateTime,
-    ) -> StoreResult<Delivery>;
+    ) -> StoreResult<Delivery> {
+        self.record_one(worker, id, token, DeliveryOutcome::Postponed(until))
+            .await
+    }
+
+    /// One report of [`Self::record_deliveries`], answered alone.
+    async fn record_one(
+        &self,
+        worker: WorkerId,
+        id: DeliveryId,
+        token: &ClaimToken,
+        outcome: DeliveryOutcome,
+    ) -> StoreResult<Delivery> {
+        let report = DeliveryReport {
+            id,
+            claim_token: token.clone(),
+            outcome,
+        };
+        self.record_deliveries(worker, vec![report])
+            .await?
+            .into_iter()
+            .next()
+            .unwrap_or(Err(StoreError::NotFound))
+    }
 
     /// Up to `limit` executing deliveries whose lease ended before now go back to pending, or
     /// to `dead` (`lease_expired`) when their attempts are used up.

@@ -292,6 +292,29 @@ pub struct DeliveryFailure {
     pub not_before: Option<OffsetDateTime>,
 }
 
+/// What came of sending one claimed delivery, to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// Delivered; what the channel reported.
+    Delivered(Value),
+    /// Not delivered (see [`DeliveryFailure`]).
+    Failed(DeliveryFailure),
+    /// Not sent (its endpoint's circuit is open): pending again, due at this time, its attempt
+    /// unspent.
+    Postponed(OffsetDateTime),
+}
+
+/// One claimed delivery's outcome, fenced by the claim that handed it out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryReport {
+    /// The delivery.
+    pub id: DeliveryId,
+    /// The token of the claim that handed it out.
+    pub claim_token: ClaimToken,
+    /// What came of it.
+    pub outcome: DeliveryOutcome,
+}
+
 /// How one attempt at a delivery ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeliveryAttempt {

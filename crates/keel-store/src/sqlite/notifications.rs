@@ -22,12 +22,14 @@ use super::{SqliteStore, conflict_as, found, missing_as};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{AgentId, ClaimToken, Idempotency, OrgId};
 use crate::notifications::model::{
-    ChannelType, ClaimedDelivery, Delivery, DeliveryAttempt, DeliveryFailure, DeliveryFilter,
-    DeliveryId, DeliveryPage, DeliveryStatus, Event, EventId, NewDelivery, NewEvent, NewSetting,
-    ReleasedDelivery, SealedSecret, Setting, SettingId, SettingKind, Severity, Triggered, WorkerId,
+    ChannelType, ClaimedDelivery, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryId,
+    DeliveryOutcome, DeliveryPage, DeliveryReport, DeliveryStatus, Event, EventId, NewDelivery,
+    NewEvent, NewSetting, ReleasedDelivery, SealedSecret, Setting, SettingId, SettingKind,
+    Severity, Triggered, WorkerId,
 };
 use crate::notifications::{
-    MAX_DELIVERIES_PER_EVENT, MAX_DELIVERY_CLAIM, MAX_REQUEUE, NotificationStore,
+    MAX_DELIVERIES_PER_EVENT, MAX_DELIVERY_CLAIM, MAX_DELIVERY_REPORTS, MAX_REQUEUE,
+    NotificationStore,
 };
 use crate::store::MAX_PAGE_SIZE;
 
@@ -814,117 +816,37 @@ impl NotificationStore for SqliteStore {
         Ok(claimed)
     }
 
-    async fn complete_delivery(
+    async fn record_deliveries(
         &self,
         worker: WorkerId,
-        id: DeliveryId,
-        token: &ClaimToken,
-        detail: Value,
-    ) -> StoreResult<Delivery> {
-        let (_, now_us) = self.now_and_micros();
-        let token = token.clone();
-        self.write_one(Lane::Lease, move |conn| {
-            Box::pin(async move {
-                let org = org_of(conn, id).await?;
-                let fence = Fence {
-                    org,
-                    agent: holder(worker),
-                    id: id.0,
-                    token: &token,
-                };
-                let row: DeliveryRow = DELIVERIES.complete(conn, fence, detail, now_us).await?;
-                row.into_plain()
-            })
-        })
-        .await
-    }
-
-    async fn fail_delivery(
-        &self,
-        worker: WorkerId,
-        id: DeliveryId,
-        token: &ClaimToken,
-        failure: DeliveryFailure,
-    ) -> StoreResult<Delivery> {
+        reports: Vec<DeliveryReport>,
+    ) -> StoreResult<Vec<StoreResult<Delivery>>> {
+        if reports.len() > MAX_DELIVERY_REPORTS {
+            return Err(StoreError::InvalidInput(format!(
+                "at most {MAX_DELIVERY_REPORTS} delivery reports at once"
+            )));
+        }
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
         let (now, now_us) = self.now_and_micros();
-        let token = token.clone();
-        let not_before_us = failure.not_before.map(to_micros);
         self.write(Lane::Lease, move |conn| {
             Box::pin(async move {
-                let org = org_of(conn, id).await?;
-                let fence = Fence {
-                    org,
-                    agent: holder(worker),
-                    id: id.0,
-                    token: &token,
-                };
-                let row: DeliveryRow = DELIVERIES
-                    .fail(conn, fence, failure.detail, failure.retryable, now, now_us)
-                    .await?;
-                let delivery = row.into_plain()?;
-                let follow_up = match delivery.status {
-                    // A retryable failure with no attempt left: the delivery is given up where
-                    // everyone can see it, in the dead-letter list.
-                    DeliveryStatus::Failed if failure.retryable => Some(format!(
-                        "UPDATE deliveries SET status = 'dead', dead_reason = \
-                         '{ATTEMPTS_EXHAUSTED}' WHERE id = ?1 RETURNING {DELIVERY_COLUMNS}"
-                    )),
-                    // The receiver asked for a longer wait than the backoff.
-                    DeliveryStatus::Pending
-                        if not_before_us.is_some_and(|at| at > to_micros(delivery.run_at)) =>
-                    {
-                        Some(format!(
-                            "UPDATE deliveries SET run_at = ?2 WHERE id = ?1 \
-                             RETURNING {DELIVERY_COLUMNS}"
-                        ))
-                    }
-                    _ => None,
-                };
-                match follow_up {
-                    Some(sql) => {
-                        let row: DeliveryRow = sqlx::query_as(&sql)
-                            .bind(id)
-                            .bind(not_before_us)
-                            .fetch_one(&mut *conn)
+                let mut answers = Vec::with_capacity(reports.len());
+                for report in reports {
+                    // Each report in its own savepoint: one that fails changes nothing and
+                    // leaves the others recorded.
+                    sqlx::query("SAVEPOINT report").execute(&mut *conn).await?;
+                    let answer = record(conn, worker, report, now, now_us).await;
+                    if answer.is_err() {
+                        sqlx::query("ROLLBACK TO report")
+                            .execute(&mut *conn)
                             .await?;
-                        row.into_plain()
                     }
-                    None => Ok(delivery),
+                    sqlx::query("RELEASE report").execute(&mut *conn).await?;
+                    answers.push(answer);
                 }
-            })
-        })
-        .await
-    }
-
-    async fn postpone_delivery(
-        &self,
-        worker: WorkerId,
-        id: DeliveryId,
-        token: &ClaimToken,
-        until: OffsetDateTime,
-    ) -> StoreResult<Delivery> {
-        let (_, now_us) = self.now_and_micros();
-        let until_us = to_micros(until);
-        let token = token.clone();
-        self.write(Lane::Lease, move |conn| {
-            Box::pin(async move {
-                let org = org_of(conn, id).await?;
-                let claims = [(id.0, token)];
-                let handed_back = DELIVERIES
-                    .hand_back(conn, org, holder(worker), &claims, now_us)
-                    .await?;
-                if handed_back == 0 {
-                    return Err(StoreError::StaleClaim);
-                }
-                let row: DeliveryRow = sqlx::query_as(&format!(
-                    "UPDATE deliveries SET run_at = MAX(run_at, ?1), scheduled = 1 \
-                     WHERE id = ?2 AND status = 'pending' RETURNING {DELIVERY_COLUMNS}"
-                ))
-                .bind(until_us)
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?;
-                row.into_plain()
+                Ok(answers)
             })
         })
         .await
@@ -1003,6 +925,89 @@ impl NotificationStore for SqliteStore {
             })
         })
         .await
+    }
+}
+
+/// Records one report on the writer's connection (see
+/// [`NotificationStore::record_deliveries`]).
+async fn record(
+    conn: &mut SqliteConnection,
+    worker: WorkerId,
+    report: DeliveryReport,
+    now: OffsetDateTime,
+    now_us: i64,
+) -> StoreResult<Delivery> {
+    let DeliveryReport {
+        id,
+        claim_token,
+        outcome,
+    } = report;
+    let org = org_of(conn, id).await?;
+    let fence = Fence {
+        org,
+        agent: holder(worker),
+        id: id.0,
+        token: &claim_token,
+    };
+    match outcome {
+        DeliveryOutcome::Delivered(detail) => {
+            let row: DeliveryRow = DELIVERIES.complete(conn, fence, detail, now_us).await?;
+            row.into_plain()
+        }
+        DeliveryOutcome::Failed(failure) => {
+            let not_before_us = failure.not_before.map(to_micros);
+            let row: DeliveryRow = DELIVERIES
+                .fail(conn, fence, failure.detail, failure.retryable, now, now_us)
+                .await?;
+            let delivery = row.into_plain()?;
+            let follow_up = match delivery.status {
+                // A retryable failure with no attempt left: the delivery is given up where
+                // everyone can see it, in the dead-letter list.
+                DeliveryStatus::Failed if failure.retryable => Some(format!(
+                    "UPDATE deliveries SET status = 'dead', dead_reason = \
+                     '{ATTEMPTS_EXHAUSTED}' WHERE id = ?1 RETURNING {DELIVERY_COLUMNS}"
+                )),
+                // The receiver asked for a longer wait than the backoff.
+                DeliveryStatus::Pending
+                    if not_before_us.is_some_and(|at| at > to_micros(delivery.run_at)) =>
+                {
+                    Some(format!(
+                        "UPDATE deliveries SET run_at = ?2 WHERE id = ?1 \
+                         RETURNING {DELIVERY_COLUMNS}"
+                    ))
+                }
+                _ => None,
+            };
+            match follow_up {
+                Some(sql) => {
+                    let row: DeliveryRow = sqlx::query_as(&sql)
+                        .bind(id)
+                        .bind(not_before_us)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    row.into_plain()
+                }
+                None => Ok(delivery),
+            }
+        }
+        DeliveryOutcome::Postponed(until) => {
+            let claims = [(id.0, claim_token.clone())];
+            let handed_back = DELIVERIES
+                .hand_back(conn, org, holder(worker), &claims, now_us)
+                .await?;
+            if handed_back == 0 {
+                return Err(StoreError::StaleClaim);
+            }
+            let row: DeliveryRow = sqlx::query_as(&format!(
+                "UPDATE deliveries SET run_at = MAX(run_at, ?1), scheduled = 1 \
+                 WHERE id = ?2 AND status = 'pending' RETURNING {DELIVERY_COLUMNS}"
+            ))
+            .bind(to_micros(until))
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+            row.into_plain()
+        }
     }
 }
 

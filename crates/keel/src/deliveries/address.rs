@@ -151,19 +151,32 @@ impl Resolve for CheckedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let permitted: Vec<SocketAddr> = resolved
-                .iter()
-                .copied()
-                .filter(|addr| policy.permits(addr.ip()))
-                .collect();
-            match (permitted.is_empty(), resolved.first()) {
-                (false, _) => Ok(Box::new(permitted.into_iter()) as Addrs),
-                (true, Some(refused)) => Err(Box::new(Refused::NotPublic(refused.ip())) as _),
-                (true, None) => Err(format!("{host} resolves to no address").into()),
-            }
+            let permitted = policy.resolve(&host, 0).await?;
+            Ok(Box::new(permitted.into_iter()) as Addrs)
         })
+    }
+}
+
+impl AddressPolicy {
+    /// Resolves `host` (a name or a literal address) with the system's resolver, keeping only
+    /// the permitted addresses; an error when none is left. A connection then goes to one of
+    /// these addresses, never to a second resolution of the name.
+    pub async fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let permitted: Vec<SocketAddr> = resolved
+            .iter()
+            .copied()
+            .filter(|addr| self.permits(addr.ip()))
+            .collect();
+        match (permitted.is_empty(), resolved.first()) {
+            (false, _) => Ok(permitted),
+            (true, Some(refused)) => Err(Box::new(Refused::NotPublic(refused.ip()))),
+            (true, None) => Err(format!("{host} resolves to no address").into()),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use serde::Serialize;
 /// The longest a circuit stays open when its cooldown does not fit the clock.
 const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
-/// How long deliveries wait while a probe is in flight.
+/// The shortest wait of a delivery while a probe is in flight.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// What the breaker says about sending to an endpoint now.
@@ -38,7 +38,14 @@ pub enum Admission {
 struct Circuit {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// A probe is in flight; its send ends by then at the latest.
+    probe_until: Option<Instant>,
+}
+
+impl Circuit {
+    fn probing(&self, now: Instant) -> bool {
+        self.probe_until.is_some_and(|until| now < until)
+    }
 }
 
 /// A circuit as the API shows it.
@@ -72,8 +79,10 @@ impl Breakers {
         }
     }
 
-    /// Whether a delivery to `endpoint` may be sent now.
-    pub fn admit(&self, org: OrgId, endpoint: &str) -> Admission {
+    /// Whether a delivery to `endpoint` may be sent now. A send let through as the probe ends
+    /// within `send_deadline`: until then (or its outcome) the others wait, and should it never
+    /// report, the next delivery after that is the probe.
+    pub fn admit(&self, org: OrgId, endpoint: &str, send_deadline: Duration) -> Admission {
         let now = Instant::now();
         let mut circuits = self.circuits.lock();
         let Some(circuit) = circuits.get_mut(&(org, endpoint.to_owned())) else {
@@ -82,11 +91,15 @@ impl Breakers {
         match circuit.open_until {
             None => Admission::Send { probe: false },
             Some(until) if now < until => Admission::Wait(until - now),
-            Some(_) if circuit.probing => Admission::Wait(PROBE_WAIT),
-            Some(_) => {
-                circuit.probing = true;
-                Admission::Send { probe: true }
-            }
+            Some(_) => match circuit.probe_until {
+                Some(probe_until) if now < probe_until => {
+                    Admission::Wait((probe_until - now).max(PROBE_WAIT))
+                }
+                _ => {
+                    circuit.probe_until = Some(now.checked_add(send_deadline).unwrap_or(now));
+                    Admission::Send { probe: true }
+                }
+            },
         }
     }
 
@@ -105,7 +118,7 @@ impl Breakers {
         } else {
             let circuit = circuits.entry(key).or_default();
             circuit.failures = circuit.failures.saturating_add(1);
-            if circuit.probing || circuit.failures >= self.threshold {
+            if circuit.probe_until.is_some() || circuit.failures >= self.threshold {
                 if circuit.open_until.is_none() {
                     tracing::warn!(%org, endpoint, failures = circuit.failures, "circuit open: the endpoint keeps failing");
                 }
@@ -116,7 +129,7 @@ impl Breakers {
                         .or_else(|| now.checked_add(YEAR))
                         .unwrap_or(now),
                 );
-                circuit.probing = false;
+                circuit.probe_until = None;
             }
         }
         let open = circuits.values().filter(|c| c.open_until.is_some()).count();
@@ -132,7 +145,7 @@ impl Breakers {
             .filter(|((of, _), _)| *of == org)
             .map(|((_, endpoint), c)| CircuitView {
                 endpoint: endpoint.clone(),
-                state: match (c.open_until, c.probing) {
+                state: match (c.open_until, c.probing(now)) {
                     (None, _) => "closed",
                     (Some(_), true) => "half_open",
                     (Some(_), false) => "open",
@@ -152,36 +165,74 @@ impl Breakers {
 mod tests {
     use super::*;
 
+    /// A probe's send deadline in these tests.
+    const SEND: Duration = Duration::from_secs(10);
+
     #[test]
     fn opens_after_the_threshold_probes_after_the_cooldown_and_closes_on_success() {
         let breakers = Breakers::new(3, Duration::from_millis(50));
         let org = OrgId::new();
         let url = "http://example.com/hook";
         for _ in 0..2 {
-            assert_eq!(breakers.admit(org, url), Admission::Send { probe: false });
+            assert_eq!(
+                breakers.admit(org, url, SEND),
+                Admission::Send { probe: false }
+            );
             breakers.record(org, url, true);
         }
         assert_eq!(breakers.circuits(org)[0].state, "closed");
         breakers.record(org, url, true);
-        assert!(matches!(breakers.admit(org, url), Admission::Wait(_)));
+        assert!(matches!(breakers.admit(org, url, SEND), Admission::Wait(_)));
         assert_eq!(breakers.circuits(org)[0].state, "open");
         // Another organisation's endpoint of the same URL is its own circuit.
         assert_eq!(
-            breakers.admit(OrgId::new(), url),
+            breakers.admit(OrgId::new(), url, SEND),
             Admission::Send { probe: false }
         );
 
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(breakers.admit(org, url), Admission::Send { probe: true });
-        assert_eq!(breakers.admit(org, url), Admission::Wait(PROBE_WAIT));
+        assert_eq!(
+            breakers.admit(org, url, SEND),
+            Admission::Send { probe: true }
+        );
+        // While the probe is out, the others wait for its deadline, not a second at a time.
+        assert!(
+            matches!(breakers.admit(org, url, SEND), Admission::Wait(w) if w > Duration::from_secs(9))
+        );
         assert_eq!(breakers.circuits(org)[0].state, "half_open");
         // The probe fails: open again.
         breakers.record(org, url, true);
-        assert!(matches!(breakers.admit(org, url), Admission::Wait(_)));
+        assert!(matches!(breakers.admit(org, url, SEND), Admission::Wait(_)));
         std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(breakers.admit(org, url), Admission::Send { probe: true });
+        assert_eq!(
+            breakers.admit(org, url, SEND),
+            Admission::Send { probe: true }
+        );
         breakers.record(org, url, false);
-        assert_eq!(breakers.admit(org, url), Admission::Send { probe: false });
+        assert_eq!(
+            breakers.admit(org, url, SEND),
+            Admission::Send { probe: false }
+        );
         assert!(breakers.circuits(org).is_empty());
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_is_followed_by_another_after_its_deadline() {
+        let breakers = Breakers::new(1, Duration::from_millis(10));
+        let org = OrgId::new();
+        let url = "http://example.com/hook";
+        breakers.record(org, url, true);
+        std::thread::sleep(Duration::from_millis(20));
+        let short = Duration::from_millis(30);
+        assert_eq!(
+            breakers.admit(org, url, short),
+            Admission::Send { probe: true }
+        );
+        assert_eq!(breakers.admit(org, url, short), Admission::Wait(PROBE_WAIT));
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(
+            breakers.admit(org, url, short),
+            Admission::Send { probe: true }
+        );
     }
 }

@@ -424,7 +424,14 @@ impl Channels {
             Ok(None) => return Outcome::failed("the email channel has no sender", false),
             Err(outcome) => return outcome,
         };
-        super::email::send(delivery, &sender, secrets.password, timeout_of(channel)).await
+        super::email::send(
+            delivery,
+            &sender,
+            secrets.password,
+            &self.policy,
+            timeout_of(channel),
+        )
+        .await
     }
 }
 

@@ -6,20 +6,25 @@ use std::time::{Duration, Instant};
 use keel_store::notifications::model::Delivery;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::json;
 
+use super::address::{AddressPolicy, Refused};
 use super::channels::{Outcome, millis};
 use crate::notifications::settings::{Sender, SmtpTls};
 
 /// The SMTP port when the sender names none.
 pub const DEFAULT_PORT: u16 = 587;
 
-/// Sends `delivery` to its recipient through `sender`'s SMTP server.
+/// Sends `delivery` to its recipient through `sender`'s SMTP server. The server's address
+/// must be one `policy` permits, as for webhooks: the host is resolved once, checked, and the
+/// connection goes to the checked address (STARTTLS still verifies the host's name).
 pub async fn send(
     delivery: &Delivery,
     sender: &Sender,
     password: Option<String>,
+    policy: &AddressPolicy,
     timeout: Duration,
 ) -> Outcome {
     let (Some(host), Some(from)) = (&sender.host, &sender.from) else {
@@ -29,16 +34,28 @@ pub async fn send(
         Ok(message) => message,
         Err(error) => return Outcome::failed(error, false),
     };
-    let builder = match sender.tls.unwrap_or(SmtpTls::Starttls) {
-        SmtpTls::Starttls => match AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host) {
-            Ok(builder) => builder,
-            Err(error) => return Outcome::failed(format!("SMTP relay {host}: {error}"), false),
+    let port = sender.port.unwrap_or(DEFAULT_PORT);
+    let address = match policy.resolve(host, port).await {
+        Ok(addresses) => match addresses.first() {
+            Some(address) => address.ip(),
+            None => return Outcome::failed(format!("SMTP host {host}: no address"), true),
         },
-        SmtpTls::Plain => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+        // A refused address stays refused until the configuration changes; a name that does
+        // not resolve now may later.
+        Err(error) => {
+            let refused = error.downcast_ref::<Refused>().is_some();
+            return Outcome::failed(format!("SMTP host {host}: {error}"), !refused);
+        }
     };
-    let mut builder = builder
-        .port(sender.port.unwrap_or(DEFAULT_PORT))
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(address.to_string())
+        .port(port)
         .timeout(Some(timeout));
+    if sender.tls.unwrap_or(SmtpTls::Starttls) == SmtpTls::Starttls {
+        match TlsParameters::new(host.clone()) {
+            Ok(tls) => builder = builder.tls(Tls::Required(tls)),
+            Err(error) => return Outcome::failed(format!("SMTP relay {host}: {error}"), false),
+        }
+    }
     if let (Some(user), Some(password)) = (&sender.username, password) {
         builder = builder.credentials(Credentials::new(user.clone(), password));
     }

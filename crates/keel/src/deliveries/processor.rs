@@ -1,22 +1,37 @@
-//! The delivery processor: a pool of supervised workers that claim deliveries through the lease
-//! engine (best priority first, then the earliest due) and send them.
+//! The delivery processor: deliveries are claimed in batches through the lease engine (best
+//! priority first, then the earliest due), sent `notifications.workers` at a time, and their
+//! outcomes recorded in batches.
 //!
-//! An idle worker sleeps until deliveries are queued (a trigger, a direct send or a requeue
-//! wakes it), until the earliest retry falls due, or at most [`IDLE_RECHECK`] (deliveries made
-//! by another keel process on the same database wake nobody here). Each item is isolated: a
-//! panic while it is sent is a failed attempt with the panic message, retried like any other
-//! failure, so an item that always panics ends in the dead-letter list and the worker goes on.
+//! Two supervised tasks share the work:
+//! - the **claimer** keeps a small buffer of claimed deliveries full: it claims as many as the
+//!   buffer has room for in one write, and sleeps while there is nothing to claim until a
+//!   trigger, a direct send or a requeue wakes it, until the earliest retry falls due, or at
+//!   most [`IDLE_RECHECK`] (deliveries made by another keel process on the same database wake
+//!   nobody here);
+//! - the **dispatcher** sends the buffered deliveries, at most `workers` at once, and records
+//!   the outcomes of every send finished meanwhile in one write, while the next sends go on.
+//!
+//! A send never waits for a commit: claims run ahead of the sends and records behind them, and
+//! each write carries many deliveries. Each item is isolated: a panic while it is sent is a
+//! failed attempt with the panic message, retried like any other failure, so an item that
+//! always panics ends in the dead-letter list and the others go on. A delivery whose lease has
+//! too little time left when its turn comes is given back unsent, its attempt unspent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use keel_guard::supervisor::{Supervisor, TaskError};
-use keel_store::Store;
+use keel_store::notifications::MAX_DELIVERY_CLAIM;
 use keel_store::notifications::model::{
-    ChannelType, ClaimedDelivery, DeliveryFailure, DeliveryStatus, WorkerId,
+    ChannelType, ClaimedDelivery, Delivery, DeliveryFailure, DeliveryOutcome, DeliveryReport,
+    DeliveryStatus, WorkerId,
 };
+use keel_store::{Store, StoreError, StoreResult};
+use parking_lot::Mutex;
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::{Admission, Breakers};
@@ -27,31 +42,84 @@ use super::channels::{Channels, Outcome};
 /// holds.
 const SEND_MARGIN: Duration = Duration::from_secs(15);
 
-/// The longest an idle worker sleeps without looking for work.
+/// The shortest time a send is given; a claimed delivery with less lease left than this and
+/// [`SEND_MARGIN`] is given back unsent.
+const MIN_SEND: Duration = Duration::from_secs(1);
+
+/// The longest an idle claimer sleeps without looking for work.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
-/// How long a worker waits after the store failed before it claims again.
+/// How long the claimer waits after the store failed before it claims again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// How often the dispatcher tries again to record outcomes the store refused (a busy or
+/// unavailable store); after that the leases expire and the release job puts the deliveries
+/// back.
+const RECORD_TRIES: u32 = 3;
+
+/// The most outcomes one record carries.
+const RECORD_BATCH: usize = 512;
+
+/// How many sends may have finished without their outcome being durable yet: no new send
+/// starts beyond that. A keel killed at that moment sends those deliveries again after the
+/// restart (at-least-once), together with the `workers` in flight.
+pub fn max_unrecorded(workers: usize) -> usize {
+    (4 * workers).clamp(64, RECORD_BATCH)
+}
 
 /// The failpoint `deliveries.item` acts only on deliveries whose subject contains this.
 pub const ITEM_FAILPOINT_MARK: &str = "failpoint:deliveries.item";
+
+/// The claimer's component name.
+pub const CLAIMER: &str = "delivery-claimer";
+
+/// The dispatcher's component name.
+pub const DISPATCHER: &str = "delivery-dispatcher";
 
 /// What a `return` action of `deliveries.item` makes of the attempt.
 fn injected() -> Outcome {
     Outcome::failed("injected by failpoint deliveries.item", true)
 }
 
-/// The component name of worker `n`.
-pub fn worker_name(n: usize) -> String {
-    format!("delivery-worker-{n}")
+/// How many claimed deliveries wait for a send slot: enough that claims run ahead of the sends
+/// with several deliveries per write, few enough that none waits long with its lease running.
+fn buffer_size(workers: usize) -> usize {
+    (2 * workers).clamp(32, MAX_DELIVERY_CLAIM as usize)
 }
 
-/// What the workers share.
+/// The claimed deliveries' buffer, lent to one run of the dispatcher and given back when the
+/// run ends, however it ends (a panic included).
+struct Lent {
+    slot: Arc<Mutex<Option<mpsc::Receiver<ClaimedDelivery>>>>,
+    receiver: mpsc::Receiver<ClaimedDelivery>,
+}
+
+impl Lent {
+    fn take(slot: &Arc<Mutex<Option<mpsc::Receiver<ClaimedDelivery>>>>) -> Option<Self> {
+        let receiver = slot.lock().take()?;
+        Some(Self {
+            slot: slot.clone(),
+            receiver,
+        })
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let (_, unused) = mpsc::channel(1);
+        let receiver = std::mem::replace(&mut self.receiver, unused);
+        *self.slot.lock() = Some(receiver);
+    }
+}
+
+/// What the claimer and the dispatcher share.
 pub struct Processor {
     store: Arc<dyn Store>,
     channels: Channels,
     queued: Arc<Notify>,
     breakers: Arc<Breakers>,
+    /// The holder of this process's leases.
+    worker: WorkerId,
 }
 
 impl Processor {
@@ -67,34 +135,66 @@ impl Processor {
             channels,
             queued,
             breakers,
+            worker: WorkerId::new(),
         })
     }
 
-    /// Starts `workers` supervised workers, each with its own id for this process.
+    /// Starts the claimer and the dispatcher, which sends up to `workers` deliveries at once.
     pub fn start(self: &Arc<Self>, supervisor: &Supervisor, workers: usize) {
-        for n in 0..workers {
-            let processor = self.clone();
-            let worker = WorkerId::new();
-            supervisor.spawn(worker_name(n), move |cancel| {
-                let processor = processor.clone();
-                async move { processor.run(worker, cancel).await }
-            });
-        }
+        let workers = workers.max(1);
+        let (claimed_tx, claimed_rx) = mpsc::channel(buffer_size(workers));
+        // A restarted dispatcher takes over the buffer: what was claimed is not lost.
+        let claimed_rx = Arc::new(Mutex::new(Some(claimed_rx)));
+        let processor = self.clone();
+        supervisor.spawn(CLAIMER, move |cancel| {
+            let processor = processor.clone();
+            let claimed = claimed_tx.clone();
+            async move { processor.claim_ahead(claimed, cancel).await }
+        });
+        let processor = self.clone();
+        supervisor.spawn(DISPATCHER, move |cancel| {
+            let processor = processor.clone();
+            let claimed = claimed_rx.clone();
+            async move {
+                let mut lent = Lent::take(&claimed).ok_or("the delivery buffer is held")?;
+                processor
+                    .dispatch(&mut lent.receiver, workers, cancel)
+                    .await
+            }
+        });
     }
 
-    /// One worker: claim one delivery, send it, record the outcome; sleep when there is none.
-    async fn run(&self, worker: WorkerId, cancel: CancellationToken) -> Result<(), TaskError> {
+    /// The claimer: claims as many deliveries as the buffer has room for (at least half of
+    /// it), and sleeps while there are none.
+    async fn claim_ahead(
+        &self,
+        buffer: mpsc::Sender<ClaimedDelivery>,
+        cancel: CancellationToken,
+    ) -> Result<(), TaskError> {
         let store = self.store.notifications();
+        let chunk = (buffer.max_capacity() / 2).max(1);
         while !cancel.is_cancelled() {
+            let room = tokio::select! {
+                room = buffer.reserve_many(chunk) => room,
+                () = cancel.cancelled() => break,
+            };
+            // The dispatcher is gone for good only when keel stops.
+            let Ok(room) = room else { break };
+            // Room for more may have opened since.
+            let wanted = (chunk + buffer.capacity()).min(MAX_DELIVERY_CLAIM as usize);
             // Registered before the claim: a delivery queued after the claim found nothing
-            // still wakes this worker.
+            // still wakes the claimer.
             let queued = self.queued.notified();
             tokio::pin!(queued);
             queued.as_mut().enable();
-            let claimed = match store.claim_deliveries(worker, 1).await {
+            let claimed = match store
+                .claim_deliveries(self.worker, u32::try_from(wanted).unwrap_or(1))
+                .await
+            {
                 Ok(claimed) => claimed,
                 Err(error) => {
-                    tracing::error!(%error, "delivery worker: claiming failed; trying again");
+                    tracing::error!(%error, "delivery claimer: claiming failed; trying again");
+                    drop(room);
                     tokio::select! {
                         () = tokio::time::sleep(STORE_RETRY) => {}
                         () = cancel.cancelled() => {}
@@ -103,6 +203,7 @@ impl Processor {
                 }
             };
             if claimed.is_empty() {
+                drop(room);
                 let sleep = match store.next_delivery_due().await {
                     Ok(Some(due)) => {
                         Duration::try_from(due - self.store.now()).unwrap_or(Duration::ZERO)
@@ -116,45 +217,165 @@ impl Processor {
                 }
                 continue;
             }
+            let mut room = room;
             for item in claimed {
-                self.process(worker, item).await;
+                match room.next() {
+                    Some(permit) => permit.send(item),
+                    // Beyond the reserved room: wait for a place (the claim asked for no more
+                    // than the room there was, so this is rare).
+                    None => {
+                        if buffer.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    /// Sends one delivery, isolated, and records the attempt; a webhook whose endpoint's
-    /// circuit is open goes back to the queue instead, its attempt unspent.
-    async fn process(&self, worker: WorkerId, item: ClaimedDelivery) {
-        let delivery = &item.delivery;
+    /// The dispatcher: sends the claimed deliveries, at most `workers` at once, and records
+    /// the outcomes in batches while the next sends go on. When keel stops it takes no more
+    /// deliveries, lets the sends in flight finish and records them.
+    async fn dispatch(
+        self: &Arc<Self>,
+        buffer: &mut mpsc::Receiver<ClaimedDelivery>,
+        workers: usize,
+        cancel: CancellationToken,
+    ) -> Result<(), TaskError> {
+        let mut sends: JoinSet<Option<DeliveryReport>> = JoinSet::new();
+        let mut outcomes: Vec<DeliveryReport> = Vec::new();
+        let mut recording: Option<BoxFuture<'static, ()>> = None;
+        let mut being_recorded = 0;
+        let mut stopping = false;
+        let unrecorded_cap = max_unrecorded(workers);
+        loop {
+            if recording.is_none() && !outcomes.is_empty() {
+                let batch: Vec<DeliveryReport> =
+                    outcomes.drain(..outcomes.len().min(RECORD_BATCH)).collect();
+                being_recorded = batch.len();
+                let processor = self.clone();
+                recording = Some(Box::pin(async move { processor.record(batch).await }));
+            }
+            if stopping && sends.is_empty() && recording.is_none() {
+                return Ok(());
+            }
+            tokio::select! {
+                Some(sent) = sends.join_next(), if !sends.is_empty() => {
+                    match sent {
+                        Ok(Some(report)) => outcomes.push(report),
+                        // Its lease was gone before its turn: nothing to record.
+                        Ok(None) => {}
+                        // Sends are isolated; a task that failed anyway leaves its lease to
+                        // expire, and the release job puts the delivery back.
+                        Err(error) => {
+                            tracing::error!(%error, "delivery dispatcher: a send task failed");
+                        }
+                    }
+                }
+                () = async { if let Some(recording) = recording.as_mut() { recording.await } },
+                    if recording.is_some() => {
+                    recording = None;
+                    being_recorded = 0;
+                }
+                item = buffer.recv(), if !stopping
+                    && sends.len() < workers
+                    && sends.len() + outcomes.len() + being_recorded < unrecorded_cap => {
+                    let Some(item) = item else {
+                        stopping = true;
+                        continue;
+                    };
+                    let processor = self.clone();
+                    sends.spawn(async move { processor.send(item).await });
+                }
+                () = cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    // What waits in the buffer goes back to the queue now, not when its lease
+                    // expires.
+                    let now = self.store.now();
+                    while let Ok(item) = buffer.try_recv() {
+                        outcomes.push(DeliveryReport {
+                            id: item.delivery.id,
+                            claim_token: item.claim_token,
+                            outcome: DeliveryOutcome::Postponed(now),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one delivery, isolated, and says what to record: `None` when its lease is as good
+    /// as gone (the release job puts it back). A webhook whose endpoint's circuit is open goes
+    /// back to the queue instead, its attempt unspent.
+    async fn send(&self, item: ClaimedDelivery) -> Option<DeliveryReport> {
+        let ClaimedDelivery {
+            delivery,
+            claim_token,
+        } = item;
+        let report = |outcome| DeliveryReport {
+            id: delivery.id,
+            claim_token: claim_token.clone(),
+            outcome,
+        };
+        // A send ends well inside the lease, whatever the far end does (an SMTP server that
+        // accepts and never answers included): the dispatcher is never held by one receiver.
+        let lease_left = delivery
+            .lease_expires_at
+            .map(|expires| expires - self.store.now())
+            .and_then(|left| Duration::try_from(left).ok())
+            .unwrap_or(Duration::ZERO);
+        let Some(deadline) = lease_left
+            .checked_sub(SEND_MARGIN)
+            .filter(|deadline| *deadline >= MIN_SEND)
+        else {
+            // It waited too long in the buffer: given back unsent, due now.
+            return Some(report(DeliveryOutcome::Postponed(self.store.now())));
+        };
         let webhook = delivery.channel_type == ChannelType::Webhook;
         if webhook
-            && let Admission::Wait(wait) = self.breakers.admit(delivery.org_id, &delivery.recipient)
+            && let Admission::Wait(wait) =
+                self.breakers
+                    .admit(delivery.org_id, &delivery.recipient, deadline)
         {
             let until = self
                 .store
                 .now()
                 .saturating_add(time::Duration::try_from(wait).unwrap_or(time::Duration::MAX));
-            if let Err(error) = self
-                .store
-                .notifications()
-                .postpone_delivery(worker, delivery.id, &item.claim_token, until)
-                .await
-            {
-                tracing::error!(delivery_id = %delivery.id, %error, "delivery worker: postponing failed; the lease expiry puts it back");
-            }
-            return;
+            return Some(report(DeliveryOutcome::Postponed(until)));
         }
-        // A send ends well inside the lease, whatever the far end does (an SMTP server that
-        // accepts and never answers included): a worker is never held by one receiver.
-        let lease_left = delivery
-            .lease_expires_at
-            .map(|expires| expires - self.store.now())
-            .and_then(|left| Duration::try_from(left).ok())
-            .unwrap_or(SEND_MARGIN);
-        let deadline = lease_left
-            .saturating_sub(SEND_MARGIN)
-            .max(Duration::from_secs(1));
+        let outcome = self.send_isolated(&delivery, deadline).await;
+        if webhook {
+            let endpoint_failed = matches!(
+                outcome,
+                Outcome::Failed {
+                    retryable: true,
+                    ..
+                }
+            );
+            self.breakers
+                .record(delivery.org_id, &delivery.recipient, endpoint_failed);
+        }
+        Some(report(match outcome {
+            Outcome::Delivered(detail) => DeliveryOutcome::Delivered(detail),
+            Outcome::Failed {
+                detail,
+                retryable,
+                retry_after,
+            } => DeliveryOutcome::Failed(DeliveryFailure {
+                detail,
+                retryable,
+                not_before: retry_after.map(|wait| {
+                    self.store.now().saturating_add(
+                        time::Duration::try_from(wait).unwrap_or(time::Duration::MAX),
+                    )
+                }),
+            }),
+        }))
+    }
+
+    /// The send itself, within `deadline`; a panic is a failed attempt with its message.
+    async fn send_isolated(&self, delivery: &Delivery, deadline: Duration) -> Outcome {
         let sent = keel_guard::isolate_async("deliveries", async {
             // Only deliveries whose subject names the failpoint, so that a test can poison one
             // item and watch the others go through.
@@ -172,74 +393,72 @@ impl Processor {
             }
         })
         .await;
-        let outcome = sent.unwrap_or_else(|panicked| Outcome::Failed {
+        sent.unwrap_or_else(|panicked| Outcome::Failed {
             detail: json!({"error": format!("panicked: {}", panicked.message)}),
             retryable: true,
             retry_after: None,
-        });
-        if webhook {
-            let endpoint_failed = matches!(
-                outcome,
-                Outcome::Failed {
-                    retryable: true,
-                    ..
-                }
-            );
-            self.breakers
-                .record(delivery.org_id, &delivery.recipient, endpoint_failed);
-        }
+        })
+    }
+
+    /// Records a batch of outcomes in one write, trying again a few times while the store is
+    /// busy or unavailable; then counts and audits what they came to.
+    async fn record(&self, batch: Vec<DeliveryReport>) {
         let store = self.store.notifications();
-        let recorded = match outcome {
-            Outcome::Delivered(detail) => {
-                store
-                    .complete_delivery(worker, delivery.id, &item.claim_token, detail)
-                    .await
-            }
-            Outcome::Failed {
-                detail,
-                retryable,
-                retry_after,
-            } => {
-                let not_before = retry_after.map(|wait| {
-                    self.store.now().saturating_add(
-                        time::Duration::try_from(wait).unwrap_or(time::Duration::MAX),
-                    )
-                });
-                store
-                    .fail_delivery(
-                        worker,
-                        delivery.id,
-                        &item.claim_token,
-                        DeliveryFailure {
-                            detail,
-                            retryable,
-                            not_before,
-                        },
-                    )
-                    .await
+        let mut tries = 0;
+        let answers = loop {
+            tries += 1;
+            match store.record_deliveries(self.worker, batch.clone()).await {
+                Ok(answers) => break answers,
+                Err(error @ (StoreError::Busy(_) | StoreError::Unavailable(_)))
+                    if tries < RECORD_TRIES =>
+                {
+                    tracing::warn!(%error, outcomes = batch.len(), "delivery dispatcher: recording outcomes failed; trying again");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+                // The leases stay until they expire; the release job puts the deliveries back.
+                Err(error) => {
+                    tracing::error!(%error, outcomes = batch.len(), "delivery dispatcher: recording outcomes failed");
+                    return;
+                }
             }
         };
-        match recorded {
-            Ok(after) => {
-                metrics::counter!("keel_delivery_attempts_total", "channel" => after.channel_type.as_str(), "status" => after.status.as_str())
-                    .increment(1);
-                if after.status == DeliveryStatus::Dead {
-                    tracing::warn!(
-                        target: "keel::audit",
-                        action = "delivery.exhausted",
-                        delivery_id = %after.id,
-                        org_id = %after.org_id,
-                        event_id = %after.event_id,
-                        channel = after.channel_type.as_str(),
-                        attempts = after.attempts,
-                        "delivery dead: its attempts ran out"
-                    );
-                }
-            }
-            // The lease stays until it expires; the release job puts the delivery back.
-            Err(error) => {
-                tracing::error!(delivery_id = %delivery.id, %error, "delivery worker: recording the attempt failed");
-            }
+        let mut back_to_pending = false;
+        for (report, answer) in batch.iter().zip(answers) {
+            back_to_pending |= account(report, answer) == Some(DeliveryStatus::Pending);
+        }
+        // The claimer may sleep past the retry it does not know of: it looks again.
+        if back_to_pending {
+            self.queued.notify_one();
         }
     }
+}
+
+/// Counts one recorded outcome, and audits a delivery whose attempts ran out; the delivery's
+/// status now, when it was recorded.
+fn account(report: &DeliveryReport, answer: StoreResult<Delivery>) -> Option<DeliveryStatus> {
+    let after = match answer {
+        Ok(after) => after,
+        Err(error) => {
+            tracing::error!(delivery_id = %report.id, %error, "delivery dispatcher: recording the outcome failed");
+            return None;
+        }
+    };
+    if matches!(report.outcome, DeliveryOutcome::Postponed(_)) {
+        return Some(after.status);
+    }
+    metrics::counter!("keel_delivery_attempts_total", "channel" => after.channel_type.as_str(), "status" => after.status.as_str())
+        .increment(1);
+    if after.status == DeliveryStatus::Dead {
+        tracing::warn!(
+            target: "keel::audit",
+            action = "delivery.exhausted",
+            delivery_id = %after.id,
+            org_id = %after.org_id,
+            event_id = %after.event_id,
+            channel = after.channel_type.as_str(),
+            attempts = after.attempts,
+            "delivery dead: its attempts ran out"
+        );
+    }
+    Some(after.status)
 }

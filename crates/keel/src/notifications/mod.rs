@@ -27,18 +27,16 @@ use tokio::sync::Notify;
 pub struct NotificationState {
     /// Seals and opens senders' secrets.
     pub secrets: secrets::SecretBox,
-    /// Wakes idle delivery workers when deliveries are queued.
+    /// Wakes the delivery claimer when deliveries are queued.
     pub queued: Arc<Notify>,
     /// The webhook endpoints' circuits.
     pub breakers: Arc<crate::deliveries::breaker::Breakers>,
 }
 
 impl NotificationState {
-    /// Deliveries were queued (created or requeued): idle workers look for them now.
+    /// Deliveries were queued (created or requeued): the idle claimer looks for them now (one
+    /// that is busy finds a stored wake-up when it next waits).
     pub fn wake_workers(&self) {
-        self.queued.notify_waiters();
-        // A worker between its empty claim and its wait would miss `notify_waiters`; the
-        // stored permit wakes it.
         self.queued.notify_one();
     }
 }

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use keel_store::notifications::NotificationStore;
 use keel_store::notifications::model::{
     EventId, NewDelivery, NewEvent, Setting, SettingId, SettingKind, Severity,
 };
+use keel_store::notifications::{MAX_DELIVERIES_PER_EVENT, NotificationStore};
 use keel_store::{Idempotency, OrgId, StoreError};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -123,12 +123,34 @@ pub struct Trigger {
     pub idempotency: Option<Idempotency>,
 }
 
-/// Classifies, routes and renders: the event and its deliveries, or the first template that
-/// does not render.
+/// Why an event gives no deliveries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A template does not render.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// The routes reach more recipients than one event may have.
+    #[error(
+        "the event's routes reach {0} recipients; one event gives at most {MAX_DELIVERIES_PER_EVENT} deliveries"
+    )]
+    TooManyDeliveries(usize),
+    /// The rendered messages, one per recipient, would take more than one event may.
+    #[error(
+        "the event's rendered messages come to more than {} MiB in all (recipients times rendered size)",
+        MAX_EVENT_BYTES / (1024 * 1024)
+    )]
+    TooLarge,
+}
+
+/// The most bytes of subjects and bodies one event's deliveries may hold together.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Classifies, routes and renders: the event and its deliveries, or why there are none (the
+/// first template that does not render, or too many deliveries, counted before any render).
 pub fn plan(
     settings: &Settings,
     trigger: Trigger,
-) -> Result<(NewEvent, Vec<NewDelivery>), RenderError> {
+) -> Result<(NewEvent, Vec<NewDelivery>), PlanError> {
     let class = classify(&trigger.event_type, &settings.rules);
     let event = NewEvent {
         id: EventId::new(),
@@ -140,12 +162,27 @@ pub fn plan(
     };
     let policy = settings.policy(class.severity);
     let channels = settings.route(&event.event_type, &class);
-    let mut deliveries = Vec::new();
+    let reached: usize = channels
+        .iter()
+        .map(|(_, channel)| channel.recipients().len())
+        .sum();
+    if reached > MAX_DELIVERIES_PER_EVENT {
+        return Err(PlanError::TooManyDeliveries(reached));
+    }
+    let mut deliveries = Vec::with_capacity(reached);
+    let mut bytes = 0usize;
     if !channels.is_empty() {
         let vars = context(&event);
         for (id, channel) in channels {
             let rendered = render(&settings.template(&event.event_type, channel), &vars)?;
-            for recipient in channel.recipients() {
+            let recipients = channel.recipients();
+            bytes = bytes.saturating_add(
+                (rendered.subject.len() + rendered.body.len()).saturating_mul(recipients.len()),
+            );
+            if bytes > MAX_EVENT_BYTES {
+                return Err(PlanError::TooLarge);
+            }
+            for recipient in recipients {
                 deliveries.push(NewDelivery {
                     channel_id: Some(*id),
                     channel_type: channel.channel_type,
