@@ -15,11 +15,11 @@ use std::time::Duration as StdDuration;
 use serde_json::json;
 use time::Duration;
 
-use crate::notifications::NotificationStore;
 use crate::notifications::model::{
-    ChannelType, DeliveryFailure, DeliveryFilter, DeliveryStatus, EventId, NewDelivery, NewEvent,
-    NewSetting, SealedSecret, SettingKind, Severity, WorkerId,
+    ChannelType, DeliveryFailure, DeliveryFilter, DeliveryOutcome, DeliveryReport, DeliveryStatus,
+    EventId, NewDelivery, NewEvent, NewSetting, SealedSecret, SettingKind, Severity, WorkerId,
 };
+use crate::notifications::{MAX_DELIVERY_REPORTS, NotificationStore};
 use crate::{ClaimToken, Idempotency, ManualClock, OrgId, Store, StoreError};
 
 /// Defines one `#[tokio::test]` per notification conformance function, like
@@ -41,6 +41,7 @@ macro_rules! notification_conformance_tests {
                 purge_finished_deliveries,
                 deliveries_are_isolated,
                 postponed_delivery_spends_no_attempt,
+                outcomes_are_recorded_together_each_fenced_alone,
                 throttled_deliveries_fold_into_one_digest
             );
         }
@@ -749,4 +750,89 @@ pub async fn postponed_delivery_spends_no_attempt(store: &dyn Store, clock: &Man
     clock.advance(secs(30));
     let again = n.claim_deliveries(worker, 1).await.unwrap().pop().unwrap();
     assert_eq!(again.delivery.attempts, 1);
+}
+
+pub async fn outcomes_are_recorded_together_each_fenced_alone(
+    store: &dyn Store,
+    _clock: &ManualClock,
+) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    let worker = WorkerId::new();
+    let recipients = ["a", "b", "c", "d"];
+    n.trigger(
+        acme,
+        event("x", None),
+        recipients.iter().map(|r| delivery(r, 0, 3)).collect(),
+    )
+    .await
+    .unwrap();
+    let mut claimed = n.claim_deliveries(worker, 4).await.unwrap();
+    claimed.sort_by(|a, b| a.delivery.recipient.cmp(&b.delivery.recipient));
+    let [a, b, c, d] = <[_; 4]>::try_from(claimed).unwrap();
+    let later = store.now() + secs(60);
+    let reports = vec![
+        DeliveryReport {
+            id: a.delivery.id,
+            claim_token: a.claim_token.clone(),
+            outcome: DeliveryOutcome::Delivered(json!({"status": 200})),
+        },
+        // A token that is not the claim's: refused alone.
+        DeliveryReport {
+            id: b.delivery.id,
+            claim_token: ClaimToken::from("not-the-token".to_owned()),
+            outcome: DeliveryOutcome::Delivered(json!({})),
+        },
+        DeliveryReport {
+            id: c.delivery.id,
+            claim_token: c.claim_token.clone(),
+            outcome: DeliveryOutcome::Failed(failure(true)),
+        },
+        DeliveryReport {
+            id: d.delivery.id,
+            claim_token: d.claim_token.clone(),
+            outcome: DeliveryOutcome::Postponed(later),
+        },
+    ];
+    let answers = n.record_deliveries(worker, reports).await.unwrap();
+    assert_eq!(answers.len(), 4, "one answer per report, in order");
+    assert_eq!(
+        answers[0].as_ref().unwrap().status,
+        DeliveryStatus::Completed
+    );
+    assert!(matches!(answers[1], Err(StoreError::StaleClaim)));
+    let retried = answers[2].as_ref().unwrap();
+    assert_eq!(retried.status, DeliveryStatus::Pending);
+    assert_eq!(retried.attempts, 1);
+    let postponed = answers[3].as_ref().unwrap();
+    assert_eq!(
+        (postponed.status, postponed.attempts, postponed.run_at),
+        (DeliveryStatus::Pending, 0, later)
+    );
+    // The refused one is unchanged: still executing under its claim, which completes it.
+    let unchanged = n.get_delivery(acme, b.delivery.id).await.unwrap().unwrap();
+    assert_eq!(unchanged.status, DeliveryStatus::Executing);
+    n.complete_delivery(worker, b.delivery.id, &b.claim_token, json!({}))
+        .await
+        .unwrap();
+    // Each recorded attempt is in the history.
+    let attempts = n.list_delivery_attempts(acme, a.delivery.id).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert!(
+        n.record_deliveries(worker, Vec::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let too_many = (0..=MAX_DELIVERY_REPORTS)
+        .map(|_| DeliveryReport {
+            id: a.delivery.id,
+            claim_token: a.claim_token.clone(),
+            outcome: DeliveryOutcome::Delivered(json!({})),
+        })
+        .collect();
+    assert!(matches!(
+        n.record_deliveries(worker, too_many).await,
+        Err(StoreError::InvalidInput(_))
+    ));
 }

@@ -212,3 +212,70 @@ pub fn lease_for(channel: &Channel) -> Duration {
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
         + LEASE_MARGIN
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Settings with `channels` email channels of `recipients` addresses each, all routed, and
+    /// an email template whose body is `body`.
+    fn settings(channels: usize, recipients: usize, body: &str) -> Settings {
+        let channel = |n: usize| {
+            let addresses: Vec<String> = (0..recipients)
+                .map(|r| format!("{n}-{r}@example.com"))
+                .collect();
+            serde_json::from_value(
+                json!({"name": format!("c{n}"), "type": "email", "recipients": addresses}),
+            )
+            .unwrap()
+        };
+        Settings {
+            rules: Vec::new(),
+            policies: Vec::new(),
+            channels: (0..channels)
+                .map(|n| (SettingId::new(), channel(n)))
+                .collect(),
+            templates: vec![
+                serde_json::from_value(json!({"event_type": "site_down", "channel_type": "email",
+                    "subject": "s", "body": body}))
+                .unwrap(),
+            ],
+            routes: vec![serde_json::from_value(json!({"name": "all"})).unwrap()],
+        }
+    }
+
+    fn trigger() -> Trigger {
+        Trigger {
+            event_type: "site_down".to_owned(),
+            payload: json!({}),
+            idempotency: None,
+        }
+    }
+
+    #[test]
+    fn recipients_beyond_the_event_limit_are_refused_before_any_render() {
+        // The template does not render: the count is refused first, so nothing was rendered.
+        let many = settings(11, 100, "{{ missing }}");
+        assert_eq!(
+            plan(&many, trigger()).unwrap_err(),
+            PlanError::TooManyDeliveries(1100)
+        );
+        let (_, deliveries) = plan(&settings(10, 100, "b"), trigger()).unwrap();
+        assert_eq!(deliveries.len(), MAX_DELIVERIES_PER_EVENT);
+    }
+
+    #[test]
+    fn rendered_messages_beyond_the_event_size_are_refused() {
+        // 1,000 recipients of a 20 KiB body: about 20 MiB.
+        let body = "x".repeat(20 * 1024);
+        assert_eq!(
+            plan(&settings(10, 100, &body), trigger()).unwrap_err(),
+            PlanError::TooLarge
+        );
+        assert!(plan(&settings(1, 100, &body), trigger()).is_ok());
+    }
+}
