@@ -175,6 +175,53 @@ impl LeaseTable {
         }
     }
 
+    /// Completes many rows in one statement, each fenced by its own token and the holder
+    /// `agent`: `items` are `(id, token, result)`. Returns the rows completed; an item whose
+    /// row is not among them was not changed (its claim is stale, or it does not exist).
+    pub(super) async fn complete_many<R>(
+        &self,
+        conn: &mut SqliteConnection,
+        agent: AgentId,
+        items: &[(uuid::Uuid, &ClaimToken, &Value)],
+        now_us: i64,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'r> FromRow<'r, SqliteRow> + Send + Unpin,
+    {
+        let reports: Vec<Value> = items
+            .iter()
+            .map(|(id, token, result)| {
+                serde_json::json!({
+                    "id": id.simple().to_string(),
+                    "token": token.as_str(),
+                    "result": result,
+                })
+            })
+            .collect();
+        Ok(sqlx::query_as(&self.complete_many_sql())
+            .bind(Json(&reports))
+            .bind(now_us)
+            .bind(agent)
+            .fetch_all(&mut *conn)
+            .await?)
+    }
+
+    /// The statement of [`Self::complete_many`]: `?1` the reports (a JSON array of `{"id"`
+    /// (hex), `"token", "result"}`), `?2` now, `?3` the holder.
+    pub(super) fn complete_many_sql(&self) -> String {
+        let Self { table, columns, .. } = self;
+        format!(
+            "UPDATE {table} SET \
+               status = 'completed', attempt_outcome = 'completed', result = r.report_result, \
+               claim_token = NULL, lease_expires_at = NULL, finished_at = ?2, updated_at = ?2 \
+             FROM (SELECT unhex(value ->> '$.id') AS report_id, value ->> '$.token' AS report_token, \
+                     value -> '$.result' AS report_result FROM json_each(?1)) AS r \
+             WHERE {table}.id = r.report_id AND {table}.status = 'executing' \
+               AND {table}.claim_token = r.report_token AND {table}.claimed_by = ?3 \
+             RETURNING {columns}"
+        )
+    }
+
     /// Records a failed attempt: back to pending after a backoff when `retryable` and attempts
     /// are left, otherwise `failed` (`cancelled` if a cancel was requested).
     pub(super) async fn fail<R>(

@@ -7,6 +7,7 @@
 //! deliveries the holder is a processor worker, whose [`WorkerId`] is stored in the same column
 //! through an [`AgentId`] of the same UUID. The deliveries table has no foreign key on it.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -832,21 +833,60 @@ impl NotificationStore for SqliteStore {
         let (now, now_us) = self.now_and_micros();
         self.write(Lane::Lease, move |conn| {
             Box::pin(async move {
-                let mut answers = Vec::with_capacity(reports.len());
-                for report in reports {
-                    // Each report in its own savepoint: one that fails changes nothing and
-                    // leaves the others recorded.
+                let mut answers: Vec<Option<StoreResult<Delivery>>> =
+                    (0..reports.len()).map(|_| None).collect();
+                // The deliveries sent, the common case, all in one statement.
+                let delivered: Vec<(uuid::Uuid, &ClaimToken, &Value)> = reports
+                    .iter()
+                    .filter_map(|r| match &r.outcome {
+                        DeliveryOutcome::Delivered(detail) => {
+                            Some((r.id.0, &r.claim_token, detail))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !delivered.is_empty() {
+                    let rows: Vec<DeliveryRow> = DELIVERIES
+                        .complete_many(conn, holder(worker), &delivered, now_us)
+                        .await?;
+                    let mut completed: HashMap<DeliveryId, Delivery> = HashMap::new();
+                    for row in rows {
+                        let delivery = row.into_plain()?;
+                        completed.insert(delivery.id, delivery);
+                    }
+                    for (answer, report) in answers.iter_mut().zip(&reports) {
+                        if matches!(report.outcome, DeliveryOutcome::Delivered(_)) {
+                            *answer = Some(match completed.remove(&report.id) {
+                                Some(delivery) => Ok(delivery),
+                                // Not completed: say why.
+                                None => Err(match org_of(conn, report.id).await {
+                                    Ok(_) => StoreError::StaleClaim,
+                                    Err(error) => error,
+                                }),
+                            });
+                        }
+                    }
+                }
+                // The rest one by one, each in its own savepoint: one that fails changes
+                // nothing and leaves the others recorded.
+                for (answer, report) in answers.iter_mut().zip(reports) {
+                    if answer.is_some() {
+                        continue;
+                    }
                     sqlx::query("SAVEPOINT report").execute(&mut *conn).await?;
-                    let answer = record(conn, worker, report, now, now_us).await;
-                    if answer.is_err() {
+                    let recorded = record(conn, worker, report, now, now_us).await;
+                    if recorded.is_err() {
                         sqlx::query("ROLLBACK TO report")
                             .execute(&mut *conn)
                             .await?;
                     }
                     sqlx::query("RELEASE report").execute(&mut *conn).await?;
-                    answers.push(answer);
+                    *answer = Some(recorded);
                 }
-                Ok(answers)
+                Ok(answers
+                    .into_iter()
+                    .map(|answer| answer.unwrap_or(Err(StoreError::NotFound)))
+                    .collect())
             })
         })
         .await
@@ -1091,6 +1131,7 @@ mod query_plans {
                     .to_owned(),
                 3,
             ),
+            ("complete many", DELIVERIES.complete_many_sql(), 3),
             (
                 "digest of a lead",
                 "SELECT id, status FROM deliveries WHERE digest_of = ?".to_owned(),

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use keel_store::Store;
 use keel_store::notifications::model::{ChannelType, Delivery, SettingKind};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::address::{AddressPolicy, CheckedResolver};
+use super::settings_cache::SettingsCache;
 use crate::http::error::error_chain;
 use crate::notifications::secrets::OpenSecrets;
 use crate::notifications::secrets::SecretBox;
@@ -66,6 +68,7 @@ pub struct Channels {
     store: Arc<dyn Store>,
     secrets: SecretBox,
     policy: Arc<AddressPolicy>,
+    settings: SettingsCache,
     http: reqwest::Client,
     permanent: Vec<u16>,
 }
@@ -92,6 +95,7 @@ impl Channels {
             store,
             secrets,
             policy,
+            settings: SettingsCache::default(),
             http,
             permanent,
         })
@@ -163,15 +167,19 @@ impl Channels {
             return Ok(None);
         };
         let setting = self
-            .store
-            .notifications()
-            .get_setting(delivery.org_id, SettingKind::Channel, id)
+            .settings
+            .get(
+                self.store.as_ref(),
+                delivery.org_id,
+                SettingKind::Channel,
+                id,
+            )
             .await
             .map_err(|e| Outcome::failed(format!("reading the channel: {e}"), true))?;
         let Some(setting) = setting else {
             return Err(Outcome::failed("the channel was deleted", false));
         };
-        serde_json::from_value(setting.body)
+        Channel::deserialize(&setting.body)
             .map(Some)
             .map_err(|e| Outcome::failed(format!("the stored channel does not parse: {e}"), false))
     }
@@ -186,13 +194,17 @@ impl Channels {
             return Ok(None);
         };
         let setting = self
-            .store
-            .notifications()
-            .get_setting(delivery.org_id, SettingKind::Sender, sender_id)
+            .settings
+            .get(
+                self.store.as_ref(),
+                delivery.org_id,
+                SettingKind::Sender,
+                sender_id,
+            )
             .await
             .map_err(|e| Outcome::failed(format!("reading the sender: {e}"), true))?
             .ok_or_else(|| Outcome::failed("the channel's sender was deleted", false))?;
-        let sender: Sender = serde_json::from_value(setting.body).map_err(|e| {
+        let sender = Sender::deserialize(&setting.body).map_err(|e| {
             Outcome::failed(format!("the stored sender does not parse: {e}"), false)
         })?;
         let secrets = match &setting.sealed_secret {

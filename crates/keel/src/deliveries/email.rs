@@ -35,11 +35,8 @@ pub async fn send(
         Err(error) => return Outcome::failed(error, false),
     };
     let port = sender.port.unwrap_or(DEFAULT_PORT);
-    let address = match policy.resolve(host, port).await {
-        Ok(addresses) => match addresses.first() {
-            Some(address) => address.ip(),
-            None => return Outcome::failed(format!("SMTP host {host}: no address"), true),
-        },
+    let addresses = match policy.resolve(host, port).await {
+        Ok(addresses) => addresses,
         // A refused address stays refused until the configuration changes; a name that does
         // not resolve now may later.
         Err(error) => {
@@ -47,27 +44,42 @@ pub async fn send(
             return Outcome::failed(format!("SMTP host {host}: {error}"), !refused);
         }
     };
-    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(address.to_string())
-        .port(port)
-        .timeout(Some(timeout));
-    if sender.tls.unwrap_or(SmtpTls::Starttls) == SmtpTls::Starttls {
-        match TlsParameters::new(host.clone()) {
-            Ok(tls) => builder = builder.tls(Tls::Required(tls)),
+    let tls = match sender.tls.unwrap_or(SmtpTls::Starttls) {
+        SmtpTls::Starttls => match TlsParameters::new(host.clone()) {
+            Ok(parameters) => Tls::Required(parameters),
             Err(error) => return Outcome::failed(format!("SMTP relay {host}: {error}"), false),
-        }
-    }
-    if let (Some(user), Some(password)) = (&sender.username, password) {
-        builder = builder.credentials(Credentials::new(user.clone(), password));
-    }
-    let transport = builder.build();
+        },
+        SmtpTls::Plain => Tls::None,
+    };
     let started = Instant::now();
-    match transport.send(message).await {
-        Ok(response) => Outcome::Delivered(json!({
-            "status": u16::from(response.code()),
-            "duration_ms": millis(started.elapsed()),
-            "response": response.message().collect::<Vec<_>>().join(" "),
-        })),
-        Err(error) => Outcome::Failed {
+    let mut outcome = Outcome::failed(format!("SMTP host {host}: no address"), true);
+    // Each permitted address in turn, while the connection is what fails.
+    for address in addresses {
+        let mut builder =
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(address.ip().to_string())
+                .port(port)
+                .tls(tls.clone())
+                .timeout(Some(timeout));
+        if let (Some(user), Some(password)) = (&sender.username, &password) {
+            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+        }
+        let error = match builder.build().send(message.clone()).await {
+            Ok(response) => {
+                return Outcome::Delivered(json!({
+                    "status": u16::from(response.code()),
+                    "duration_ms": millis(started.elapsed()),
+                    "response": response.message().collect::<Vec<_>>().join(" "),
+                }));
+            }
+            Err(error) => error,
+        };
+        let unreachable = !(error.is_response()
+            || error.is_transient()
+            || error.is_permanent()
+            || error.is_client()
+            || error.is_tls()
+            || error.is_timeout());
+        outcome = Outcome::Failed {
             detail: json!({
                 "error": error.to_string(),
                 "status": error.status().map(u16::from),
@@ -76,8 +88,12 @@ pub async fn send(
             // A 5xx refusal of the server stays a refusal; a 4xx or a lost connection may pass.
             retryable: !error.is_permanent(),
             retry_after: None,
-        },
+        };
+        if !unreachable {
+            break;
+        }
     }
+    outcome
 }
 
 fn message(delivery: &Delivery, from: &str) -> Result<Message, String> {

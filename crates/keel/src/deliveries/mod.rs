@@ -6,6 +6,7 @@
 //!   [`email`]: the SMTP part.
 //! - [`address`]: which addresses a webhook may reach; [`breaker`]: a circuit breaker per
 //!   webhook endpoint.
+//! - [`settings_cache`]: the channels and senders sends read, kept for a second.
 //! - [`jobs`]: release of expired leases, cleanup under retention.
 
 pub mod address;
@@ -14,3 +15,4 @@ pub mod channels;
 pub mod email;
 pub mod jobs;
 pub mod processor;
+pub mod settings_cache;

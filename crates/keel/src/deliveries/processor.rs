@@ -18,7 +18,8 @@
 //! too little time left when its turn comes is given back unsent, its attempt unspent.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use keel_guard::supervisor::{Supervisor, TaskError};
@@ -27,9 +28,10 @@ use keel_store::notifications::model::{
     ChannelType, ClaimedDelivery, Delivery, DeliveryFailure, DeliveryOutcome, DeliveryReport,
     DeliveryStatus, WorkerId,
 };
-use keel_store::{Store, StoreError, StoreResult};
+use keel_store::{Store, StoreResult};
 use parking_lot::Mutex;
 use serde_json::json;
+use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -52,10 +54,12 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(30);
 /// How long the claimer waits after the store failed before it claims again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
-/// How often the dispatcher tries again to record outcomes the store refused (a busy or
-/// unavailable store); after that the leases expire and the release job puts the deliveries
-/// back.
-const RECORD_TRIES: u32 = 3;
+/// How far ahead the claimer claims at the pace sends go: no more deliveries wait in the
+/// buffer than can start within this.
+const PACE_HORIZON: Duration = Duration::from_secs(5);
+
+/// The shortest pause of a claimer whose buffer holds enough for [`PACE_HORIZON`].
+const PACE_MIN_WAIT: Duration = Duration::from_millis(10);
 
 /// The most outcomes one record carries.
 const RECORD_BATCH: usize = 512;
@@ -87,15 +91,78 @@ fn buffer_size(workers: usize) -> usize {
     (2 * workers).clamp(32, MAX_DELIVERY_CLAIM as usize)
 }
 
+/// A claimed delivery waiting in the buffer, with when it was claimed.
+struct Buffered {
+    item: ClaimedDelivery,
+    claimed_at: Instant,
+}
+
+/// A finished send's outcome, to record while the lease holds.
+struct Done {
+    report: DeliveryReport,
+    lease_expires_at: Option<OffsetDateTime>,
+}
+
+impl Done {
+    /// The delivery goes back to the queue unsent, due at `at`.
+    fn handed_back(item: ClaimedDelivery, at: OffsetDateTime) -> Self {
+        Self {
+            lease_expires_at: item.delivery.lease_expires_at,
+            report: DeliveryReport {
+                id: item.delivery.id,
+                claim_token: item.claim_token,
+                outcome: DeliveryOutcome::Postponed(at),
+            },
+        }
+    }
+}
+
+/// How long sends take: a moving average in which each send weighs 1/16, in microseconds (0
+/// before the first).
+#[derive(Default)]
+struct Pace {
+    micros: AtomicU64,
+}
+
+impl Pace {
+    fn observe(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        // Lost updates between concurrent sends only blur an average.
+        let before = self.micros.load(Ordering::Relaxed);
+        let after = if before == 0 {
+            took
+        } else {
+            before - before / 16 + took / 16
+        };
+        self.micros.store(after, Ordering::Relaxed);
+    }
+
+    fn average(&self) -> Duration {
+        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+
+    /// How many deliveries `workers` send slots can start within [`PACE_HORIZON`].
+    fn startable(&self, workers: usize) -> usize {
+        let average = self.micros.load(Ordering::Relaxed);
+        if average == 0 {
+            return usize::MAX;
+        }
+        let horizon = u64::try_from(PACE_HORIZON.as_micros()).unwrap_or(u64::MAX);
+        usize::try_from(horizon / average)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(workers)
+    }
+}
+
 /// The claimed deliveries' buffer, lent to one run of the dispatcher and given back when the
 /// run ends, however it ends (a panic included).
 struct Lent {
-    slot: Arc<Mutex<Option<mpsc::Receiver<ClaimedDelivery>>>>,
-    receiver: mpsc::Receiver<ClaimedDelivery>,
+    slot: Arc<Mutex<Option<mpsc::Receiver<Buffered>>>>,
+    receiver: mpsc::Receiver<Buffered>,
 }
 
 impl Lent {
-    fn take(slot: &Arc<Mutex<Option<mpsc::Receiver<ClaimedDelivery>>>>) -> Option<Self> {
+    fn take(slot: &Arc<Mutex<Option<mpsc::Receiver<Buffered>>>>) -> Option<Self> {
         let receiver = slot.lock().take()?;
         Some(Self {
             slot: slot.clone(),
@@ -120,6 +187,7 @@ pub struct Processor {
     breakers: Arc<Breakers>,
     /// The holder of this process's leases.
     worker: WorkerId,
+    pace: Pace,
 }
 
 impl Processor {
@@ -136,6 +204,7 @@ impl Processor {
             queued,
             breakers,
             worker: WorkerId::new(),
+            pace: Pace::default(),
         })
     }
 
@@ -149,7 +218,7 @@ impl Processor {
         supervisor.spawn(CLAIMER, move |cancel| {
             let processor = processor.clone();
             let claimed = claimed_tx.clone();
-            async move { processor.claim_ahead(claimed, cancel).await }
+            async move { processor.claim_ahead(claimed, workers, cancel).await }
         });
         let processor = self.clone();
         supervisor.spawn(DISPATCHER, move |cancel| {
@@ -165,10 +234,12 @@ impl Processor {
     }
 
     /// The claimer: claims as many deliveries as the buffer has room for (at least half of
-    /// it), and sleeps while there are none.
+    /// it) and as can start within [`PACE_HORIZON`] at the pace sends go, and sleeps while
+    /// there are none.
     async fn claim_ahead(
         &self,
-        buffer: mpsc::Sender<ClaimedDelivery>,
+        buffer: mpsc::Sender<Buffered>,
+        workers: usize,
         cancel: CancellationToken,
     ) -> Result<(), TaskError> {
         let store = self.store.notifications();
@@ -178,10 +249,24 @@ impl Processor {
                 room = buffer.reserve_many(chunk) => room,
                 () = cancel.cancelled() => break,
             };
-            // The dispatcher is gone for good only when keel stops.
+            // The dispatcher closed the buffer: keel is stopping.
             let Ok(room) = room else { break };
-            // Room for more may have opened since.
-            let wanted = (chunk + buffer.capacity()).min(MAX_DELIVERY_CLAIM as usize);
+            let buffered = buffer
+                .max_capacity()
+                .saturating_sub(buffer.capacity())
+                .saturating_sub(chunk);
+            // Room for more may have opened since; slow sends want fewer waiting.
+            let wanted = (chunk + buffer.capacity())
+                .min(MAX_DELIVERY_CLAIM as usize)
+                .min(self.pace.startable(workers).saturating_sub(buffered));
+            if wanted == 0 {
+                drop(room);
+                tokio::select! {
+                    () = tokio::time::sleep(self.pace.average().clamp(PACE_MIN_WAIT, PACE_HORIZON)) => {}
+                    () = cancel.cancelled() => {}
+                }
+                continue;
+            }
             // Registered before the claim: a delivery queued after the claim found nothing
             // still wakes the claimer.
             let queued = self.queued.notified();
@@ -217,8 +302,10 @@ impl Processor {
                 }
                 continue;
             }
+            let claimed_at = Instant::now();
             let mut room = room;
             for item in claimed {
+                let item = Buffered { item, claimed_at };
                 match room.next() {
                     Some(permit) => permit.send(item),
                     // Beyond the reserved room: wait for a place (the claim asked for no more
@@ -236,36 +323,37 @@ impl Processor {
 
     /// The dispatcher: sends the claimed deliveries, at most `workers` at once, and records
     /// the outcomes in batches while the next sends go on. When keel stops it takes no more
-    /// deliveries, lets the sends in flight finish and records them.
+    /// deliveries, gives the buffered ones back, lets the sends in flight finish and records
+    /// them (for as long as the shutdown grace lets it).
     async fn dispatch(
         self: &Arc<Self>,
-        buffer: &mut mpsc::Receiver<ClaimedDelivery>,
+        buffer: &mut mpsc::Receiver<Buffered>,
         workers: usize,
         cancel: CancellationToken,
     ) -> Result<(), TaskError> {
-        let mut sends: JoinSet<Option<DeliveryReport>> = JoinSet::new();
-        let mut outcomes: Vec<DeliveryReport> = Vec::new();
-        let mut recording: Option<BoxFuture<'static, ()>> = None;
+        let mut sends: JoinSet<Done> = JoinSet::new();
+        let mut outcomes: Vec<Done> = Vec::new();
+        let mut recording: Option<BoxFuture<'static, Vec<Done>>> = None;
         let mut being_recorded = 0;
         let mut stopping = false;
+        let mut drained = false;
         let unrecorded_cap = max_unrecorded(workers);
         loop {
             if recording.is_none() && !outcomes.is_empty() {
-                let batch: Vec<DeliveryReport> =
-                    outcomes.drain(..outcomes.len().min(RECORD_BATCH)).collect();
+                let batch: Vec<Done> = outcomes.drain(..outcomes.len().min(RECORD_BATCH)).collect();
                 being_recorded = batch.len();
                 let processor = self.clone();
                 recording = Some(Box::pin(async move { processor.record(batch).await }));
             }
-            if stopping && sends.is_empty() && recording.is_none() {
+            if drained && sends.is_empty() && recording.is_none() {
                 return Ok(());
             }
+            let room = sends.len() < workers
+                && sends.len() + outcomes.len() + being_recorded < unrecorded_cap;
             tokio::select! {
                 Some(sent) = sends.join_next(), if !sends.is_empty() => {
                     match sent {
-                        Ok(Some(report)) => outcomes.push(report),
-                        // Its lease was gone before its turn: nothing to record.
-                        Ok(None) => {}
+                        Ok(done) => outcomes.push(done),
                         // Sends are isolated; a task that failed anyway leaves its lease to
                         // expire, and the release job puts the delivery back.
                         Err(error) => {
@@ -273,55 +361,72 @@ impl Processor {
                         }
                     }
                 }
-                () = async { if let Some(recording) = recording.as_mut() { recording.await } },
-                    if recording.is_some() => {
+                again = async {
+                    match recording.as_mut() {
+                        Some(recording) => recording.await,
+                        None => Vec::new(),
+                    }
+                }, if recording.is_some() => {
                     recording = None;
                     being_recorded = 0;
+                    // Not recorded (the store refused the write): tried again while their
+                    // leases hold, ahead of the newer outcomes.
+                    let now = self.store.now();
+                    let again: Vec<Done> = again
+                        .into_iter()
+                        .filter(|done| done.lease_expires_at.is_some_and(|at| at > now))
+                        .collect();
+                    outcomes.splice(0..0, again);
                 }
-                item = buffer.recv(), if !stopping
-                    && sends.len() < workers
-                    && sends.len() + outcomes.len() + being_recorded < unrecorded_cap => {
-                    let Some(item) = item else {
-                        stopping = true;
+                item = buffer.recv(), if !drained && (stopping || room) => {
+                    let Some(Buffered { item, claimed_at }) = item else {
+                        drained = true;
                         continue;
                     };
+                    if stopping {
+                        // What waits in the buffer goes back to the queue now, not when its
+                        // lease expires.
+                        outcomes.push(Done::handed_back(item, self.store.now()));
+                        continue;
+                    }
                     let processor = self.clone();
-                    sends.spawn(async move { processor.send(item).await });
+                    sends.spawn(async move { processor.send(item, claimed_at).await });
                 }
                 () = cancel.cancelled(), if !stopping => {
                     stopping = true;
-                    // What waits in the buffer goes back to the queue now, not when its lease
-                    // expires.
-                    let now = self.store.now();
-                    while let Ok(item) = buffer.try_recv() {
-                        outcomes.push(DeliveryReport {
-                            id: item.delivery.id,
-                            claim_token: item.claim_token,
-                            outcome: DeliveryOutcome::Postponed(now),
-                        });
-                    }
+                    // No more claims reach the buffer; a claim in progress still delivers its
+                    // deliveries, which go back with the rest.
+                    buffer.close();
                 }
             }
         }
     }
 
-    /// Sends one delivery, isolated, and says what to record: `None` when its lease is as good
-    /// as gone (the release job puts it back). A webhook whose endpoint's circuit is open goes
-    /// back to the queue instead, its attempt unspent.
-    async fn send(&self, item: ClaimedDelivery) -> Option<DeliveryReport> {
+    /// Sends one delivery, isolated, and says what to record. A delivery that waited in the
+    /// buffer so long that its send could not have the channel's whole timeout, or whose
+    /// webhook endpoint's circuit is open, goes back to the queue instead, its attempt unspent.
+    async fn send(&self, item: ClaimedDelivery, claimed_at: Instant) -> Done {
+        let lease_expires_at = item.delivery.lease_expires_at;
         let ClaimedDelivery {
             delivery,
             claim_token,
         } = item;
-        let report = |outcome| DeliveryReport {
-            id: delivery.id,
-            claim_token: claim_token.clone(),
-            outcome,
+        let done = |outcome| Done {
+            report: DeliveryReport {
+                id: delivery.id,
+                claim_token: claim_token.clone(),
+                outcome,
+            },
+            lease_expires_at,
         };
+        // The lease is the channel's timeout and 30 s: a delivery sent within SEND_MARGIN of
+        // its claim still has its whole timeout and SEND_MARGIN to record the outcome.
+        if claimed_at.elapsed() > SEND_MARGIN {
+            return done(DeliveryOutcome::Postponed(self.store.now()));
+        }
         // A send ends well inside the lease, whatever the far end does (an SMTP server that
-        // accepts and never answers included): the dispatcher is never held by one receiver.
-        let lease_left = delivery
-            .lease_expires_at
+        // accepts and never answers included): no send slot is held by one receiver.
+        let lease_left = lease_expires_at
             .map(|expires| expires - self.store.now())
             .and_then(|left| Duration::try_from(left).ok())
             .unwrap_or(Duration::ZERO);
@@ -329,8 +434,7 @@ impl Processor {
             .checked_sub(SEND_MARGIN)
             .filter(|deadline| *deadline >= MIN_SEND)
         else {
-            // It waited too long in the buffer: given back unsent, due now.
-            return Some(report(DeliveryOutcome::Postponed(self.store.now())));
+            return done(DeliveryOutcome::Postponed(self.store.now()));
         };
         let webhook = delivery.channel_type == ChannelType::Webhook;
         if webhook
@@ -342,9 +446,11 @@ impl Processor {
                 .store
                 .now()
                 .saturating_add(time::Duration::try_from(wait).unwrap_or(time::Duration::MAX));
-            return Some(report(DeliveryOutcome::Postponed(until)));
+            return done(DeliveryOutcome::Postponed(until));
         }
+        let started = Instant::now();
         let outcome = self.send_isolated(&delivery, deadline).await;
+        self.pace.observe(started.elapsed());
         if webhook {
             let endpoint_failed = matches!(
                 outcome,
@@ -356,7 +462,7 @@ impl Processor {
             self.breakers
                 .record(delivery.org_id, &delivery.recipient, endpoint_failed);
         }
-        Some(report(match outcome {
+        done(match outcome {
             Outcome::Delivered(detail) => DeliveryOutcome::Delivered(detail),
             Outcome::Failed {
                 detail,
@@ -371,7 +477,7 @@ impl Processor {
                     )
                 }),
             }),
-        }))
+        })
     }
 
     /// The send itself, within `deadline`; a panic is a failed attempt with its message.
@@ -400,36 +506,32 @@ impl Processor {
         })
     }
 
-    /// Records a batch of outcomes in one write, trying again a few times while the store is
-    /// busy or unavailable; then counts and audits what they came to.
-    async fn record(&self, batch: Vec<DeliveryReport>) {
-        let store = self.store.notifications();
-        let mut tries = 0;
-        let answers = loop {
-            tries += 1;
-            match store.record_deliveries(self.worker, batch.clone()).await {
-                Ok(answers) => break answers,
-                Err(error @ (StoreError::Busy(_) | StoreError::Unavailable(_)))
-                    if tries < RECORD_TRIES =>
-                {
-                    tracing::warn!(%error, outcomes = batch.len(), "delivery dispatcher: recording outcomes failed; trying again");
-                    tokio::time::sleep(STORE_RETRY).await;
-                }
-                // The leases stay until they expire; the release job puts the deliveries back.
-                Err(error) => {
-                    tracing::error!(%error, outcomes = batch.len(), "delivery dispatcher: recording outcomes failed");
-                    return;
-                }
+    /// Records a batch of outcomes in one write, then counts and audits what they came to.
+    /// Returns the batch when the store refused the write, after a pause, to be tried again.
+    async fn record(&self, batch: Vec<Done>) -> Vec<Done> {
+        let reports: Vec<DeliveryReport> = batch.iter().map(|done| done.report.clone()).collect();
+        let answers = match self
+            .store
+            .notifications()
+            .record_deliveries(self.worker, reports)
+            .await
+        {
+            Ok(answers) => answers,
+            Err(error) => {
+                tracing::warn!(%error, outcomes = batch.len(), "delivery dispatcher: recording outcomes failed; trying again while their leases hold");
+                tokio::time::sleep(STORE_RETRY).await;
+                return batch;
             }
         };
         let mut back_to_pending = false;
-        for (report, answer) in batch.iter().zip(answers) {
-            back_to_pending |= account(report, answer) == Some(DeliveryStatus::Pending);
+        for (done, answer) in batch.iter().zip(answers) {
+            back_to_pending |= account(&done.report, answer) == Some(DeliveryStatus::Pending);
         }
         // The claimer may sleep past the retry it does not know of: it looks again.
         if back_to_pending {
             self.queued.notify_one();
         }
+        Vec::new()
     }
 }
 
