@@ -48,7 +48,9 @@ use harness::{Api, Options, Server};
 
 /// Worker pool sizes, and as many triggering tasks (sustained) or load-loop tasks.
 const CONCURRENCY: [usize; 3] = [1, 8, 64];
-/// Deliveries per drain and per sustained phase.
+/// Deliveries per drain.
+const DRAIN_DELIVERIES: usize = 10_000;
+/// Deliveries per sustained phase.
 const DELIVERIES: usize = 3_000;
 /// Tasks triggering the backlog of the drain phase.
 const PREFILL_TASKS: usize = 8;
@@ -335,7 +337,7 @@ workers = {concurrency}
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // 1. Drain: a backlog behind the closed gate, then the gate opens.
-    let n = DELIVERIES / scale;
+    let n = DRAIN_DELIVERIES / scale;
     receiver.set_gate(false);
     let before = receiver.requests();
     let started = Instant::now();
@@ -350,6 +352,7 @@ workers = {concurrency}
     let drain = (delivered, last.map_or(Duration::ZERO, |last| last - opened));
 
     // 2. Sustained: N tasks trigger while the N workers send.
+    let n = DELIVERIES / scale;
     let before = receiver.requests();
     let triggered = trigger_many(&ops, n, concurrency, &errors).await;
     receiver

@@ -21,7 +21,7 @@ use model::{
 };
 
 /// The most deliveries one claim hands out.
-pub const MAX_DELIVERY_CLAIM: u32 = 100;
+pub const MAX_DELIVERY_CLAIM: u32 = 1000;
 
 /// The most deliveries one event may give.
 pub const MAX_DELIVERIES_PER_EVENT: usize = 1000;

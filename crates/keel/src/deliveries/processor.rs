@@ -58,8 +58,10 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// buffer than can start within this.
 const PACE_HORIZON: Duration = Duration::from_secs(5);
 
-/// The shortest pause of a claimer whose buffer holds enough for [`PACE_HORIZON`].
+/// The shortest and the longest pause of a claimer whose buffer holds enough for
+/// [`PACE_HORIZON`].
 const PACE_MIN_WAIT: Duration = Duration::from_millis(10);
+const PACE_MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// The most outcomes one record carries.
 const RECORD_BATCH: usize = 512;
@@ -88,7 +90,7 @@ fn injected() -> Outcome {
 /// How many claimed deliveries wait for a send slot: enough that claims run ahead of the sends
 /// with several deliveries per write, few enough that none waits long with its lease running.
 fn buffer_size(workers: usize) -> usize {
-    (2 * workers).clamp(32, MAX_DELIVERY_CLAIM as usize)
+    (16 * workers).clamp(128, MAX_DELIVERY_CLAIM as usize)
 }
 
 /// A claimed delivery waiting in the buffer, with when it was claimed.
@@ -117,8 +119,8 @@ impl Done {
     }
 }
 
-/// How long sends take: a moving average in which each send weighs 1/16, in microseconds (0
-/// before the first).
+/// How long sends take: a moving average in which each send weighs 1/4 (a receiver that was
+/// slow and is fast again is soon seen as fast), in microseconds (0 before the first).
 #[derive(Default)]
 struct Pace {
     micros: AtomicU64,
@@ -132,13 +134,17 @@ impl Pace {
         let after = if before == 0 {
             took
         } else {
-            before - before / 16 + took / 16
+            before - before / 4 + took / 4
         };
         self.micros.store(after, Ordering::Relaxed);
     }
 
-    fn average(&self) -> Duration {
-        Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    /// About how long until a send slot frees: the claimer's pause while the buffer holds
+    /// enough. Short, so that an average still weighed by old slow sends costs little.
+    fn slot_frees(&self, workers: usize) -> Duration {
+        let average = Duration::from_micros(self.micros.load(Ordering::Relaxed));
+        (average / u32::try_from(workers).unwrap_or(u32::MAX).max(1))
+            .clamp(PACE_MIN_WAIT, PACE_MAX_WAIT)
     }
 
     /// How many deliveries `workers` send slots can start within [`PACE_HORIZON`].
@@ -262,7 +268,7 @@ impl Processor {
             if wanted == 0 {
                 drop(room);
                 tokio::select! {
-                    () = tokio::time::sleep(self.pace.average().clamp(PACE_MIN_WAIT, PACE_HORIZON)) => {}
+                    () = tokio::time::sleep(self.pace.slot_frees(workers)) => {}
                     () = cancel.cancelled() => {}
                 }
                 continue;
@@ -563,4 +569,34 @@ fn account(report: &DeliveryReport, answer: StoreResult<Delivery>) -> Option<Del
         );
     }
     Some(after.status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_ahead_follow_the_pace_of_sends() {
+        let pace = Pace::default();
+        // Before any send: only the buffer's room limits a claim.
+        assert_eq!(pace.startable(8), usize::MAX);
+        pace.observe(Duration::from_secs(1));
+        // 1 s sends: 5 per slot within the horizon.
+        assert_eq!(pace.startable(8), 40);
+        // A receiver that was slow and is fast again is soon seen as fast.
+        for _ in 0..20 {
+            pace.observe(Duration::from_millis(1));
+        }
+        assert!(pace.startable(1) >= 1000, "{}", pace.startable(1));
+    }
+
+    #[test]
+    fn the_buffer_and_the_unrecorded_outcomes_are_bounded() {
+        assert_eq!(buffer_size(1), 128);
+        assert_eq!(buffer_size(40), 640);
+        assert_eq!(buffer_size(256), MAX_DELIVERY_CLAIM as usize);
+        assert_eq!(max_unrecorded(1), 64);
+        assert_eq!(max_unrecorded(64), 256);
+        assert_eq!(max_unrecorded(256), RECORD_BATCH);
+    }
 }

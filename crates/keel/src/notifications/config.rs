@@ -16,8 +16,8 @@ pub struct NotificationsConfig {
     pub secret_key: Option<Secret>,
     /// Delivery workers: how many deliveries are sent at once.
     pub workers: usize,
-    /// Networks (`10.0.0.0/8`) or addresses (`127.0.0.1`) webhooks may reach although they are
-    /// not public. Loopback, private, link-local (cloud metadata) and other non-public
+    /// Networks (`10.0.0.0/8`) or addresses (`127.0.0.1`) webhooks and SMTP servers may reach
+    /// although they are not public. Loopback, private, link-local (cloud metadata) and other non-public
     /// addresses are refused otherwise.
     pub allowed_networks: Vec<String>,
     /// HTTP statuses after which a webhook delivery is not retried: it fails at once.
@@ -91,6 +91,8 @@ impl NotificationsConfig {
             ("notifications.breaker_cooldown", self.breaker_cooldown),
             ("notifications.release_interval", self.release_interval),
             ("notifications.cleanup_interval", self.cleanup_interval),
+            // Finished deliveries must stay long enough to be read back.
+            ("notifications.retention", self.retention),
         ] {
             if interval.is_zero() {
                 return Err((key, "must be longer than 0s".to_owned()));

@@ -979,3 +979,46 @@ async fn a_thousand_deliveries_survive_kill_9_and_each_reaches_the_receiver() {
         "at most {bound} (sends in flight or not yet recorded at the kill): {duplicates}"
     );
 }
+
+#[tokio::test]
+async fn a_stopping_keel_gives_its_claimed_deliveries_back_at_once() {
+    // A slow receiver and one send slot: at the stop most deliveries are claimed and waiting.
+    let (counts, url) = counting_receiver(Duration::from_millis(200)).await;
+    let mut server = Server::start_with(Options {
+        extra_toml: "[notifications]\nallowed_networks = [\"127.0.0.1\"]\nworkers = 1\n",
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    let channel = ops
+        .post(
+            "/v1/channels",
+            &json!({"name": "hook", "type": "webhook", "url": url}),
+            201,
+        )
+        .await;
+    for n in 0..20 {
+        ops.post(
+            "/v1/deliveries",
+            &json!({"channel_id": channel["id"], "body": format!("{{\"n\": {n}}}")}),
+            202,
+        )
+        .await;
+    }
+    poll_until(Duration::from_secs(10), || async {
+        !counts.lock().is_empty()
+    })
+    .await;
+    server.signal("TERM");
+    assert!(server.wait_exit(Duration::from_secs(15)).await.success());
+    // Nothing is left leased (the send in flight was recorded, the buffered ones given back),
+    // so all are sent long before a lease (the channel's 10 s timeout and 30 s) could expire.
+    server.restart().await;
+    poll_until(Duration::from_secs(20), || async {
+        count_with_status(&ops, "completed").await == 20
+    })
+    .await;
+    let duplicates: u32 = counts.lock().values().map(|n| n - 1).sum();
+    assert_eq!(duplicates, 0, "a graceful stop repeats nothing");
+}
