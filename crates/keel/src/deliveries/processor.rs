@@ -87,11 +87,10 @@ fn injected() -> Outcome {
     Outcome::failed("injected by failpoint deliveries.item", true)
 }
 
-/// How many claimed deliveries wait for a send slot: enough that claims run ahead of the sends
-/// with several deliveries per write, few enough that none waits long with its lease running.
-fn buffer_size(workers: usize) -> usize {
-    (16 * workers).clamp(128, MAX_DELIVERY_CLAIM as usize)
-}
+/// How many claimed deliveries may wait for a send slot: enough that each claim carries many
+/// (a claim is a commit), whatever the number of slots. How long they wait is bounded by the
+/// pace of sends ([`PACE_HORIZON`]), not by this.
+const BUFFER: usize = 512;
 
 /// A claimed delivery waiting in the buffer, with when it was claimed.
 struct Buffered {
@@ -217,7 +216,7 @@ impl Processor {
     /// Starts the claimer and the dispatcher, which sends up to `workers` deliveries at once.
     pub fn start(self: &Arc<Self>, supervisor: &Supervisor, workers: usize) {
         let workers = workers.max(1);
-        let (claimed_tx, claimed_rx) = mpsc::channel(buffer_size(workers));
+        let (claimed_tx, claimed_rx) = mpsc::channel(BUFFER);
         // A restarted dispatcher takes over the buffer: what was claimed is not lost.
         let claimed_rx = Arc::new(Mutex::new(Some(claimed_rx)));
         let processor = self.clone();
@@ -591,10 +590,7 @@ mod tests {
     }
 
     #[test]
-    fn the_buffer_and_the_unrecorded_outcomes_are_bounded() {
-        assert_eq!(buffer_size(1), 128);
-        assert_eq!(buffer_size(40), 640);
-        assert_eq!(buffer_size(256), MAX_DELIVERY_CLAIM as usize);
+    fn the_unrecorded_outcomes_are_bounded() {
         assert_eq!(max_unrecorded(1), 64);
         assert_eq!(max_unrecorded(64), 256);
         assert_eq!(max_unrecorded(256), RECORD_BATCH);
