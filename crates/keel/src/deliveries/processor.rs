@@ -66,11 +66,11 @@ const PACE_MAX_WAIT: Duration = Duration::from_millis(250);
 /// The most outcomes one record carries.
 const RECORD_BATCH: usize = 512;
 
-/// How many sends may have finished without their outcome being durable yet: no new send
-/// starts beyond that. A keel killed at that moment sends those deliveries again after the
-/// restart (at-least-once), together with the `workers` in flight.
+/// How many sends may be in flight or finished without their outcome being durable yet: no
+/// new send starts beyond that. A keel killed at that moment sends those deliveries again after
+/// the restart (at-least-once). Throughput is at most this many per record commit.
 pub fn max_unrecorded(workers: usize) -> usize {
-    (4 * workers).clamp(64, RECORD_BATCH)
+    (8 * workers).clamp(256, RECORD_BATCH)
 }
 
 /// The failpoint `deliveries.item` acts only on deliveries whose subject contains this.
@@ -591,8 +591,8 @@ mod tests {
 
     #[test]
     fn the_unrecorded_outcomes_are_bounded() {
-        assert_eq!(max_unrecorded(1), 64);
-        assert_eq!(max_unrecorded(64), 256);
+        assert_eq!(max_unrecorded(1), 256);
+        assert_eq!(max_unrecorded(48), 384);
         assert_eq!(max_unrecorded(256), RECORD_BATCH);
     }
 }
