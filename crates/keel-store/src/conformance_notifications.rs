@@ -16,8 +16,9 @@ use serde_json::json;
 use time::Duration;
 
 use crate::notifications::model::{
-    ChannelType, DeliveryFailure, DeliveryFilter, DeliveryOutcome, DeliveryReport, DeliveryStatus,
-    EventId, NewDelivery, NewEvent, NewSetting, SealedSecret, SettingKind, Severity, WorkerId,
+    ChannelType, Delivery, DeliveryFailure, DeliveryFilter, DeliveryOutcome, DeliveryReport,
+    DeliveryStatus, EventId, NewDelivery, NewEvent, NewSetting, RecordedDelivery, SealedSecret,
+    SettingKind, Severity, WorkerId,
 };
 use crate::notifications::{MAX_DELIVERY_REPORTS, NotificationStore};
 use crate::{ClaimToken, Idempotency, ManualClock, OrgId, Store, StoreError};
@@ -55,6 +56,21 @@ macro_rules! notification_conformance_tests {
             }
         )+
     };
+}
+
+/// The delivery a recorded outcome names, as stored now.
+async fn stored(n: &dyn NotificationStore, recorded: &RecordedDelivery) -> Delivery {
+    let delivery = n
+        .get_delivery(recorded.org_id, recorded.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (delivery.status, delivery.attempts),
+        (recorded.status, recorded.attempts),
+        "the recorded answer and the stored delivery agree"
+    );
+    delivery
 }
 
 fn secs(s: i64) -> Duration {
@@ -309,6 +325,7 @@ pub async fn deliveries_claimed_by_priority_and_fenced(store: &dyn Store, clock:
         .await
         .unwrap();
     assert_eq!(done.status, DeliveryStatus::Completed);
+    let done = stored(n, &done).await;
     assert!(done.finished_at.is_some());
     let attempts = n.list_delivery_attempts(acme, done.id).await.unwrap();
     assert_eq!(attempts.len(), 1);
@@ -339,6 +356,7 @@ pub async fn failed_delivery_backs_off_and_honours_not_before(
         .await
         .unwrap();
     assert_eq!(failed.status, DeliveryStatus::Pending);
+    let failed = stored(n, &failed).await;
     // The engine's backoff after the first attempt: 2.5 to 5 s.
     let wait = failed.run_at - store.now();
     assert!(
@@ -365,6 +383,7 @@ pub async fn failed_delivery_backs_off_and_honours_not_before(
         )
         .await
         .unwrap();
+    let failed = stored(n, &failed).await;
     assert_eq!(failed.run_at, not_before);
     clock.advance(secs(119));
     assert!(n.claim_deliveries(worker, 1).await.unwrap().is_empty());
@@ -393,7 +412,7 @@ pub async fn exhausted_delivery_is_dead_and_requeued(store: &dyn Store, clock: &
         );
         clock.advance(secs(600));
     }
-    let dead = last.unwrap();
+    let dead = stored(n, &last.unwrap()).await;
     assert_eq!(dead.status, DeliveryStatus::Dead);
     assert_eq!(dead.dead_reason.as_deref(), Some("attempts_exhausted"));
     assert!(dead.finished_at.is_some());
@@ -442,6 +461,7 @@ pub async fn permanent_failure_is_failed(store: &dyn Store, _clock: &ManualClock
         .unwrap();
     assert_eq!(failed.status, DeliveryStatus::Failed);
     assert_eq!(failed.attempts, 1);
+    let failed = stored(n, &failed).await;
     assert_eq!(failed.error, Some(json!({"error": "HTTP 500"})));
 }
 
@@ -739,6 +759,7 @@ pub async fn postponed_delivery_spends_no_attempt(store: &dyn Store, clock: &Man
         .unwrap();
     assert_eq!(postponed.status, DeliveryStatus::Pending);
     assert_eq!(postponed.attempts, 0);
+    let postponed = stored(n, &postponed).await;
     assert_eq!(postponed.run_at, until);
     assert!(
         n.list_delivery_attempts(acme, c.delivery.id)
@@ -804,7 +825,7 @@ pub async fn outcomes_are_recorded_together_each_fenced_alone(
     let retried = answers[2].as_ref().unwrap();
     assert_eq!(retried.status, DeliveryStatus::Pending);
     assert_eq!(retried.attempts, 1);
-    let postponed = answers[3].as_ref().unwrap();
+    let postponed = stored(n, answers[3].as_ref().unwrap()).await;
     assert_eq!(
         (postponed.status, postponed.attempts, postponed.run_at),
         (DeliveryStatus::Pending, 0, later)

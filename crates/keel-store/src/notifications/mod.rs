@@ -17,7 +17,7 @@ use crate::model::{ClaimToken, OrgId};
 use model::{
     ClaimedDelivery, Delivery, DeliveryAttempt, DeliveryFailure, DeliveryFilter, DeliveryId,
     DeliveryOutcome, DeliveryPage, DeliveryReport, NewDelivery, NewEvent, NewSetting,
-    ReleasedDelivery, Setting, SettingId, SettingKind, Triggered, WorkerId,
+    RecordedDelivery, ReleasedDelivery, Setting, SettingId, SettingKind, Triggered, WorkerId,
 };
 
 /// The most deliveries one claim hands out.
@@ -128,8 +128,8 @@ pub trait NotificationStore: Send + Sync {
         limit: u32,
     ) -> StoreResult<Vec<ClaimedDelivery>>;
 
-    /// Records what came of claimed deliveries, all in one write: each report's answer is the
-    /// delivery as it is now, or its own error (`StaleClaim`, and no change, unless `worker`
+    /// Records what came of claimed deliveries, all in one write: each report's answer is what
+    /// the delivery is now ([`RecordedDelivery`]), or its own error (`StaleClaim`, and no change, unless `worker`
     /// holds it under the report's token), in the reports' order. At most
     /// [`MAX_DELIVERY_REPORTS`] reports; more is `InvalidInput`.
     ///
@@ -144,7 +144,7 @@ pub trait NotificationStore: Send + Sync {
         &self,
         worker: WorkerId,
         reports: Vec<DeliveryReport>,
-    ) -> StoreResult<Vec<StoreResult<Delivery>>>;
+    ) -> StoreResult<Vec<StoreResult<RecordedDelivery>>>;
 
     /// Records a successful attempt (one report of [`Self::record_deliveries`]).
     async fn complete_delivery(
@@ -153,7 +153,7 @@ pub trait NotificationStore: Send + Sync {
         id: DeliveryId,
         token: &ClaimToken,
         detail: serde_json::Value,
-    ) -> StoreResult<Delivery> {
+    ) -> StoreResult<RecordedDelivery> {
         self.record_one(worker, id, token, DeliveryOutcome::Delivered(detail))
             .await
     }
@@ -165,7 +165,7 @@ pub trait NotificationStore: Send + Sync {
         id: DeliveryId,
         token: &ClaimToken,
         failure: DeliveryFailure,
-    ) -> StoreResult<Delivery> {
+    ) -> StoreResult<RecordedDelivery> {
         self.record_one(worker, id, token, DeliveryOutcome::Failed(failure))
             .await
     }
@@ -178,7 +178,7 @@ pub trait NotificationStore: Send + Sync {
         id: DeliveryId,
         token: &ClaimToken,
         until: OffsetDateTime,
-    ) -> StoreResult<Delivery> {
+    ) -> StoreResult<RecordedDelivery> {
         self.record_one(worker, id, token, DeliveryOutcome::Postponed(until))
             .await
     }
@@ -190,7 +190,7 @@ pub trait NotificationStore: Send + Sync {
         id: DeliveryId,
         token: &ClaimToken,
         outcome: DeliveryOutcome,
-    ) -> StoreResult<Delivery> {
+    ) -> StoreResult<RecordedDelivery> {
         let report = DeliveryReport {
             id,
             claim_token: token.clone(),

@@ -352,6 +352,37 @@ pub struct DeliveryPage {
     pub next_cursor: Option<DeliveryId>,
 }
 
+/// What a recorded outcome left a delivery as: the few columns the processor reads, so that a
+/// record does not read back whole rows (bodies included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedDelivery {
+    /// The delivery.
+    pub id: DeliveryId,
+    /// Its organisation.
+    pub org_id: OrgId,
+    /// The event it delivers.
+    pub event_id: EventId,
+    /// How it is delivered.
+    pub channel_type: ChannelType,
+    /// Its status now.
+    pub status: DeliveryStatus,
+    /// Attempts so far.
+    pub attempts: u32,
+}
+
+impl From<Delivery> for RecordedDelivery {
+    fn from(delivery: Delivery) -> Self {
+        Self {
+            id: delivery.id,
+            org_id: delivery.org_id,
+            event_id: delivery.event_id,
+            channel_type: delivery.channel_type,
+            status: delivery.status,
+            attempts: delivery.attempts,
+        }
+    }
+}
+
 /// A delivery whose lease expired, as the release reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleasedDelivery {

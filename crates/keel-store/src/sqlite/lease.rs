@@ -176,11 +176,13 @@ impl LeaseTable {
     }
 
     /// Completes many rows in one statement, each fenced by its own token and the holder
-    /// `agent`: `items` are `(id, token, result)`. Returns the rows completed; an item whose
-    /// row is not among them was not changed (its claim is stale, or it does not exist).
+    /// `agent`: `items` are `(id, token, result)`. Returns the `returning` columns of the rows
+    /// completed; an item whose row is not among them was not changed (its claim is stale, or
+    /// it does not exist).
     pub(super) async fn complete_many<R>(
         &self,
         conn: &mut SqliteConnection,
+        returning: &str,
         agent: AgentId,
         items: &[(uuid::Uuid, &ClaimToken, &Value)],
         now_us: i64,
@@ -198,7 +200,7 @@ impl LeaseTable {
                 })
             })
             .collect();
-        Ok(sqlx::query_as(&self.complete_many_sql())
+        Ok(sqlx::query_as(&self.complete_many_sql(returning))
             .bind(Json(&reports))
             .bind(now_us)
             .bind(agent)
@@ -208,8 +210,8 @@ impl LeaseTable {
 
     /// The statement of [`Self::complete_many`]: `?1` the reports (a JSON array of `{"id"`
     /// (hex), `"token", "result"}`), `?2` now, `?3` the holder.
-    pub(super) fn complete_many_sql(&self) -> String {
-        let Self { table, columns, .. } = self;
+    pub(super) fn complete_many_sql(&self, returning: &str) -> String {
+        let table = self.table;
         format!(
             "UPDATE {table} SET \
                status = 'completed', attempt_outcome = 'completed', result = r.report_result, \
@@ -218,7 +220,7 @@ impl LeaseTable {
                      value -> '$.result' AS report_result FROM json_each(?1)) AS r \
              WHERE {table}.id = r.report_id AND {table}.status = 'executing' \
                AND {table}.claim_token = r.report_token AND {table}.claimed_by = ?3 \
-             RETURNING {columns}"
+             RETURNING {returning}"
         )
     }
 

@@ -25,8 +25,8 @@ use crate::model::{AgentId, ClaimToken, Idempotency, OrgId};
 use crate::notifications::model::{
     ChannelType, ClaimedDelivery, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryId,
     DeliveryOutcome, DeliveryPage, DeliveryReport, DeliveryStatus, Event, EventId, NewDelivery,
-    NewEvent, NewSetting, ReleasedDelivery, SealedSecret, Setting, SettingId, SettingKind,
-    Severity, Triggered, WorkerId,
+    NewEvent, NewSetting, RecordedDelivery, ReleasedDelivery, SealedSecret, Setting, SettingId,
+    SettingKind, Severity, Triggered, WorkerId,
 };
 use crate::notifications::{
     MAX_DELIVERIES_PER_EVENT, MAX_DELIVERY_CLAIM, MAX_DELIVERY_REPORTS, MAX_REQUEUE,
@@ -45,6 +45,9 @@ const DELIVERY_COLUMNS: &str = "id, org_id, event_id, event_type, severity, chan
      channel_type, recipient, subject, body, status, priority, attempts, max_attempts, run_at, \
      claimed_by, claim_token, lease_expires_at, result, error, dead_reason, created_at, \
      updated_at, finished_at, digest_of, digest_id";
+
+/// The columns a recorded outcome reads back, in [`RecordedRow`] order.
+const RECORDED_COLUMNS: &str = "id, org_id, event_id, channel_type, status, attempts";
 
 /// Deliveries are leased to the processor's workers.
 const DELIVERIES: LeaseTable = LeaseTable {
@@ -185,6 +188,29 @@ impl DeliveryRow {
 
     fn into_plain(self) -> StoreResult<Delivery> {
         Ok(self.into_delivery()?.0)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RecordedRow {
+    id: DeliveryId,
+    org_id: OrgId,
+    event_id: EventId,
+    channel_type: String,
+    status: String,
+    attempts: i64,
+}
+
+impl RecordedRow {
+    fn into_recorded(self) -> StoreResult<RecordedDelivery> {
+        Ok(RecordedDelivery {
+            id: self.id,
+            org_id: self.org_id,
+            event_id: self.event_id,
+            channel_type: self.channel_type.parse::<ChannelType>().map_err(corrupt)?,
+            status: self.status.parse::<DeliveryStatus>().map_err(corrupt)?,
+            attempts: to_u32(self.attempts)?,
+        })
     }
 }
 
@@ -821,7 +847,7 @@ impl NotificationStore for SqliteStore {
         &self,
         worker: WorkerId,
         reports: Vec<DeliveryReport>,
-    ) -> StoreResult<Vec<StoreResult<Delivery>>> {
+    ) -> StoreResult<Vec<StoreResult<RecordedDelivery>>> {
         if reports.len() > MAX_DELIVERY_REPORTS {
             return Err(StoreError::InvalidInput(format!(
                 "at most {MAX_DELIVERY_REPORTS} delivery reports at once"
@@ -833,7 +859,7 @@ impl NotificationStore for SqliteStore {
         let (now, now_us) = self.now_and_micros();
         self.write(Lane::Lease, move |conn| {
             Box::pin(async move {
-                let mut answers: Vec<Option<StoreResult<Delivery>>> =
+                let mut answers: Vec<Option<StoreResult<RecordedDelivery>>> =
                     (0..reports.len()).map(|_| None).collect();
                 // The deliveries sent, the common case, all in one statement.
                 let delivered: Vec<(uuid::Uuid, &ClaimToken, &Value)> = reports
@@ -846,12 +872,12 @@ impl NotificationStore for SqliteStore {
                     })
                     .collect();
                 if !delivered.is_empty() {
-                    let rows: Vec<DeliveryRow> = DELIVERIES
-                        .complete_many(conn, holder(worker), &delivered, now_us)
+                    let rows: Vec<RecordedRow> = DELIVERIES
+                        .complete_many(conn, RECORDED_COLUMNS, holder(worker), &delivered, now_us)
                         .await?;
-                    let mut completed: HashMap<DeliveryId, Delivery> = HashMap::new();
+                    let mut completed: HashMap<DeliveryId, RecordedDelivery> = HashMap::new();
                     for row in rows {
-                        let delivery = row.into_plain()?;
+                        let delivery = row.into_recorded()?;
                         completed.insert(delivery.id, delivery);
                     }
                     for (answer, report) in answers.iter_mut().zip(&reports) {
@@ -874,7 +900,9 @@ impl NotificationStore for SqliteStore {
                         continue;
                     }
                     sqlx::query("SAVEPOINT report").execute(&mut *conn).await?;
-                    let recorded = record(conn, worker, report, now, now_us).await;
+                    let recorded = record(conn, worker, report, now, now_us)
+                        .await
+                        .map(RecordedDelivery::from);
                     if recorded.is_err() {
                         sqlx::query("ROLLBACK TO report")
                             .execute(&mut *conn)
@@ -1131,7 +1159,11 @@ mod query_plans {
                     .to_owned(),
                 3,
             ),
-            ("complete many", DELIVERIES.complete_many_sql(), 3),
+            (
+                "complete many",
+                DELIVERIES.complete_many_sql(RECORDED_COLUMNS),
+                3,
+            ),
             (
                 "digest of a lead",
                 "SELECT id, status FROM deliveries WHERE digest_of = ?".to_owned(),

@@ -26,7 +26,7 @@ use keel_guard::supervisor::{Supervisor, TaskError};
 use keel_store::notifications::MAX_DELIVERY_CLAIM;
 use keel_store::notifications::model::{
     ChannelType, ClaimedDelivery, Delivery, DeliveryFailure, DeliveryOutcome, DeliveryReport,
-    DeliveryStatus, WorkerId,
+    DeliveryStatus, RecordedDelivery, WorkerId,
 };
 use keel_store::{Store, StoreResult};
 use parking_lot::Mutex;
@@ -542,7 +542,10 @@ impl Processor {
 
 /// Counts one recorded outcome, and audits a delivery whose attempts ran out; the delivery's
 /// status now, when it was recorded.
-fn account(report: &DeliveryReport, answer: StoreResult<Delivery>) -> Option<DeliveryStatus> {
+fn account(
+    report: &DeliveryReport,
+    answer: StoreResult<RecordedDelivery>,
+) -> Option<DeliveryStatus> {
     let after = match answer {
         Ok(after) => after,
         Err(error) => {
