@@ -470,11 +470,17 @@ impl Processor {
         done(match outcome {
             Outcome::Delivered(detail) => DeliveryOutcome::Delivered(detail),
             Outcome::Failed {
-                detail,
+                mut detail,
                 retryable,
                 retry_after,
             } => DeliveryOutcome::Failed(DeliveryFailure {
-                detail,
+                // The attempt's record says how long the receiver asked to wait.
+                detail: {
+                    if let (Some(wait), Some(object)) = (retry_after, detail.as_object_mut()) {
+                        object.insert("retry_after_s".to_owned(), json!(wait.as_secs()));
+                    }
+                    detail
+                },
                 retryable,
                 not_before: retry_after.map(|wait| {
                     self.store.now().saturating_add(

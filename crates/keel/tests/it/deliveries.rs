@@ -107,6 +107,7 @@ impl Drop for PythonReceiver {
 #[derive(Debug, Clone)]
 struct Seen {
     at: Instant,
+    path: String,
     headers: HeaderMap,
     body: String,
 }
@@ -151,6 +152,7 @@ impl Receiver {
 
 async fn receive(
     State(script): State<Arc<Mutex<Script>>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: String,
 ) -> axum::response::Response {
@@ -158,6 +160,7 @@ async fn receive(
     let n = script.seen.len();
     script.seen.push(Seen {
         at: Instant::now(),
+        path: uri.path().to_owned(),
         headers,
         body,
     });
@@ -167,6 +170,10 @@ async fn receive(
             match retry_after {
                 Some(seconds) => {
                     (status, [("retry-after", seconds.to_string())], "try later").into_response()
+                }
+                // A redirect names another path of this receiver.
+                None if status.is_redirection() => {
+                    (status, [("location", "/elsewhere")], "moved").into_response()
                 }
                 None => (status, "no").into_response(),
             }
@@ -280,7 +287,7 @@ async fn a_signature_by_an_unknown_secret_is_refused_by_the_receiver() {
 
 #[tokio::test]
 async fn a_receiver_that_fails_then_recovers_gets_the_delivery_on_the_fourth_attempt() {
-    let receiver = Receiver::start(vec![(500, Some(3)), (500, None), (500, None)]).await;
+    let receiver = Receiver::start(vec![(500, Some(3)), (500, Some(12)), (500, None)]).await;
     let (_server, ops) = setup(None).await;
     webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
     let triggered = ops
@@ -302,6 +309,10 @@ async fn a_receiver_that_fails_then_recovers_gets_the_delivery_on_the_fourth_att
         assert!(attempt["ended_at"].is_string());
     }
     assert_eq!(history[0]["detail"]["response"], "try later");
+    // Each attempt's record says how long the receiver asked to wait.
+    assert_eq!(history[0]["detail"]["retry_after_s"], 3);
+    assert_eq!(history[1]["detail"]["retry_after_s"], 12);
+    assert!(history[2]["detail"].get("retry_after_s").is_none());
 
     let seen = receiver.seen();
     assert_eq!(seen.len(), 4);
@@ -311,13 +322,56 @@ async fn a_receiver_that_fails_then_recovers_gets_the_delivery_on_the_fourth_att
         .map(|s| s.headers["webhook-id"].clone())
         .collect();
     assert!(ids.windows(2).all(|w| w[0] == w[1]));
-    // Retry-After 3 s is honoured; then the engine's backoff (at least half its 10 s and
-    // 20 s steps).
+    // Retry-After 3 s is honoured; so is 12 s, longer than any second backoff (5 to 10 s):
+    // only the header explains that wait. Then the engine's backoff (at least half its 20 s
+    // step).
     let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].at - w[0].at).collect();
     assert!(gaps[0] >= Duration::from_secs(3), "{gaps:?}");
-    assert!(gaps[1] >= Duration::from_secs(5), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_secs(12), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_secs(10), "{gaps:?}");
     assert!(seen.iter().all(|s| !s.body.is_empty()));
+}
+
+#[tokio::test]
+async fn configured_permanent_statuses_fail_at_once_and_redirects_are_not_followed() {
+    let receiver = Receiver::start(vec![(409, None), (302, None)]).await;
+    let server = Server::start_with(Options {
+        extra_toml: "[notifications]\nallowed_networks = [\"127.0.0.1\"]\n\
+                     permanent_statuses = [409]\n",
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let ops = server.key("acme", "notifications:write,notifications:read", None);
+    webhook_channel(&ops, &receiver.url, &[SECRET_OLD]).await;
+
+    // 409 is permanent by this configuration (it is not by default): failed, not retried.
+    let first = ops
+        .post("/v1/events", &json!({"event_type": "order_failed"}), 202)
+        .await;
+    let id = first["deliveries"][0].as_str().unwrap();
+    let failed = wait_for_status(&ops, id, "failed", Duration::from_secs(20)).await;
+    assert_eq!(failed["attempts"], 1, "{failed}");
+    assert_eq!(failed["attempt_history"][0]["outcome"], "failed");
+    assert_eq!(failed["attempt_history"][0]["detail"]["status"], 409);
+
+    // A redirect is an answer, not followed: a retryable failure, then the next attempt goes
+    // to the channel's own URL again.
+    let second = ops
+        .post("/v1/events", &json!({"event_type": "order_failed"}), 202)
+        .await;
+    let id = second["deliveries"][0].as_str().unwrap();
+    let done = wait_for_status(&ops, id, "completed", Duration::from_secs(30)).await;
+    let history = done["attempt_history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{done}");
+    assert_eq!(history[0]["outcome"], "retry");
+    assert_eq!(history[0]["detail"]["status"], 302);
+    let paths: Vec<String> = receiver.seen().into_iter().map(|s| s.path).collect();
+    assert_eq!(
+        paths,
+        ["/hook", "/hook", "/hook"],
+        "nothing reached the redirect's target"
+    );
 }
 
 #[tokio::test]
@@ -536,7 +590,7 @@ struct BotApi {
 
 impl BotApi {
     /// Answers like the Bot API: the first `sendMessage` is refused with 429 and
-    /// `retry_after: 2`, the next ones succeed.
+    /// `retry_after: 12`, the next ones succeed.
     async fn start() -> (Self, String) {
         let api = Self::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -561,7 +615,7 @@ async fn bot_api_call(
             StatusCode::TOO_MANY_REQUESTS,
             axum::Json(json!({"ok": false, "error_code": 429,
                               "description": "Too Many Requests: retry after 2",
-                              "parameters": {"retry_after": 2}})),
+                              "parameters": {"retry_after": 12}})),
         )
             .into_response();
     }
@@ -639,7 +693,7 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
         .collect();
     assert_eq!(ids.len(), 3);
     for id in &ids {
-        wait_for_status(&ops, id, "completed", Duration::from_secs(30)).await;
+        wait_for_status(&ops, id, "completed", Duration::from_secs(60)).await;
     }
 
     let received = receiver.received().await;
@@ -656,13 +710,14 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
     assert!(mail.contains("Site shop <down> since 12:00"), "{mail}");
     assert!(mail.contains("&lt;down&gt;"), "{mail}");
 
-    // The Bot API refused the first call with 429 and retry_after 2: the second came later.
+    // The Bot API refused the first call with 429 and retry_after 12, longer than any backoff
+    // after a second attempt (5 to 10 s): only the answer explains the wait.
     let calls = bot.calls.lock().clone();
     assert_eq!(calls.len(), 2);
     assert_eq!(calls[0].1, format!("/bot{bot_token}/sendMessage"));
     assert_eq!(calls[1].2["chat_id"], "-1001");
     assert!(calls[1].2["text"].as_str().unwrap().contains("site_down"));
-    assert!(calls[1].0 - calls[0].0 >= Duration::from_secs(2));
+    assert!(calls[1].0 - calls[0].0 >= Duration::from_secs(12));
     let telegram = ops.get("/v1/deliveries?channel_type=telegram", 200).await;
     let telegram_id = telegram["items"][0]["id"].as_str().unwrap();
     let detail = delivery(&ops, telegram_id).await;
@@ -673,6 +728,7 @@ async fn one_event_reaches_a_webhook_an_inbox_and_a_telegram_chat() {
     );
     assert_eq!(history[1]["outcome"], "retry");
     assert_eq!(history[1]["detail"]["status"], 429);
+    assert_eq!(history[1]["detail"]["retry_after_s"], 12);
     assert_eq!(history[2]["outcome"], "completed");
     let email = ops.get("/v1/deliveries?channel_type=email", 200).await;
     let email = delivery(&ops, email["items"][0]["id"].as_str().unwrap()).await;
