@@ -618,6 +618,7 @@ pub(super) struct RequeuedView {
     security(("api_key" = ["notifications:write"])),
     responses(
         (status = 200, description = "How many were requeued", body = RequeuedView),
+        (status = 422, description = "`validation_failed`: an unknown field or value, or a status other than `dead` or `failed`", body = ErrorBody),
     )
 )]
 pub(super) async fn requeue_many(

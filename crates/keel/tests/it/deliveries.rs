@@ -372,6 +372,36 @@ async fn configured_permanent_statuses_fail_at_once_and_redirects_are_not_follow
         ["/hook", "/hook", "/hook"],
         "nothing reached the redirect's target"
     );
+
+    // Requeued by filter: bad filters change nothing, another organisation requeues none of
+    // these, then the failed one goes out again.
+    for bad in [
+        json!({"status": "pending"}),
+        json!({"status": "bogus"}),
+        json!({"channel": "webhook"}),
+    ] {
+        let refused = ops.post("/v1/deliveries/requeue", &bad, 422).await;
+        assert!(refused["error"]["message"].is_string(), "{refused}");
+    }
+    server.create_org("globex");
+    let other = server.key("globex", "notifications:write", None);
+    let none = other
+        .post("/v1/deliveries/requeue", &json!({"status": "failed"}), 200)
+        .await;
+    assert_eq!(none["requeued"], 0);
+    let failed_id = first["deliveries"][0].as_str().unwrap();
+    assert_eq!(delivery(&ops, failed_id).await["status"], "failed");
+    let requeued = ops
+        .post(
+            "/v1/deliveries/requeue",
+            &json!({"status": "failed", "channel_type": "webhook"}),
+            200,
+        )
+        .await;
+    assert_eq!(requeued["requeued"], 1);
+    let redone = wait_for_status(&ops, failed_id, "completed", Duration::from_secs(20)).await;
+    assert_eq!(redone["attempt_history"].as_array().unwrap().len(), 2);
+    assert_eq!(receiver.seen().len(), 4);
 }
 
 #[tokio::test]
