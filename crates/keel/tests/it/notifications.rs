@@ -407,3 +407,75 @@ async fn scopes_and_organisations_keep_notifications_apart() {
         .await;
     assert_eq!(sent["deliveries"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_rule_is_created_read_replaced_and_deleted_and_each_version_classifies_the_next_event() {
+    let Setup {
+        server: _server,
+        ops,
+    } = setup().await;
+    let classify = |event_type: &'static str| {
+        let ops = ops.clone();
+        async move {
+            let answer = ops
+                .post("/v1/events", &json!({"event_type": event_type}), 202)
+                .await;
+            (answer["domain"].clone(), answer["severity"].clone())
+        }
+    };
+    let (default_domain, default_severity) = classify("invoice_late").await;
+
+    let created = ops
+        .post(
+            "/v1/rules",
+            &json!({"name": "billing", "pattern": "invoice_*", "domain": "billing",
+                    "keywords": ["_late"], "severity": "critical"}),
+            201,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/rules/{id}");
+    let read = ops.get(&path, 200).await;
+    assert_eq!(read["domain"], "billing", "{read}");
+    assert_eq!(read["pattern"], "invoice_*");
+    assert_eq!(
+        classify("invoice_late").await,
+        (json!("billing"), json!("critical"))
+    );
+
+    let replaced = ops
+        .call(
+            Method::PUT,
+            &path,
+            Some(&json!({"name": "billing", "pattern": "invoice_*", "domain": "money"})),
+            200,
+        )
+        .await;
+    assert_eq!(replaced["domain"], "money");
+    assert_eq!(classify("invoice_late").await.0, json!("money"));
+
+    // A bad replacement is refused and changes nothing; an unknown id is 404.
+    ops.call(
+        Method::PUT,
+        &path,
+        Some(&json!({"name": "billing", "pattern": "*", "domain": ""})),
+        422,
+    )
+    .await;
+    assert_eq!(ops.get(&path, 200).await["domain"], "money");
+    ops.call(
+        Method::PUT,
+        &format!("/v1/rules/{}", uuid::Uuid::now_v7()),
+        Some(&json!({"name": "x", "domain": "x"})),
+        404,
+    )
+    .await;
+
+    ops.call(Method::DELETE, &path, None, 204).await;
+    ops.get(&path, 404).await;
+    assert_eq!(ops.get("/v1/rules", 200).await, json!([]));
+    assert_eq!(
+        classify("invoice_late").await,
+        (default_domain, default_severity)
+    );
+}
