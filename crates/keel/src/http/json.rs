@@ -1,6 +1,8 @@
 //! `Json<T>`: axum's JSON extractor with its rejections turned into keel's error shape: a body
 //! that is not well-formed JSON (truncated included) is 400 `malformed_json`, well-formed JSON of
-//! the wrong shape is 422 `validation_failed`.
+//! the wrong shape is 422 `validation_failed`. Every request body is a JSON object: serde would
+//! also read a struct from an array of its fields in order (`["x"]` for `{"key": "x"}`), which no
+//! route documents, so anything else is 422 too.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection};
@@ -40,7 +42,10 @@ where
             .map_err(|rejection| bytes_rejection_to_error(&rejection, limit))?;
         let req = Request::from_parts(head, Body::from(bytes.clone()));
         match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Json(value)),
+            Ok(axum::Json(value)) if is_object(&bytes) => Ok(Json(value)),
+            Ok(_) => Err(ApiError::Validation(
+                "the request body must be a JSON object".to_owned(),
+            )),
             Err(JsonRejection::JsonDataError(error)) => match not_json(&bytes) {
                 Some(syntax) => Err(ApiError::MalformedJson(syntax)),
                 None => Err(ApiError::Validation(error.body_text())),
@@ -48,6 +53,11 @@ where
             Err(rejection) => Err(rejection_to_error(rejection, limit)),
         }
     }
+}
+
+/// Whether well-formed JSON `bytes` hold an object.
+fn is_object(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 /// Why `bytes` is not well-formed JSON, or `None` when it is.

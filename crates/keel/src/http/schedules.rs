@@ -267,6 +267,7 @@ pub(super) struct ListQuery {
     security(("api_key" = ["commands:read"])),
     responses(
         (status = 200, description = "A page of schedules", body = SchedulePageView),
+        (status = 422, description = "`validation_failed`: a bad cursor or limit, or an unknown parameter", body = ErrorBody),
     )
 )]
 pub(super) async fn list(
@@ -360,6 +361,7 @@ pub(super) struct FirePageView {
         (status = 200, description = "A page of fires", body = FirePageView),
         (status = 400, description = "`bad_request`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 422, description = "`validation_failed`: a bad `before` or limit, or an unknown parameter", body = ErrorBody),
     )
 )]
 pub(super) async fn list_fires(

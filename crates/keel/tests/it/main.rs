@@ -11,6 +11,7 @@
 mod admin;
 mod agents;
 mod audit;
+mod bad_input;
 mod cli;
 mod commands;
 mod connections;
