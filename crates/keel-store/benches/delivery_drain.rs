@@ -15,7 +15,9 @@
 //! client gets from a receiver is within reach of a store that records every delivery durably.
 //!
 //! `cargo bench -p keel-store --bench delivery_drain` (`[N=10000]` as the first argument after
-//! `--`); prints 3 runs at FULL and NORMAL.
+//! `--`); prints 3 runs at FULL and NORMAL. With `BACKLOG=1000000` it measures instead how the
+//! cost grows: on one store at FULL, three rounds of `N` queued and `N` drained (serial, then
+//! overlapped) with that many older deliveries pending, next to the same on an empty store.
 
 // Bench code: set-up failures are meant to stop the run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -27,7 +29,7 @@ use keel_store::notifications::model::{
     ChannelType, ClaimedDelivery, DeliveryOutcome, DeliveryReport, EventId, NewDelivery, NewEvent,
     Severity, WorkerId,
 };
-use keel_store::{SqliteOptions, SqliteStore, Store, Synchronous, SystemClock};
+use keel_store::{OrgId, SqliteOptions, SqliteStore, Store, Synchronous, SystemClock};
 use serde_json::json;
 
 /// Deliveries per claim, as the processor's claimer takes them (half of its buffer).
@@ -38,11 +40,32 @@ fn main() {
         .skip(1)
         .find_map(|arg| arg.parse().ok())
         .unwrap_or(10_000);
+    let backlog: usize = std::env::var("BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    if backlog > 0 {
+        // The same measures with `backlog` older deliveries pending, next to an empty queue.
+        for (name, pending) in [("empty", 0), ("backlog", backlog)] {
+            for (round, (queued, serial, overlapped)) in rt
+                .block_on(run_on_one_store(n, pending))
+                .into_iter()
+                .enumerate()
+            {
+                println!(
+                    "FULL, {name} ({pending} pending), round {}: queued {queued:.0}/s, \
+                     serial drain {serial:.0}/s, overlapped drain {overlapped:.0}/s",
+                    round + 1
+                );
+            }
+        }
+        return;
+    }
     println!(
         "{:<8} {:>12} {:>16} {:>20}",
         "sync", "queued/s", "serial drain/s", "overlapped drain/s"
@@ -56,9 +79,7 @@ fn main() {
     }
 }
 
-/// Returns (deliveries queued per second, deliveries drained per second).
-async fn run(n: usize, synchronous: Synchronous, overlapped: bool) -> (f64, f64) {
-    let dir = tempfile::tempdir().unwrap();
+async fn open(dir: &tempfile::TempDir, synchronous: Synchronous) -> (SqliteStore, OrgId) {
     let options = SqliteOptions {
         synchronous,
         ..SqliteOptions::default()
@@ -67,9 +88,62 @@ async fn run(n: usize, synchronous: Synchronous, overlapped: bool) -> (f64, f64)
         .await
         .unwrap();
     let org = store.create_organisation("bench").await.unwrap().id;
-    let notifications = store.notifications();
+    (store, org)
+}
 
-    // Queued by 8 callers at once, as the HTTP triggers queue them.
+/// Returns (deliveries queued per second, deliveries drained per second).
+async fn run(n: usize, synchronous: Synchronous, overlapped: bool) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, org) = open(&dir, synchronous).await;
+    let queued = queue(&store, org, n).await;
+    let drained = drain(&store, n, overlapped).await;
+    assert_eq!(
+        store
+            .notifications()
+            .claim_deliveries(WorkerId::new(), 1)
+            .await
+            .unwrap()
+            .len(),
+        0,
+        "every queued delivery was drained once"
+    );
+    store.close().await;
+    (queued, drained)
+}
+
+/// At FULL, on one store with `pending` older deliveries queued first (1,000 an event), three
+/// rounds of: `n` queued (per second), `n` drained serially (per second), `n` more queued and
+/// `n` drained overlapped (per second). The oldest go first, so from the backlog when there is
+/// one; the rounds show whether a first drain's cost after the fill lasts.
+async fn run_on_one_store(n: usize, pending: usize) -> Vec<(f64, f64, f64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, org) = open(&dir, Synchronous::Full).await;
+    let mut filled = 0;
+    while filled < pending {
+        let count = (pending - filled).min(1000);
+        let deliveries = (filled..filled + count).map(delivery).collect();
+        store
+            .notifications()
+            .trigger(org, event(), deliveries)
+            .await
+            .unwrap();
+        filled += count;
+    }
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let queued = queue(&store, org, n).await;
+        let serial = drain(&store, n, false).await;
+        queue(&store, org, n).await;
+        let overlapped = drain(&store, n, true).await;
+        rounds.push((queued, serial, overlapped));
+    }
+    store.close().await;
+    rounds
+}
+
+/// Queues `n` deliveries, one event each, by 8 callers at once as the HTTP triggers queue them;
+/// returns how many a second.
+async fn queue(store: &SqliteStore, org: OrgId, n: usize) -> f64 {
     let started = Instant::now();
     let callers: Vec<_> = (0..8)
         .map(|caller| {
@@ -88,25 +162,41 @@ async fn run(n: usize, synchronous: Synchronous, overlapped: bool) -> (f64, f64)
     for caller in callers {
         caller.await.unwrap();
     }
-    let queued = n as f64 / started.elapsed().as_secs_f64();
+    n as f64 / started.elapsed().as_secs_f64()
+}
 
+/// Claims `n` deliveries in claims of [`BATCH`] and records each claim delivered; returns how
+/// many a second.
+async fn drain(store: &SqliteStore, n: usize, overlapped: bool) -> f64 {
+    let notifications = store.notifications();
     let worker = WorkerId::new();
+    let claim = |drained: usize| {
+        let want = u32::try_from((n - drained).min(BATCH as usize)).unwrap();
+        notifications.claim_deliveries(worker, want)
+    };
     let started = Instant::now();
     let mut drained = 0;
     if overlapped {
-        let mut claimed = notifications.claim_deliveries(worker, BATCH).await.unwrap();
+        let mut claimed = claim(drained).await.unwrap();
         while !claimed.is_empty() {
             drained += claimed.len();
+            let next = async {
+                if drained < n {
+                    claim(drained).await.unwrap()
+                } else {
+                    Vec::new()
+                }
+            };
             let (next, recorded) = tokio::join!(
-                notifications.claim_deliveries(worker, BATCH),
+                next,
                 notifications.record_deliveries(worker, delivered(&claimed)),
             );
             assert_all_recorded(recorded.unwrap(), claimed.len());
-            claimed = next.unwrap();
+            claimed = next;
         }
     } else {
-        loop {
-            let claimed = notifications.claim_deliveries(worker, BATCH).await.unwrap();
+        while drained < n {
+            let claimed = claim(drained).await.unwrap();
             if claimed.is_empty() {
                 break;
             }
@@ -119,12 +209,8 @@ async fn run(n: usize, synchronous: Synchronous, overlapped: bool) -> (f64, f64)
         }
     }
     let elapsed = started.elapsed();
-    assert_eq!(drained, n, "every queued delivery was drained once");
-    store.close().await;
-    (
-        queued,
-        n as f64 / elapsed.max(Duration::from_micros(1)).as_secs_f64(),
-    )
+    assert_eq!(drained, n, "{n} deliveries drained, each once");
+    n as f64 / elapsed.max(Duration::from_micros(1)).as_secs_f64()
 }
 
 fn event() -> NewEvent {
@@ -143,7 +229,8 @@ fn delivery(i: usize) -> NewDelivery {
     NewDelivery {
         channel_id: None,
         channel_type: ChannelType::Webhook,
-        recipient: "http://127.0.0.1:9/hook".to_owned(),
+        // One recipient each: deliveries of one event are unique per recipient.
+        recipient: format!("http://127.0.0.1:9/hook/{i}"),
         subject: format!("bench_completed {i}"),
         body: json!({
             "event_type": "bench_completed",
