@@ -51,7 +51,9 @@ macro_rules! notification_conformance_tests {
         $(
             #[tokio::test]
             async fn $name() {
-                let (_guard, store, clock) = $setup().await;
+                let Some((_guard, store, clock)) = $setup().await else {
+                    return;
+                };
                 $crate::conformance_notifications::$name(&*store, &clock).await;
             }
         )+

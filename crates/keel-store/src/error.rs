@@ -63,8 +63,19 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut => {
                 StoreError::Busy("no database connection free in time".to_owned())
             }
-            sqlx::Error::Database(db) if is_busy_code(db.code().as_deref()) => {
+            sqlx::Error::Database(db) if is_postgres_unavailable(db.as_ref()) => {
+                StoreError::Unavailable(format!("the database went away ({})", db.message()))
+            }
+            sqlx::Error::Database(db) if is_busy(db.as_ref()) => {
                 StoreError::Busy(format!("database locked ({})", db.message()))
+            }
+            // The database server cannot be reached, or dropped the connection: the caller may
+            // retry once it is back.
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(format!("the database cannot be reached ({err})"))
             }
             _ => StoreError::Database(err),
         }
@@ -95,11 +106,30 @@ impl StoreError {
     }
 }
 
-/// SQLite's `SQLITE_BUSY` (5) and `SQLITE_LOCKED` (6), with their extended codes (the low byte
-/// is the primary code).
-fn is_busy_code(code: Option<&str>) -> bool {
+/// A write that lost a race and may simply be retried: SQLite's `SQLITE_BUSY` (5) and
+/// `SQLITE_LOCKED` (6), with their extended codes (the low byte is the primary code);
+/// PostgreSQL's serialization failure, deadlock and lock-not-available SQLSTATEs.
+fn is_busy(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let code = db.code();
+    let code = code.as_deref();
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        return matches!(code, Some("40001" | "40P01" | "55P03"));
+    }
     code.and_then(|code| code.parse::<i64>().ok())
         .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
+/// PostgreSQL shutting down or not accepting connections yet (SQLSTATE class 08, connection
+/// exceptions, and 57P01–57P03).
+fn is_postgres_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|pg| {
+            let code = pg.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        })
 }
 
 /// The error and its sources, as one line.

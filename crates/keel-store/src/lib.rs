@@ -10,6 +10,7 @@
 //!   missed-fire policy.
 //! - [`notifications`]: notification settings, events and deliveries.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
+//! - [`postgres`]: the PostgreSQL backend (several instances on one database).
 //! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
 //! - [`backoff`]: the delay before a failed command is retried.
 //! - [`mod@error`]: the error type, [`StoreError`].
@@ -19,10 +20,12 @@
 
 pub mod backoff;
 pub mod clock;
+mod common;
 pub mod error;
 pub mod labels;
 pub mod model;
 pub mod notifications;
+pub mod postgres;
 pub mod schedule;
 pub mod sqlite;
 pub mod store;
@@ -47,6 +50,7 @@ pub use model::{
     OperatorKey, OperatorKeyId, OrgId, Organisation, Page, PausedQueue, Principal, ReleaseOutcome,
     Released, ScheduleId, ScheduleState, Scope, Target, UnknownName,
 };
+pub use postgres::{PgOptions, PgStore, is_postgres_url};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous, WritePressure, WriterOptions};
 pub use store::{

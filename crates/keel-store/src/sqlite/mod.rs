@@ -44,6 +44,9 @@ use self::rows::{
 use self::writer::{Lane, Writer};
 pub use self::writer::{WritePressure, WriterOptions};
 use crate::clock::Clock;
+use crate::common::{
+    conflict_as, found, missing_as, not_a_broadcast, page_of, validate_new_command,
+};
 use crate::error::{StoreError, StoreResult};
 use crate::labels::Labels;
 use crate::model::{
@@ -418,35 +421,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_api_key(&self, org: OrgId, key: NewApiKey) -> StoreResult<CreatedApiKey> {
-        if key.name.trim().is_empty() || key.name.chars().any(char::is_control) {
-            return Err(StoreError::InvalidInput(
-                "name: printable characters, not empty".to_owned(),
-            ));
-        }
-        let scopes: Vec<Scope> = Scope::ALL
-            .iter()
-            .copied()
-            .filter(|s| key.scopes.contains(s))
-            .collect();
-        if scopes.is_empty() {
-            return Err(StoreError::InvalidInput(
-                "an API key needs a scope".to_owned(),
-            ));
-        }
-        let agent_name = match (scopes.contains(&Scope::Agent), &key.agent_name) {
-            (true, Some(name)) if !name.trim().is_empty() => Some(name.clone()),
-            (true, _) => {
-                return Err(StoreError::InvalidInput(
-                    "an agent key needs an agent name".to_owned(),
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(StoreError::InvalidInput(
-                    "only a key with the agent scope is bound to an agent".to_owned(),
-                ));
-            }
-            (false, None) => None,
-        };
+        let (scopes, agent_name) = crate::common::check_new_api_key(&key)?;
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
@@ -1435,28 +1410,6 @@ where
     Ok(row.filter(|row| !row.is_revoked() && token::matches(token, row.token_hash())))
 }
 
-/// A page from `items`, read with one more than `limit` to know whether there is a next page:
-/// at most `limit` of them, and the cursor of the next page (the last one's id) when there is
-/// one.
-fn page_of<T, I>(mut items: Vec<T>, limit: u32, id: impl Fn(&T) -> I) -> (Vec<T>, Option<I>) {
-    if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        let cursor = items.last().map(id);
-        (items, cursor)
-    } else {
-        (items, None)
-    }
-}
-
-/// `NotFound` unless a statement changed a row.
-fn found(rows_affected: u64) -> StoreResult<()> {
-    if rows_affected == 0 {
-        Err(StoreError::NotFound)
-    } else {
-        Ok(())
-    }
-}
-
 /// The answer to a create whose idempotency key was seen before.
 fn replay(existing: CommandRow, idem: &Idempotency) -> StoreResult<Created> {
     if existing.request_hash.as_deref() != Some(idem.request_hash.as_str()) {
@@ -1466,52 +1419,6 @@ fn replay(existing: CommandRow, idem: &Idempotency) -> StoreResult<Created> {
         command: existing.into_command()?.0,
         created: false,
     })
-}
-
-fn validate_new_command(command: &NewCommand) -> StoreResult<()> {
-    let invalid = |msg: &str| Err(StoreError::InvalidInput(msg.to_owned()));
-    if command.command_type.trim().is_empty() {
-        return invalid("command type is empty");
-    }
-    if let Target::Queue(queue) = &command.target
-        && let Err(rule) = crate::store::check_queue_name(queue)
-    {
-        return Err(StoreError::InvalidInput(format!("queue: {rule}")));
-    }
-    if command.max_attempts == 0 {
-        return invalid("max_attempts must be at least 1");
-    }
-    if command.lease_duration < Duration::from_millis(1) {
-        return invalid("lease_duration must be at least 1 ms");
-    }
-    Ok(())
-}
-
-/// A broadcast is created with its children ([`Store::create_broadcast`]), never alone.
-fn not_a_broadcast(command: &NewCommand) -> StoreResult<()> {
-    match command.target {
-        Target::Broadcast(_) => Err(StoreError::InvalidInput(
-            "a broadcast is created with its children".to_owned(),
-        )),
-        Target::Agent(_) | Target::Queue(_) => Ok(()),
-    }
-}
-
-/// Rewrites a `Conflict` with a message that names what exists.
-fn conflict_as(err: StoreError, message: String) -> StoreError {
-    match err {
-        StoreError::Conflict(_) => StoreError::Conflict(message),
-        other => other,
-    }
-}
-
-/// Turns a foreign key violation (a referenced row is missing) into `missing`.
-fn missing_as(err: StoreError, missing: StoreError) -> StoreError {
-    if err.is_foreign_key_violation() {
-        missing
-    } else {
-        err
-    }
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@ use sqlx::types::Json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::error::{StoreError, StoreResult};
+pub(super) use crate::common::{corrupt, duration_millis, parse_status, to_u32};
+use crate::error::StoreResult;
 use crate::labels::Labels;
 use crate::model::{
     Agent, AgentId, ApiKey, ApiKeyId, Attempt, Broadcast, ClaimToken, Claimed, Command, CommandId,
-    CommandStatus, DeadReason, OrgId, Organisation, PausedQueue, Scope, Target,
+    DeadReason, OrgId, Organisation, PausedQueue, Scope, Target,
 };
 
 pub(super) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
@@ -26,23 +27,6 @@ pub(super) fn to_micros(t: OffsetDateTime) -> i64 {
 pub(super) fn from_micros(micros: i64) -> StoreResult<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
         .map_err(|err| corrupt(format!("instant {micros} µs: {err}")))
-}
-
-pub(super) fn duration_millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-pub(super) fn to_u32(value: i64) -> StoreResult<u32> {
-    u32::try_from(value).map_err(|_| corrupt(format!("{value} is not a count")))
-}
-
-pub(super) fn parse_status(status: &str) -> StoreResult<CommandStatus> {
-    status.parse().map_err(corrupt)
-}
-
-/// A stored value the code cannot read back.
-pub(super) fn corrupt(what: impl ToString) -> StoreError {
-    StoreError::Database(sqlx::Error::Decode(what.to_string().into()))
 }
 
 #[derive(sqlx::FromRow)]

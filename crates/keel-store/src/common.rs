@@ -1,0 +1,135 @@
+//! Rules every backend applies alike: checks of new commands, paging, and the mapping of
+//! database errors to what they mean.
+
+use std::time::Duration;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::{CommandStatus, NewApiKey, NewCommand, Scope, Target};
+
+/// A page from `items`, read with one more than `limit` to know whether there is a next page:
+/// at most `limit` of them, and the cursor of the next page (the last one's id) when there is
+/// one.
+pub(crate) fn page_of<T, I>(
+    mut items: Vec<T>,
+    limit: u32,
+    id: impl Fn(&T) -> I,
+) -> (Vec<T>, Option<I>) {
+    if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        let cursor = items.last().map(id);
+        (items, cursor)
+    } else {
+        (items, None)
+    }
+}
+
+/// `NotFound` unless a statement changed a row.
+pub(crate) fn found(rows_affected: u64) -> StoreResult<()> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
+/// The rules every new command meets, whatever its backend.
+pub(crate) fn validate_new_command(command: &NewCommand) -> StoreResult<()> {
+    let invalid = |msg: &str| Err(StoreError::InvalidInput(msg.to_owned()));
+    if command.command_type.trim().is_empty() {
+        return invalid("command type is empty");
+    }
+    if let Target::Queue(queue) = &command.target
+        && let Err(rule) = crate::store::check_queue_name(queue)
+    {
+        return Err(StoreError::InvalidInput(format!("queue: {rule}")));
+    }
+    if command.max_attempts == 0 {
+        return invalid("max_attempts must be at least 1");
+    }
+    if command.lease_duration < Duration::from_millis(1) {
+        return invalid("lease_duration must be at least 1 ms");
+    }
+    Ok(())
+}
+
+/// A broadcast is created with its children ([`Store::create_broadcast`]), never alone.
+pub(crate) fn not_a_broadcast(command: &NewCommand) -> StoreResult<()> {
+    match command.target {
+        Target::Broadcast(_) => Err(StoreError::InvalidInput(
+            "a broadcast is created with its children".to_owned(),
+        )),
+        Target::Agent(_) | Target::Queue(_) => Ok(()),
+    }
+}
+
+/// Rewrites a `Conflict` with a message that names what exists.
+pub(crate) fn conflict_as(err: StoreError, message: String) -> StoreError {
+    match err {
+        StoreError::Conflict(_) => StoreError::Conflict(message),
+        other => other,
+    }
+}
+
+/// Turns a foreign key violation (a referenced row is missing) into `missing`.
+pub(crate) fn missing_as(err: StoreError, missing: StoreError) -> StoreError {
+    if err.is_foreign_key_violation() {
+        missing
+    } else {
+        err
+    }
+}
+
+/// A stored value the code cannot read back.
+pub(crate) fn corrupt(what: impl ToString) -> StoreError {
+    StoreError::Database(sqlx::Error::Decode(what.to_string().into()))
+}
+
+/// A stored count as `u32`.
+pub(crate) fn to_u32(value: i64) -> StoreResult<u32> {
+    u32::try_from(value).map_err(|_| corrupt(format!("{value} is not a count")))
+}
+
+/// A stored command status.
+pub(crate) fn parse_status(status: &str) -> StoreResult<CommandStatus> {
+    status.parse().map_err(corrupt)
+}
+
+/// A duration in whole milliseconds, as the lease columns keep it.
+pub(crate) fn duration_millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The scopes of a new API key, in their canonical order, and the agent it is bound to; `Err`
+/// names what is wrong with the request.
+pub(crate) fn check_new_api_key(key: &NewApiKey) -> StoreResult<(Vec<Scope>, Option<String>)> {
+    if key.name.trim().is_empty() || key.name.chars().any(char::is_control) {
+        return Err(StoreError::InvalidInput(
+            "name: printable characters, not empty".to_owned(),
+        ));
+    }
+    let scopes: Vec<Scope> = Scope::ALL
+        .iter()
+        .copied()
+        .filter(|s| key.scopes.contains(s))
+        .collect();
+    if scopes.is_empty() {
+        return Err(StoreError::InvalidInput(
+            "an API key needs a scope".to_owned(),
+        ));
+    }
+    let agent_name = match (scopes.contains(&Scope::Agent), &key.agent_name) {
+        (true, Some(name)) if !name.trim().is_empty() => Some(name.clone()),
+        (true, _) => {
+            return Err(StoreError::InvalidInput(
+                "an agent key needs an agent name".to_owned(),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(StoreError::InvalidInput(
+                "only a key with the agent scope is bound to an agent".to_owned(),
+            ));
+        }
+        (false, None) => None,
+    };
+    Ok((scopes, agent_name))
+}
