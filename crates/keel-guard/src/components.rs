@@ -74,6 +74,8 @@ pub enum ComponentKind {
     Task,
     /// A periodic job run by [`crate::supervisor::Supervisor::every`].
     Job,
+    /// A state reported from outside through a [`Probe`] (the database, this instance).
+    Probe,
 }
 
 /// The last panic of a component, without the backtrace (that is in [`crate::panic::recent`]).
@@ -126,6 +128,8 @@ pub struct ComponentStatus {
     /// When the next scheduled tick is due (jobs only, while the job runs).
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_tick: Option<OffsetDateTime>,
+    /// What a probe says of itself (probes only).
+    pub detail: Option<String>,
 }
 
 /// Tick statistics of one periodic job.
@@ -161,6 +165,42 @@ pub struct JobStats {
     pub last_error: Option<String>,
 }
 
+/// A component whose state is reported from outside ([`Components::probe`]): healthy
+/// (running) or degraded, with the error that made it so, and a detail of its own.
+#[derive(Clone)]
+pub struct Probe(Slot);
+
+impl fmt::Debug for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Probe")
+            .field(&self.0.0.lock().status.name)
+            .finish()
+    }
+}
+
+impl Probe {
+    /// Running again (a no-op when it is).
+    pub fn healthy(&self) {
+        self.0.set_state(ComponentState::Running);
+    }
+
+    /// Degraded by `error` (readiness fails while it is).
+    pub fn degraded(&self, error: String) {
+        self.0.record_error(error);
+        self.0.set_state(ComponentState::Degraded);
+    }
+
+    /// Sets the detail shown with the component.
+    pub fn set_detail(&self, detail: String) {
+        self.0.0.lock().status.detail = Some(detail);
+    }
+
+    /// Whether it is degraded now.
+    pub fn is_degraded(&self) -> bool {
+        self.0.0.lock().status.state == ComponentState::Degraded
+    }
+}
+
 /// The registry of components. Cheap to clone; all clones share the same entries.
 #[derive(Clone, Default)]
 pub struct Components {
@@ -179,6 +219,14 @@ impl Components {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Registers a probe: a component whose state is set from outside, running until told
+    /// otherwise.
+    pub fn probe(&self, name: &str) -> Probe {
+        let slot = self.register(name, ComponentKind::Probe, None);
+        slot.set_state(ComponentState::Running);
+        Probe(slot)
     }
 
     /// Every component, in registration order.
@@ -236,6 +284,7 @@ impl Components {
             next_restart: None,
             last_tick: None,
             next_tick: None,
+            detail: None,
         };
         let job = interval.map(JobData::new);
         let slot = Slot(Arc::new(Mutex::new(Entry { status, job })));

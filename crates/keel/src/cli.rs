@@ -27,6 +27,36 @@ pub enum Command {
     Admin(crate::admin::AdminArgs),
     /// Run an agent: claim commands from a keel server and run a program for each.
     Agent(crate::agent::AgentArgs),
+    /// Apply the database migrations this keel has and the database lacks, then exit
+    /// (`keel serve` applies them at start too, unless `store.migrate = false`).
+    Migrate(SourceArgs),
+    /// Move an installation between databases.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `keel store` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy everything from an SQLite file into an empty, migrated PostgreSQL database, queued
+    /// and running work included. Stop every keel on the SQLite file first
+    /// (docs/store.md, "Moving to PostgreSQL").
+    Copy(CopyArgs),
+}
+
+/// `keel store copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The SQLite database file (`<data_dir>/keel.db`).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The PostgreSQL URL (`postgres://user:password@host:5432/database`); its migrations are
+    /// applied first.
+    #[arg(long)]
+    pub to: String,
+    /// The PostgreSQL schema keel's tables live in (default: the database's search path).
+    #[arg(long)]
+    pub schema: Option<String>,
 }
 
 /// Where the configuration comes from; accepted before or after a subcommand
@@ -39,6 +69,10 @@ pub struct SourceArgs {
     /// Data directory (overrides `data_dir`).
     #[arg(long, global = true)]
     pub data_dir: Option<PathBuf>,
+    /// The database (overrides `store.url`): an SQLite file's path, or a PostgreSQL URL
+    /// (`postgres://user:password@host:5432/database`).
+    #[arg(long, global = true)]
+    pub store_url: Option<String>,
 }
 
 impl SourceArgs {
@@ -47,6 +81,7 @@ impl SourceArgs {
         Overrides {
             listen: None,
             data_dir: self.data_dir.clone(),
+            store_url: self.store_url.clone(),
         }
     }
 }

@@ -27,10 +27,20 @@ pub const DATABASE_FILE: &str = "keel.db";
 const UNSET_ADMIN_TOKEN: &str =
     "[admin]\n# token is unset: keel serve generates one in <data_dir>/admin-token\n";
 
+/// How `keel config` shows an unset `store.url`.
+const UNSET_STORE_URL: &str = "[store]\n# url is unset: SQLite in <data_dir>/keel.db (an SQLite path or a postgres:// URL may be set)\n";
+
 /// Environment variables with the `KEEL_` prefix that are not configuration keys: `KEEL_CONFIG`
-/// (the file), `KEEL_FAILPOINTS` (docs/failpoints.md) and `KEEL_REQUIRE_BROWSER` (CI sets it
-/// for the whole test run, whose servers must still start; docs/operator-page.md).
-const NON_CONFIG_ENV: &[&str] = &["CONFIG", "FAILPOINTS", "REQUIRE_BROWSER"];
+/// (the file), `KEEL_FAILPOINTS` (docs/failpoints.md), and `KEEL_REQUIRE_BROWSER`,
+/// `KEEL_TEST_POSTGRES_URL` and `KEEL_REQUIRE_POSTGRES` (CI sets them for the whole test run,
+/// whose servers must still start; docs/operator-page.md, docs/store.md).
+const NON_CONFIG_ENV: &[&str] = &[
+    "CONFIG",
+    "FAILPOINTS",
+    "REQUIRE_BROWSER",
+    "TEST_POSTGRES_URL",
+    "REQUIRE_POSTGRES",
+];
 
 /// Prefixes (after `KEEL_`) of variables that belong to other parts of keel, not to the
 /// server's configuration: `KEEL_AGENT_*` are `keel agent`'s flags, `KEEL_COMMAND_*` what the
@@ -77,37 +87,88 @@ pub struct Config {
     pub notifications: crate::notifications::config::NotificationsConfig,
 }
 
-/// The database (embedded SQLite in `<data_dir>/keel.db`).
+/// The database: embedded SQLite in `<data_dir>/keel.db` by default, or PostgreSQL when `url`
+/// names one (several keel instances may share it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `full` (default): a committed change survives a power loss; `normal`: it survives a
-    /// process kill, and the last commits may be lost on a power loss. See docs/store.md.
+    /// Where the data lives: unset (SQLite in `<data_dir>/keel.db`), an SQLite file's path, or a
+    /// PostgreSQL URL (`postgres://user:password@host:5432/database`). A secret: it may hold a
+    /// password.
+    pub url: Option<Secret>,
+    /// Applies the migrations the database lacks at start (`false`: refuse to start until
+    /// `keel migrate` applied them). keel always refuses a database migrated by a newer keel.
+    pub migrate: bool,
+    /// SQLite: `full` (default): a committed change survives a power loss; `normal`: it
+    /// survives a process kill, and the last commits may be lost on a power loss. See
+    /// docs/store.md.
     pub synchronous: keel_store::Synchronous,
-    /// Connections of the read pool.
+    /// SQLite: connections of the read pool.
     pub read_connections: u32,
-    /// Writes that may wait for the writer; when it is full, a write waits up to
+    /// SQLite: writes that may wait for the writer; when it is full, a write waits up to
     /// `write_timeout` for room, then the request gets 503 `overloaded`.
     pub write_queue: usize,
-    /// The most writes committed together in one group.
+    /// SQLite: the most writes committed together in one group.
     pub max_group: usize,
-    /// How long a write waits for room in a full queue (and the writer for another process's
-    /// lock, a reader for a free connection).
+    /// SQLite: how long a write waits for room in a full queue (and the writer for another
+    /// process's lock, a reader for a free connection).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// PostgreSQL: the connection pool.
+    pub postgres: PostgresConfig,
+}
+
+/// The PostgreSQL connection pool of one keel instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// The most connections this instance opens.
+    pub max_connections: u32,
+    /// Connections kept open while idle.
+    pub min_connections: u32,
+    /// How long an operation waits for a connection before the request gets 503 with
+    /// `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+    /// The schema keel's tables live in (empty: the database's default search path).
+    pub schema: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        let options = keel_store::PgOptions::new("");
+        Self {
+            max_connections: options.max_connections,
+            min_connections: options.min_connections,
+            acquire_timeout: options.acquire_timeout,
+            schema: String::new(),
+        }
+    }
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         let sqlite = keel_store::SqliteOptions::default();
         Self {
+            url: None,
+            migrate: true,
             synchronous: sqlite.synchronous,
             read_connections: sqlite.read_connections,
             write_queue: sqlite.writer.queue_capacity,
             max_group: sqlite.writer.max_group,
             write_timeout: sqlite.writer.enqueue_timeout,
+            postgres: PostgresConfig::default(),
         }
     }
+}
+
+/// Which database a configuration names.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database.
+    Postgres(keel_store::PgOptions),
 }
 
 /// Commands, agents and leases.
@@ -387,6 +448,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data-dir`
     pub data_dir: Option<PathBuf>,
+    /// `--store-url`
+    pub store_url: Option<String>,
 }
 
 impl Config {
@@ -415,6 +478,9 @@ impl Config {
         }
         if let Some(dir) = &overrides.data_dir {
             figment = figment.merge(("data_dir", dir));
+        }
+        if let Some(url) = &overrides.store_url {
+            figment = figment.merge(("store.url", url));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
@@ -462,6 +528,22 @@ impl Config {
                 "must be at least commands.schedule_interval",
             );
         }
+        if self.store.postgres.max_connections == 0 {
+            return invalid("store.postgres.max_connections", "must be at least 1");
+        }
+        if self.store.postgres.acquire_timeout.is_zero() {
+            return invalid("store.postgres.acquire_timeout", "must be longer than 0s");
+        }
+        let schema = &self.store.postgres.schema;
+        if !schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return invalid(
+                "store.postgres.schema",
+                "a schema name of a-z, 0-9 and _ (or empty)",
+            );
+        }
         self.validate_command_limits()?;
         self.supervisor.validate()?;
         self.overload
@@ -506,9 +588,33 @@ impl Config {
         Ok(())
     }
 
-    /// The SQLite database file.
+    /// The SQLite database file: `store.url` when it is a path, `<data_dir>/keel.db` when
+    /// it is unset.
     pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join(DATABASE_FILE)
+        match &self.store.url {
+            Some(url) if !url.expose_secret().is_empty() => {
+                let url = url.expose_secret();
+                PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))
+            }
+            _ => self.data_dir.join(DATABASE_FILE),
+        }
+    }
+
+    /// The database `store.url` names.
+    pub fn backend(&self) -> Backend {
+        match &self.store.url {
+            Some(url) if keel_store::is_postgres_url(url.expose_secret()) => {
+                let postgres = &self.store.postgres;
+                Backend::Postgres(keel_store::PgOptions {
+                    max_connections: postgres.max_connections,
+                    min_connections: postgres.min_connections,
+                    acquire_timeout: postgres.acquire_timeout,
+                    schema: (!postgres.schema.is_empty()).then(|| postgres.schema.clone()),
+                    ..keel_store::PgOptions::new(url.expose_secret())
+                })
+            }
+            _ => Backend::Sqlite(self.database_path()),
+        }
     }
 
     /// The configuration as TOML, every key with its effective value; every [`Secret`]
@@ -518,6 +624,9 @@ impl Config {
         let mut text = toml::to_string_pretty(self)?;
         if self.admin.token.is_none() {
             text = text.replacen("[admin]\n", UNSET_ADMIN_TOKEN, 1);
+        }
+        if self.store.url.is_none() {
+            text = text.replacen("[store]\n", UNSET_STORE_URL, 1);
         }
         Ok(text)
     }
@@ -568,6 +677,7 @@ mod tests {
             let flags = Overrides {
                 listen: Some("127.0.0.1:9003".parse().unwrap()),
                 data_dir: Some("from-flag".into()),
+                store_url: None,
             };
             let config = Config::load_with_env(None, &flags, Env::prefixed("KEEL_")).unwrap();
             assert_eq!(config.http.listen.to_string(), "127.0.0.1:9003");

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod deliveries;

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::process::ExitCode;
 
 use clap::Parser;
-use keel::cli::{Cli, Command};
+use keel::cli::{Cli, Command, StoreCommand};
 use keel::config::Config;
 
 fn main() -> ExitCode {
@@ -20,6 +20,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Agent(args) => block_on(keel::agent::run(args)),
+        Command::Migrate(args) => match Config::load(args.config.as_deref(), &args.overrides()) {
+            Ok(config) => block_on(async move { keel::server::migrate(&config).await }),
+            Err(error) => fail(&error),
+        },
+        Command::Store(StoreCommand::Copy(args)) => block_on(keel::server::copy_store(args)),
         Command::Admin(args) => block_on(keel::admin::run(args)),
         Command::Config(args) => {
             match Config::load(args.source.config.as_deref(), &args.overrides())

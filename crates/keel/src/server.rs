@@ -15,19 +15,23 @@ use keel_guard::periodic::JobHandle;
 use keel_guard::supervisor::Supervisor;
 use keel_log::Logger;
 use keel_store::{
-    ExposeSecret, NewApiKey, Scope, SecretString, SqliteOptions, SqliteStore, Store, SystemClock,
-    WriterOptions,
+    ExposeSecret, NewApiKey, PgStore, Scope, SecretString, SqliteOptions, SqliteStore, Store,
+    SystemClock, WriterOptions,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::postgres::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::election::Election;
+use crate::cluster::wake_bus::PgNotify;
+use crate::cluster::{self, Instance};
 use crate::commands::release::{self, release_expired_leases};
 use crate::commands::retention::purge_finished_commands;
 use crate::commands::scheduler::{self, fire_due_schedules};
 use crate::commands::wakeups::Wakeups;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::deliveries::address::AddressPolicy;
 use crate::deliveries::breaker::Breakers;
 use crate::deliveries::channels::Channels;
@@ -68,7 +72,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     }
 
     // The store is ready (migrated, bootstrapped) before the port opens.
-    let store = open_store(&config).await?;
+    let (store, postgres) = open_database(&config).await?;
     bootstrap(store.as_ref(), &config.data_dir).await?;
     let listener = TcpListener::bind(config.http.listen)
         .await
@@ -77,6 +81,7 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
         config,
         listener,
         store,
+        postgres,
         logger.clone(),
         metrics,
         shutdown_signal(),
@@ -88,11 +93,14 @@ pub async fn serve(mut config: Config) -> anyhow::Result<()> {
     result
 }
 
-/// Runs the server on `listener` until `shutdown` completes, then shuts down in order.
+/// Runs the server on `listener` until `shutdown` completes, then shuts down in order. With
+/// `postgres` (the store's pool), the instance joins the others on that database: election,
+/// wake bus, database probe (`crate::cluster`).
 pub async fn run(
     config: Config,
     listener: TcpListener,
     store: Arc<dyn Store>,
+    postgres: Option<PgPool>,
     logger: Logger,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -107,7 +115,25 @@ pub async fn run(
         cancel.clone(),
         tracker.clone(),
     );
-    let wakeups = Wakeups::default();
+    let backend = if postgres.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    let instance = Instance::register(&components, backend);
+    let (wakeups, election) = match postgres {
+        Some(pool) => {
+            cluster::database::start(&supervisor, pool.clone());
+            let wakeups = PgNotify::start(
+                &supervisor,
+                pool.clone(),
+                instance.boot_id,
+                Wakeups::default(),
+            );
+            (wakeups, Election::campaign(&supervisor, pool, instance))
+        }
+        None => (Wakeups::default(), Election::sole()),
+    };
     let notifications = Arc::new(NotificationState {
         secrets: SecretBox::load(
             config
@@ -119,7 +145,7 @@ pub async fn run(
             &config.data_dir,
         )
         .context("loading the notification key")?,
-        queued: Arc::new(tokio::sync::Notify::new()),
+        wakeups: wakeups.clone(),
         breakers: Arc::new(Breakers::new(
             config.notifications.breaker_failures,
             config.notifications.breaker_cooldown,
@@ -128,11 +154,11 @@ pub async fn run(
     start_delivery_workers(&supervisor, &config, &store, &notifications)?;
     let jobs = [
         start_telemetry(&supervisor, &config, &logger, &metrics),
-        start_release_stuck(&supervisor, &config, &store, &wakeups),
-        start_retention(&supervisor, &config, &store),
-        start_scheduler(&supervisor, &config, &store, &wakeups),
-        start_delivery_release(&supervisor, &config, &store, &notifications),
-        start_delivery_cleanup(&supervisor, &config, &store),
+        start_release_stuck(&supervisor, &config, &store, &wakeups, &election),
+        start_retention(&supervisor, &config, &store, &election),
+        start_scheduler(&supervisor, &config, &store, &wakeups, &election),
+        start_delivery_release(&supervisor, &config, &store, &notifications, &election),
+        start_delivery_cleanup(&supervisor, &config, &store, &election),
     ];
     let job_names: Vec<&str> = jobs.iter().map(JobHandle::name).collect();
     telemetry::seed(&job_names);
@@ -276,9 +302,46 @@ fn restrict_database_files(database: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the SQLite database in the data directory (created and migrated as needed).
+/// Opens the database `store.url` names: SQLite (the file created and migrated as needed) or
+/// PostgreSQL (migrated unless `store.migrate` is off; refused when a newer keel migrated it).
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let path = config.database_path();
+    Ok(open_database(config).await?.0)
+}
+
+/// [`open_store`], and the PostgreSQL pool when the store is on PostgreSQL.
+async fn open_database(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Option<PgPool>)> {
+    match config.backend() {
+        Backend::Sqlite(path) => Ok((open_sqlite(config, &path).await?, None)),
+        Backend::Postgres(options) => {
+            let store = PgStore::connect(&options, None)
+                .await
+                .context("store.url")?;
+            store
+                .check_schema()
+                .await
+                .context("checking the PostgreSQL schema")?;
+            if config.store.migrate {
+                store
+                    .migrate()
+                    .await
+                    .context("migrating the PostgreSQL database")?;
+            } else {
+                let pending = store.pending_migrations().await?;
+                if pending > 0 {
+                    anyhow::bail!(
+                        "the PostgreSQL database lacks {pending} migration(s) and store.migrate \
+                         is false: run `keel migrate` first"
+                    );
+                }
+            }
+            let pool = store.pool().clone();
+            Ok((Arc::new(store), Some(pool)))
+        }
+    }
+}
+
+/// Opens (creating and migrating it as needed) the SQLite database at `path`.
+async fn open_sqlite(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn Store>> {
     let store_config = &config.store;
     let options = SqliteOptions {
         synchronous: store_config.synchronous,
@@ -290,25 +353,62 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             enqueue_timeout: store_config.write_timeout,
         },
     };
-    let store = SqliteStore::open(&path, options, Arc::new(SystemClock))
+    let store = SqliteStore::open(path, options, Arc::new(SystemClock))
         .await
         .with_context(|| format!("opening the database {}", path.display()))?;
-    restrict_database_files(&path)?;
+    restrict_database_files(path)?;
     Ok(Arc::new(store))
+}
+
+/// `keel store copy`: migrates the PostgreSQL database, then copies the SQLite file into it.
+pub async fn copy_store(args: crate::cli::CopyArgs) -> anyhow::Result<()> {
+    let _ = args;
+    anyhow::bail!("keel store copy is not available yet")
+}
+
+/// `keel migrate`: applies the migrations the database lacks (SQLite applies its own at every
+/// open) and says how many it applied.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    match config.backend() {
+        Backend::Sqlite(path) => {
+            create_data_dir(&config.data_dir)?;
+            let store = open_sqlite(config, &path).await?;
+            store.close().await;
+            println!("keel: {} is migrated", path.display());
+        }
+        Backend::Postgres(options) => {
+            let store = PgStore::connect(&options, None)
+                .await
+                .context("store.url")?;
+            let pending = store.pending_migrations().await?;
+            store
+                .migrate()
+                .await
+                .context("migrating the PostgreSQL database")?;
+            store.close().await;
+            println!("keel: PostgreSQL migrated ({pending} migration(s) applied)");
+        }
+    }
+    Ok(())
 }
 
 /// At first start (no organisation yet), creates an operator key, and the organisation
 /// `default` with an admin key of its own: two keys, so the organisation's admin holds no
 /// operator power. Each token is written to a file readable by its owner only in the data
-/// directory; stdout shows the files' paths, never the tokens.
+/// directory; stdout shows the files' paths, never the tokens. Of several instances starting
+/// together on one empty database, the one that creates `default` bootstraps; the others go on.
 async fn bootstrap(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
     if !store.list_organisations().await?.is_empty() {
         return Ok(());
     }
+    let org = match store.create_organisation(BOOTSTRAP_ORG).await {
+        Ok(org) => org,
+        Err(keel_store::StoreError::Conflict(_)) => return Ok(()),
+        Err(error) => return Err(error.into()),
+    };
     let operator = store.create_operator_key("bootstrap-operator").await?;
     let operator_path = data_dir.join(BOOTSTRAP_OPERATOR_KEY_FILE);
     write_secret_file(&operator_path, &operator.token)?;
-    let org = store.create_organisation(BOOTSTRAP_ORG).await?;
     let admin = store
         .create_api_key(
             org.id,
@@ -339,10 +439,13 @@ fn start_release_stuck(
     config: &Config,
     store: &Arc<dyn Store>,
     wakeups: &Wakeups,
+    election: &Election,
 ) -> JobHandle {
     let store = store.clone();
     let wakeups = wakeups.clone();
-    supervisor.every(
+    every_elected(
+        supervisor,
+        election,
         release::JOB_NAME,
         config.commands.release_stuck_interval,
         move || {
@@ -358,17 +461,28 @@ fn start_release_stuck(
 }
 
 /// The retention job: finished commands past `commands.retention` are deleted.
-fn start_retention(supervisor: &Supervisor, config: &Config, store: &Arc<dyn Store>) -> JobHandle {
+fn start_retention(
+    supervisor: &Supervisor,
+    config: &Config,
+    store: &Arc<dyn Store>,
+    election: &Election,
+) -> JobHandle {
     let store = store.clone();
     let retention = config.commands.retention;
-    supervisor.every("retention", config.commands.retention_interval, move || {
-        let store = store.clone();
-        async move {
-            if let Err(error) = purge_finished_commands(store.as_ref(), retention).await {
-                tracing::error!(%error, "retention: the store failed; retrying at the next tick");
+    every_elected(
+        supervisor,
+        election,
+        "retention",
+        config.commands.retention_interval,
+        move || {
+            let store = store.clone();
+            async move {
+                if let Err(error) = purge_finished_commands(store.as_ref(), retention).await {
+                    tracing::error!(%error, "retention: the store failed; retrying at the next tick");
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// The scheduler job: schedules whose fire time has come create their commands.
@@ -377,13 +491,16 @@ fn start_scheduler(
     config: &Config,
     store: &Arc<dyn Store>,
     wakeups: &Wakeups,
+    election: &Election,
 ) -> JobHandle {
     let store = store.clone();
     let wakeups = wakeups.clone();
     let limits = config.commands.limits;
     let online_window = config.commands.agent_online_window;
     let grace = config.commands.schedule_grace;
-    supervisor.every(
+    every_elected(
+        supervisor,
+        election,
         scheduler::JOB_NAME,
         config.commands.schedule_interval,
         move || {
@@ -421,7 +538,7 @@ fn start_delivery_workers(
     Processor::new(
         store.clone(),
         channels,
-        notifications.queued.clone(),
+        notifications.wakeups.deliveries(),
         notifications.breakers.clone(),
     )
     .start(supervisor, settings.workers);
@@ -434,10 +551,13 @@ fn start_delivery_release(
     config: &Config,
     store: &Arc<dyn Store>,
     notifications: &Arc<NotificationState>,
+    election: &Election,
 ) -> JobHandle {
     let store = store.clone();
     let notifications = notifications.clone();
-    supervisor.every(
+    every_elected(
+        supervisor,
+        election,
         delivery_jobs::RELEASE_JOB,
         config.notifications.release_interval,
         move || {
@@ -460,10 +580,13 @@ fn start_delivery_cleanup(
     supervisor: &Supervisor,
     config: &Config,
     store: &Arc<dyn Store>,
+    election: &Election,
 ) -> JobHandle {
     let store = store.clone();
     let retention = config.notifications.retention;
-    supervisor.every(
+    every_elected(
+        supervisor,
+        election,
         delivery_jobs::CLEANUP_JOB,
         config.notifications.cleanup_interval,
         move || {
@@ -475,6 +598,30 @@ fn start_delivery_cleanup(
             }
         },
     )
+}
+
+/// Runs `tick` every `interval` as the job `name`, on the elected instance only: elsewhere a
+/// tick does nothing (docs/store.md, "Several instances").
+fn every_elected<F, Fut>(
+    supervisor: &Supervisor,
+    election: &Election,
+    name: &str,
+    interval: Duration,
+    mut tick: F,
+) -> JobHandle
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let election = election.clone();
+    supervisor.every(name, interval, move || {
+        let run = election.is_elected().then(&mut tick);
+        async move {
+            if let Some(run) = run {
+                run.await;
+            }
+        }
+    })
 }
 
 /// The configured admin token, or the one kept in the data directory (created at first start).

@@ -106,6 +106,7 @@ pub fn seed(jobs: &[&str]) {
         "in_flight",
         "rate_limit",
         "store_busy",
+        "store_unavailable",
     ] {
         metrics::counter!("keel_overload_rejected_total", "reason" => reason).increment(0);
     }

@@ -12,6 +12,11 @@
 //!
 //! A claim registers *before* it looks in the database ([`Waiter::enable`]), so a command
 //! enqueued between the look and the wait still wakes it.
+//!
+//! Each wake also goes out on a [`WakeBus`], to the other keel instances sharing the database:
+//! [`InProcess`] when there are none (SQLite), `crate::cluster::wake_bus::PgNotify` on
+//! PostgreSQL, whose listener hands what others publish to [`Wakeups::apply`]. Delivery
+//! workers are woken the same way ([`Wakeups::wake_deliveries`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,20 +28,101 @@ use tokio::sync::Notify;
 
 /// What a claim waits for, within its organisation: work for one agent, or on one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Interest {
+pub enum Interest {
+    /// Commands targeted at the agent.
     Agent(AgentId),
+    /// Commands pooled on the queue.
     Queue(String),
+}
+
+/// One wake-up, as it travels between instances.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Wake {
+    /// Work for one interest of an organisation.
+    Interest(OrgId, Interest),
+    /// Work for any claim of an organisation.
+    Org(OrgId),
+    /// Deliveries were queued.
+    Deliveries,
+}
+
+/// Where wake-ups go beyond this process.
+pub trait WakeBus: Send + Sync + std::fmt::Debug {
+    /// Tells the other instances; never blocks (a wake that cannot be sent only delays a
+    /// claim until its next look).
+    fn publish(&self, wake: Wake);
+}
+
+/// No other instance: wakes stay in the process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InProcess;
+
+impl WakeBus for InProcess {
+    fn publish(&self, _wake: Wake) {}
 }
 
 type Registry = HashMap<OrgId, HashMap<Interest, Arc<Notify>>>;
 
-/// The notifiers of the claims waiting now, by organisation and interest.
-#[derive(Debug, Clone, Default)]
+/// The notifiers of the claims waiting now, by organisation and interest, the delivery
+/// workers' notifier, and the bus to the other instances.
+#[derive(Debug, Clone)]
 pub struct Wakeups {
     registry: Arc<Mutex<Registry>>,
+    deliveries: Arc<Notify>,
+    bus: Arc<dyn WakeBus>,
+}
+
+impl Default for Wakeups {
+    fn default() -> Self {
+        Self {
+            registry: Arc::default(),
+            deliveries: Arc::new(Notify::new()),
+            bus: Arc::new(InProcess),
+        }
+    }
 }
 
 impl Wakeups {
+    /// The same waiters, publishing every wake on `bus` too.
+    pub fn with_bus(self, bus: Arc<dyn WakeBus>) -> Self {
+        Self { bus, ..self }
+    }
+
+    /// The notifier the delivery workers wait on.
+    pub fn deliveries(&self) -> Arc<Notify> {
+        self.deliveries.clone()
+    }
+
+    /// Deliveries were queued: wakes an idle delivery claimer here and on every instance.
+    pub fn wake_deliveries(&self) {
+        self.deliveries.notify_one();
+        self.bus.publish(Wake::Deliveries);
+    }
+
+    /// A wake another instance published: wakes the waiters of this process it concerns.
+    pub fn apply(&self, wake: Wake) {
+        match wake {
+            Wake::Interest(org, interest) => self.wake_local(org, &interest),
+            Wake::Org(org) => self.wake_org_local(org),
+            Wake::Deliveries => self.deliveries.notify_one(),
+        }
+    }
+
+    /// Wakes every waiter of this process: after wakes may have been missed (the bus
+    /// reconnected).
+    pub fn wake_all_local(&self) {
+        let notifies: Vec<Arc<Notify>> = self
+            .registry
+            .lock()
+            .values()
+            .flat_map(|of_org| of_org.values().cloned())
+            .collect();
+        for notify in notifies {
+            notify.notify_waiters();
+        }
+        self.deliveries.notify_one();
+    }
+
     /// The notifiers a claim of `agent` on `queues` listens on, for as long as the returned
     /// waiter lives.
     pub fn waiter(&self, org: OrgId, agent: AgentId, queues: &[String]) -> Waiter {
@@ -66,11 +152,16 @@ impl Wakeups {
             // organisation's agents.
             Target::Broadcast(_) => return self.wake_org(org),
         };
+        self.wake_local(org, &interest);
+        self.bus.publish(Wake::Interest(org, interest));
+    }
+
+    fn wake_local(&self, org: OrgId, interest: &Interest) {
         let notify = self
             .registry
             .lock()
             .get(&org)
-            .and_then(|of_org| of_org.get(&interest))
+            .and_then(|of_org| of_org.get(interest))
             .cloned();
         if let Some(notify) = notify {
             notify.notify_waiters();
@@ -79,6 +170,11 @@ impl Wakeups {
 
     /// Wakes every waiting claim of `org`.
     pub fn wake_org(&self, org: OrgId) {
+        self.wake_org_local(org);
+        self.bus.publish(Wake::Org(org));
+    }
+
+    fn wake_org_local(&self, org: OrgId) {
         let notifies: Vec<Arc<Notify>> = self
             .registry
             .lock()

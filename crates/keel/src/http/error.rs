@@ -197,9 +197,18 @@ impl From<keel_store::StoreError> for ApiError {
                     retry_after: Duration::from_secs(1),
                 }
             }
-            error @ (StoreError::Database(_)
-            | StoreError::Migrate(_)
-            | StoreError::Unavailable(_)) => Self::Internal(error_chain(&error)),
+            StoreError::Unavailable(what) => {
+                tracing::warn!(error = %what, "the store cannot serve the request now");
+                metrics::counter!("keel_overload_rejected_total", "reason" => "store_unavailable")
+                    .increment(1);
+                Self::Unavailable {
+                    reason: "the database cannot be reached",
+                    retry_after: 2,
+                }
+            }
+            error @ (StoreError::Database(_) | StoreError::Migrate(_)) => {
+                Self::Internal(error_chain(&error))
+            }
         }
     }
 }

@@ -20,15 +20,13 @@ pub mod webhook;
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
-
 /// What the HTTP handlers and the delivery workers share.
 #[derive(Debug)]
 pub struct NotificationState {
     /// Seals and opens senders' secrets.
     pub secrets: secrets::SecretBox,
-    /// Wakes the delivery claimer when deliveries are queued.
-    pub queued: Arc<Notify>,
+    /// Wakes the delivery claimers (of every instance) when deliveries are queued.
+    pub wakeups: crate::commands::wakeups::Wakeups,
     /// The webhook endpoints' circuits.
     pub breakers: Arc<crate::deliveries::breaker::Breakers>,
 }
@@ -37,6 +35,6 @@ impl NotificationState {
     /// Deliveries were queued (created or requeued): the idle claimer looks for them now (one
     /// that is busy finds a stored wake-up when it next waits).
     pub fn wake_workers(&self) {
-        self.queued.notify_one();
+        self.wakeups.wake_deliveries();
     }
 }
