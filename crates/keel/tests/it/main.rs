@@ -27,6 +27,7 @@ mod openapi;
 mod operator_page;
 mod overload;
 mod panics;
+mod postgres;
 mod profiles;
 mod queue_core;
 mod schedules;

@@ -1,0 +1,414 @@
+//! Several `keel serve` instances on one PostgreSQL database (a schema of its own per test):
+//! elected jobs, wake-ups across instances, the database going away and coming back,
+//! `keel migrate` and a newer schema refused. The server's URL is read from
+//! `KEEL_TEST_POSTGRES_URL`; without it each test says that it skips (and fails when
+//! `KEEL_REQUIRE_POSTGRES=1`, as in CI).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use keel_store::conformance::postgres::{TestSchema, test_url};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+use crate::harness::{Api, Options, Server, poll_until};
+
+/// The `[store]` table of an instance on `schema`, reached at `url`.
+fn store_toml(url: &str, schema: &TestSchema) -> &'static str {
+    Box::leak(
+        format!(
+            "[store]\nurl = \"{url}\"\n[store.postgres]\nschema = \"{}\"\nacquire_timeout = \"2s\"\n",
+            schema.name()
+        )
+        .into_boxed_str(),
+    )
+}
+
+/// `n` instances on one new schema (each with its own data directory and port).
+async fn cluster(url: &str, n: usize) -> (TestSchema, Vec<Server>) {
+    let schema = TestSchema::create(url).await;
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        servers.push(
+            Server::start_with(Options {
+                extra_toml: store_toml(url, &schema),
+                ..Options::default()
+            })
+            .await,
+        );
+    }
+    (schema, servers)
+}
+
+/// The `instance` component of a server: (detail, elected).
+async fn instance(server: &Server) -> (String, bool) {
+    let components = server.admin_get("/v1/admin/components").await;
+    let detail = components
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "instance")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let elected = detail.contains("runs the elected jobs");
+    (detail, elected)
+}
+
+async fn elected_count(servers: &[&Server]) -> usize {
+    let mut count = 0;
+    for server in servers {
+        if instance(server).await.1 {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test]
+async fn one_instance_runs_the_elected_jobs_and_another_takes_over_when_it_dies() {
+    let Some(url) = test_url() else { return };
+    let (_schema, mut servers) = cluster(&url, 3).await;
+    let all: Vec<&Server> = servers.iter().collect();
+    poll_until(Duration::from_secs(10), || async {
+        elected_count(&all).await == 1
+    })
+    .await;
+    // Each instance shows its own boot id.
+    let mut boots = Vec::new();
+    for server in &servers {
+        let (detail, _) = instance(server).await;
+        assert!(detail.contains("postgres"), "{detail}");
+        boots.push(detail.split(',').next().unwrap().to_owned());
+    }
+    boots.sort();
+    boots.dedup();
+    assert_eq!(boots.len(), 3, "three boot ids");
+
+    let mut holder = None;
+    for (i, server) in servers.iter().enumerate() {
+        if instance(server).await.1 {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.unwrap();
+    servers[holder].kill9();
+    let killed_at = Instant::now();
+    let alive: Vec<&Server> = servers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, s)| s)
+        .collect();
+    poll_until(Duration::from_secs(10), || async {
+        elected_count(&alive).await == 1
+    })
+    .await;
+    eprintln!(
+        "elected jobs moved to a live instance {:?} after the kill",
+        killed_at.elapsed()
+    );
+    // The restarted instance finds the lock held and stands by.
+    servers[holder].restart().await;
+    let all: Vec<&Server> = servers.iter().collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(elected_count(&all).await, 1);
+}
+
+/// An organisation `acme` with an agent key (`web-1`) and a writer key, created through the
+/// first server (every instance sees them).
+fn tenant(server: &Server) -> (Api, Api) {
+    server.create_org("acme");
+    (
+        server.key("acme", "agent", Some("web-1")),
+        server.key("acme", "commands:write,commands:read", None),
+    )
+}
+
+fn on(server: &Server, api: &Api) -> Api {
+    server.api(&api.token)
+}
+
+#[tokio::test]
+async fn an_enqueue_on_one_instance_wakes_a_long_poll_on_another_at_once() {
+    let Some(url) = test_url() else { return };
+    let (_schema, servers) = cluster(&url, 2).await;
+    let (a, b) = (&servers[0], &servers[1]);
+    let (agent, writer) = tenant(a);
+    let agent_on_b = on(b, &agent);
+    agent_on_b.check_in(&["q"]).await;
+    let mut latencies = Vec::new();
+    for round in 0..5 {
+        let poll = {
+            let agent = agent_on_b.clone();
+            tokio::spawn(async move {
+                let claimed = agent
+                    .post(
+                        "/v1/commands/claim",
+                        &json!({"limit": 1, "queues": ["q"], "wait_seconds": 20}),
+                        200,
+                    )
+                    .await;
+                (Instant::now(), claimed)
+            })
+        };
+        // The long poll is waiting on B before A creates the command.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        writer
+            .post(
+                "/v1/commands",
+                &json!({"type": "run", "queue": "q", "params": {"round": round}}),
+                201,
+            )
+            .await;
+        let created_at = Instant::now();
+        let (claimed_at, claimed) = poll.await.unwrap();
+        let claimed = claimed.as_array().unwrap().clone();
+        assert_eq!(
+            claimed.len(),
+            1,
+            "the long poll on B got the command: {claimed:?}"
+        );
+        latencies.push(claimed_at.saturating_duration_since(created_at));
+        let token = claimed[0]["claim_token"].as_str().unwrap();
+        let id = claimed[0]["id"].as_str().unwrap();
+        agent_on_b
+            .post(
+                &format!("/v1/commands/{id}/complete"),
+                &json!({"claim_token": token, "result": {}}),
+                200,
+            )
+            .await;
+    }
+    latencies.sort();
+    eprintln!("create on A -> claim answered on B: {latencies:?}");
+    let median = latencies[latencies.len() / 2];
+    assert!(
+        median < Duration::from_millis(100),
+        "median wake across instances {median:?}"
+    );
+}
+
+/// A TCP proxy to PostgreSQL that the test can cut: while cut, every connection through it is
+/// closed and new ones are refused.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (accept_cut, accept_connections) = (cut.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if accept_cut.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                accept_connections.lock().push(task.abort_handle());
+            }
+        });
+        Self {
+            port,
+            cut,
+            connections,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The URL's host and port (`127.0.0.1:5432`), and the URL with them replaced by `port` on
+/// the loopback.
+fn through_proxy(url: &str, port: u16) -> (String, String) {
+    let rest = url.split_once("://").unwrap().1;
+    let (userinfo, after) = match rest.split_once('@') {
+        Some((userinfo, after)) => (format!("{userinfo}@"), after),
+        None => (String::new(), rest),
+    };
+    let (hostport, path) = after.split_once('/').unwrap_or((after, ""));
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    (
+        hostport,
+        format!("postgres://{userinfo}127.0.0.1:{port}/{path}"),
+    )
+}
+
+#[tokio::test]
+async fn while_the_database_is_away_instances_are_not_ready_and_then_continue_losing_nothing() {
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let proxy_port;
+    let proxy = {
+        let (upstream, _) = through_proxy(&url, 0);
+        let proxy = Proxy::start(upstream).await;
+        proxy_port = proxy.port;
+        proxy
+    };
+    let (_, proxied) = through_proxy(&url, proxy_port);
+    let server = Server::start_with(Options {
+        extra_toml: store_toml(&proxied, &schema),
+        ..Options::default()
+    })
+    .await;
+    let (agent, writer) = tenant(&server);
+    agent.check_in(&["q"]).await;
+    let mut created = Vec::new();
+    for n in 0..20 {
+        let command = writer
+            .post(
+                "/v1/commands",
+                &json!({"type": "run", "queue": "q", "params": {"n": n}}),
+                201,
+            )
+            .await;
+        created.push(command["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(server.get("/readyz").await.status(), 200);
+
+    proxy.cut();
+    // Not ready, naming the database; health and metrics still answer.
+    poll_until(Duration::from_secs(10), || async {
+        server.get("/readyz").await.status() == 503
+    })
+    .await;
+    let ready: Value = server.get("/readyz").await.json().await.unwrap();
+    assert!(
+        ready["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "database"),
+        "{ready}"
+    );
+    assert_eq!(server.get("/healthz").await.status(), 200);
+    assert_eq!(server.get("/metrics").await.status(), 200);
+    // A request that needs the database: 503 with Retry-After, never a 500.
+    let refused = server
+        .client
+        .post(server.url("/v1/commands"))
+        .bearer_auth(&writer.token)
+        .json(&json!({"type": "run", "queue": "q", "params": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().get("retry-after").is_some());
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    proxy.restore();
+    poll_until(Duration::from_secs(15), || async {
+        server.get("/readyz").await.status() == 200
+    })
+    .await;
+    // Everything accepted before the outage is there, and work goes on.
+    let claimed = agent
+        .post(
+            "/v1/commands/claim",
+            &json!({"limit": 100, "queues": ["q"]}),
+            200,
+        )
+        .await;
+    let mut claimed_ids: Vec<String> = claimed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    claimed_ids.sort();
+    created.sort();
+    assert_eq!(claimed_ids, created);
+    writer
+        .post(
+            "/v1/commands",
+            &json!({"type": "run", "queue": "q", "params": {"after": true}}),
+            201,
+        )
+        .await;
+}
+
+/// Runs `keel ARGS` with `env`; returns (success, stdout + stderr).
+fn keel(args: &[&str], env: &[(&str, &str)], dir: &std::path::Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn keel_migrate_applies_the_schema_and_a_newer_one_is_refused() {
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KEEL_STORE__POSTGRES__SCHEMA", schema.name())];
+    let (ok, out) = keel(&["migrate", "--store-url", &url], &env, dir.path());
+    assert!(ok, "{out}");
+    assert!(out.contains("migration(s) applied"), "{out}");
+    let (ok, out) = keel(&["migrate", "--store-url", &url], &env, dir.path());
+    assert!(ok && out.contains("(0 migration(s) applied)"), "{out}");
+
+    // A newer keel's migration.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {}._sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (29991231000000, 'from the future', true, '\\x00', 0)",
+        schema.name()
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let (ok, out) = keel(
+        &["serve", "--store-url", &url, "--data-dir", "data"],
+        &env,
+        dir.path(),
+    );
+    assert!(!ok, "serve must refuse: {out}");
+    assert!(out.contains("newer than this keel"), "{out}");
+    let (ok, out) = keel(&["migrate", "--store-url", &url], &env, dir.path());
+    assert!(!ok && out.contains("newer than this keel"), "{out}");
+}
