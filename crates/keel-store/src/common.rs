@@ -1,10 +1,14 @@
-//! Rules every backend applies alike: checks of new commands, paging, and the mapping of
-//! database errors to what they mean.
+//! Rules every backend applies alike: checks of new commands and notifications, paging, and
+//! the mapping of database errors to what they mean.
 
 use std::time::Duration;
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CommandStatus, NewApiKey, NewCommand, Scope, Target};
+use crate::notifications::MAX_DELIVERIES_PER_EVENT;
+use crate::notifications::model::{
+    DeliveryFilter, DeliveryStatus, EventId, NewDelivery, NewEvent, NewSetting, SettingKind,
+};
 
 /// A page from `items`, read with one more than `limit` to know whether there is a next page:
 /// at most `limit` of them, and the cursor of the next page (the last one's id) when there is
@@ -132,4 +136,86 @@ pub(crate) fn check_new_api_key(key: &NewApiKey) -> StoreResult<(Vec<Scope>, Opt
         (false, None) => None,
     };
     Ok((scopes, agent_name))
+}
+
+/// Why a delivery whose retryable failures used up its attempts is dead.
+pub(crate) const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
+
+/// The rules every new or replacing notification setting meets.
+pub(crate) fn check_new_setting(setting: &NewSetting) -> StoreResult<()> {
+    if setting.name.trim().is_empty() || setting.name.chars().any(char::is_control) {
+        return Err(StoreError::InvalidInput(
+            "name: printable characters, not empty".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The message of a `Conflict` on a setting's unique key.
+pub(crate) fn setting_taken(kind: SettingKind, key: Option<&str>) -> String {
+    format!("a {kind} for `{}` exists", key.unwrap_or_default())
+}
+
+/// The rules a triggered event and its deliveries meet.
+pub(crate) fn check_trigger(event: &NewEvent, deliveries: &[NewDelivery]) -> StoreResult<()> {
+    if event.event_type.trim().is_empty() {
+        return Err(StoreError::InvalidInput("event type is empty".to_owned()));
+    }
+    if deliveries.len() > MAX_DELIVERIES_PER_EVENT {
+        return Err(StoreError::InvalidInput(format!(
+            "an event gives at most {MAX_DELIVERIES_PER_EVENT} deliveries"
+        )));
+    }
+    for (n, delivery) in deliveries.iter().enumerate() {
+        let invalid =
+            |what: &str| Err(StoreError::InvalidInput(format!("deliveries[{n}]: {what}")));
+        if delivery.recipient.trim().is_empty() {
+            return invalid("recipient is empty");
+        }
+        if delivery.max_attempts == 0 {
+            return invalid("max_attempts must be at least 1");
+        }
+        if delivery.lease_duration < Duration::from_millis(1) {
+            return invalid("lease_duration must be at least 1 ms");
+        }
+    }
+    Ok(())
+}
+
+/// What a new delivery is recognised by.
+pub(crate) struct DeliveryKeys {
+    /// Unique in its organisation: its event, its channel (or channel type, for a message sent
+    /// directly) and its recipient.
+    pub(crate) dedupe: String,
+    /// What its throttle window counts: its event type, channel and recipient.
+    pub(crate) throttle: String,
+}
+
+/// The keys of `delivery`, a delivery of the event `event_id` of type `event_type`.
+pub(crate) fn delivery_keys(
+    event_id: EventId,
+    event_type: &str,
+    delivery: &NewDelivery,
+) -> DeliveryKeys {
+    let channel = delivery.channel_id.map_or_else(
+        || delivery.channel_type.as_str().to_owned(),
+        |c| c.to_string(),
+    );
+    DeliveryKeys {
+        dedupe: format!("{event_id}/{channel}/{}", delivery.recipient),
+        throttle: format!("{event_type}/{channel}/{}", delivery.recipient),
+    }
+}
+
+/// A requeue by filter names no status, or `dead` or `failed`.
+pub(crate) fn check_requeue_filter(filter: &DeliveryFilter) -> StoreResult<()> {
+    if filter
+        .status
+        .is_some_and(|s| !matches!(s, DeliveryStatus::Dead | DeliveryStatus::Failed))
+    {
+        return Err(StoreError::InvalidInput(
+            "status: only dead or failed deliveries are requeued".to_owned(),
+        ));
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 -- Notifications: settings, the events they classify and route, and the deliveries they give
 -- (one per event, channel and recipient), leased to the delivery workers like commands to
--- agents.
+-- agents. The meaning of every column is the SQLite schema's (20250501000003_notifications.sql):
+-- throttles fold deliveries into digests, `scheduled` is 0 when claimable, 1 while waiting out a
+-- backoff or a postponement (a claim takes it once due).
 
 CREATE TABLE notification_settings (
     id             uuid        PRIMARY KEY,
@@ -76,23 +78,34 @@ CREATE TABLE deliveries (
     UNIQUE (org_id, dedupe_key)
 );
 
+-- Claims across organisations: due pending deliveries, best priority first, then earliest due,
+-- then by id; `FOR UPDATE SKIP LOCKED` reads the first rows of it and stops.
 CREATE INDEX deliveries_claim ON deliveries (priority DESC, run_at, id)
     WHERE status = 'pending' AND scheduled = 0;
+-- Deliveries waiting out a backoff or a postponement, by due time (a claim takes the due ones).
 CREATE INDEX deliveries_scheduled ON deliveries (run_at)
     WHERE status = 'pending' AND scheduled = 1;
+-- Release of expired leases.
 CREATE INDEX deliveries_lease ON deliveries (lease_expires_at) WHERE status = 'executing';
+-- Retention.
 CREATE INDEX deliveries_finished ON deliveries (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled', 'dead');
+-- Listing, newest first, by status, by channel type, by event.
 CREATE INDEX deliveries_list ON deliveries (org_id, id);
 CREATE INDEX deliveries_list_status ON deliveries (org_id, status, id);
 CREATE INDEX deliveries_list_channel ON deliveries (org_id, channel_type, id);
 CREATE INDEX deliveries_event ON deliveries (event_id, id);
+-- Throttles: the latest lead of a key; the digest of a lead; the deliveries of a digest.
 CREATE INDEX deliveries_throttle ON deliveries (org_id, throttle_key, created_at)
     WHERE status <> 'throttled' AND digest_of IS NULL;
 CREATE UNIQUE INDEX deliveries_digest_of ON deliveries (digest_of) WHERE digest_of IS NOT NULL;
 CREATE INDEX deliveries_digested ON deliveries (digest_id) WHERE digest_id IS NOT NULL;
+-- Retention of throttled deliveries (finished when they were folded).
 CREATE INDEX deliveries_throttled ON deliveries (finished_at) WHERE status = 'throttled';
 
+-- One row per attempt. The statement that changes a delivery's status writes its attempt in
+-- the same statement (a data-modifying CTE): a claim opens one, a report or a release ends it,
+-- a postponement (a hand-back) deletes it. `agent_id` is the worker.
 CREATE TABLE delivery_attempts (
     delivery_id  uuid        NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
     attempt      integer     NOT NULL,

@@ -20,6 +20,10 @@ use super::lease::{Claim, Fence, LeaseTable};
 use super::rows::{corrupt, duration_millis, from_micros, to_micros, to_u32};
 use super::writer::Lane;
 use super::{SqliteStore, conflict_as, found, missing_as};
+use crate::common::{
+    ATTEMPTS_EXHAUSTED, DeliveryKeys, check_new_setting, check_requeue_filter, check_trigger,
+    delivery_keys, setting_taken,
+};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{AgentId, ClaimToken, Idempotency, OrgId};
 use crate::notifications::model::{
@@ -29,8 +33,7 @@ use crate::notifications::model::{
     SettingKind, Severity, Triggered, WorkerId,
 };
 use crate::notifications::{
-    MAX_DELIVERIES_PER_EVENT, MAX_DELIVERY_CLAIM, MAX_DELIVERY_REPORTS, MAX_REQUEUE,
-    NotificationStore,
+    MAX_DELIVERY_CLAIM, MAX_DELIVERY_REPORTS, MAX_REQUEUE, NotificationStore,
 };
 use crate::store::MAX_PAGE_SIZE;
 
@@ -63,9 +66,6 @@ const CLAIM_CANDIDATES: &str = "SELECT id FROM deliveries INDEXED BY deliveries_
 
 /// Deliveries whose backoff ended become claimable, at most this many per claim.
 const PROMOTE_BATCH: u32 = 1000;
-
-/// Why a delivery whose attempts ran out is dead.
-const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
 
 #[derive(sqlx::FromRow)]
 struct SettingRow {
@@ -229,39 +229,6 @@ fn holder(worker: WorkerId) -> AgentId {
     AgentId(worker.0)
 }
 
-fn check_new_setting(setting: &NewSetting) -> StoreResult<()> {
-    if setting.name.trim().is_empty() || setting.name.chars().any(char::is_control) {
-        return Err(StoreError::InvalidInput(
-            "name: printable characters, not empty".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
-fn check_new_delivery(n: usize, delivery: &NewDelivery) -> StoreResult<()> {
-    let invalid = |what: &str| Err(StoreError::InvalidInput(format!("deliveries[{n}]: {what}")));
-    if delivery.recipient.trim().is_empty() {
-        return invalid("recipient is empty");
-    }
-    if delivery.max_attempts == 0 {
-        return invalid("max_attempts must be at least 1");
-    }
-    if delivery.lease_duration < Duration::from_millis(1) {
-        return invalid("lease_duration must be at least 1 ms");
-    }
-    Ok(())
-}
-
-/// What makes a delivery unique in its organisation: its event, its channel (or channel type,
-/// for a message sent directly) and its recipient.
-fn dedupe_key(event: EventId, delivery: &NewDelivery) -> String {
-    let channel = delivery.channel_id.map_or_else(
-        || delivery.channel_type.as_str().to_owned(),
-        |c| c.to_string(),
-    );
-    format!("{event}/{channel}/{}", delivery.recipient)
-}
-
 async fn deliveries_of(
     conn: &mut SqliteConnection,
     org: OrgId,
@@ -338,12 +305,10 @@ async fn insert_delivery(
     delivery: &NewDelivery,
     now_us: i64,
 ) -> StoreResult<Option<DeliveryRow>> {
-    let channel = delivery.channel_id.map_or_else(
-        || delivery.channel_type.as_str().to_owned(),
-        |c| c.to_string(),
-    );
-    let throttle_key = format!("{}/{channel}/{}", event.event_type, delivery.recipient);
-    let dedupe_key = dedupe_key(event.id, delivery);
+    let DeliveryKeys {
+        dedupe: dedupe_key,
+        throttle: throttle_key,
+    } = delivery_keys(event.id, &event.event_type, delivery);
     let taken: Option<i64> =
         sqlx::query_scalar("SELECT 1 FROM deliveries WHERE org_id = ? AND dedupe_key = ?")
             .bind(org)
@@ -534,7 +499,7 @@ impl NotificationStore for SqliteStore {
                 .await
                 .map_err(|err| {
                     let err = missing_as(StoreError::from(err), StoreError::NotFound);
-                    conflict_as(err, taken(kind, setting.unique_key.as_deref()))
+                    conflict_as(err, setting_taken(kind, setting.unique_key.as_deref()))
                 })?;
                 row.into_setting()
             })
@@ -601,7 +566,7 @@ impl NotificationStore for SqliteStore {
                 .map_err(|err| {
                     conflict_as(
                         StoreError::from(err),
-                        taken(kind, setting.unique_key.as_deref()),
+                        setting_taken(kind, setting.unique_key.as_deref()),
                     )
                 })?;
                 row.ok_or(StoreError::NotFound)?.into_setting()
@@ -638,17 +603,7 @@ impl NotificationStore for SqliteStore {
         event: NewEvent,
         deliveries: Vec<NewDelivery>,
     ) -> StoreResult<Triggered> {
-        if event.event_type.trim().is_empty() {
-            return Err(StoreError::InvalidInput("event type is empty".to_owned()));
-        }
-        if deliveries.len() > MAX_DELIVERIES_PER_EVENT {
-            return Err(StoreError::InvalidInput(format!(
-                "an event gives at most {MAX_DELIVERIES_PER_EVENT} deliveries"
-            )));
-        }
-        for (n, delivery) in deliveries.iter().enumerate() {
-            check_new_delivery(n, delivery)?;
-        }
+        check_trigger(&event, &deliveries)?;
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move { insert_event(conn, org, event, deliveries, now_us).await })
@@ -750,14 +705,7 @@ impl NotificationStore for SqliteStore {
     }
 
     async fn requeue_deliveries(&self, org: OrgId, filter: DeliveryFilter) -> StoreResult<u64> {
-        if filter
-            .status
-            .is_some_and(|s| !matches!(s, DeliveryStatus::Dead | DeliveryStatus::Failed))
-        {
-            return Err(StoreError::InvalidInput(
-                "status: only dead or failed deliveries are requeued".to_owned(),
-            ));
-        }
+        check_requeue_filter(&filter)?;
         let (_, now_us) = self.now_and_micros();
         self.write(Lane::Bulk, move |conn| {
             Box::pin(async move {
@@ -1086,11 +1034,6 @@ async fn org_of(conn: &mut SqliteConnection, id: DeliveryId) -> StoreResult<OrgI
         .fetch_optional(&mut *conn)
         .await?
         .ok_or(StoreError::NotFound)
-}
-
-/// The message of a `Conflict` on a setting's unique key.
-fn taken(kind: SettingKind, key: Option<&str>) -> String {
-    format!("a {kind} for `{}` exists", key.unwrap_or_default())
 }
 
 #[cfg(test)]
