@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use time::OffsetDateTime;
+
 use crate::error::{StoreError, StoreResult};
 use crate::model::{CommandStatus, NewApiKey, NewCommand, Scope, Target};
 use crate::notifications::MAX_DELIVERIES_PER_EVENT;
@@ -86,6 +88,12 @@ pub(crate) fn missing_as(err: StoreError, missing: StoreError) -> StoreError {
 /// A stored value the code cannot read back.
 pub(crate) fn corrupt(what: impl ToString) -> StoreError {
     StoreError::Database(sqlx::Error::Decode(what.to_string().into()))
+}
+
+/// An instant kept as microseconds since the Unix epoch (SQLite's encoding).
+pub(crate) fn from_micros(micros: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .map_err(|err| corrupt(format!("instant {micros} µs: {err}")))
 }
 
 /// A stored count as `u32`.
