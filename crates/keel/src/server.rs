@@ -360,10 +360,46 @@ async fn open_sqlite(config: &Config, path: &Path) -> anyhow::Result<Arc<dyn Sto
     Ok(Arc::new(store))
 }
 
-/// `keel store copy`: migrates the PostgreSQL database, then copies the SQLite file into it.
+/// `keel store copy`: migrates the PostgreSQL database, then copies the SQLite file into it
+/// (everything, in one transaction) and prints the rows copied per table.
 pub async fn copy_store(args: crate::cli::CopyArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("keel store copy is not available yet")
+    if !args.from.is_file() {
+        anyhow::bail!("--from {}: no such SQLite file", args.from.display());
+    }
+    if !keel_store::is_postgres_url(&args.to) {
+        anyhow::bail!("--to: a postgres:// URL");
+    }
+    let sqlite = SqliteStore::open(&args.from, SqliteOptions::default(), Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("opening {}", args.from.display()))?;
+    let options = keel_store::PgOptions {
+        schema: args.schema.clone(),
+        ..keel_store::PgOptions::new(args.to.clone())
+    };
+    let postgres = PgStore::connect(&options, None).await.context("--to")?;
+    postgres
+        .migrate()
+        .await
+        .context("migrating the PostgreSQL database")?;
+    let copied = keel_store::copy::sqlite_to_postgres_with_progress(
+        &sqlite,
+        &postgres,
+        &mut |table, rows| {
+            if rows == 0 {
+                eprintln!("keel: copying {table}…");
+            }
+        },
+    )
+    .await;
+    sqlite.close().await;
+    postgres.close().await;
+    let report = copied.context("copying")?;
+    print!("{report}");
+    println!(
+        "keel: copied {} rows; start keel with store.url set to the PostgreSQL URL",
+        report.total()
+    );
+    Ok(())
 }
 
 /// `keel migrate`: applies the migrations the database lacks (SQLite applies its own at every

@@ -412,3 +412,108 @@ async fn keel_migrate_applies_the_schema_and_a_newer_one_is_refused() {
     let (ok, out) = keel(&["migrate", "--store-url", &url], &env, dir.path());
     assert!(!ok && out.contains("newer than this keel"), "{out}");
 }
+
+#[tokio::test]
+async fn an_installation_moves_from_sqlite_to_postgres_with_its_queued_and_running_work() {
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    // On SQLite: queued work, a running command, and keys.
+    let mut sqlite = Server::start().await;
+    let (agent, writer) = tenant(&sqlite);
+    agent.check_in(&["q"]).await;
+    let mut queued = Vec::new();
+    for n in 0..5 {
+        let command = writer
+            .post(
+                "/v1/commands",
+                &json!({"type": "run", "queue": "q", "params": {"n": n}}),
+                201,
+            )
+            .await;
+        queued.push(command["id"].as_str().unwrap().to_owned());
+    }
+    let running = agent
+        .post(
+            "/v1/commands/claim",
+            &json!({"limit": 1, "queues": ["q"]}),
+            200,
+        )
+        .await[0]
+        .clone();
+    queued.retain(|id| id != running["id"].as_str().unwrap());
+
+    // 1. stop, 2. copy, 3. start on PostgreSQL.
+    sqlite.signal("TERM");
+    assert!(sqlite.wait_exit(Duration::from_secs(15)).await.success());
+    let database = sqlite.dir.path().join("keel.db");
+    let (ok, out) = keel(
+        &[
+            "store",
+            "copy",
+            "--from",
+            database.to_str().unwrap(),
+            "--to",
+            &url,
+            "--schema",
+            schema.name(),
+        ],
+        &[],
+        sqlite.dir.path(),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("commands"), "{out}");
+    let postgres = Server::start_with(Options {
+        extra_toml: store_toml(&url, &schema),
+        ..Options::default()
+    })
+    .await;
+    let (agent, writer) = (on(&postgres, &agent), on(&postgres, &writer));
+    // The running command completes with the token it was claimed with.
+    agent
+        .post(
+            &format!("/v1/commands/{}/complete", running["id"].as_str().unwrap()),
+            &json!({"claim_token": running["claim_token"], "result": {"moved": true}}),
+            200,
+        )
+        .await;
+    // The queued ones are claimed from PostgreSQL.
+    let claimed = agent
+        .post(
+            "/v1/commands/claim",
+            &json!({"limit": 100, "queues": ["q"]}),
+            200,
+        )
+        .await;
+    let mut claimed: Vec<String> = claimed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    claimed.sort();
+    queued.sort();
+    assert_eq!(claimed, queued);
+    let done = writer
+        .get(
+            &format!("/v1/commands/{}", running["id"].as_str().unwrap()),
+            200,
+        )
+        .await;
+    assert_eq!(done["status"], "completed");
+    // A second copy into the same database is refused.
+    let (ok, out) = keel(
+        &[
+            "store",
+            "copy",
+            "--from",
+            database.to_str().unwrap(),
+            "--to",
+            &url,
+            "--schema",
+            schema.name(),
+        ],
+        &[],
+        sqlite.dir.path(),
+    );
+    assert!(!ok && out.contains("fresh installation"), "{out}");
+}
