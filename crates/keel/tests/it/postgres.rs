@@ -517,3 +517,255 @@ async fn an_installation_moves_from_sqlite_to_postgres_with_its_queued_and_runni
     );
     assert!(!ok && out.contains("fresh installation"), "{out}");
 }
+
+/// How many of the organisation's commands (or deliveries) are in `status`, read page by page.
+async fn count_status(api: &Api, resource: &str, status: &str) -> usize {
+    let mut count = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/{resource}?status={status}&limit=500");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page = api.get(&path, 200).await;
+        count += page["items"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return count,
+        }
+    }
+}
+
+/// A webhook receiver counting each `webhook-id`.
+async fn counting_receiver() -> (Arc<Mutex<std::collections::HashMap<String, u32>>>, String) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let counts: Arc<Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(
+            move |State(counts): State<Arc<Mutex<std::collections::HashMap<String, u32>>>>,
+                  headers: HeaderMap| async move {
+                let id = headers["webhook-id"].to_str().unwrap().to_owned();
+                *counts.lock().entry(id).or_default() += 1;
+                StatusCode::OK
+            },
+        )
+        .with_state(counts.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (counts, format!("http://{address}/hook"))
+}
+
+const CLUSTER_COMMANDS: usize = 10_000;
+const CLUSTER_DELIVERIES: usize = 10_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_nothing() {
+    use crate::agents::{AgentProcess, script};
+    let Some(url) = test_url() else { return };
+    let schema = TestSchema::create(&url).await;
+    let toml: &'static str = Box::leak(
+        format!(
+            "{}{}\n[notifications]\nallowed_networks = [\"127.0.0.1\"]\nworkers = 4\n\
+             release_interval = \"500ms\"\n\n[commands]\nrelease_stuck_interval = \"500ms\"\n",
+            store_toml(&url, &schema),
+            // Capacity, not quotas, is under test here.
+            "[overload.rate_limits]\nwork_per_second = 1000000\nwork_burst = 1000000\n\
+             agent_per_second = 1000000\nagent_burst = 1000000\n",
+        )
+        .into_boxed_str(),
+    );
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(
+            Server::start_with(Options {
+                extra_toml: toml,
+                ..Options::default()
+            })
+            .await,
+        );
+    }
+    let (counts, hook) = counting_receiver().await;
+    servers[0].create_org("acme");
+    let writer = servers[0].key("acme", "commands:write,commands:read", None);
+    let notifier = servers[0].key("acme", "notifications:write,notifications:read", None);
+    let sender = notifier
+        .post(
+            "/v1/senders",
+            &json!({"name": "s", "type": "webhook",
+                    "secrets": {"signing_secrets": ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}}),
+            201,
+        )
+        .await;
+    let channel = notifier
+        .post(
+            "/v1/channels",
+            &json!({"name": "hook", "type": "webhook", "url": hook, "sender_id": sender["id"],
+                    "timeout_seconds": 2}),
+            201,
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Four agents, spread over the instances; each run appends its command id to one file.
+    let runs = servers[0].dir.path().join("runs");
+    let program = script(
+        &servers[0],
+        "record.sh",
+        &format!(
+            "cat >/dev/null\necho \"$KEEL_COMMAND_ID\" >> {}",
+            runs.display()
+        ),
+    );
+    let mut agents = Vec::new();
+    for n in 0..4 {
+        let key = servers[0].key("acme", "agent", Some(&format!("agent-{n}")));
+        let server = &servers[n % 3];
+        agents.push(AgentProcess::start(
+            server,
+            &server.api(&key.token),
+            &program,
+            &[
+                "--queues",
+                "work",
+                "--concurrency",
+                "8",
+                "--wait-seconds",
+                "2",
+            ],
+        ));
+    }
+
+    // 10,000 commands in batches and 10,000 deliveries one by one, over every instance.
+    let started = Instant::now();
+    let creating = {
+        let writers: Vec<Api> = servers.iter().map(|s| on(s, &writer)).collect();
+        tokio::spawn(async move {
+            for batch in 0..CLUSTER_COMMANDS / 500 {
+                let items: Vec<Value> = (0..500)
+                    .map(|n| {
+                        json!({"type": "run", "queue": "work", "lease_seconds": 10,
+                                    "params": {"n": batch * 500 + n}})
+                    })
+                    .collect();
+                let writer = &writers[batch % writers.len()];
+                writer
+                    .post("/v1/commands/batch", &json!({"commands": items}), 201)
+                    .await;
+            }
+        })
+    };
+    let queueing = {
+        let notifiers: Vec<Api> = servers.iter().map(|s| on(s, &notifier)).collect();
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            for chunk in 0..CLUSTER_DELIVERIES / 100 {
+                let batch = (0..100).map(|n| {
+                    let notifier = &notifiers[(chunk + n) % notifiers.len()];
+                    let channel = &channel;
+                    async move {
+                        notifier
+                            .post(
+                                "/v1/deliveries",
+                                &json!({"channel_id": channel,
+                                        "body": format!("{{\"n\": {}}}", chunk * 100 + n)}),
+                                202,
+                            )
+                            .await;
+                    }
+                });
+                futures::future::join_all(batch).await;
+            }
+        })
+    };
+    creating.await.unwrap();
+    queueing.await.unwrap();
+
+    // Mid-run: the elected instance is killed.
+    let all: Vec<&Server> = servers.iter().collect();
+    poll_until(Duration::from_secs(10), || async {
+        elected_count(&all).await == 1
+    })
+    .await;
+    let mut holder = 0;
+    for (i, server) in servers.iter().enumerate() {
+        if instance(server).await.1 {
+            holder = i;
+        }
+    }
+    let done_before = std::fs::read_to_string(&runs)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    servers[holder].kill9();
+    let alive: Vec<&Server> = servers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != holder)
+        .map(|(_, s)| s)
+        .collect();
+    poll_until(Duration::from_secs(15), || async {
+        elected_count(&alive).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    servers[holder].restart().await;
+
+    // Everything reaches a terminal state.
+    let live = servers[(holder + 1) % 3].api(&writer.token);
+    let live_notifier = servers[(holder + 1) % 3].api(&notifier.token);
+    poll_until(Duration::from_secs(300), || async {
+        count_status(&live, "commands", "completed").await == CLUSTER_COMMANDS
+            && count_status(&live_notifier, "deliveries", "completed").await == CLUSTER_DELIVERIES
+    })
+    .await;
+    let elapsed = started.elapsed();
+
+    // No claim completed twice: one completed attempt per command, in the database itself.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let completed_twice: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM (SELECT command_id FROM {}.command_attempts \
+         WHERE outcome = 'completed' GROUP BY command_id HAVING count(*) > 1) AS twice",
+        schema.name()
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(completed_twice, 0, "a command completed under two claims");
+    let held: i64 = sqlx::query_scalar(&format!(
+        "SELECT (SELECT count(*) FROM {0}.commands WHERE status = 'executing') \
+              + (SELECT count(*) FROM {0}.deliveries WHERE status = 'executing')",
+        schema.name()
+    ))
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "no lease is left held");
+
+    // At-least-once: runs and sends beyond one per item are counted and reported.
+    let runs = std::fs::read_to_string(&runs).unwrap();
+    let mut ran: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for id in runs.lines() {
+        *ran.entry(id).or_default() += 1;
+    }
+    assert_eq!(ran.len(), CLUSTER_COMMANDS, "every command ran");
+    let command_duplicates: u32 = ran.values().map(|n| n - 1).sum();
+    let counts = counts.lock().clone();
+    assert_eq!(
+        counts.len(),
+        CLUSTER_DELIVERIES,
+        "every delivery reached the receiver"
+    );
+    let delivery_duplicates: u32 = counts.values().map(|n| n - 1).sum();
+    println!(
+        "3 instances, 4 agents: {CLUSTER_COMMANDS} commands and {CLUSTER_DELIVERIES} deliveries \
+         in {elapsed:?}; instance {holder} (elected) killed after {done_before} runs; \
+         duplicates: {command_duplicates} command runs, {delivery_duplicates} deliveries"
+    );
+    drop(agents);
+}
