@@ -263,6 +263,28 @@ pub trait Store: Send + Sync {
         result: Value,
     ) -> StoreResult<Command>;
 
+    /// Completes several commands `agent` holds, each fenced alone by its token as in
+    /// [`Store::complete`]: the answers are in the order of `reports`, each the command as it
+    /// is now or its own error (a stale one changes nothing, the others complete). At most
+    /// [`MAX_CLAIM_BATCH`] reports; more is `InvalidInput`. A backend may record them all in
+    /// one statement; this default completes them one by one, concurrently.
+    async fn complete_batch(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        reports: Vec<(CommandId, ClaimToken, Value)>,
+    ) -> StoreResult<Vec<StoreResult<Command>>> {
+        if reports.len() > MAX_CLAIM_BATCH as usize {
+            return Err(crate::StoreError::InvalidInput(format!(
+                "at most {MAX_CLAIM_BATCH} reports at once"
+            )));
+        }
+        let completes = reports.into_iter().map(|(id, token, result)| async move {
+            self.complete(org, agent, id, &token, result).await
+        });
+        Ok(futures::future::join_all(completes).await)
+    }
+
     /// Records a failed attempt. A retryable failure with attempts left goes back to pending
     /// after a backoff; otherwise the command is failed (cancelled if a cancel was requested).
     /// `StaleClaim` (and no change) unless the command is executing under `token`.

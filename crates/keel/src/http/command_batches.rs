@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keel_store::{
-    CommandStatus, Idempotency, MAX_BATCH_CREATE, MAX_CLAIM_BATCH, NewCommandItem, Scope,
+    Command, CommandStatus, Idempotency, MAX_BATCH_CREATE, MAX_CLAIM_BATCH, NewCommandItem, Scope,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -193,8 +193,8 @@ pub(super) struct ReportsView {
 }
 
 /// Completes or fails each reported command on its own (one stale token does not stop the
-/// others); the answer lists each report's outcome in request order. The reports are written
-/// together, so a batch costs about one commit.
+/// others); the answer lists each report's outcome in request order. The completions are
+/// recorded together (`Store::complete_batch`), so a batch costs about one commit.
 /// Completes or fails up to 100 claimed commands, each on its own.
 #[utoipa::path(
     post,
@@ -219,44 +219,70 @@ pub(super) async fn report_batch(
         )));
     }
     let org = caller.org();
-    let reports = batch.reports.into_iter().map(|report| {
-        let state = state.clone();
-        let caller = &caller;
-        async move {
-            let id = report.id.clone();
-            let outcome = async {
-                let limits = &state.command_limits;
-                let checked = match report.outcome {
-                    ReportOutcome::Completed => ("result", &report.result, limits.result_bytes),
-                    ReportOutcome::Failed => ("error", &report.error, limits.error_bytes),
-                };
-                let (agent, command_id, token) =
-                    agent_report(caller, &report.id, report.claim_token, checked)?;
-                let command = match report.outcome {
+    let limits = state.command_limits;
+    // Checked first, each on its own; then every completion in one store call (one statement
+    // on PostgreSQL), and the failures concurrently.
+    let mut outcomes: Vec<Option<Result<Command, ApiError>>> = Vec::new();
+    let mut ids = Vec::with_capacity(batch.reports.len());
+    let mut completes = Vec::new();
+    let mut failures = Vec::new();
+    let mut agent_id = None;
+    for (n, report) in batch.reports.into_iter().enumerate() {
+        ids.push(report.id.clone());
+        let checked = match report.outcome {
+            ReportOutcome::Completed => ("result", &report.result, limits.result_bytes),
+            ReportOutcome::Failed => ("error", &report.error, limits.error_bytes),
+        };
+        match agent_report(&caller, &report.id, report.claim_token, checked) {
+            Err(err) => outcomes.push(Some(Err(err))),
+            Ok((agent, command_id, token)) => {
+                agent_id = Some(agent);
+                outcomes.push(None);
+                match report.outcome {
                     ReportOutcome::Completed => {
-                        state
-                            .store
-                            .complete(org, agent, command_id, &token, report.result)
-                            .await?
+                        completes.push((n, (command_id, token, report.result)));
                     }
                     ReportOutcome::Failed => {
-                        state
-                            .store
-                            .fail(
-                                org,
-                                agent,
-                                command_id,
-                                &token,
-                                report.error,
-                                report.retryable,
-                            )
-                            .await?
+                        failures.push((n, command_id, token, report.error, report.retryable));
                     }
-                };
-                Ok::<_, ApiError>(command)
+                }
             }
-            .await;
-            match outcome {
+        }
+    }
+    if let Some(agent) = agent_id {
+        let (at, items): (Vec<usize>, Vec<_>) = completes.into_iter().unzip();
+        // The store could record none of them (busy, unreachable): the agent sends the batch
+        // again.
+        let completed = state.store.complete_batch(org, agent, items).await?;
+        for (n, answer) in at.into_iter().zip(completed) {
+            if let Some(slot) = outcomes.get_mut(n) {
+                *slot = Some(answer.map_err(ApiError::from));
+            }
+        }
+        let failed = futures::future::join_all(failures.into_iter().map(
+            |(n, command_id, token, error, retryable)| {
+                let store = state.store.clone();
+                async move {
+                    let answer = store
+                        .fail(org, agent, command_id, &token, error, retryable)
+                        .await
+                        .map_err(ApiError::from);
+                    (n, answer)
+                }
+            },
+        ))
+        .await;
+        for (n, answer) in failed {
+            if let Some(slot) = outcomes.get_mut(n) {
+                *slot = Some(answer);
+            }
+        }
+    }
+    let results = ids
+        .into_iter()
+        .zip(outcomes)
+        .map(|(id, outcome)| {
+            match outcome.unwrap_or_else(|| Err(ApiError::Internal("no answer".to_owned()))) {
                 Ok(command) => {
                     reported(&state, org, &command);
                     ReportResult {
@@ -279,8 +305,7 @@ pub(super) async fn report_batch(
                     }
                 }
             }
-        }
-    });
-    let results = futures::future::join_all(reports).await;
+        })
+        .collect();
     Ok(Json(ReportsView { results }))
 }
