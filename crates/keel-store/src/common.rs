@@ -89,6 +89,12 @@ pub(crate) fn corrupt(what: impl ToString) -> StoreError {
     StoreError::Database(sqlx::Error::Decode(what.to_string().into()))
 }
 
+/// An instant kept as microseconds since the Unix epoch (SQLite's encoding).
+pub(crate) fn from_micros(micros: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .map_err(|err| corrupt(format!("instant {micros} µs: {err}")))
+}
+
 /// A stored count as `u32`.
 pub(crate) fn to_u32(value: i64) -> StoreResult<u32> {
     u32::try_from(value).map_err(|_| corrupt(format!("{value} is not a count")))

@@ -11,6 +11,7 @@
 //! - [`notifications`]: notification settings, events and deliveries.
 //! - [`sqlite`]: the SQLite backend (WAL, migrations applied at open).
 //! - [`postgres`]: the PostgreSQL backend (several instances on one database).
+//! - [`copy`]: moving an installation from SQLite to PostgreSQL, row for row.
 //! - [`clock`]: where "now" comes from ([`SystemClock`], [`ManualClock`] for tests).
 //! - [`backoff`]: the delay before a failed command is retried.
 //! - [`mod@error`]: the error type, [`StoreError`].
@@ -21,6 +22,7 @@
 pub mod backoff;
 pub mod clock;
 mod common;
+pub mod copy;
 pub mod error;
 pub mod labels;
 pub mod model;

@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-pub(super) use crate::common::{corrupt, duration_millis, parse_status, to_u32};
+pub(super) use crate::common::{corrupt, duration_millis, from_micros, parse_status, to_u32};
 use crate::error::StoreResult;
 use crate::labels::Labels;
 use crate::model::{
@@ -22,11 +22,6 @@ pub(super) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 pub(super) fn to_micros(t: OffsetDateTime) -> i64 {
     let micros = t.unix_timestamp_nanos().div_euclid(1000);
     i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX })
-}
-
-pub(super) fn from_micros(micros: i64) -> StoreResult<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
-        .map_err(|err| corrupt(format!("instant {micros} µs: {err}")))
 }
 
 #[derive(sqlx::FromRow)]
