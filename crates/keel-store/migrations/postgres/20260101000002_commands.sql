@@ -33,9 +33,6 @@ CREATE TABLE commands (
     -- How the last attempt ended: completed, retry, failed, lease_expired, cancelled or
     -- handed_back.
     attempt_outcome    text,
-    -- How many attempts were ever opened (requeues do not reset it): the number of the latest
-    -- row of `command_attempts`, which a report, a release or a hand-back closes.
-    attempt_seq        integer     NOT NULL DEFAULT 0,
     idempotency_key    text,
     request_hash       text,
     created_at         timestamptz NOT NULL,
@@ -95,8 +92,8 @@ CREATE INDEX commands_finished ON commands (finished_at)
 CREATE INDEX commands_children ON commands (parent_id, status, id) WHERE parent_id IS NOT NULL;
 
 -- One row per attempt: who ran it, when, how it ended. Deleted with its command. Kept by the
--- statement that changes the command, in the same statement: a claim opens one (numbered from
--- `attempt_seq`); a report, a release or a hand-back of a cancelled claim ends it; a hand-back
+-- statement that changes the command, in the same statement: a claim opens one (numbered on
+-- from the last); a report, a release or a hand-back of a cancelled claim ends it; a hand-back
 -- deletes it.
 CREATE TABLE command_attempts (
     command_id  uuid        NOT NULL REFERENCES commands (id) ON DELETE CASCADE,

@@ -2,7 +2,7 @@
 //! complete, fail, release, requeue, hand-back, attempts, retention.
 //!
 //! Every change of a command is one statement that also keeps its attempts (data-modifying
-//! `WITH` clauses): a claim opens an attempt numbered from `attempt_seq`; a report, a release
+//! `WITH` clauses): a claim opens an attempt (numbered on from the last one); a report, a release
 //! or a cancelled hand-back ends it; a hand-back deletes it. Fencing is in each statement's
 //! `WHERE`: `status = 'executing' AND claim_token = … AND claimed_by = …`. Broadcast children
 //! hand on their slots and end their parent through the triggers of the commands migration.
@@ -831,7 +831,6 @@ fn claim_sql(queues: usize) -> String {
            LIMIT $3 FOR UPDATE OF c SKIP LOCKED), \
          claimed AS ( \
            UPDATE commands SET status = 'executing', scheduled = 0, attempts = attempts + 1, \
-             attempt_seq = attempt_seq + 1, \
              claim_token = replace(gen_random_uuid()::text, '-', ''), \
              lease_expires_at = keel_now() + lease_duration_ms * interval '1 millisecond', \
              claimed_by = $2, updated_at = keel_now() \
@@ -839,7 +838,8 @@ fn claim_sql(queues: usize) -> String {
            RETURNING commands.*), \
          opened AS ( \
            INSERT INTO command_attempts (command_id, attempt, agent_id, claimed_at) \
-           SELECT id, attempt_seq, $2, keel_now() FROM claimed) \
+           SELECT id, COALESCE((SELECT MAX(attempt) FROM command_attempts \
+             WHERE command_id = claimed.id), 0) + 1, $2, keel_now() FROM claimed) \
          SELECT {COMMAND_COLUMNS} FROM claimed"
     )
 }
@@ -932,8 +932,6 @@ pub(super) async fn hand_back(
            UPDATE commands c SET \
              status = CASE WHEN c.cancel_requested THEN 'cancelled' ELSE 'pending' END, \
              attempts = CASE WHEN c.cancel_requested THEN c.attempts ELSE c.attempts - 1 END, \
-             attempt_seq = CASE WHEN c.cancel_requested THEN c.attempt_seq \
-                           ELSE c.attempt_seq - 1 END, \
              finished_at = CASE WHEN c.cancel_requested THEN keel_now() END, \
              attempt_outcome = CASE WHEN c.cancel_requested THEN 'cancelled' \
                                ELSE 'handed_back' END, \
@@ -941,15 +939,15 @@ pub(super) async fn hand_back(
            FROM UNNEST($3::uuid[], $4::text[]) AS h(id, token) \
            WHERE c.org_id = $1 AND c.id = h.id AND c.status = 'executing' \
              AND c.claim_token = h.token AND c.claimed_by = $2 \
-           RETURNING c.id, c.status, c.attempt_seq), \
+           RETURNING c.id, c.status), \
          dropped AS ( \
            DELETE FROM command_attempts a USING back \
            WHERE back.status = 'pending' AND a.command_id = back.id \
-             AND a.attempt = back.attempt_seq + 1), \
+             AND a.ended_at IS NULL), \
          ended AS ( \
            UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'cancelled' \
            FROM back WHERE back.status = 'cancelled' AND a.command_id = back.id \
-             AND a.attempt = back.attempt_seq) \
+             AND a.ended_at IS NULL) \
          SELECT COUNT(*) FROM back WHERE status = 'pending'",
     )
     .bind(org)
@@ -1018,7 +1016,7 @@ pub(super) async fn complete(
            WHERE {FENCE} RETURNING *), \
          ended AS ( \
            UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'completed' \
-           FROM done WHERE a.command_id = done.id AND a.attempt = done.attempt_seq) \
+           FROM done WHERE a.command_id = done.id AND a.ended_at IS NULL) \
          SELECT {COMMAND_COLUMNS} FROM done"
     ))
     .bind(org)
@@ -1070,7 +1068,8 @@ pub(super) async fn fail(
          ended AS ( \
            UPDATE command_attempts a SET ended_at = keel_now(), \
              outcome = failed.attempt_outcome, error = $7 \
-           FROM failed WHERE a.command_id = failed.id AND a.attempt = failed.attempt_seq) \
+           FROM failed WHERE a.command_id = failed.id \
+             AND a.ended_at IS NULL) \
          SELECT {COMMAND_COLUMNS} FROM failed"
     ))
     .bind(org)
@@ -1115,10 +1114,10 @@ pub(super) async fn release_expired_leases(
                            ELSE 'lease_expired' END, \
              claim_token = NULL, lease_expires_at = NULL, updated_at = keel_now() \
            FROM expired WHERE c.id = expired.id AND c.status = 'executing' \
-           RETURNING c.id, c.org_id, c.attempts, c.status, c.attempt_outcome, c.attempt_seq), \
+           RETURNING c.id, c.org_id, c.attempts, c.status, c.attempt_outcome), \
          ended AS ( \
            UPDATE command_attempts a SET ended_at = keel_now(), outcome = r.attempt_outcome \
-           FROM released r WHERE a.command_id = r.id AND a.attempt = r.attempt_seq) \
+           FROM released r WHERE a.command_id = r.id AND a.ended_at IS NULL) \
          SELECT id, org_id, attempts, status FROM released",
     )
     .bind(org)
