@@ -6,11 +6,14 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::error::{StoreError, StoreResult};
-use crate::model::{CommandStatus, NewApiKey, NewCommand, Scope, Target};
+use crate::labels::Labels;
+use crate::model::{AgentId, CommandStatus, NewApiKey, NewBroadcast, NewCommand, Scope, Target};
 use crate::notifications::MAX_DELIVERIES_PER_EVENT;
 use crate::notifications::model::{
     DeliveryFilter, DeliveryStatus, EventId, NewDelivery, NewEvent, NewSetting, SettingKind,
 };
+use crate::schedule::BroadcastFire;
+use crate::store::MAX_BATCH_CREATE;
 
 /// A page from `items`, read with one more than `limit` to know whether there is a next page:
 /// at most `limit` of them, and the cursor of the next page (the last one's id) when there is
@@ -190,6 +193,35 @@ pub(crate) fn check_trigger(event: &NewEvent, deliveries: &[NewDelivery]) -> Sto
     Ok(())
 }
 
+/// Checks a new broadcast: its target is a selector, it reaches 1 to [`MAX_BATCH_CREATE`]
+/// agents, each once, and `max_concurrency` is at least 1.
+pub(crate) fn check_broadcast(broadcast: &NewBroadcast) -> StoreResult<()> {
+    let invalid = |msg: String| Err(StoreError::InvalidInput(msg));
+    let Target::Broadcast(selector) = &broadcast.command.target else {
+        return invalid("a broadcast's target is its selector".to_owned());
+    };
+    if broadcast.agents.is_empty() {
+        return invalid(format!("selector: `{selector}` matches no agent"));
+    }
+    if broadcast.agents.len() > MAX_BATCH_CREATE {
+        return invalid(format!(
+            "selector: `{selector}` matches {} agents; a broadcast reaches at most \
+             {MAX_BATCH_CREATE}",
+            broadcast.agents.len()
+        ));
+    }
+    if broadcast.max_concurrency == Some(0) {
+        return invalid("max_concurrency must be at least 1".to_owned());
+    }
+    let mut agents = broadcast.agents.clone();
+    agents.sort();
+    agents.dedup();
+    if agents.len() != broadcast.agents.len() {
+        return invalid("a broadcast names each agent once".to_owned());
+    }
+    Ok(())
+}
+
 /// What a new delivery is recognised by.
 pub(crate) struct DeliveryKeys {
     /// Unique in its organisation: its event, its channel (or channel type, for a message sent
@@ -226,4 +258,49 @@ pub(crate) fn check_requeue_filter(filter: &DeliveryFilter) -> StoreResult<()> {
         ));
     }
     Ok(())
+}
+
+/// The broadcast a scheduled fire creates at `now`: the agents (id, labels, last seen, in the
+/// order their children are made) its selector matches, online ones only when it asks, checked
+/// as [`check_broadcast`] checks a created one (errors name the `command.` field).
+pub(crate) fn broadcast_of_fire(
+    fire: BroadcastFire,
+    agents: impl IntoIterator<Item = (AgentId, Labels, Option<OffsetDateTime>)>,
+    now: OffsetDateTime,
+) -> StoreResult<NewBroadcast> {
+    let window = time::Duration::try_from(fire.online_window).unwrap_or(time::Duration::MAX);
+    let agents = agents
+        .into_iter()
+        .filter(|(_, labels, last_seen)| {
+            let online = last_seen.is_some_and(|seen| now - seen <= window);
+            fire.selector.matches(labels) && (online || !fire.online_only)
+        })
+        .map(|(id, _, _)| id)
+        .collect();
+    let new = NewBroadcast {
+        command: fire.command,
+        online_only: fire.online_only,
+        max_concurrency: fire.max_concurrency,
+        agents,
+    };
+    check_broadcast(&new).map_err(|err| match err {
+        StoreError::InvalidInput(why) => StoreError::InvalidInput(format!("command.{why}")),
+        other => other,
+    })?;
+    Ok(new)
+}
+
+/// A stored command's target: its agent, its queue, or for a broadcast parent (a queue and a
+/// selector, see the fleet migration) its selector. `None` for a row that is none of these.
+pub(crate) fn command_target(
+    agent: Option<AgentId>,
+    queue: Option<String>,
+    selector: Option<String>,
+) -> Option<Target> {
+    match (agent, queue, selector) {
+        (Some(agent), None, None) => Some(Target::Agent(agent)),
+        (None, Some(queue), None) => Some(Target::Queue(queue)),
+        (None, Some(_), Some(selector)) => Some(Target::Broadcast(selector)),
+        _ => None,
+    }
 }

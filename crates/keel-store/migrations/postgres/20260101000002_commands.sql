@@ -40,14 +40,17 @@ CREATE TABLE commands (
     finished_at        timestamptz,
     -- Broadcasts: a parent (never claimed, told apart by its selector) and one child per agent.
     parent_id          uuid,
-    selector           jsonb,
+    -- The label selector, as written.
+    selector           text,
     online_only        boolean,
     max_concurrency    integer,
     -- The agents the selector matched at creation, a JSON array of ids, in child order.
     broadcast_agents   jsonb,
     CHECK ((target_agent_id IS NULL) <> (queue IS NULL)),
     CHECK ((status = 'executing') = (claim_token IS NOT NULL AND lease_expires_at IS NOT NULL)),
-    FOREIGN KEY (org_id, target_agent_id) REFERENCES agents (org_id, id),
+    -- Named: a violation of this one means the target agent is not in the organisation.
+    CONSTRAINT commands_target_agent
+        FOREIGN KEY (org_id, target_agent_id) REFERENCES agents (org_id, id),
     FOREIGN KEY (org_id, claimed_by) REFERENCES agents (org_id, id),
     -- NULL keys are distinct, so commands without a key never collide.
     UNIQUE (org_id, idempotency_key)
@@ -88,7 +91,10 @@ CREATE INDEX commands_finished ON commands (finished_at)
 -- A parent's children by status.
 CREATE INDEX commands_children ON commands (parent_id, status, id) WHERE parent_id IS NOT NULL;
 
--- One row per attempt: who ran it, when, how it ended. Deleted with its command.
+-- One row per attempt: who ran it, when, how it ended. Deleted with its command. Kept by the
+-- statement that changes the command, in the same statement: a claim opens one (numbered on
+-- from the last); a report, a release or a hand-back of a cancelled claim ends it; a hand-back
+-- deletes it.
 CREATE TABLE command_attempts (
     command_id  uuid        NOT NULL REFERENCES commands (id) ON DELETE CASCADE,
     attempt     integer     NOT NULL,
@@ -100,3 +106,66 @@ CREATE TABLE command_attempts (
     error       jsonb,
     PRIMARY KEY (command_id, attempt)
 );
+
+-- Broadcasts (see the SQLite fleet migration for the design). A child that held a slot hands
+-- it, when it finishes, to the next held sibling (unless the broadcast is being cancelled); the
+-- sibling is claimable at once, or scheduled when it is not due yet. A held child that finishes
+-- (cancelled on its own) had no slot to hand on. The last child to finish ends the parent.
+--
+-- The parent's row is locked first: children that finish in concurrent transactions take
+-- turns, and the last one sees the others finished (each statement below reads anew).
+CREATE FUNCTION keel_broadcast_child_finishes() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cancelling boolean;
+BEGIN
+    SELECT cancel_requested INTO cancelling FROM commands WHERE id = NEW.parent_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF OLD.scheduled <> 2 AND NOT cancelling THEN
+        UPDATE commands
+        SET scheduled = CASE WHEN run_at > keel_now() THEN 1 ELSE 0 END,
+            updated_at = keel_now()
+        WHERE id = (SELECT id FROM commands
+                    WHERE parent_id = NEW.parent_id AND status = 'pending' AND scheduled = 2
+                    ORDER BY id LIMIT 1);
+    END IF;
+    UPDATE commands
+    SET status = CASE
+            WHEN cancel_requested THEN 'cancelled'
+            WHEN EXISTS (SELECT 1 FROM commands
+                         WHERE parent_id = NEW.parent_id
+                           AND status IN ('failed', 'cancelled', 'dead')) THEN 'failed'
+            ELSE 'completed' END,
+        finished_at = keel_now(), updated_at = keel_now()
+    WHERE id = NEW.parent_id AND status = 'pending'
+      AND NOT EXISTS (SELECT 1 FROM commands
+                      WHERE parent_id = NEW.parent_id AND status IN ('pending', 'executing'));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER broadcast_child_finishes AFTER UPDATE OF status ON commands
+FOR EACH ROW
+WHEN (NEW.parent_id IS NOT NULL
+      AND NEW.status IN ('completed', 'failed', 'cancelled', 'dead')
+      AND OLD.status IN ('pending', 'executing'))
+EXECUTE FUNCTION keel_broadcast_child_finishes();
+
+-- A finished child that is requeued reopens its finished parent.
+CREATE FUNCTION keel_broadcast_child_requeued() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE commands
+    SET status = 'pending', finished_at = NULL, cancel_requested = false,
+        updated_at = keel_now()
+    WHERE id = NEW.parent_id AND status IN ('completed', 'failed', 'cancelled');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER broadcast_child_requeued AFTER UPDATE OF status ON commands
+FOR EACH ROW
+WHEN (NEW.parent_id IS NOT NULL
+      AND NEW.status = 'pending'
+      AND OLD.status IN ('completed', 'failed', 'cancelled', 'dead'))
+EXECUTE FUNCTION keel_broadcast_child_requeued();

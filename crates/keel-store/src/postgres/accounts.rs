@@ -188,11 +188,6 @@ pub(super) async fn authenticate(store: &PgStore, token: &str) -> StoreResult<Op
     }))
 }
 
-/// Placeholder answer of a method not yet on PostgreSQL.
-pub(super) fn not_yet(what: &str) -> StoreError {
-    StoreError::Unavailable(format!("{what} is not on PostgreSQL yet"))
-}
-
 pub(super) async fn list_api_keys(store: &PgStore, org: OrgId) -> StoreResult<Vec<ApiKey>> {
     let rows: Vec<ApiKeyRow> = sqlx::query_as(&format!(
         "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE org_id = $1 ORDER BY created_at, id"

@@ -17,6 +17,7 @@
 //! refuses a database whose schema is newer than itself ([`PgStore::check_schema`]).
 
 mod accounts;
+mod broadcasts;
 mod commands;
 mod notifications;
 mod schedules;

@@ -7,6 +7,7 @@ use sqlx::{Sqlite, SqliteConnection};
 use super::rows::{AgentRow, CommandRow, PausedQueueRow};
 use super::writer::Lane;
 use super::{AGENT_COLUMNS, COMMAND_COLUMNS, COMMANDS, Placement, SqliteStore, insert_command};
+use crate::common::{broadcast_of_fire, check_broadcast};
 use crate::error::{StoreError, StoreResult};
 use crate::labels::{Labels, check_labels};
 use crate::model::{
@@ -14,7 +15,7 @@ use crate::model::{
     PausedQueue, Target,
 };
 use crate::schedule::BroadcastFire;
-use crate::store::{MAX_BATCH_CREATE, check_queue_name};
+use crate::store::check_queue_name;
 use time::OffsetDateTime;
 
 /// Whether the agent is cordoned, and the organisation's paused queues (a JSON array): the
@@ -204,36 +205,8 @@ pub(super) async fn count_cordoned_and_paused(store: &SqliteStore) -> StoreResul
     ))
 }
 
-/// Checks a broadcast before it reaches the writer.
-fn check_broadcast(broadcast: &NewBroadcast) -> StoreResult<()> {
-    let invalid = |msg: String| Err(StoreError::InvalidInput(msg));
-    let Target::Broadcast(selector) = &broadcast.command.target else {
-        return invalid("a broadcast's target is its selector".to_owned());
-    };
-    if broadcast.agents.is_empty() {
-        return invalid(format!("selector: `{selector}` matches no agent"));
-    }
-    if broadcast.agents.len() > MAX_BATCH_CREATE {
-        return invalid(format!(
-            "selector: `{selector}` matches {} agents; a broadcast reaches at most \
-             {MAX_BATCH_CREATE}",
-            broadcast.agents.len()
-        ));
-    }
-    if broadcast.max_concurrency == Some(0) {
-        return invalid("max_concurrency must be at least 1".to_owned());
-    }
-    let mut agents = broadcast.agents.clone();
-    agents.sort();
-    agents.dedup();
-    if agents.len() != broadcast.agents.len() {
-        return invalid("a broadcast names each agent once".to_owned());
-    }
-    Ok(())
-}
-
 /// Resolves a scheduled broadcast's selector on the writer's connection, on the organisation's
-/// agents as they are now, and checks the result as [`create_broadcast`] would.
+/// agents as they are now (see [`broadcast_of_fire`]).
 pub(super) async fn resolve_fire(
     conn: &mut SqliteConnection,
     org: OrgId,
@@ -246,26 +219,14 @@ pub(super) async fn resolve_fire(
     .bind(org)
     .fetch_all(&mut *conn)
     .await?;
-    let window = time::Duration::try_from(fire.online_window).unwrap_or(time::Duration::MAX);
-    let mut agents = Vec::new();
-    for row in rows {
-        let agent = row.into_agent()?;
-        let online = agent.last_seen_at.is_some_and(|seen| now - seen <= window);
-        if fire.selector.matches(&agent.labels()) && (online || !fire.online_only) {
-            agents.push(agent.id);
-        }
-    }
-    let new = NewBroadcast {
-        command: fire.command,
-        online_only: fire.online_only,
-        max_concurrency: fire.max_concurrency,
-        agents,
-    };
-    check_broadcast(&new).map_err(|err| match err {
-        StoreError::InvalidInput(why) => StoreError::InvalidInput(format!("command.{why}")),
-        other => other,
-    })?;
-    Ok(new)
+    let agents = rows
+        .into_iter()
+        .map(|row| {
+            let agent = row.into_agent()?;
+            Ok((agent.id, agent.labels(), agent.last_seen_at))
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    broadcast_of_fire(fire, agents, now)
 }
 
 pub(super) async fn create_broadcast(

@@ -151,19 +151,17 @@ pub(super) struct CommandRow {
 impl CommandRow {
     /// The command, and its claim token if it is executing.
     pub(super) fn into_command(self) -> StoreResult<(Command, Option<ClaimToken>)> {
-        let (target, broadcast) = match (self.target_agent_id, self.queue, self.selector) {
-            (Some(agent), None, None) => (Target::Agent(agent), None),
-            (None, Some(queue), None) => (Target::Queue(queue), None),
-            // A broadcast parent: see the fleet migration.
-            (None, Some(_), Some(selector)) => (
-                Target::Broadcast(selector),
-                Some(Broadcast {
-                    online_only: self.online_only.unwrap_or(true),
-                    max_concurrency: self.max_concurrency.map(to_u32).transpose()?,
-                    agents: self.broadcast_agents.map(|a| a.0).unwrap_or_default(),
-                }),
-            ),
-            _ => return Err(corrupt(format!("command {}: bad target", self.id))),
+        let id = self.id;
+        let target = crate::common::command_target(self.target_agent_id, self.queue, self.selector)
+            .ok_or_else(|| corrupt(format!("command {id}: bad target")))?;
+        // A broadcast parent: see the fleet migration.
+        let broadcast = match target {
+            Target::Broadcast(_) => Some(Broadcast {
+                online_only: self.online_only.unwrap_or(true),
+                max_concurrency: self.max_concurrency.map(to_u32).transpose()?,
+                agents: self.broadcast_agents.map(|a| a.0).unwrap_or_default(),
+            }),
+            Target::Agent(_) | Target::Queue(_) => None,
         };
         let command = Command {
             id: self.id,
