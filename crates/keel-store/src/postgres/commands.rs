@@ -782,11 +782,12 @@ pub(super) async fn requeue(store: &PgStore, org: OrgId, id: CommandId) -> Store
 
 // --- the lease engine ---
 
-/// One `SELECT id, priority, run_at` per source of an agent's claim, in claim order, joined with
-/// `UNION ALL`: its own commands, then each queue's (`$4…`, those not paused), each read on its
-/// claim index; and per source, the scheduled commands that fell due (at most [`DUE_BATCH`],
-/// read on the scheduled index). Parameters: `$1` organisation, `$2` agent.
-fn claim_sources(queues: usize) -> String {
+/// The sources of an agent's claim: its own commands, then each queue's (`$4…`, those not
+/// paused). For each, one `SELECT id, priority, run_at` in claim order on its claim index, and
+/// one of the scheduled commands that fell due (at most [`DUE_BATCH`], on the scheduled index).
+/// Returns `(every arm, the arms of the scheduled ones)`, each joined with `UNION ALL`.
+/// Parameters: `$1` organisation, `$2` agent.
+fn claim_sources(queues: usize) -> (String, String) {
     let ready = |source: &str| {
         format!(
             "(SELECT id, priority, run_at FROM commands WHERE {source} \
@@ -800,26 +801,30 @@ fn claim_sources(queues: usize) -> String {
              ORDER BY run_at LIMIT {DUE_BATCH}) AS due ORDER BY {CLAIM_ORDER})"
         )
     };
-    let own = "org_id = $1 AND target_agent_id = $2";
-    let mut arms = vec![ready(own), due(own)];
+    let mut sources = vec!["org_id = $1 AND target_agent_id = $2".to_owned()];
     for n in 0..queues {
         let q = n + 4;
-        let pooled = format!(
+        sources.push(format!(
             "org_id = $1 AND queue = ${q} AND target_agent_id IS NULL \
              AND NOT EXISTS (SELECT 1 FROM paused_queues WHERE org_id = $1 AND queue = ${q})"
-        );
-        arms.push(ready(&pooled));
-        arms.push(due(&pooled));
+        ));
     }
-    arms.join(" UNION ALL ")
+    let all: Vec<String> = sources
+        .iter()
+        .flat_map(|source| [ready(source), due(source)])
+        .collect();
+    let scheduled: Vec<String> = sources.iter().map(|source| due(source)).collect();
+    (all.join(" UNION ALL "), scheduled.join(" UNION ALL "))
 }
 
 /// The claim: the first `$3` claimable commands of the sources in claim order that no other
 /// claim holds (`FOR UPDATE SKIP LOCKED` on the rows as the sources name them, so that the
 /// lock reads only as far as it takes), unless the agent is cordoned; each leased to the agent
-/// with a new token, one more attempt, and its attempt opened.
+/// with a new token, one more attempt, and its attempt opened. The scheduled commands that
+/// fell due and were not taken become claimable (into the claim indexes), so that the next
+/// claims read them there.
 fn claim_sql(queues: usize) -> String {
-    let sources = claim_sources(queues);
+    let (sources, scheduled) = claim_sources(queues);
     format!(
         "WITH picked AS ( \
            SELECT c.id FROM ({sources} ORDER BY {CLAIM_ORDER}) AS cand \
@@ -839,7 +844,13 @@ fn claim_sql(queues: usize) -> String {
          opened AS ( \
            INSERT INTO command_attempts (command_id, attempt, agent_id, claimed_at) \
            SELECT id, COALESCE((SELECT MAX(attempt) FROM command_attempts \
-             WHERE command_id = claimed.id), 0) + 1, $2, keel_now() FROM claimed) \
+             WHERE command_id = claimed.id), 0) + 1, $2, keel_now() FROM claimed), \
+         promoted AS ( \
+           UPDATE commands SET scheduled = 0 WHERE id IN ( \
+             SELECT c.id FROM ({scheduled}) AS due JOIN commands c ON c.id = due.id \
+             WHERE c.status = 'pending' AND c.scheduled = 1 \
+               AND c.id NOT IN (SELECT id FROM picked) \
+             FOR UPDATE OF c SKIP LOCKED)) \
          SELECT {COMMAND_COLUMNS} FROM claimed"
     )
 }
