@@ -43,7 +43,10 @@ macro_rules! notification_conformance_tests {
                 deliveries_are_isolated,
                 postponed_delivery_spends_no_attempt,
                 outcomes_are_recorded_together_each_fenced_alone,
-                throttled_deliveries_fold_into_one_digest
+                throttled_deliveries_fold_into_one_digest,
+                concurrent_claims_never_share_a_delivery,
+                concurrent_triggers_of_one_key_create_once,
+                concurrent_throttled_triggers_share_one_digest
             );
         }
     };
@@ -858,4 +861,128 @@ pub async fn outcomes_are_recorded_together_each_fenced_alone(
         n.record_deliveries(worker, too_many).await,
         Err(StoreError::InvalidInput(_))
     ));
+}
+
+// --- concurrency ---
+
+/// Six workers claim and record from 300 deliveries at once: each is claimed exactly once.
+pub async fn concurrent_claims_never_share_a_delivery(store: &dyn Store, _clock: &ManualClock) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    for (e, priority) in [0, 5, 10].into_iter().enumerate() {
+        n.trigger(
+            acme,
+            event(&format!("x{e}"), None),
+            (0..100)
+                .map(|i| delivery(&format!("r{i}"), priority, 3))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    }
+    let work = |worker: WorkerId| async move {
+        let mut mine = Vec::new();
+        loop {
+            let claimed = n.claim_deliveries(worker, 7).await.unwrap();
+            if claimed.is_empty() {
+                return mine;
+            }
+            let reports = claimed
+                .iter()
+                .map(|c| {
+                    assert_eq!(c.delivery.claimed_by, Some(worker));
+                    DeliveryReport {
+                        id: c.delivery.id,
+                        claim_token: c.claim_token.clone(),
+                        outcome: DeliveryOutcome::Delivered(json!({})),
+                    }
+                })
+                .collect();
+            for answer in n.record_deliveries(worker, reports).await.unwrap() {
+                assert_eq!(answer.unwrap().status, DeliveryStatus::Completed);
+            }
+            mine.extend(claimed.into_iter().map(|c| c.delivery.id));
+        }
+    };
+    let claimed: Vec<_> = futures::future::join_all((0..6).map(|_| work(WorkerId::new())))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(claimed.len(), 300, "no delivery claimed twice");
+    let unique: std::collections::HashSet<_> = claimed.into_iter().collect();
+    assert_eq!(unique.len(), 300);
+    let completed = n
+        .list_deliveries(
+            acme,
+            DeliveryFilter {
+                status: Some(DeliveryStatus::Completed),
+                ..DeliveryFilter::default()
+            },
+            None,
+            1000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(completed.items.len(), 300);
+}
+
+/// Eight triggers with one idempotency key at once: one creates the event, the others answer it.
+pub async fn concurrent_triggers_of_one_key_create_once(store: &dyn Store, _clock: &ManualClock) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    let answers = futures::future::join_all((0..8).map(|_| {
+        n.trigger(
+            acme,
+            event("order_failed", Some(("k", "h"))),
+            vec![delivery("a", 0, 3)],
+        )
+    }))
+    .await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(answers.iter().filter(|t| t.created).count(), 1);
+    assert!(answers.iter().all(|t| t.event.id == answers[0].event.id));
+    assert!(answers.iter().all(|t| t.deliveries.len() == 1));
+    let all = n
+        .list_deliveries(acme, DeliveryFilter::default(), None, 100)
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 1);
+}
+
+/// Ten throttled triggers of one type, channel and recipient at once: one leads, the nine
+/// others fold into one digest.
+pub async fn concurrent_throttled_triggers_share_one_digest(
+    store: &dyn Store,
+    _clock: &ManualClock,
+) {
+    let n = store.notifications();
+    let acme = org(store, "acme").await;
+    let throttled = NewDelivery {
+        throttle: Some(StdDuration::from_secs(60)),
+        ..delivery("ops", 5, 3)
+    };
+    let answers = futures::future::join_all(
+        (0..10).map(|_| n.trigger(acme, event("disk_warning", None), vec![throttled.clone()])),
+    )
+    .await;
+    let deliveries: Vec<_> = answers
+        .into_iter()
+        .map(|t| t.unwrap().deliveries.pop().unwrap())
+        .collect();
+    let leads: Vec<_> = deliveries
+        .iter()
+        .filter(|d| d.status == DeliveryStatus::Pending)
+        .collect();
+    assert_eq!(leads.len(), 1, "one lead");
+    let digests: std::collections::HashSet<_> = deliveries
+        .iter()
+        .filter(|d| d.status == DeliveryStatus::Throttled)
+        .map(|d| d.digest_id.unwrap())
+        .collect();
+    assert_eq!(digests.len(), 1, "one digest");
+    let digest = *digests.iter().next().unwrap();
+    assert_eq!(n.list_digested(acme, digest).await.unwrap().len(), 9);
+    let digest = n.get_delivery(acme, digest).await.unwrap().unwrap();
+    assert_eq!(digest.digest_of, Some(leads[0].id));
 }

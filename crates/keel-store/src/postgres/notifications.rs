@@ -10,9 +10,12 @@
 //! statement.
 
 mod lease;
+#[cfg(test)]
+mod query_plans;
 mod rows;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use sqlx::types::Json;
@@ -119,6 +122,28 @@ const LOCK_THROTTLES: &str = "\
 SELECT pg_advisory_xact_lock($1, h) FROM (
     SELECT DISTINCT hashtext($2::text || '/' || k) AS h FROM unnest($3::text[]) AS k ORDER BY h
 ) AS keys";
+
+/// The deliveries of the event `$2` of the organisation `$1`, oldest first.
+static EVENT_DELIVERIES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE org_id = $1 AND event_id = $2 \
+         ORDER BY id"
+    )
+});
+
+/// The deliveries folded into the digest `$1` of the organisation `$2`, oldest first.
+static DIGESTED: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE digest_id = $1 AND org_id = $2 \
+         ORDER BY created_at, id"
+    )
+});
+
+/// The attempts at the delivery `$2` of the organisation `$1`, first first.
+const ATTEMPTS: &str = "\
+SELECT a.attempt, a.agent_id, a.claimed_at, a.ended_at, a.outcome, a.error
+FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
+WHERE d.org_id = $1 AND d.id = $2 ORDER BY a.attempt";
 
 /// The deliveries of a trigger as the statement's arrays, in order, each dedupe key once.
 #[derive(Default)]
@@ -245,14 +270,11 @@ async fn replay(conn: &mut PgConnection, org: OrgId, idem: &Idempotency) -> Stor
         return Err(StoreError::IdempotencyMismatch);
     }
     let event = existing.into_event()?;
-    let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE org_id = $1 AND event_id = $2 \
-         ORDER BY id"
-    ))
-    .bind(org)
-    .bind(event.id)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows: Vec<DeliveryRow> = sqlx::query_as(&EVENT_DELIVERIES)
+        .bind(org)
+        .bind(event.id)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(Triggered {
         event,
         deliveries: rows
@@ -284,6 +306,22 @@ fn push_filter(
     if let Some(cursor) = cursor {
         query.push(" AND id < ").push_bind(cursor);
     }
+}
+
+/// A page of the organisation's deliveries, newest first: `limit` rows at most.
+fn list_query(
+    org: OrgId,
+    filter: &DeliveryFilter,
+    cursor: Option<DeliveryId>,
+    limit: i64,
+) -> QueryBuilder<'static, Postgres> {
+    let mut query = QueryBuilder::new(format!(
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE org_id = "
+    ));
+    query.push_bind(org);
+    push_filter(&mut query, filter, cursor);
+    query.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    query
 }
 
 #[async_trait]
@@ -464,15 +502,11 @@ impl NotificationStore for PgStore {
         org: OrgId,
         id: DeliveryId,
     ) -> StoreResult<Vec<DeliveryAttempt>> {
-        let rows: Vec<DeliveryAttemptRow> = sqlx::query_as(
-            "SELECT a.attempt, a.agent_id, a.claimed_at, a.ended_at, a.outcome, a.error \
-             FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id \
-             WHERE d.org_id = $1 AND d.id = $2 ORDER BY a.attempt",
-        )
-        .bind(org)
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<DeliveryAttemptRow> = sqlx::query_as(ATTEMPTS)
+            .bind(org)
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter()
             .map(DeliveryAttemptRow::into_attempt)
             .collect()
@@ -486,15 +520,10 @@ impl NotificationStore for PgStore {
         limit: u32,
     ) -> StoreResult<DeliveryPage> {
         let limit = limit.clamp(1, MAX_PAGE_SIZE);
-        let mut query = QueryBuilder::new(format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE org_id = "
-        ));
-        query.push_bind(org);
-        push_filter(&mut query, &filter, cursor);
-        query
-            .push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(limit) + 1);
-        let rows: Vec<DeliveryRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        let rows: Vec<DeliveryRow> = list_query(org, &filter, cursor, i64::from(limit) + 1)
+            .build_query_as()
+            .fetch_all(&self.pool)
+            .await?;
         let items = rows
             .into_iter()
             .map(DeliveryRow::into_plain)
@@ -504,14 +533,11 @@ impl NotificationStore for PgStore {
     }
 
     async fn list_digested(&self, org: OrgId, digest: DeliveryId) -> StoreResult<Vec<Delivery>> {
-        let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE digest_id = $1 AND org_id = $2 \
-             ORDER BY created_at, id"
-        ))
-        .bind(digest)
-        .bind(org)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<DeliveryRow> = sqlx::query_as(&DIGESTED)
+            .bind(digest)
+            .bind(org)
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(DeliveryRow::into_plain).collect()
     }
 

@@ -40,7 +40,7 @@ fn qualified(columns: &str, alias: &str) -> String {
 /// of the claim index and the first due ones of the scheduled index (a backoff or a
 /// postponement ended), best priority first, then earliest due, then by id. Each gets a new
 /// token, one more attempt and an open attempt row.
-static CLAIM: LazyLock<String> = LazyLock::new(|| {
+pub(super) static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH ready AS (
             SELECT id, priority, run_at FROM deliveries
@@ -77,7 +77,7 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
 
 /// Completes the deliveries `$1` (ids), `$2` (tokens) held by `$4`, with `$3` what the channel
 /// reported; ends their attempts.
-static DELIVERED: LazyLock<String> = LazyLock::new(|| {
+pub(super) static DELIVERED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH r AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS r (id, token, detail)
@@ -104,7 +104,7 @@ static DELIVERED: LazyLock<String> = LazyLock::new(|| {
 /// receiver's earliest retry (or NULL). Back to pending, scheduled after the backoff or at
 /// that instant when later, while attempts are left and it is retryable; `dead`
 /// (attempts exhausted) when they ran out; `failed` when it is not retryable.
-static FAILED: LazyLock<String> = LazyLock::new(|| {
+pub(super) static FAILED: LazyLock<String> = LazyLock::new(|| {
     // Whether the delivery is tried again (read on the row as locked by the update).
     let again = "(r.retryable AND NOT d.cancel_requested AND d.attempts < d.max_attempts)";
     format!(
@@ -148,7 +148,7 @@ static FAILED: LazyLock<String> = LazyLock::new(|| {
 /// Gives back the deliveries `$1` (ids), `$2` (tokens) held by `$4` without spending their
 /// attempt: pending again with one attempt fewer, scheduled at `$3` (or their due time when
 /// later), their open attempt deleted.
-static POSTPONED: LazyLock<String> = LazyLock::new(|| {
+pub(super) static POSTPONED: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH r AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS r (id, token, until)
@@ -172,7 +172,7 @@ static POSTPONED: LazyLock<String> = LazyLock::new(|| {
 
 /// Releases up to `$1` expired leases, earliest expiry first: back to pending, due now, or
 /// `dead` (`lease_expired`) on their last attempt; their attempts end as `lease_expired`.
-const RELEASE: &str = "\
+pub(super) const RELEASE: &str = "\
 WITH picked AS (
     SELECT id FROM deliveries
     WHERE status = 'executing' AND lease_expires_at < keel_now()
@@ -202,9 +202,55 @@ WITH picked AS (
 SELECT id, org_id, status FROM released";
 
 /// What a requeue sets (after `UPDATE deliveries SET`): pending, due now, attempts reset.
-const REQUEUE_SET: &str = "status = 'pending', attempts = 0, dead_reason = NULL, \
+pub(super) const REQUEUE_SET: &str = "status = 'pending', attempts = 0, dead_reason = NULL, \
      run_at = keel_now(), scheduled = 0, finished_at = NULL, cancel_requested = false, \
      updated_at = keel_now()";
+
+/// The attempts so far of the deliveries `$1`.
+pub(super) const ATTEMPTS_SO_FAR: &str =
+    "SELECT id, attempts FROM deliveries WHERE id = ANY($1::uuid[])";
+
+/// Which of the deliveries `$1` exist.
+pub(super) const EXISTING: &str = "SELECT id FROM deliveries WHERE id = ANY($1::uuid[])";
+
+/// Puts back the dead or failed delivery `$2` of the organisation `$1`.
+pub(super) static REQUEUE_ONE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE deliveries SET {REQUEUE_SET} \
+         WHERE org_id = $1 AND id = $2 AND status IN ('dead', 'failed') \
+         RETURNING {DELIVERY_COLUMNS}"
+    )
+});
+
+/// Now when a delivery is claimable, else the earliest due time of a scheduled one.
+pub(super) const NEXT_DUE: &str = "\
+SELECT CASE WHEN EXISTS (SELECT 1 FROM deliveries WHERE status = 'pending' AND scheduled = 0)
+            THEN keel_now()
+            ELSE (SELECT min(run_at) FROM deliveries WHERE status = 'pending' AND scheduled = 1)
+       END";
+
+/// Deletes up to `$2` deliveries finished before `$1`, oldest first (their attempts with them).
+pub(super) const PURGE_FINISHED: &str = "\
+DELETE FROM deliveries WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE status IN ('completed', 'failed', 'cancelled', 'dead') AND finished_at < $1
+    ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+/// Deletes up to `$2` throttled deliveries folded before `$1` whose digest is gone.
+pub(super) const PURGE_THROTTLED: &str = "\
+DELETE FROM deliveries WHERE id IN (
+    SELECT t.id FROM deliveries t
+    WHERE t.status = 'throttled' AND t.finished_at < $1
+      AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = t.digest_id)
+    ORDER BY t.finished_at LIMIT $2 FOR UPDATE OF t SKIP LOCKED)";
+
+/// Deletes up to `$2` events triggered before `$1` that no delivery refers to any more (their
+/// idempotency keys with them).
+pub(super) const PURGE_EVENTS: &str = "\
+DELETE FROM notification_events WHERE id IN (
+    SELECT e.id FROM notification_events e
+    WHERE e.created_at < $1 AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+    ORDER BY e.created_at LIMIT $2 FOR UPDATE OF e SKIP LOCKED)";
 
 pub(super) async fn claim(
     store: &PgStore,
@@ -372,13 +418,12 @@ async fn backoffs(conn: &mut PgConnection, failed: &Reports<'_>) -> StoreResult<
     }
     // Read before the update: the attempts change only with a new claim, which changes the
     // token too, and the update's fence then refuses the report.
-    let attempts: HashMap<uuid::Uuid, i32> =
-        sqlx::query_as("SELECT id, attempts FROM deliveries WHERE id = ANY($1)")
-            .bind(&failed.ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
+    let attempts: HashMap<uuid::Uuid, i32> = sqlx::query_as(ATTEMPTS_SO_FAR)
+        .bind(&failed.ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
     let mut rng = rand::rng();
     Ok(failed
         .ids
@@ -428,7 +473,7 @@ pub(super) async fn record(
     let existing: HashSet<DeliveryId> = if refused.is_empty() {
         HashSet::new()
     } else {
-        sqlx::query_scalar("SELECT id FROM deliveries WHERE id = ANY($1)")
+        sqlx::query_scalar(EXISTING)
             .bind(&refused)
             .fetch_all(&mut *conn)
             .await?
@@ -466,15 +511,7 @@ pub(super) async fn release_expired(
 }
 
 pub(super) async fn next_due(store: &PgStore) -> StoreResult<Option<OffsetDateTime>> {
-    Ok(sqlx::query_scalar(
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM deliveries \
-                                  WHERE status = 'pending' AND scheduled = 0) \
-                     THEN keel_now() \
-                     ELSE (SELECT min(run_at) FROM deliveries \
-                           WHERE status = 'pending' AND scheduled = 1) END",
-    )
-    .fetch_one(&store.pool)
-    .await?)
+    Ok(sqlx::query_scalar(NEXT_DUE).fetch_one(&store.pool).await?)
 }
 
 pub(super) async fn requeue_one(
@@ -483,15 +520,11 @@ pub(super) async fn requeue_one(
     id: DeliveryId,
 ) -> StoreResult<Delivery> {
     let mut conn = store.pool.acquire().await?;
-    let row: Option<DeliveryRow> = sqlx::query_as(&format!(
-        "UPDATE deliveries SET {REQUEUE_SET} \
-         WHERE org_id = $1 AND id = $2 AND status IN ('dead', 'failed') \
-         RETURNING {DELIVERY_COLUMNS}"
-    ))
-    .bind(org)
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row: Option<DeliveryRow> = sqlx::query_as(&REQUEUE_ONE)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
     if let Some(row) = row {
         return row.into_plain();
     }
@@ -513,12 +546,25 @@ pub(super) async fn requeue_many(
     filter: DeliveryFilter,
 ) -> StoreResult<u64> {
     check_requeue_filter(&filter)?;
+    Ok(requeue_query(org, &filter)
+        .build()
+        .execute(&store.pool)
+        .await?
+        .rows_affected())
+}
+
+/// Requeues up to [`MAX_REQUEUE`] dead or failed deliveries of the organisation that match
+/// `filter`, newest first.
+pub(super) fn requeue_query(
+    org: OrgId,
+    filter: &DeliveryFilter,
+) -> QueryBuilder<'static, Postgres> {
     let mut query = QueryBuilder::<Postgres>::new(format!(
         "UPDATE deliveries SET {REQUEUE_SET} WHERE status IN ('dead', 'failed') AND id IN \
          (SELECT id FROM deliveries WHERE org_id = "
     ));
     query.push_bind(org);
-    push_filter(&mut query, &filter, None);
+    push_filter(&mut query, filter, None);
     if filter.status.is_none() {
         query.push(" AND status IN ('dead', 'failed')");
     }
@@ -526,7 +572,7 @@ pub(super) async fn requeue_many(
         .push(" ORDER BY id DESC LIMIT ")
         .push_bind(i64::from(MAX_REQUEUE))
         .push(" FOR UPDATE SKIP LOCKED)");
-    Ok(query.build().execute(&store.pool).await?.rows_affected())
+    query
 }
 
 pub(super) async fn purge_finished(
@@ -536,41 +582,23 @@ pub(super) async fn purge_finished(
 ) -> StoreResult<u64> {
     let limit = i64::from(limit.max(1));
     let mut tx = store.pool.begin().await?;
-    let finished = sqlx::query(
-        "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries \
-           WHERE status IN ('completed', 'failed', 'cancelled', 'dead') AND finished_at < $1 \
-           ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(before)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    // Throttled deliveries finished when they were folded; they go once their digest is gone
-    // too.
-    let throttled = sqlx::query(
-        "DELETE FROM deliveries WHERE id IN (SELECT t.id FROM deliveries t \
-           WHERE t.status = 'throttled' AND t.finished_at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.id = t.digest_id) \
-           ORDER BY t.finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(before)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    // Events older than the retention that no delivery refers to any more go too (their
-    // idempotency keys with them).
-    sqlx::query(
-        "DELETE FROM notification_events WHERE id IN (SELECT e.id FROM notification_events e \
-           WHERE e.created_at < $1 \
-             AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) \
-           ORDER BY e.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(before)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?;
+    let finished = sqlx::query(PURGE_FINISHED)
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    let throttled = sqlx::query(PURGE_THROTTLED)
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query(PURGE_EVENTS)
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(finished + throttled)
 }
