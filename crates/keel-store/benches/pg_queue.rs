@@ -17,7 +17,13 @@
 //! `cargo bench -p keel-store --bench pg_queue`; prints jobs/s, median and (min-max).
 
 // Bench code: set-up failures are meant to stop the run.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

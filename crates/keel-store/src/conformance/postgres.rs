@@ -86,9 +86,12 @@ impl Drop for TestSchema {
                 let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
                     .await
                     .ok()?;
+                // A test that panicked inside a transaction may leave its connection holding
+                // locks until its runtime ends, after this drop: give up rather than wait.
                 sqlx::Executor::execute(
                     &mut conn,
-                    format!("DROP SCHEMA IF EXISTS {name} CASCADE").as_str(),
+                    format!("SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {name} CASCADE")
+                        .as_str(),
                 )
                 .await
                 .ok()

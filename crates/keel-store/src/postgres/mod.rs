@@ -110,8 +110,10 @@ impl PgStore {
             .max_connections(options.max_connections.max(1))
             .min_connections(options.min_connections.min(options.max_connections))
             .acquire_timeout(options.acquire_timeout)
-            // A connection the server dropped (a restart, a failover) is found out before use.
-            .test_before_acquire(true);
+            // No ping before each use (a round trip per operation): a connection the server
+            // dropped (a restart, a failover) fails its next operation with `Unavailable` (503,
+            // `Retry-After`) and is replaced.
+            .test_before_acquire(false);
         if let Some(clock) = clock.clone() {
             let on_connect = clock.clone();
             pool = pool

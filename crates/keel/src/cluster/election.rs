@@ -1,6 +1,7 @@
 //! One instance runs the jobs that must run once.
 //!
-//! On PostgreSQL the instance that holds the advisory lock [`LOCK_KEY`] is elected. The lock
+//! On PostgreSQL the instance that holds the advisory lock ([`LOCK_CLASS`], its schema) is
+//! elected. The lock
 //! lives on a connection of its own, outside the pool: when the instance dies (or the
 //! connection does), PostgreSQL releases it and the next instance to try (every
 //! [`RETRY_EVERY`]) takes over. The holder checks its connection every [`RETRY_EVERY`] too, and
@@ -20,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Instance;
 
-/// The advisory lock of the elected instance ("keel" "jobs" in ASCII).
-pub const LOCK_KEY: i64 = 0x6b65_656c_6a6f_6273;
+/// The first half of the elected instance's advisory lock ("keel" in ASCII); the second is
+/// the hash of the schema keel's tables are in (`hashtext(current_schema())`), so that keel
+/// installations in several schemas of one database each elect their own.
+pub const LOCK_CLASS: i32 = 0x6b65_656c;
 
 /// How often a standby tries the lock, and the holder checks its connection.
 pub const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -86,10 +89,12 @@ async fn campaign(
                     .await
                     .map(|_| true)
             } else {
-                sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                    .bind(LOCK_KEY)
-                    .fetch_one(&mut conn)
-                    .await
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+                )
+                .bind(LOCK_CLASS)
+                .fetch_one(&mut conn)
+                .await
             }
         };
         let answer = tokio::time::timeout(CHECK_TIMEOUT, check).await;
@@ -110,8 +115,8 @@ async fn campaign(
     }
     // Shutting down: hand the lock over at once rather than when the connection drops.
     if elected.load(Ordering::Acquire) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(LOCK_KEY)
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema()))")
+            .bind(LOCK_CLASS)
             .execute(&mut conn)
             .await;
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use keel_guard::supervisor::{Supervisor, TaskError};
 use keel_store::{AgentId, OrgId};
+use parking_lot::Mutex;
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -30,12 +31,14 @@ const BATCH: usize = 256;
 /// Publishes wakes with `NOTIFY`.
 #[derive(Debug)]
 pub struct PgNotify {
-    sender: mpsc::Sender<Wake>,
+    /// The queue of the `wake-bus` task's current run (each run makes its own, so a run that
+    /// failed takes nothing down with it).
+    sender: Arc<Mutex<mpsc::Sender<Wake>>>,
 }
 
 impl WakeBus for PgNotify {
     fn publish(&self, wake: Wake) {
-        if self.sender.try_send(wake).is_err() {
+        if self.sender.lock().try_send(wake).is_err() {
             metrics::counter!("keel_wakes_dropped_total").increment(1);
         }
     }
@@ -50,13 +53,14 @@ impl PgNotify {
         boot_id: Uuid,
         wakeups: Wakeups,
     ) -> Wakeups {
-        let (sender, receiver) = mpsc::channel(QUEUE);
-        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        let sender = Arc::new(Mutex::new(mpsc::channel(1).0));
+        let current = sender.clone();
         let local = wakeups.clone();
         supervisor.spawn("wake-bus", move |cancel| {
-            let (pool, receiver, local) = (pool.clone(), receiver.clone(), local.clone());
+            let (pool, local) = (pool.clone(), local.clone());
+            let (next, mut receiver) = mpsc::channel(QUEUE);
+            *current.lock() = next;
             async move {
-                let mut receiver = receiver.lock().await;
                 tokio::select! {
                     () = cancel.cancelled() => Ok(()),
                     result = relay(&pool, boot_id, &mut receiver, &local) => result,
