@@ -59,6 +59,7 @@ macro_rules! conformance_tests {
             claim_targeted_and_pooled,
             claim_not_before_run_at,
             claim_token_completes_once,
+            complete_batch_fences_each_report,
             stale_token_changes_nothing,
             only_the_holder_reports,
             heartbeat_renews_lease,
@@ -837,6 +838,93 @@ pub async fn claim_token_completes_once(store: &dyn Store, clock: &ManualClock) 
             .unwrap(),
         done
     );
+}
+
+pub async fn complete_batch_fences_each_report(store: &dyn Store, _clock: &ManualClock) {
+    let t = tenant(store, "acme").await;
+    for n in 0..3 {
+        create(store, t.org, pooled("q")).await;
+        let _ = n;
+    }
+    let claimed = store
+        .claim(t.org, t.agent, &queues(&["q"]), 3)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let other = agent(store, t.org, "agent-2").await;
+    let report = |c: &Claimed, token: &str| {
+        (
+            c.command.id,
+            ClaimToken::from(token.to_owned()),
+            json!({"ok": true}),
+        )
+    };
+    let answers = store
+        .complete_batch(
+            t.org,
+            t.agent,
+            vec![
+                report(&claimed[0], claimed[0].claim_token.as_str()),
+                report(&claimed[1], "not-the-token"),
+                report(&claimed[2], claimed[2].claim_token.as_str()),
+                report(&claimed[0], claimed[0].claim_token.as_str()),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 4);
+    assert_eq!(
+        answers[0].as_ref().unwrap().status,
+        CommandStatus::Completed
+    );
+    assert_eq!(
+        answers[0].as_ref().unwrap().result,
+        Some(json!({"ok": true}))
+    );
+    assert!(
+        matches!(answers[1], Err(StoreError::StaleClaim)),
+        "{:?}",
+        answers[1]
+    );
+    assert_eq!(
+        answers[2].as_ref().unwrap().status,
+        CommandStatus::Completed
+    );
+    assert!(
+        matches!(answers[3], Err(StoreError::StaleClaim)),
+        "a token completes once"
+    );
+    // The stale report changed nothing; another agent cannot complete what it does not hold.
+    let second = store
+        .get_command(t.org, claimed[1].command.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.status, CommandStatus::Executing);
+    let answers = store
+        .complete_batch(
+            t.org,
+            other,
+            vec![report(&claimed[1], claimed[1].claim_token.as_str())],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(answers[0], Err(StoreError::StaleClaim)));
+    // One completed attempt each.
+    let attempts = store
+        .list_attempts(t.org, claimed[0].command.id)
+        .await
+        .unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].outcome, Some(AttemptOutcome::Completed));
+    // Too many at once is refused whole.
+    let many = (0..=crate::MAX_CLAIM_BATCH)
+        .map(|_| report(&claimed[1], claimed[1].claim_token.as_str()))
+        .collect();
+    assert!(matches!(
+        store.complete_batch(t.org, t.agent, many).await,
+        Err(StoreError::InvalidInput(_))
+    ));
 }
 
 pub async fn stale_token_changes_nothing(store: &dyn Store, clock: &ManualClock) {

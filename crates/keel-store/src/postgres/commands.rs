@@ -1043,6 +1043,72 @@ pub(super) async fn complete(
     }
 }
 
+/// Completes every report the agent holds in one statement; each report is fenced alone (a
+/// stale one is its own `StaleClaim`, or `NotFound`), and an id named twice completes once.
+pub(super) async fn complete_batch(
+    store: &PgStore,
+    org: OrgId,
+    agent: AgentId,
+    reports: Vec<(CommandId, ClaimToken, Value)>,
+) -> StoreResult<Vec<StoreResult<Command>>> {
+    fail::fail_point!("store.complete", |_| Err(StoreError::injected(
+        "store.complete"
+    )));
+    if reports.len() > MAX_CLAIM_BATCH as usize {
+        return Err(StoreError::InvalidInput(format!(
+            "at most {MAX_CLAIM_BATCH} reports at once"
+        )));
+    }
+    let mut ids = Vec::with_capacity(reports.len());
+    let mut tokens = Vec::with_capacity(reports.len());
+    let mut results = Vec::with_capacity(reports.len());
+    for (id, token, result) in &reports {
+        if !ids.contains(&id.0) {
+            ids.push(id.0);
+            tokens.push(token.as_str().to_owned());
+            results.push(result.to_string());
+        }
+    }
+    let rows: Vec<CommandRow> = sqlx::query_as(&format!(
+        "WITH reports AS ( \
+           SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, token, result)), \
+         done AS ( \
+           UPDATE commands c SET status = 'completed', attempt_outcome = 'completed', \
+             result = r.result::jsonb, claim_token = NULL, lease_expires_at = NULL, \
+             finished_at = keel_now(), updated_at = keel_now() \
+           FROM reports r \
+           WHERE c.org_id = $1 AND c.id = r.id AND c.status = 'executing' \
+             AND c.claim_token = r.token AND c.claimed_by = $5 \
+           RETURNING c.*), \
+         ended AS ( \
+           UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'completed' \
+           FROM done WHERE a.command_id = done.id AND a.ended_at IS NULL) \
+         SELECT {COMMAND_COLUMNS} FROM done"
+    ))
+    .bind(org)
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&results)
+    .bind(agent)
+    .fetch_all(&store.pool)
+    .await?;
+    let mut done: HashMap<CommandId, Command> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let command = row.into_command()?;
+        done.insert(command.id, command);
+    }
+    let mut answers = Vec::with_capacity(reports.len());
+    for (id, _, _) in reports {
+        // The first report of an id takes its completion; a repeat finds it taken.
+        let answer = match done.remove(&id) {
+            Some(command) => Ok(command),
+            None => Err(stale_or_missing(store, org, id).await),
+        };
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
 pub(super) async fn fail(
     store: &PgStore,
     org: OrgId,

@@ -407,6 +407,15 @@ impl Store for PgStore {
         commands::complete(self, org, agent, id, token, result).await
     }
 
+    async fn complete_batch(
+        &self,
+        org: OrgId,
+        agent: AgentId,
+        reports: Vec<(CommandId, ClaimToken, Value)>,
+    ) -> StoreResult<Vec<StoreResult<Command>>> {
+        commands::complete_batch(self, org, agent, reports).await
+    }
+
     async fn fail(
         &self,
         org: OrgId,

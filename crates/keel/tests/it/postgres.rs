@@ -20,7 +20,7 @@ use crate::harness::{Api, Options, Server, poll_until};
 fn store_toml(url: &str, schema: &TestSchema) -> &'static str {
     Box::leak(
         format!(
-            "[store]\nurl = \"{url}\"\n[store.postgres]\nschema = \"{}\"\nacquire_timeout = \"2s\"\n",
+            "[store]\nurl = \"{url}\"\n[store.postgres]\nschema = \"{}\"\n",
             schema.name()
         )
         .into_boxed_str(),
@@ -559,18 +559,23 @@ async fn counting_receiver() -> (Arc<Mutex<std::collections::HashMap<String, u32
     (counts, format!("http://{address}/hook"))
 }
 
-/// POSTs `body` until it is answered `expect`, waiting as `Retry-After` says after a 503 or a
-/// 429 (the shedding a client of an overloaded keel is told to retry).
-async fn accepted(api: &Api, path: &str, body: &Value, expect: u16) {
-    for _ in 0..100 {
+/// POSTs `body` until one of `apis` (the same key on several instances, tried in turn from
+/// `first`) answers `expect`: a 503 or a 429 is retried after its `Retry-After`, an instance
+/// that does not answer (killed) on the next one, as a client of several instances would.
+async fn accepted(apis: &[Api], first: usize, path: &str, body: &Value, expect: u16) {
+    for attempt in 0..200 {
+        let api = &apis[(first + attempt) % apis.len()];
         let response = api
             .client
             .post(format!("{}{path}", api.base))
             .bearer_auth(&api.token)
             .json(body)
             .send()
-            .await
-            .unwrap();
+            .await;
+        let Ok(response) = response else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let status = response.status().as_u16();
         if status == expect {
             return;
@@ -678,14 +683,8 @@ async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_noth
                                     "params": {"n": batch * 500 + n}})
                     })
                     .collect();
-                let writer = &writers[batch % writers.len()];
-                accepted(
-                    writer,
-                    "/v1/commands/batch",
-                    &json!({"commands": items}),
-                    201,
-                )
-                .await;
+                let body = json!({"commands": items});
+                accepted(&writers, batch, "/v1/commands/batch", &body, 201).await;
             }
         })
     };
@@ -695,26 +694,26 @@ async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_noth
         tokio::spawn(async move {
             for chunk in 0..CLUSTER_DELIVERIES / 100 {
                 let batch = (0..100).map(|n| {
-                    let notifier = &notifiers[(chunk + n) % notifiers.len()];
-                    let channel = &channel;
+                    let (notifiers, channel) = (&notifiers, &channel);
                     async move {
                         let body = json!({"channel_id": channel,
                                           "body": format!("{{\"n\": {}}}", chunk * 100 + n)});
-                        accepted(notifier, "/v1/deliveries", &body, 202).await;
+                        accepted(notifiers, chunk + n, "/v1/deliveries", &body, 202).await;
                     }
                 });
                 futures::future::join_all(batch).await;
             }
         })
     };
-    creating.await.unwrap();
-    queueing.await.unwrap();
-    eprintln!(
-        "10,000 commands and 10,000 deliveries accepted in {:?}",
-        started.elapsed()
-    );
-
-    // Mid-run: the elected instance is killed.
+    // Mid-run (creates and sends going on, 2,000 commands run): the elected instance is killed.
+    poll_until(Duration::from_secs(120), || async {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            >= 2_000
+    })
+    .await;
     let all: Vec<&Server> = servers.iter().collect();
     poll_until(Duration::from_secs(10), || async {
         elected_count(&all).await == 1
@@ -743,6 +742,12 @@ async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_noth
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     servers[holder].restart().await;
+    creating.await.unwrap();
+    queueing.await.unwrap();
+    eprintln!(
+        "10,000 commands and 10,000 deliveries accepted in {:?}",
+        started.elapsed()
+    );
 
     // Everything reaches a terminal state.
     let live = servers[(holder + 1) % 3].api(&writer.token);
