@@ -129,6 +129,27 @@ fn tenant(server: &Server) -> (Api, Api) {
     )
 }
 
+/// [`tenant`], over the admin HTTP API (with the admin token): no `keel admin` process, whose
+/// own connection would have to come through the test's proxy.
+async fn tenant_over_http(server: &Server) -> (Api, Api) {
+    let admin = server.api(crate::harness::ADMIN_TOKEN);
+    admin
+        .post("/v1/admin/organisations", &json!({"name": "acme"}), 201)
+        .await;
+    let mut keys = Vec::new();
+    for body in [
+        json!({"name": "web-1", "scopes": ["agent"], "agent": "web-1"}),
+        json!({"name": "writer", "scopes": ["commands:write", "commands:read"]}),
+    ] {
+        let key = admin
+            .post("/v1/admin/organisations/acme/keys", &body, 201)
+            .await;
+        keys.push(server.api(key["token"].as_str().unwrap()));
+    }
+    let writer = keys.pop().unwrap();
+    (keys.pop().unwrap(), writer)
+}
+
 fn on(server: &Server, api: &Api) -> Api {
     server.api(&api.token)
 }
@@ -283,7 +304,7 @@ async fn while_the_database_is_away_instances_are_not_ready_and_then_continue_lo
         ..Options::default()
     })
     .await;
-    let (agent, writer) = tenant(&server);
+    let (agent, writer) = tenant_over_http(&server).await;
     agent.check_in(&["q"]).await;
     let mut created = Vec::new();
     for n in 0..20 {
