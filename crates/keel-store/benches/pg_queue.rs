@@ -10,9 +10,9 @@
 //! - **claim+complete**: with `PREFILL` commands pending (default 1,000,000, as the raw
 //!   baseline), each client claims 10 (`claim`) and completes them (`complete_batch`), as the
 //!   raw `claim_complete` claims 10 with `FOR UPDATE SKIP LOCKED` and marks them done; a
-//!   no-op job.
-//! - **deliveries**: with `PREFILL` / 10 deliveries pending, each client claims 100
-//!   (`claim_deliveries`) and records them delivered (`record_deliveries`).
+//!   no-op job. One backlog per client count, drained `RUNS` times.
+//! - **deliveries**: with `DELIVERY_PREFILL` deliveries pending (default 400,000), each
+//!   client claims 100 (`claim_deliveries`) and records them delivered (`record_deliveries`).
 //!
 //! `cargo bench -p keel-store --bench pg_queue`; prints jobs/s, median and (min-max).
 
@@ -73,19 +73,17 @@ fn main() {
             report(&format!("enqueue, {c} clients"), rates);
         }
     }
+    // One backlog per client count, drained `runs` times for `SECS` each.
     for &c in &clients {
         if only.is_empty() || only == "claim" {
-            let rates: Vec<f64> = (0..runs)
-                .map(|_| rt.block_on(claim_complete(&url, c, prefill, duration)))
-                .collect();
+            let rates = rt.block_on(claim_complete(&url, c, prefill, duration, runs));
             report(&format!("claim+complete x10, {c} clients"), rates);
         }
     }
     for &c in &clients {
         if only.is_empty() || only == "deliveries" {
-            let rates: Vec<f64> = (0..runs)
-                .map(|_| rt.block_on(deliveries(&url, c, prefill / 10, duration)))
-                .collect();
+            let backlog = env_or("DELIVERY_PREFILL", 400_000);
+            let rates = rt.block_on(deliveries(&url, c, backlog, duration, runs));
             report(&format!("deliveries x100, {c} clients"), rates);
         }
     }
@@ -183,16 +181,28 @@ async fn enqueue(url: &str, clients: usize, duration: Duration) -> f64 {
     .await
 }
 
-async fn prefill_commands(store: &PgStore, org: OrgId, n: usize) {
-    let mut created = 0;
-    while created < n {
-        let items: Vec<NewCommandItem> = (0..(n - created).min(1000))
-            .map(|i| NewCommandItem {
-                command: job(created + i),
-                idempotency: None,
+async fn prefill_commands(store: &Arc<PgStore>, org: OrgId, n: usize) {
+    // Four writers at once, batches of 1000.
+    let tasks: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut created = w * 1000;
+                while created < n {
+                    let items: Vec<NewCommandItem> = (0..(n - created).min(1000))
+                        .map(|i| NewCommandItem {
+                            command: job(created + i),
+                            idempotency: None,
+                        })
+                        .collect();
+                    store.create_commands(org, items).await.unwrap();
+                    created += 4000;
+                }
             })
-            .collect();
-        created += store.create_commands(org, items).await.unwrap().len();
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
     }
     sqlx::query("VACUUM ANALYZE commands")
         .execute(store.pool())
@@ -200,9 +210,23 @@ async fn prefill_commands(store: &PgStore, org: OrgId, n: usize) {
         .unwrap();
 }
 
-async fn claim_complete(url: &str, clients: usize, prefill: usize, duration: Duration) -> f64 {
+async fn claim_complete(
+    url: &str,
+    clients: usize,
+    prefill: usize,
+    duration: Duration,
+    runs: usize,
+) -> Vec<f64> {
     let f = fixture(url, clients).await;
     prefill_commands(&f.store, f.org, prefill).await;
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        rates.push(claim_complete_run(&f, clients, duration).await);
+    }
+    rates
+}
+
+async fn claim_complete_run(f: &Fixture, clients: usize, duration: Duration) -> f64 {
     let (store, org, agents) = (f.store.clone(), f.org, Arc::new(f.agents.clone()));
     let queues = Arc::new(vec!["q".to_owned()]);
     drive(clients, duration, move |client| {
@@ -221,7 +245,13 @@ async fn claim_complete(url: &str, clients: usize, prefill: usize, duration: Dur
     .await
 }
 
-async fn deliveries(url: &str, clients: usize, prefill: usize, duration: Duration) -> f64 {
+async fn deliveries(
+    url: &str,
+    clients: usize,
+    prefill: usize,
+    duration: Duration,
+    runs: usize,
+) -> Vec<f64> {
     let f = fixture(url, 0).await;
     let notifications = f.store.notifications();
     let mut queued = 0;
@@ -250,6 +280,18 @@ async fn deliveries(url: &str, clients: usize, prefill: usize, duration: Duratio
         notifications.trigger(f.org, event, batch).await.unwrap();
         queued += 100;
     }
+    sqlx::query("VACUUM ANALYZE deliveries")
+        .execute(f.store.pool())
+        .await
+        .unwrap();
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        rates.push(deliveries_run(&f, clients, duration).await);
+    }
+    rates
+}
+
+async fn deliveries_run(f: &Fixture, clients: usize, duration: Duration) -> f64 {
     let store = f.store.clone();
     drive(clients, duration, move |_| {
         let store = store.clone();
