@@ -782,7 +782,7 @@ pub(super) async fn requeue(store: &PgStore, org: OrgId, id: CommandId) -> Store
 
 // --- the lease engine ---
 
-/// The sources of an agent's claim: its own commands, then each queue's (`$4…`, those not
+/// The sources of an agent's claim: its own commands, then each queue's (`$3…`, those not
 /// paused). For each, one `SELECT id, priority, run_at` in claim order on its claim index, and
 /// one of the scheduled commands that fell due (at most [`DUE_BATCH`], on the scheduled index).
 /// Returns `(every arm, the arms of the scheduled ones)`, each joined with `UNION ALL`.
@@ -803,7 +803,7 @@ fn claim_sources(queues: usize) -> (String, String) {
     };
     let mut sources = vec!["org_id = $1 AND target_agent_id = $2".to_owned()];
     for n in 0..queues {
-        let q = n + 4;
+        let q = n + 3;
         sources.push(format!(
             "org_id = $1 AND queue = ${q} AND target_agent_id IS NULL \
              AND NOT EXISTS (SELECT 1 FROM paused_queues WHERE org_id = $1 AND queue = ${q})"
@@ -817,13 +817,18 @@ fn claim_sources(queues: usize) -> (String, String) {
     (all.join(" UNION ALL "), scheduled.join(" UNION ALL "))
 }
 
-/// The claim: the first `$3` claimable commands of the sources in claim order that no other
+/// The claim: the first `limit` claimable commands of the sources in claim order that no other
 /// claim holds (`FOR UPDATE SKIP LOCKED` on the rows as the sources name them, so that the
 /// lock reads only as far as it takes), unless the agent is cordoned; each leased to the agent
 /// with a new token, one more attempt, and its attempt opened. The scheduled commands that
 /// fell due and were not taken become claimable (into the claim indexes), so that the next
 /// claims read them there.
-fn claim_sql(queues: usize) -> String {
+///
+/// The limit is written into the statement (a number from 1 to [`MAX_CLAIM_BATCH`], so at most
+/// that many statements per queue count): with a `LIMIT` parameter the planner prices the
+/// generic plan as if most of the backlog were read, and plans each claim anew, which took
+/// longer than running it.
+fn claim_sql(queues: usize, limit: u32) -> String {
     let (sources, scheduled) = claim_sources(queues);
     format!(
         "WITH picked AS ( \
@@ -833,7 +838,7 @@ fn claim_sql(queues: usize) -> String {
              AND EXISTS (SELECT 1 FROM agents WHERE org_id = $1 AND id = $2 \
                          AND cordoned_at IS NULL) \
            ORDER BY cand.priority DESC, cand.run_at, cand.id \
-           LIMIT $3 FOR UPDATE OF c SKIP LOCKED), \
+           LIMIT {limit} FOR UPDATE OF c SKIP LOCKED), \
          claimed AS ( \
            UPDATE commands SET status = 'executing', scheduled = 0, attempts = attempts + 1, \
              claim_token = replace(gen_random_uuid()::text, '-', ''), \
@@ -879,11 +884,10 @@ pub(super) async fn claim(
     let limit = limit.clamp(1, MAX_CLAIM_BATCH);
     // A queue named twice would hand its commands to two arms of the claim.
     let queues = unique_queues(queues);
-    let sql = claim_sql(queues.len());
+    let sql = claim_sql(queues.len(), limit);
     let mut query = sqlx::query_as::<Postgres, CommandRow>(&sql)
         .bind(org)
-        .bind(agent)
-        .bind(i64::from(limit));
+        .bind(agent);
     for queue in &queues {
         query = query.bind(queue);
     }
