@@ -10,7 +10,7 @@
 //! - **claim+complete**: with `PREFILL` commands pending (default 1,000,000, as the raw
 //!   baseline), each client claims 10 (`claim`) and completes them (`complete_batch`), as the
 //!   raw `claim_complete` claims 10 with `FOR UPDATE SKIP LOCKED` and marks them done; a
-//!   no-op job. One backlog per client count, drained `RUNS` times.
+//!   no-op job. A fresh backlog for each run, as the raw baseline's.
 //! - **deliveries**: with `DELIVERY_PREFILL` deliveries pending (default 400,000), each
 //!   client claims 100 (`claim_deliveries`) and records them delivered (`record_deliveries`).
 //!
@@ -73,7 +73,6 @@ fn main() {
             report(&format!("enqueue, {c} clients"), rates);
         }
     }
-    // One backlog per client count, drained `runs` times for `SECS` each.
     for &c in &clients {
         if only.is_empty() || only == "claim" {
             let rates = rt.block_on(claim_complete(&url, c, prefill, duration, runs));
@@ -217,10 +216,11 @@ async fn claim_complete(
     duration: Duration,
     runs: usize,
 ) -> Vec<f64> {
-    let f = fixture(url, clients).await;
-    prefill_commands(&f.store, f.org, prefill).await;
     let mut rates = Vec::new();
     for _ in 0..runs {
+        // A fresh backlog for each run, as the raw baseline's.
+        let f = fixture(url, clients).await;
+        prefill_commands(&f.store, f.org, prefill).await;
         rates.push(claim_complete_run(&f, clients, duration).await);
     }
     rates

@@ -455,6 +455,7 @@ pub async fn sqlite_to_postgres_with_progress(
         });
     }
     source.rollback().await?;
+    running_attempts_onto_commands(&mut target).await?;
     target.commit().await?;
     // Fresh statistics, so the planner knows the tables' sizes from the first query on.
     for table in TABLES {
@@ -463,6 +464,27 @@ pub async fn sqlite_to_postgres_with_progress(
             .await?;
     }
     Ok(report)
+}
+
+/// SQLite keeps a running attempt as an open row of `command_attempts`; PostgreSQL keeps it on
+/// the command's row (`attempt_number`, `claimed_at`) and only ended attempts in the table.
+/// Every copied command takes the number of its latest attempt (so the next claim numbers on
+/// from it), and each open attempt moves onto its command.
+async fn running_attempts_onto_commands(target: &mut sqlx::PgConnection) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE commands c SET attempt_number = a.latest, \
+           claimed_at = COALESCE(a.running_since, c.claimed_at) \
+         FROM (SELECT command_id, MAX(attempt) AS latest, \
+                 MAX(claimed_at) FILTER (WHERE ended_at IS NULL) AS running_since \
+               FROM command_attempts GROUP BY command_id) AS a \
+         WHERE c.id = a.command_id",
+    )
+    .execute(&mut *target)
+    .await?;
+    sqlx::query("DELETE FROM command_attempts WHERE ended_at IS NULL")
+        .execute(&mut *target)
+        .await?;
+    Ok(())
 }
 
 /// The data types of `table`'s columns in the target schema, by column name.

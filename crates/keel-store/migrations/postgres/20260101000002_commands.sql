@@ -23,8 +23,13 @@ CREATE TABLE commands (
     -- Set while executing only: the fence for heartbeat, complete and fail.
     claim_token        text,
     lease_expires_at   timestamptz,
-    -- The agent that holds the lease, or held it last.
+    -- The agent that holds the lease, or held it last, and when its claim was made.
     claimed_by         uuid,
+    claimed_at         timestamptz,
+    -- The number of the latest attempt: the one running while executing, else the last one
+    -- (0: never claimed). Attempts are numbered on across requeues; `attempts` counts those
+    -- since the last requeue.
+    attempt_number     integer     NOT NULL DEFAULT 0,
     progress           jsonb,
     result             jsonb,
     error              jsonb,
@@ -51,10 +56,16 @@ CREATE TABLE commands (
     -- Named: a violation of this one means the target agent is not in the organisation.
     CONSTRAINT commands_target_agent
         FOREIGN KEY (org_id, target_agent_id) REFERENCES agents (org_id, id),
-    FOREIGN KEY (org_id, claimed_by) REFERENCES agents (org_id, id),
-    -- NULL keys are distinct, so commands without a key never collide.
-    UNIQUE (org_id, idempotency_key)
+    FOREIGN KEY (org_id, claimed_by) REFERENCES agents (org_id, id)
 );
+
+-- Every index below is written by each claim and each report (the status is in most of them,
+-- and a row whose indexed columns change is written anew in every index): there are as few as
+-- the queries need, and partial where most rows need no entry.
+
+-- Idempotency keys, of the commands that have one.
+CREATE UNIQUE INDEX commands_idempotency ON commands (org_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- Claims: due pending commands of one agent or one queue, best priority first, then earliest
 -- due, then by id; `FOR UPDATE SKIP LOCKED` reads the first rows of one of these and stops.
@@ -73,35 +84,34 @@ CREATE INDEX commands_scheduled_queue
     WHERE status = 'pending' AND scheduled = 1 AND target_agent_id IS NULL;
 -- Release of expired leases.
 CREATE INDEX commands_lease ON commands (lease_expires_at) WHERE status = 'executing';
--- Listing, newest first.
+-- Listing, newest first: one index per filter; a listing by two filters reads the index of
+-- one of them and checks the other on the rows.
 CREATE INDEX commands_list ON commands (org_id, id);
 CREATE INDEX commands_list_status ON commands (org_id, status, id);
 CREATE INDEX commands_list_agent ON commands (org_id, target_agent_id, id)
     WHERE target_agent_id IS NOT NULL;
-CREATE INDEX commands_list_agent_status ON commands (org_id, target_agent_id, status, id)
-    WHERE target_agent_id IS NOT NULL;
 CREATE INDEX commands_list_queue ON commands (org_id, queue, id) WHERE queue IS NOT NULL;
-CREATE INDEX commands_list_queue_status ON commands (org_id, queue, status, id)
-    WHERE queue IS NOT NULL;
 CREATE INDEX commands_list_type ON commands (org_id, command_type, id);
-CREATE INDEX commands_list_type_status ON commands (org_id, command_type, status, id);
 -- Retention: finished commands, oldest first.
 CREATE INDEX commands_finished ON commands (finished_at)
     WHERE status IN ('completed', 'failed', 'cancelled', 'dead');
 -- A parent's children by status.
 CREATE INDEX commands_children ON commands (parent_id, status, id) WHERE parent_id IS NOT NULL;
 
--- One row per attempt: who ran it, when, how it ended. Deleted with its command. Kept by the
--- statement that changes the command, in the same statement: a claim opens one (numbered on
--- from the last); a report, a release or a hand-back of a cancelled claim ends it; a hand-back
--- deletes it.
+-- One row per ended attempt: who ran it, when, how it ended. Deleted with its command. The
+-- running attempt is on the command's row (`attempt_number`, `claimed_by`, `claimed_at`): a
+-- claim writes only that row. The statement that ends the attempt (a report, a release, a
+-- hand-back of a cancelled claim) adds its row here; a hand-back to pending takes the attempt
+-- back.
 CREATE TABLE command_attempts (
     command_id  uuid        NOT NULL REFERENCES commands (id) ON DELETE CASCADE,
     attempt     integer     NOT NULL,
     agent_id    uuid        NOT NULL,
     claimed_at  timestamptz NOT NULL,
+    -- Always set: `keel store copy`, which reads SQLite's running attempts here, moves them
+    -- onto their commands' rows before it commits.
     ended_at    timestamptz,
-    -- NULL while running; then completed, retry, failed, lease_expired or cancelled.
+    -- completed, retry, failed, lease_expired or cancelled.
     outcome     text,
     error       jsonb,
     PRIMARY KEY (command_id, attempt)

@@ -235,7 +235,7 @@ pub(super) async fn insert_rows(
            run_at, max_attempts, lease_ms, key, hash, held, parent_id, selector, online_only, \
            max_concurrency, agents, ord) \
          ORDER BY n.ord \
-         ON CONFLICT (org_id, idempotency_key) DO NOTHING";
+         ON CONFLICT (org_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);
@@ -636,10 +636,15 @@ pub(super) async fn list_attempts(
     org: OrgId,
     id: CommandId,
 ) -> StoreResult<Vec<Attempt>> {
+    // The ended attempts, then the running one, which is on the command's row.
     let rows: Vec<AttemptRow> = sqlx::query_as(
         "SELECT a.attempt, a.agent_id, a.claimed_at, a.ended_at, a.outcome, a.error \
          FROM command_attempts a JOIN commands c ON c.id = a.command_id \
-         WHERE c.org_id = $1 AND c.id = $2 ORDER BY a.attempt",
+         WHERE c.org_id = $1 AND c.id = $2 \
+         UNION ALL \
+         SELECT attempt_number, claimed_by, claimed_at, NULL, NULL, NULL FROM commands \
+         WHERE org_id = $1 AND id = $2 AND status = 'executing' \
+         ORDER BY 1",
     )
     .bind(org)
     .bind(id)
@@ -820,7 +825,8 @@ fn claim_sources(queues: usize) -> (String, String) {
 /// The claim: the first `limit` claimable commands of the sources in claim order that no other
 /// claim holds (`FOR UPDATE SKIP LOCKED` on the rows as the sources name them, so that the
 /// lock reads only as far as it takes), unless the agent is cordoned; each leased to the agent
-/// with a new token, one more attempt, and its attempt opened. The scheduled commands that
+/// with a new token and one more attempt, which runs on the command's row (its record is
+/// written when it ends). The scheduled commands that
 /// fell due and were not taken become claimable (into the claim indexes), so that the next
 /// claims read them there.
 ///
@@ -841,15 +847,12 @@ fn claim_sql(queues: usize, limit: u32) -> String {
            LIMIT {limit} FOR UPDATE OF c SKIP LOCKED), \
          claimed AS ( \
            UPDATE commands SET status = 'executing', scheduled = 0, attempts = attempts + 1, \
+             attempt_number = attempt_number + 1, \
              claim_token = replace(gen_random_uuid()::text, '-', ''), \
              lease_expires_at = keel_now() + lease_duration_ms * interval '1 millisecond', \
-             claimed_by = $2, updated_at = keel_now() \
+             claimed_by = $2, claimed_at = keel_now(), updated_at = keel_now() \
            FROM picked WHERE commands.id = picked.id AND commands.status = 'pending' \
            RETURNING commands.*), \
-         opened AS ( \
-           INSERT INTO command_attempts (command_id, attempt, agent_id, claimed_at) \
-           SELECT id, COALESCE((SELECT MAX(attempt) FROM command_attempts \
-             WHERE command_id = claimed.id), 0) + 1, $2, keel_now() FROM claimed), \
          promoted AS ( \
            UPDATE commands SET scheduled = 0 WHERE id IN ( \
              SELECT c.id FROM ({scheduled}) AS due JOIN commands c ON c.id = due.id \
@@ -940,13 +943,16 @@ pub(super) async fn hand_back(
         .into_iter()
         .map(|(id, token)| (id.0, token.0))
         .unzip();
-    // Back to pending as before the claim (its attempt removed), or cancelled (its attempt
+    // Back to pending as before the claim (its attempt taken back), or cancelled (its attempt
     // ended so) when a cancel was requested meanwhile.
-    let handed_back: i64 = sqlx::query_scalar(
+    let ended = ended_attempts("NULL::jsonb");
+    let handed_back: i64 = sqlx::query_scalar(&format!(
         "WITH back AS ( \
            UPDATE commands c SET \
              status = CASE WHEN c.cancel_requested THEN 'cancelled' ELSE 'pending' END, \
              attempts = CASE WHEN c.cancel_requested THEN c.attempts ELSE c.attempts - 1 END, \
+             attempt_number = CASE WHEN c.cancel_requested THEN c.attempt_number \
+                              ELSE c.attempt_number - 1 END, \
              finished_at = CASE WHEN c.cancel_requested THEN keel_now() END, \
              attempt_outcome = CASE WHEN c.cancel_requested THEN 'cancelled' \
                                ELSE 'handed_back' END, \
@@ -954,17 +960,10 @@ pub(super) async fn hand_back(
            FROM UNNEST($3::uuid[], $4::text[]) AS h(id, token) \
            WHERE c.org_id = $1 AND c.id = h.id AND c.status = 'executing' \
              AND c.claim_token = h.token AND c.claimed_by = $2 \
-           RETURNING c.id, c.status), \
-         dropped AS ( \
-           DELETE FROM command_attempts a USING back \
-           WHERE back.status = 'pending' AND a.command_id = back.id \
-             AND a.ended_at IS NULL), \
-         ended AS ( \
-           UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'cancelled' \
-           FROM back WHERE back.status = 'cancelled' AND a.command_id = back.id \
-             AND a.ended_at IS NULL) \
+           RETURNING c.*), \
+         ended AS ({ended} FROM back WHERE status = 'cancelled') \
          SELECT COUNT(*) FROM back WHERE status = 'pending'",
-    )
+    ))
     .bind(org)
     .bind(agent)
     .bind(ids)
@@ -972,6 +971,17 @@ pub(super) async fn hand_back(
     .fetch_one(&store.pool)
     .await?;
     Ok(u64::try_from(handed_back).unwrap_or(0))
+}
+
+/// The record of the attempts a statement ends, to be followed by `FROM <the changed
+/// commands' rows>`: each row's running attempt, ended now with its `attempt_outcome` and the
+/// error `error` (an SQL expression).
+fn ended_attempts(error: &str) -> String {
+    format!(
+        "INSERT INTO command_attempts \
+         (command_id, attempt, agent_id, claimed_at, ended_at, outcome, error) \
+         SELECT id, attempt_number, claimed_by, claimed_at, keel_now(), attempt_outcome, {error}"
+    )
 }
 
 /// The fence of a report: the command of `org`, executing under `$3` for agent `$4`
@@ -1023,15 +1033,14 @@ pub(super) async fn complete(
     fail::fail_point!("store.complete", |_| Err(StoreError::injected(
         "store.complete"
     )));
+    let ended = ended_attempts("NULL::jsonb");
     let row: Option<CommandRow> = sqlx::query_as(&format!(
         "WITH done AS ( \
            UPDATE commands SET status = 'completed', attempt_outcome = 'completed', \
              result = $5, claim_token = NULL, lease_expires_at = NULL, \
              finished_at = keel_now(), updated_at = keel_now() \
            WHERE {FENCE} RETURNING *), \
-         ended AS ( \
-           UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'completed' \
-           FROM done WHERE a.command_id = done.id AND a.ended_at IS NULL) \
+         ended AS ({ended} FROM done) \
          SELECT {COMMAND_COLUMNS} FROM done"
     ))
     .bind(org)
@@ -1073,6 +1082,7 @@ pub(super) async fn complete_batch(
             results.push(result.to_string());
         }
     }
+    let ended = ended_attempts("NULL::jsonb");
     let rows: Vec<CommandRow> = sqlx::query_as(&format!(
         "WITH reports AS ( \
            SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, token, result)), \
@@ -1084,9 +1094,7 @@ pub(super) async fn complete_batch(
            WHERE c.org_id = $1 AND c.id = r.id AND c.status = 'executing' \
              AND c.claim_token = r.token AND c.claimed_by = $5 \
            RETURNING c.*), \
-         ended AS ( \
-           UPDATE command_attempts a SET ended_at = keel_now(), outcome = 'completed' \
-           FROM done WHERE a.command_id = done.id AND a.ended_at IS NULL) \
+         ended AS ({ended} FROM done) \
          SELECT {COMMAND_COLUMNS} FROM done"
     ))
     .bind(org)
@@ -1133,6 +1141,7 @@ pub(super) async fn fail(
             .collect()
     };
     let retry = "NOT cancel_requested AND $5 AND attempts < max_attempts";
+    let ended = ended_attempts("$7::jsonb");
     let row: Option<CommandRow> = sqlx::query_as(&format!(
         "WITH failed AS ( \
            UPDATE commands SET \
@@ -1146,11 +1155,7 @@ pub(super) async fn fail(
                            WHEN {retry} THEN 'retry' ELSE 'failed' END, \
              error = $7, claim_token = NULL, lease_expires_at = NULL, updated_at = keel_now() \
            WHERE {FENCE} RETURNING *), \
-         ended AS ( \
-           UPDATE command_attempts a SET ended_at = keel_now(), \
-             outcome = failed.attempt_outcome, error = $7 \
-           FROM failed WHERE a.command_id = failed.id \
-             AND a.ended_at IS NULL) \
+         ended AS ({ended} FROM failed) \
          SELECT {COMMAND_COLUMNS} FROM failed"
     ))
     .bind(org)
@@ -1174,7 +1179,8 @@ pub(super) async fn release_expired_leases(
     limit: u32,
 ) -> StoreResult<Vec<Released>> {
     let limit = limit.max(1);
-    let rows: Vec<(CommandId, OrgId, i32, String)> = sqlx::query_as(
+    let ended = ended_attempts("NULL::jsonb");
+    let rows: Vec<(CommandId, OrgId, i32, String)> = sqlx::query_as(&format!(
         "WITH expired AS ( \
            SELECT id FROM commands \
            WHERE status = 'executing' AND lease_expires_at < keel_now() \
@@ -1195,12 +1201,10 @@ pub(super) async fn release_expired_leases(
                            ELSE 'lease_expired' END, \
              claim_token = NULL, lease_expires_at = NULL, updated_at = keel_now() \
            FROM expired WHERE c.id = expired.id AND c.status = 'executing' \
-           RETURNING c.id, c.org_id, c.attempts, c.status, c.attempt_outcome), \
-         ended AS ( \
-           UPDATE command_attempts a SET ended_at = keel_now(), outcome = r.attempt_outcome \
-           FROM released r WHERE a.command_id = r.id AND a.ended_at IS NULL) \
+           RETURNING c.*), \
+         ended AS ({ended} FROM released) \
          SELECT id, org_id, attempts, status FROM released",
-    )
+    ))
     .bind(org)
     .bind(i64::from(limit))
     .fetch_all(&store.pool)
