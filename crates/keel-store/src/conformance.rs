@@ -60,6 +60,7 @@ macro_rules! conformance_tests {
             claim_not_before_run_at,
             claim_token_completes_once,
             complete_batch_fences_each_report,
+            concurrent_creates_each_get_their_own_answer,
             stale_token_changes_nothing,
             only_the_holder_reports,
             heartbeat_renews_lease,
@@ -838,6 +839,56 @@ pub async fn claim_token_completes_once(store: &dyn Store, clock: &ManualClock) 
             .unwrap(),
         done
     );
+}
+
+/// Many single creates at once, of two organisations, some naming an agent that is not theirs:
+/// each gets its own answer (its command, in its organisation, or `UnknownAgent`), however the
+/// store groups their writes, and exactly the accepted ones are stored.
+pub async fn concurrent_creates_each_get_their_own_answer(store: &dyn Store, _clock: &ManualClock) {
+    let a = tenant(store, "acme").await;
+    let b = tenant(store, "beta").await;
+    let creates = (0..120).map(|n| {
+        let (org, command) = match n % 4 {
+            0 => (a.org, pooled("q")),
+            1 => (b.org, pooled("q")),
+            2 => (a.org, targeted(a.agent)),
+            // Beta's command naming acme's agent.
+            _ => (b.org, targeted(a.agent)),
+        };
+        let mut command = command;
+        command.params = json!({"n": n});
+        async move { (n, org, store.create_command(org, command, None).await) }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let mut accepted = 0;
+    for (n, org, answer) in answers {
+        if n % 4 == 3 {
+            assert!(
+                matches!(answer, Err(StoreError::UnknownAgent)),
+                "{n}: {answer:?}"
+            );
+            continue;
+        }
+        let created = answer.unwrap();
+        assert!(created.created);
+        assert_eq!(created.command.org_id, org);
+        assert_eq!(created.command.params, json!({"n": n}));
+        let stored = store.get_command(org, created.command.id).await.unwrap();
+        assert_eq!(stored.map(|c| c.params), Some(json!({"n": n})));
+        accepted += 1;
+    }
+    assert_eq!(accepted, 90);
+    let counts = |org| async move {
+        store
+            .count_commands_by_status(org)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    assert_eq!(counts(a.org).await, 60);
+    assert_eq!(counts(b.org).await, 30);
 }
 
 pub async fn complete_batch_fences_each_report(store: &dyn Store, _clock: &ManualClock) {

@@ -185,6 +185,7 @@ impl AttemptRow {
 // --- creating ---
 
 /// A command to insert, and where it sits in a broadcast.
+#[derive(Clone)]
 pub(super) struct NewRow {
     pub(super) command: NewCommand,
     pub(super) idempotency: Option<Idempotency>,
@@ -399,6 +400,12 @@ pub(super) async fn create_command(
 ) -> StoreResult<Created> {
     validate_new_command(&command)?;
     not_a_broadcast(&command)?;
+    if idempotency.is_none() {
+        return store
+            .creates
+            .create(org, NewRow::plain(command, None))
+            .await;
+    }
     let mut conn = store.pool.acquire().await?;
     // One row: nothing to undo when it is refused.
     let created = insert_rows(&mut conn, org, vec![NewRow::plain(command, idempotency)]).await?;

@@ -19,6 +19,7 @@
 mod accounts;
 mod broadcasts;
 mod commands;
+mod create_groups;
 mod notifications;
 mod schedules;
 
@@ -91,6 +92,8 @@ pub fn is_postgres_url(url: &str) -> bool {
 pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    /// Single creates, grouped into shared statements under load.
+    creates: Arc<create_groups::CreateGroups>,
 }
 
 impl PgStore {
@@ -131,6 +134,7 @@ impl PgStore {
         }
         let pool = pool.connect_lazy_with(connect);
         Ok(Self {
+            creates: Arc::new(create_groups::CreateGroups::start(pool.clone())),
             pool,
             clock: clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
