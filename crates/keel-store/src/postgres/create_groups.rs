@@ -11,7 +11,9 @@
 //! docs/benchmarks.md).
 //!
 //! A group whose statement is refused (an unknown target agent, a missing organisation) wrote
-//! nothing; its creates are then written one by one, so each caller gets its own answer.
+//! nothing; its creates are then written one by one, so each caller gets its own answer. A
+//! group whose connection failed may have been committed: its callers get `Unavailable` (503),
+//! as a lone create would, and nothing is written twice.
 //! Creates with an idempotency key go straight to the database (a replay reads what holds the
 //! key in the same transaction as its insert).
 
@@ -117,18 +119,29 @@ async fn write_group(pool: &PgPool, group: Vec<Pending>) {
     .await;
 }
 
-/// Writes the creates of one organisation in one statement; when it is refused (nothing was
-/// written), each one alone.
+/// Writes the creates of one organisation in one statement. When the database refused it
+/// (nothing was written), each one alone; when its fate is unknown (the connection failed), each
+/// caller is told so, and nothing is written again.
 async fn write_org(pool: &PgPool, org: OrgId, creates: Vec<Pending>) {
     if creates.len() > 1 {
         let rows = creates.iter().map(|c| c.row.clone()).collect();
-        if let Ok(created) = insert(pool, org, rows).await {
-            // One answer per row, in order (a caller left without one is told it is unknown
-            // whether its create was stored).
-            for (pending, created) in creates.into_iter().zip(created) {
-                let _ = pending.reply.send(Ok(created));
+        match insert_group(pool, org, rows).await {
+            Ok(created) => {
+                // One answer per row, in order (a caller left without one is told it is
+                // unknown whether its create was stored).
+                for (pending, created) in creates.into_iter().zip(created) {
+                    let _ = pending.reply.send(Ok(created));
+                }
+                return;
             }
-            return;
+            Err(err) if !is_refusal(&err) => {
+                for pending in creates {
+                    let _ = pending.reply.send(Err(err.duplicate()));
+                }
+                return;
+            }
+            // Refused: written one by one below, each with its own answer.
+            Err(_) => {}
         }
     }
     for pending in creates {
@@ -142,6 +155,36 @@ async fn write_org(pool: &PgPool, org: OrgId, creates: Vec<Pending>) {
             });
         let _ = pending.reply.send(answer);
     }
+}
+
+/// Whether the database answered the statement with an error of its own, so that it wrote
+/// nothing (an autocommitted statement that fails is rolled back). A lost connection
+/// (`Unavailable`, or an error that is not the database's) leaves it unknown; no connection in
+/// time (`Busy`) means it never ran, but another try now would wait as long.
+fn is_refusal(err: &StoreError) -> bool {
+    match err {
+        StoreError::Database(sqlx::Error::Database(_)) => true,
+        StoreError::Database(_) | StoreError::Unavailable(_) | StoreError::Busy(_) => false,
+        StoreError::Migrate(_) => false,
+        StoreError::NotFound
+        | StoreError::Conflict(_)
+        | StoreError::IdempotencyMismatch
+        | StoreError::StaleClaim
+        | StoreError::InvalidState(_)
+        | StoreError::UnknownAgent
+        | StoreError::InvalidInput(_) => true,
+    }
+}
+
+/// The statement of a group of two or more. Failpoint `store.create_group`: `return` fails it
+/// as a lost connection would (unknown whether it was written), `return(refused)` as a
+/// refusal of the database (nothing written); either way without writing.
+async fn insert_group(pool: &PgPool, org: OrgId, rows: Vec<NewRow>) -> StoreResult<Vec<Created>> {
+    fail::fail_point!("store.create_group", |how| Err(match how.as_deref() {
+        Some("refused") => StoreError::Conflict("injected at store.create_group".to_owned()),
+        _ => StoreError::Unavailable("injected at store.create_group".to_owned()),
+    }));
+    insert(pool, org, rows).await
 }
 
 async fn insert(pool: &PgPool, org: OrgId, rows: Vec<NewRow>) -> StoreResult<Vec<Created>> {
