@@ -18,6 +18,7 @@ pub const KNOWN: &[&str] = &[
     "store.complete",
     "store.write",
     "store.commit",
+    "store.create_group",
     // keel
     "http.handler",
     "http.delay",
