@@ -453,13 +453,18 @@ async fn a_panicking_scheduler_tick_is_counted_and_the_next_tick_fires() {
         !page["items"].as_array().unwrap().is_empty()
     })
     .await;
+    // The fire is counted right after its command is stored: a scrape may fall in between.
+    poll_until(Duration::from_secs(10), || async {
+        let text = server.metrics().await;
+        metric(&text, r#"keel_schedule_fires_total{outcome="created"}"#).unwrap_or(0.0) >= 1.0
+    })
+    .await;
     let text = server.metrics().await;
     assert_eq!(
         metric(&text, r#"keel_job_tick_failures_total{job="scheduler"}"#),
         Some(1.0),
         "{text}"
     );
-    assert!(metric(&text, r#"keel_schedule_fires_total{outcome="created"}"#).unwrap_or(0.0) >= 1.0);
 }
 
 #[tokio::test]
