@@ -11,6 +11,9 @@
 //!   baseline), each client claims 10 (`claim`) and completes them (`complete_batch`), as the
 //!   raw `claim_complete` claims 10 with `FOR UPDATE SKIP LOCKED` and marks them done; a
 //!   no-op job. A fresh backlog for each run, as the raw baseline's.
+//! - **claim+complete each alone** (`ONLY=claim-each`): the same, but each of the 10 is
+//!   completed by its own `complete` call, the 10 at once, as `keel agent` reports each command
+//!   as it ends (concurrent ones are grouped into shared statements).
 //! - **deliveries**: with `DELIVERY_PREFILL` deliveries pending (default 400,000), each
 //!   client claims 100 (`claim_deliveries`) and records them delivered (`record_deliveries`).
 //!
@@ -75,8 +78,28 @@ fn main() {
     }
     for &c in &clients {
         if only.is_empty() || only == "claim" {
-            let rates = rt.block_on(claim_complete(&url, c, prefill, duration, runs));
+            let rates = rt.block_on(claim_complete(
+                &url,
+                c,
+                prefill,
+                duration,
+                runs,
+                Reporting::Batch,
+            ));
             report(&format!("claim+complete x10, {c} clients"), rates);
+        }
+    }
+    for &c in &clients {
+        if only.is_empty() || only == "claim-each" {
+            let rates = rt.block_on(claim_complete(
+                &url,
+                c,
+                prefill,
+                duration,
+                runs,
+                Reporting::EachAlone,
+            ));
+            report(&format!("claim x10+complete each, {c} cl"), rates);
         }
     }
     for &c in &clients {
@@ -209,24 +232,39 @@ async fn prefill_commands(store: &Arc<PgStore>, org: OrgId, n: usize) {
         .unwrap();
 }
 
+/// How a client reports the commands it claimed.
+#[derive(Clone, Copy)]
+enum Reporting {
+    /// All in one `complete_batch`.
+    Batch,
+    /// Each in its own `complete`, all at once.
+    EachAlone,
+}
+
 async fn claim_complete(
     url: &str,
     clients: usize,
     prefill: usize,
     duration: Duration,
     runs: usize,
+    reporting: Reporting,
 ) -> Vec<f64> {
     let mut rates = Vec::new();
     for _ in 0..runs {
         // A fresh backlog for each run, as the raw baseline's.
         let f = fixture(url, clients).await;
         prefill_commands(&f.store, f.org, prefill).await;
-        rates.push(claim_complete_run(&f, clients, duration).await);
+        rates.push(claim_complete_run(&f, clients, duration, reporting).await);
     }
     rates
 }
 
-async fn claim_complete_run(f: &Fixture, clients: usize, duration: Duration) -> f64 {
+async fn claim_complete_run(
+    f: &Fixture,
+    clients: usize,
+    duration: Duration,
+    reporting: Reporting,
+) -> f64 {
     let (store, org, agents) = (f.store.clone(), f.org, Arc::new(f.agents.clone()));
     let queues = Arc::new(vec!["q".to_owned()]);
     drive(clients, duration, move |client| {
@@ -234,12 +272,23 @@ async fn claim_complete_run(f: &Fixture, clients: usize, duration: Duration) -> 
         async move {
             let agent = agents[client];
             let claimed = store.claim(org, agent, &queues, 10).await.unwrap();
-            let reports = claimed
-                .iter()
-                .map(|c| (c.command.id, c.claim_token.clone(), json!(null)))
-                .collect();
-            let done = store.complete_batch(org, agent, reports).await.unwrap();
-            done.iter().filter(|r| r.is_ok()).count()
+            match reporting {
+                Reporting::Batch => {
+                    let reports = claimed
+                        .iter()
+                        .map(|c| (c.command.id, c.claim_token.clone(), json!(null)))
+                        .collect();
+                    let done = store.complete_batch(org, agent, reports).await.unwrap();
+                    done.iter().filter(|r| r.is_ok()).count()
+                }
+                Reporting::EachAlone => {
+                    let reports = claimed.iter().map(|c| {
+                        store.complete(org, agent, c.command.id, &c.claim_token, json!(null))
+                    });
+                    let done = futures::future::join_all(reports).await;
+                    done.iter().filter(|r| r.is_ok()).count()
+                }
+            }
         }
     })
     .await

@@ -14,7 +14,7 @@
     missing_docs
 )]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             claim_token_completes_once,
             complete_batch_fences_each_report,
             concurrent_creates_each_get_their_own_answer,
+            concurrent_reports_each_get_their_own_answer,
             stale_token_changes_nothing,
             only_the_holder_reports,
             heartbeat_renews_lease,
@@ -889,6 +890,108 @@ pub async fn concurrent_creates_each_get_their_own_answer(store: &dyn Store, _cl
     };
     assert_eq!(counts(a.org).await, 60);
     assert_eq!(counts(b.org).await, 30);
+}
+
+/// Reports sent at once, by agents of two organisations: each is fenced alone, whichever
+/// others are written with it.
+pub async fn concurrent_reports_each_get_their_own_answer(store: &dyn Store, _clock: &ManualClock) {
+    let a = tenant(store, "acme").await;
+    let b = tenant(store, "beta").await;
+    let mut claimed = Vec::new();
+    for t in [&a, &b] {
+        for _ in 0..40 {
+            create(store, t.org, pooled("q")).await;
+        }
+        let held = store
+            .claim(t.org, t.agent, &queues(&["q"]), 40)
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 40);
+        claimed.extend(held.into_iter().map(|c| (t.org, t.agent, c)));
+    }
+    // Per command n: 0 its holder's report; 1 a wrong token; 2 the other organisation's agent
+    // naming it; 3 its holder's report, sent twice.
+    let mut reports = Vec::new();
+    for (n, (org, agent, c)) in claimed.iter().enumerate() {
+        let (id, token) = (c.command.id, c.claim_token.clone());
+        let (other_org, other_agent) = if *org == a.org {
+            (b.org, b.agent)
+        } else {
+            (a.org, a.agent)
+        };
+        let result = json!({"n": n});
+        match n % 4 {
+            0 => reports.push((n, *org, *agent, id, token, result)),
+            1 => reports.push((
+                n,
+                *org,
+                *agent,
+                id,
+                ClaimToken::from("stale".to_owned()),
+                result,
+            )),
+            2 => reports.push((n, other_org, other_agent, id, token, result)),
+            _ => {
+                reports.push((n, *org, *agent, id, token.clone(), result.clone()));
+                reports.push((n, *org, *agent, id, token, result));
+            }
+        }
+    }
+    let answers = futures::future::join_all(reports.into_iter().map(
+        |(n, org, agent, id, token, result)| async move {
+            (n, store.complete(org, agent, id, &token, result).await)
+        },
+    ))
+    .await;
+    let mut completed_twice_reported = HashMap::new();
+    for (n, answer) in answers {
+        match n % 4 {
+            0 => {
+                let command = answer.unwrap();
+                assert_eq!(command.status, CommandStatus::Completed);
+                assert_eq!(command.result, Some(json!({"n": n})));
+            }
+            1 => assert!(
+                matches!(answer, Err(StoreError::StaleClaim)),
+                "{n}: {answer:?}"
+            ),
+            2 => assert!(
+                matches!(answer, Err(StoreError::NotFound)),
+                "{n}: {answer:?}"
+            ),
+            _ => {
+                let ok = match answer {
+                    Ok(command) => {
+                        assert_eq!(command.result, Some(json!({"n": n})));
+                        1
+                    }
+                    Err(StoreError::StaleClaim) => 0,
+                    Err(err) => panic!("{n}: {err:?}"),
+                };
+                *completed_twice_reported.entry(n).or_insert(0) += ok;
+            }
+        }
+    }
+    assert_eq!(completed_twice_reported.len(), 20);
+    assert!(
+        completed_twice_reported.values().all(|&ok| ok == 1),
+        "a token completes once: {completed_twice_reported:?}"
+    );
+    for (n, (org, _, c)) in claimed.iter().enumerate() {
+        let stored = store
+            .get_command(*org, c.command.id)
+            .await
+            .unwrap()
+            .unwrap();
+        let expected = if n % 4 == 0 || n % 4 == 3 {
+            CommandStatus::Completed
+        } else {
+            CommandStatus::Executing
+        };
+        assert_eq!(stored.status, expected, "{n}");
+        let attempts = store.list_attempts(*org, c.command.id).await.unwrap();
+        assert_eq!(attempts.len(), 1, "{n}");
+    }
 }
 
 pub async fn complete_batch_fences_each_report(store: &dyn Store, _clock: &ManualClock) {

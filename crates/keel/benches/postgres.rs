@@ -8,7 +8,9 @@
 //!    the instances) for `SECS` seconds (default 15): commands accepted per second.
 //! 2. **Claim → complete**: 4 agents per instance each claim 10 (`POST /v1/commands/claim`) and
 //!    complete them in one `POST /v1/commands/reports`, until the commands of phase 1 are all
-//!    done: no-op commands per second.
+//!    done: no-op commands per second. Then as many again (created in batches), each of the 10
+//!    completed by its own `POST /v1/commands/{id}/complete`, the 10 at once, as `keel agent`
+//!    reports each command as it ends.
 //! 3. **Deliveries**: 8 tasks queue `DELIVERIES` (default 10,000) webhook deliveries
 //!    (`POST /v1/deliveries`) while every instance's workers send them to a receiver in this
 //!    process: deliveries received per second, from the first queued to the last received.
@@ -36,6 +38,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use keel_store::MAX_BATCH_CREATE;
 use keel_store::conformance::postgres::TestSchema;
 use serde_json::{Value, json};
 
@@ -135,7 +138,8 @@ async fn run(url: &str, instances: usize, duration: Duration, deliveries: usize)
     let created = created.load(Ordering::Relaxed);
     let creates_per_second = per_second(created, started.elapsed());
 
-    // 2. Claim -> complete.
+    // 2. Claim -> complete: the commands of phase 1, reported in batches; then as many again
+    // (created in batches), each reported alone.
     let mut agents = Vec::new();
     for (i, server) in servers.iter().enumerate() {
         for a in 0..AGENTS_PER_INSTANCE {
@@ -145,52 +149,17 @@ async fn run(url: &str, instances: usize, duration: Duration, deliveries: usize)
             agents.push(agent);
         }
     }
-    let completed = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = agents
-        .into_iter()
-        .map(|agent| {
-            let (completed, errors) = (completed.clone(), errors.clone());
-            tokio::spawn(async move {
-                while completed.load(Ordering::Relaxed) < created
-                    && started.elapsed() < Duration::from_secs(300)
-                {
-                    let claimed = match post(&agent, "/v1/commands/claim", &json!({"limit": 10}))
-                        .await
-                    {
-                        Ok(answer) => answer["commands"].as_array().cloned().unwrap_or_default(),
-                        Err(e) => {
-                            errors.record(e);
-                            continue;
-                        }
-                    };
-                    if claimed.is_empty() {
-                        continue;
-                    }
-                    let reports: Vec<Value> = claimed
-                        .iter()
-                        .map(|c| {
-                            json!({"id": c["id"], "claim_token": c["claim_token"],
-                                        "outcome": "completed", "result": {}})
-                        })
-                        .collect();
-                    match post(&agent, "/v1/commands/reports", &json!({"reports": reports})).await {
-                        Ok(answer) => {
-                            let done = answer["results"]
-                                .as_array()
-                                .map_or(0, |r| r.iter().filter(|r| r["error"].is_null()).count());
-                            completed.fetch_add(done, Ordering::Relaxed);
-                        }
-                        Err(e) => errors.record(e),
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
+    let completes_per_second = drain(&agents, created, Reporting::Batch, &errors).await;
+    for first in (0..created).step_by(MAX_BATCH_CREATE) {
+        let commands: Vec<Value> = (first..(first + MAX_BATCH_CREATE).min(created))
+            .map(|n| json!({"type": "noop", "queue": "q", "params": {"n": n}}))
+            .collect();
+        let api = &writers[0];
+        if let Err(e) = post(api, "/v1/commands/batch", &json!({"commands": commands})).await {
+            errors.record(e);
+        }
     }
-    let completes_per_second = per_second(completed.load(Ordering::Relaxed), started.elapsed());
+    let single_completes_per_second = drain(&agents, created, Reporting::EachAlone, &errors).await;
 
     // 3. Deliveries.
     let (received, hook) = receiver().await;
@@ -250,13 +219,108 @@ async fn run(url: &str, instances: usize, duration: Duration, deliveries: usize)
 
     println!(
         "{instances} instance(s): single creates {creates_per_second:.0}/s ({created} in {:?}, \
-         {CREATORS} clients); claim 10 -> report 10 {completes_per_second:.0} commands/s \
-         ({} agents); deliveries {deliveries_per_second:.0}/s ({deliveries} queued in {queued_in:?}, \
+         {CREATORS} clients); claim 10 -> report 10 {completes_per_second:.0} commands/s, \
+         claim 10 -> complete each {single_completes_per_second:.0} commands/s ({} agents); \
+         deliveries {deliveries_per_second:.0}/s ({deliveries} queued in {queued_in:?}, \
          {QUEUERS} clients); errors {:?}",
         duration,
         instances * AGENTS_PER_INSTANCE,
         errors.snapshot()
     );
+}
+
+/// How an agent reports the commands it claimed.
+#[derive(Clone, Copy)]
+enum Reporting {
+    /// All in one `POST /v1/commands/reports`.
+    Batch,
+    /// Each in its own `POST /v1/commands/{id}/complete`, all at once.
+    EachAlone,
+}
+
+/// Every agent claims 10 and reports them, until `total` commands are completed: completed
+/// commands per second.
+async fn drain(agents: &[Api], total: usize, reporting: Reporting, errors: &Errors) -> f64 {
+    let completed = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = agents
+        .iter()
+        .cloned()
+        .map(|agent| {
+            let (completed, errors) = (completed.clone(), errors.clone());
+            tokio::spawn(async move {
+                while completed.load(Ordering::Relaxed) < total
+                    && started.elapsed() < Duration::from_secs(300)
+                {
+                    let claimed = match post(&agent, "/v1/commands/claim", &json!({"limit": 10}))
+                        .await
+                    {
+                        Ok(answer) => answer["commands"].as_array().cloned().unwrap_or_default(),
+                        Err(e) => {
+                            errors.record(e);
+                            continue;
+                        }
+                    };
+                    if claimed.is_empty() {
+                        continue;
+                    }
+                    let done = match reporting {
+                        Reporting::Batch => report_batch(&agent, &claimed).await,
+                        Reporting::EachAlone => complete_each(&agent, &claimed).await,
+                    };
+                    match done {
+                        Ok(done) => {
+                            completed.fetch_add(done, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.record(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    per_second(completed.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// Reports `claimed` completed in one request: how many were completed.
+async fn report_batch(agent: &Api, claimed: &[Value]) -> Result<usize, String> {
+    let reports: Vec<Value> = claimed
+        .iter()
+        .map(|c| {
+            json!({"id": c["id"], "claim_token": c["claim_token"],
+                   "outcome": "completed", "result": {}})
+        })
+        .collect();
+    let answer = post(agent, "/v1/commands/reports", &json!({"reports": reports})).await?;
+    Ok(answer["results"]
+        .as_array()
+        .map_or(0, |r| r.iter().filter(|r| r["error"].is_null()).count()))
+}
+
+/// Completes each of `claimed` in a request of its own, all at once: how many were completed.
+async fn complete_each(agent: &Api, claimed: &[Value]) -> Result<usize, String> {
+    let completes = claimed.iter().map(|c| {
+        let path = format!(
+            "/v1/commands/{}/complete",
+            c["id"].as_str().unwrap_or_default()
+        );
+        async move {
+            post(
+                agent,
+                &path,
+                &json!({"claim_token": c["claim_token"], "result": {}}),
+            )
+            .await
+        }
+    });
+    let answers = futures::future::join_all(completes).await;
+    let done = answers.iter().filter(|a| a.is_ok()).count();
+    match answers.into_iter().find_map(Result::err) {
+        Some(e) if done == 0 => Err(e),
+        _ => Ok(done),
+    }
 }
 
 /// POSTs `body`; `Err` names an unexpected status or a transport error.

@@ -19,6 +19,7 @@ pub const KNOWN: &[&str] = &[
     "store.write",
     "store.commit",
     "store.create_group",
+    "store.report_group",
     // keel
     "http.handler",
     "http.delay",

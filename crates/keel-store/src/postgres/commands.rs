@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::Value;
+use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, Transaction};
 use time::OffsetDateTime;
@@ -19,6 +20,8 @@ use uuid::Uuid;
 
 use super::PgStore;
 use super::broadcasts::{self, Role};
+use super::create_groups::Create;
+use super::report_groups::{self, Reports};
 use crate::backoff::retry_backoff;
 use crate::common::{
     command_target, corrupt, duration_millis, not_a_broadcast, page_of, parse_status, to_u32,
@@ -403,7 +406,10 @@ pub(super) async fn create_command(
     if idempotency.is_none() {
         return store
             .creates
-            .create(org, NewRow::plain(command, None))
+            .write(Create {
+                org,
+                row: NewRow::plain(command, None),
+            })
             .await;
     }
     let mut conn = store.pool.acquire().await?;
@@ -742,8 +748,8 @@ async fn status_of(
 
 /// After a fenced statement changed nothing: `NotFound` if the command is not in `org`,
 /// `StaleClaim` otherwise.
-async fn stale_or_missing(store: &PgStore, org: OrgId, id: CommandId) -> StoreError {
-    let mut conn = match store.pool.acquire().await {
+pub(super) async fn stale_or_missing(pool: &PgPool, org: OrgId, id: CommandId) -> StoreError {
+    let mut conn = match pool.acquire().await {
         Ok(conn) => conn,
         Err(err) => return err.into(),
     };
@@ -983,7 +989,7 @@ pub(super) async fn hand_back(
 /// The record of the attempts a statement ends, to be followed by `FROM <the changed
 /// commands' rows>`: each row's running attempt, ended now with its `attempt_outcome` and the
 /// error `error` (an SQL expression).
-fn ended_attempts(error: &str) -> String {
+pub(super) fn ended_attempts(error: &str) -> String {
     format!(
         "INSERT INTO command_attempts \
          (command_id, attempt, agent_id, claimed_at, ended_at, outcome, error) \
@@ -1025,7 +1031,7 @@ pub(super) async fn heartbeat(
             expires_at,
             cancel_requested,
         }),
-        None => Err(stale_or_missing(store, org, id).await),
+        None => Err(stale_or_missing(&store.pool, org, id).await),
     }
 }
 
@@ -1040,31 +1046,24 @@ pub(super) async fn complete(
     fail::fail_point!("store.complete", |_| Err(StoreError::injected(
         "store.complete"
     )));
-    let ended = ended_attempts("NULL::jsonb");
-    let row: Option<CommandRow> = sqlx::query_as(&format!(
-        "WITH done AS ( \
-           UPDATE commands SET status = 'completed', attempt_outcome = 'completed', \
-             result = $5, claim_token = NULL, lease_expires_at = NULL, \
-             finished_at = keel_now(), updated_at = keel_now() \
-           WHERE {FENCE} RETURNING *), \
-         ended AS ({ended} FROM done) \
-         SELECT {COMMAND_COLUMNS} FROM done"
-    ))
-    .bind(org)
-    .bind(id)
-    .bind(token.as_str())
-    .bind(agent)
-    .bind(Json(result))
-    .fetch_optional(&store.pool)
-    .await?;
-    match row {
-        Some(row) => row.into_command(),
-        None => Err(stale_or_missing(store, org, id).await),
-    }
+    let reports = vec![(id, token.clone(), result)];
+    let answers = store
+        .reports
+        .write(Reports {
+            org,
+            agent,
+            reports,
+        })
+        .await?;
+    answers
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| Err(corrupt("no answer to a report")))
 }
 
-/// Completes every report the agent holds in one statement; each report is fenced alone (a
-/// stale one is its own `StaleClaim`, or `NotFound`), and an id named twice completes once.
+/// Completes every report the agent holds in one statement, written directly (it is a group
+/// already); each report is fenced alone (a stale one is its own `StaleClaim`, or `NotFound`),
+/// and a command reported twice completes once.
 pub(super) async fn complete_batch(
     store: &PgStore,
     org: OrgId,
@@ -1079,53 +1078,15 @@ pub(super) async fn complete_batch(
             "at most {MAX_CLAIM_BATCH} reports at once"
         )));
     }
-    let mut ids = Vec::with_capacity(reports.len());
-    let mut tokens = Vec::with_capacity(reports.len());
-    let mut results = Vec::with_capacity(reports.len());
-    for (id, token, result) in &reports {
-        if !ids.contains(&id.0) {
-            ids.push(id.0);
-            tokens.push(token.as_str().to_owned());
-            results.push(result.to_string());
-        }
-    }
-    let ended = ended_attempts("NULL::jsonb");
-    let rows: Vec<CommandRow> = sqlx::query_as(&format!(
-        "WITH reports AS ( \
-           SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r (id, token, result)), \
-         done AS ( \
-           UPDATE commands c SET status = 'completed', attempt_outcome = 'completed', \
-             result = r.result::jsonb, claim_token = NULL, lease_expires_at = NULL, \
-             finished_at = keel_now(), updated_at = keel_now() \
-           FROM reports r \
-           WHERE c.org_id = $1 AND c.id = r.id AND c.status = 'executing' \
-             AND c.claim_token = r.token AND c.claimed_by = $5 \
-           RETURNING c.*), \
-         ended AS ({ended} FROM done) \
-         SELECT {COMMAND_COLUMNS} FROM done"
-    ))
-    .bind(org)
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&results)
-    .bind(agent)
-    .fetch_all(&store.pool)
-    .await?;
-    let mut done: HashMap<CommandId, Command> = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let command = row.into_command()?;
-        done.insert(command.id, command);
-    }
-    let mut answers = Vec::with_capacity(reports.len());
-    for (id, _, _) in reports {
-        // The first report of an id takes its completion; a repeat finds it taken.
-        let answer = match done.remove(&id) {
-            Some(command) => Ok(command),
-            None => Err(stale_or_missing(store, org, id).await),
-        };
-        answers.push(answer);
-    }
-    Ok(answers)
+    report_groups::complete_alone(
+        &store.pool,
+        Reports {
+            org,
+            agent,
+            reports,
+        },
+    )
+    .await
 }
 
 pub(super) async fn fail(
@@ -1176,7 +1137,7 @@ pub(super) async fn fail(
     .await?;
     match row {
         Some(row) => row.into_command(),
-        None => Err(stale_or_missing(store, org, id).await),
+        None => Err(stale_or_missing(&store.pool, org, id).await),
     }
 }
 

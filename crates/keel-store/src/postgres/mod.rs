@@ -20,7 +20,9 @@ mod accounts;
 mod broadcasts;
 mod commands;
 mod create_groups;
+mod groups;
 mod notifications;
+mod report_groups;
 mod schedules;
 
 use std::sync::Arc;
@@ -93,7 +95,9 @@ pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     /// Single creates, grouped into shared statements under load.
-    creates: Arc<create_groups::CreateGroups>,
+    creates: Arc<groups::Groups<create_groups::Creates>>,
+    /// Completions, grouped into shared statements under load.
+    reports: Arc<groups::Groups<report_groups::Completions>>,
 }
 
 impl PgStore {
@@ -134,7 +138,8 @@ impl PgStore {
         }
         let pool = pool.connect_lazy_with(connect);
         Ok(Self {
-            creates: Arc::new(create_groups::CreateGroups::start(pool.clone())),
+            creates: Arc::new(groups::Groups::start(pool.clone())),
+            reports: Arc::new(groups::Groups::start(pool.clone())),
             pool,
             clock: clock.unwrap_or_else(|| Arc::new(SystemClock)),
         })
