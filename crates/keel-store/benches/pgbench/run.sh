@@ -4,6 +4,11 @@
 # PREFILL pending pooled commands, then the raw baseline (../../../../../shared/peers/raw-sql)
 # on a fresh table of as many jobs; RUNS times each, alternating.
 #   bash crates/keel-store/benches/pgbench/run.sh   (env: RUNS=3 SECS=15 CLIENTS=4 PREFILL=1000000)
+# With VARIANTS=1, each run also times the statements of variants/ (other shapes of the same
+# work: grouped claims and completions, a narrow lease table), each on a fresh backlog; a
+# variant's first line says how many jobs one of its transactions does, `-- jobs: N`, and
+# `<name>.schema.sql` / `<name>.fill.sql` beside it are applied after the migrations / the
+# backlog.
 # Uses the schema `keel_pgbench` of the database at PGHOST/PGUSER/PGDATABASE
 # (default 127.0.0.1, postgres, test) and drops it at the end.
 set -euo pipefail
@@ -14,11 +19,12 @@ RUNS=${RUNS:-3} SECS=${SECS:-15} CLIENTS=${CLIENTS:-4} PREFILL=${PREFILL:-100000
 export PGHOST=${PGHOST:-127.0.0.1} PGUSER=${PGUSER:-postgres} PGDATABASE=${PGDATABASE:-test}
 export PGOPTIONS="-c search_path=keel_pgbench -c client_min_messages=warning"
 q() { psql -qX -v ON_ERROR_STOP=1 "$@" >/dev/null; }
-jobs_per_second() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | awk '{printf "%.0f\n", $1 * 10}'; }
+jobs_per_second() { sed -n 's/^tps = \([0-9.]*\).*/\1/p' | awk -v n="$1" '{printf "%.0f\n", $1 * n}'; }
 
 keel_fresh() {
   q -c "DROP SCHEMA IF EXISTS keel_pgbench CASCADE" -c "CREATE SCHEMA keel_pgbench"
   for f in "$migrations"/*.sql; do q -f "$f"; done
+  [ -z "${1:-}" ] || [ ! -f "${1%.sql}.schema.sql" ] || q -f "${1%.sql}.schema.sql"
   q <<SQL
 INSERT INTO organisations VALUES ('00000000-0000-0000-0000-000000000001', 'bench', now());
 INSERT INTO agents (id, org_id, name, created_at)
@@ -32,6 +38,7 @@ SELECT ('01900000-0000-7000-8000-' || lpad(to_hex(n), 12, '0'))::uuid,
   now() - interval '1 hour' + n * interval '1 microsecond', 5, 300000, 'pending', now(), now()
 FROM generate_series(1, $PREFILL) n;
 SQL
+  [ -z "${1:-}" ] || [ ! -f "${1%.sql}.fill.sql" ] || q -f "${1%.sql}.fill.sql"
   q -c "VACUUM ANALYZE" -c "CHECKPOINT"
 }
 
@@ -41,7 +48,7 @@ raw_fresh() {
   q -c "VACUUM ANALYZE jobs" -c "CHECKPOINT"
 }
 
-run() { pgbench -n -M prepared -j 2 -c "$CLIENTS" -T "$SECS" -f "$1" 2>&1 | jobs_per_second; }
+run() { pgbench -n -M prepared -j 2 -c "$CLIENTS" -T "$SECS" -f "$1" 2>&1 | jobs_per_second "${2:-10}"; }
 
 printf "%-5s %-22s %s\n" run "keel statements /s" "raw claim+complete /s"
 for r in $(seq "$RUNS"); do
@@ -50,6 +57,13 @@ for r in $(seq "$RUNS"); do
   raw_fresh
   b=$(run "$raw/claim_complete.sql")
   printf "%-5s %-22s %s\n" "$r" "$k" "$b"
+  if [ -n "${VARIANTS:-}" ]; then
+    for v in "$here"/variants/*.sql; do
+      case "$v" in *.schema.sql | *.fill.sql) continue ;; esac
+      keel_fresh "$v"
+      printf "      %-40s %s\n" "$(basename "$v" .sql)" "$(run "$v" "$(sed -n '1s/^-- jobs: //p' "$v")")"
+    done
+  fi
 done
 q -c "DROP SCHEMA keel_pgbench CASCADE"
 echo "$CLIENTS clients, ${SECS}s per run, $PREFILL pending; postgres $(psql -qtAX -c 'SHOW server_version')"
