@@ -90,6 +90,7 @@ macro_rules! conformance_tests {
             paused_queue_hands_out_nothing,
             broadcast_reaches_each_agent_once,
             broadcast_max_concurrency_holds_children,
+            broadcast_children_completed_at_once_hand_on_their_slots,
             broadcast_ends_failed_when_a_child_fails,
             broadcast_cancel_cancels_unfinished_children,
             broadcast_idempotency_and_refusals,

@@ -379,6 +379,51 @@ pub async fn broadcast_max_concurrency_holds_children(store: &dyn Store, _clock:
     assert_eq!(parent_now.status, CommandStatus::Completed);
 }
 
+/// Children of one broadcast completed at once (their reports may share one statement): each
+/// hands its slot on, no more children run than the broadcast allows, and the last one ends
+/// the parent.
+pub async fn broadcast_children_completed_at_once_hand_on_their_slots(
+    store: &dyn Store,
+    _clock: &ManualClock,
+) {
+    let t = tenant(store, "acme").await;
+    let mut agents = vec![t.agent];
+    for n in 2..=7 {
+        agents.push(agent(store, t.org, &format!("agent-{n}")).await);
+    }
+    let parent = store
+        .create_broadcast(t.org, broadcast(agents.clone(), Some(3)), None)
+        .await
+        .unwrap()
+        .command;
+    let mut finished = 0;
+    let mut turns = Vec::new();
+    while finished < agents.len() {
+        let mut running = Vec::new();
+        for agent in &agents {
+            for c in store.claim(t.org, *agent, &[], 10).await.unwrap() {
+                running.push((*agent, c));
+            }
+        }
+        assert!(
+            !running.is_empty() && running.len() <= 3,
+            "{} children running at once",
+            running.len()
+        );
+        turns.push(running.len());
+        let completes = running.iter().map(|(agent, c)| {
+            store.complete(t.org, *agent, c.command.id, &c.claim_token, json!({}))
+        });
+        for answer in futures::future::join_all(completes).await {
+            assert_eq!(answer.unwrap().status, CommandStatus::Completed);
+        }
+        finished += running.len();
+    }
+    assert_eq!(turns, vec![3, 3, 1]);
+    let parent_now = store.get_command(t.org, parent.id).await.unwrap().unwrap();
+    assert_eq!(parent_now.status, CommandStatus::Completed);
+}
+
 pub async fn broadcast_ends_failed_when_a_child_fails(store: &dyn Store, _clock: &ManualClock) {
     let t = tenant(store, "acme").await;
     let second = agent(store, t.org, "agent-2").await;
