@@ -898,8 +898,11 @@ pub async fn concurrent_creates_each_get_their_own_answer(store: &dyn Store, _cl
 pub async fn concurrent_reports_each_get_their_own_answer(store: &dyn Store, _clock: &ManualClock) {
     let a = tenant(store, "acme").await;
     let b = tenant(store, "beta").await;
+    // Another agent of each organisation.
+    let a2 = agent(store, a.org, "agent-2").await;
+    let b2 = agent(store, b.org, "agent-2").await;
     let mut claimed = Vec::new();
-    for t in [&a, &b] {
+    for (t, second) in [(&a, a2), (&b, b2)] {
         for _ in 0..40 {
             create(store, t.org, pooled("q")).await;
         }
@@ -908,12 +911,14 @@ pub async fn concurrent_reports_each_get_their_own_answer(store: &dyn Store, _cl
             .await
             .unwrap();
         assert_eq!(held.len(), 40);
-        claimed.extend(held.into_iter().map(|c| (t.org, t.agent, c)));
+        claimed.extend(held.into_iter().map(|c| (t.org, t.agent, second, c)));
     }
     // Per command n: 0 its holder's report; 1 a wrong token; 2 the other organisation's agent
-    // naming it; 3 its holder's report, sent twice.
+    // naming it; 3 its holder's report, sent twice; 4 its holder's report and, with the same
+    // token, another agent's of its organisation.
+    let holder_completes = |n: usize| matches!(n % 5, 0 | 3 | 4);
     let mut reports = Vec::new();
-    for (n, (org, agent, c)) in claimed.iter().enumerate() {
+    for (n, (org, agent, second, c)) in claimed.iter().enumerate() {
         let (id, token) = (c.command.id, c.claim_token.clone());
         let (other_org, other_agent) = if *org == a.org {
             (b.org, b.agent)
@@ -921,75 +926,73 @@ pub async fn concurrent_reports_each_get_their_own_answer(store: &dyn Store, _cl
             (a.org, a.agent)
         };
         let result = json!({"n": n});
-        match n % 4 {
-            0 => reports.push((n, *org, *agent, id, token, result)),
-            1 => reports.push((
-                n,
-                *org,
-                *agent,
-                id,
-                ClaimToken::from("stale".to_owned()),
-                result,
-            )),
-            2 => reports.push((n, other_org, other_agent, id, token, result)),
+        let stale = ClaimToken::from("stale".to_owned());
+        match n % 5 {
+            0 => reports.push((n, true, *org, *agent, id, token, result)),
+            1 => reports.push((n, false, *org, *agent, id, stale, result)),
+            2 => reports.push((n, false, other_org, other_agent, id, token, result)),
+            3 => {
+                reports.push((n, true, *org, *agent, id, token.clone(), result.clone()));
+                reports.push((n, true, *org, *agent, id, token, result));
+            }
             _ => {
-                reports.push((n, *org, *agent, id, token.clone(), result.clone()));
-                reports.push((n, *org, *agent, id, token, result));
+                reports.push((
+                    n,
+                    false,
+                    *org,
+                    *second,
+                    id,
+                    token.clone(),
+                    json!("not mine"),
+                ));
+                reports.push((n, true, *org, *agent, id, token, result));
             }
         }
     }
     let answers = futures::future::join_all(reports.into_iter().map(
-        |(n, org, agent, id, token, result)| async move {
-            (n, store.complete(org, agent, id, &token, result).await)
+        |(n, holder, org, agent, id, token, result)| async move {
+            (
+                n,
+                holder,
+                store.complete(org, agent, id, &token, result).await,
+            )
         },
     ))
     .await;
-    let mut completed_twice_reported = HashMap::new();
-    for (n, answer) in answers {
-        match n % 4 {
-            0 => {
-                let command = answer.unwrap();
+    let mut completions = HashMap::new();
+    for (n, holder, answer) in answers {
+        match answer {
+            Ok(command) => {
+                assert!(holder, "{n}: only the holder completes");
                 assert_eq!(command.status, CommandStatus::Completed);
                 assert_eq!(command.result, Some(json!({"n": n})));
+                *completions.entry(n).or_insert(0) += 1;
             }
-            1 => assert!(
-                matches!(answer, Err(StoreError::StaleClaim)),
-                "{n}: {answer:?}"
-            ),
-            2 => assert!(
-                matches!(answer, Err(StoreError::NotFound)),
-                "{n}: {answer:?}"
-            ),
-            _ => {
-                let ok = match answer {
-                    Ok(command) => {
-                        assert_eq!(command.result, Some(json!({"n": n})));
-                        1
-                    }
-                    Err(StoreError::StaleClaim) => 0,
-                    Err(err) => panic!("{n}: {err:?}"),
-                };
-                *completed_twice_reported.entry(n).or_insert(0) += ok;
+            Err(StoreError::StaleClaim) => {
+                assert!(n % 5 == 1 || n % 5 == 3 || (n % 5 == 4 && !holder), "{n}");
             }
+            Err(StoreError::NotFound) => assert_eq!(n % 5, 2, "{n}"),
+            Err(err) => panic!("{n}: {err:?}"),
         }
     }
-    assert_eq!(completed_twice_reported.len(), 20);
-    assert!(
-        completed_twice_reported.values().all(|&ok| ok == 1),
-        "a token completes once: {completed_twice_reported:?}"
-    );
-    for (n, (org, _, c)) in claimed.iter().enumerate() {
+    for (n, (org, _, _, c)) in claimed.iter().enumerate() {
+        let expected = usize::from(holder_completes(n));
+        assert_eq!(
+            completions.get(&n).copied().unwrap_or(0),
+            expected,
+            "{n}: a token completes once"
+        );
         let stored = store
             .get_command(*org, c.command.id)
             .await
             .unwrap()
             .unwrap();
-        let expected = if n % 4 == 0 || n % 4 == 3 {
-            CommandStatus::Completed
+        if holder_completes(n) {
+            assert_eq!(stored.status, CommandStatus::Completed, "{n}");
+            assert_eq!(stored.result, Some(json!({"n": n})), "{n}");
         } else {
-            CommandStatus::Executing
-        };
-        assert_eq!(stored.status, expected, "{n}");
+            assert_eq!(stored.status, CommandStatus::Executing, "{n}");
+        }
         let attempts = store.list_attempts(*org, c.command.id).await.unwrap();
         assert_eq!(attempts.len(), 1, "{n}");
     }

@@ -4,11 +4,12 @@
 # PREFILL pending pooled commands, then the raw baseline (../../../../../shared/peers/raw-sql)
 # on a fresh table of as many jobs; RUNS times each, alternating.
 #   bash crates/keel-store/benches/pgbench/run.sh   (env: RUNS=3 SECS=15 CLIENTS=4 PREFILL=1000000)
-# With VARIANTS=1, each run also times the statements of variants/ (other shapes of the same
-# work: grouped claims and completions, a narrow lease table), each on a fresh backlog; a
-# variant's first line says how many jobs one of its transactions does, `-- jobs: N`, and
-# `<name>.schema.sql` / `<name>.fill.sql` beside it are applied after the migrations / the
-# backlog.
+# With VARIANTS=1, each run also times other shapes of the same work, each on a fresh
+# backlog: keel's statements grouped (made from keel_claim_complete.sql below: four claims of
+# 10 then one completion of 40; the same with the claims in one transaction; one claim of 40)
+# and the statements of variants/ (a narrow lease table). A variant's first line says how many
+# jobs one of its transactions does, `-- jobs: N`; `<name>.schema.sql` / `<name>.fill.sql`
+# beside it are applied after the migrations / the backlog.
 # Uses the schema `keel_pgbench` of the database at PGHOST/PGUSER/PGDATABASE
 # (default 127.0.0.1, postgres, test) and drops it at the end.
 set -euo pipefail
@@ -48,6 +49,21 @@ raw_fresh() {
   q -c "VACUUM ANALYZE jobs" -c "CHECKPOINT"
 }
 
+# keel's claim+complete regrouped into the files of $1 (pgbench reads a script from one file).
+grouped_variants() {
+  local claim complete join
+  claim=$(sed -n '/^WITH picked/,/^\\gset$/p' "$here/keel_claim_complete.sql")
+  complete=$(sed -n '/^\\gset$/,$p' "$here/keel_claim_complete.sql" | tail -n +2)
+  join='s/:ids::uuid\[\]/(:ids0::uuid[] || :ids1::uuid[] || :ids2::uuid[] || :ids3::uuid[])/'
+  join="$join;"'s/:tokens::text\[\]/(:tokens0::text[] || :tokens1::text[] || :tokens2::text[] || :tokens3::text[])/'
+  four_claims() { for i in 0 1 2 3; do sed "s/AS ids,/AS ids$i,/; s/AS tokens FROM/AS tokens$i FROM/" <<<"$claim"; done; }
+  { echo "-- jobs: 40"; four_claims; sed "$join" <<<"$complete"; } >"$1/claim10x4_complete40.sql"
+  { echo "-- jobs: 40"; echo "BEGIN;"; four_claims; echo "COMMIT;"; sed "$join" <<<"$complete"; } \
+    >"$1/claim10x4_in_one_transaction_complete40.sql"
+  { echo "-- jobs: 40"; sed 's/LIMIT 10 FOR UPDATE/LIMIT 40 FOR UPDATE/' <<<"$claim"; echo "$complete"; } \
+    >"$1/claim40_complete40.sql"
+}
+
 run() { pgbench -n -M prepared -j 2 -c "$CLIENTS" -T "$SECS" -f "$1" 2>&1 | jobs_per_second "${2:-10}"; }
 
 printf "%-5s %-22s %s\n" run "keel statements /s" "raw claim+complete /s"
@@ -58,11 +74,14 @@ for r in $(seq "$RUNS"); do
   b=$(run "$raw/claim_complete.sql")
   printf "%-5s %-22s %s\n" "$r" "$k" "$b"
   if [ -n "${VARIANTS:-}" ]; then
-    for v in "$here"/variants/*.sql; do
+    grouped=$(mktemp -d)
+    grouped_variants "$grouped"
+    for v in "$grouped"/*.sql "$here"/variants/*.sql; do
       case "$v" in *.schema.sql | *.fill.sql) continue ;; esac
       keel_fresh "$v"
       printf "      %-40s %s\n" "$(basename "$v" .sql)" "$(run "$v" "$(sed -n '1s/^-- jobs: //p' "$v")")"
     done
+    rm -rf "$grouped"
   fi
 done
 q -c "DROP SCHEMA keel_pgbench CASCADE"

@@ -6,8 +6,8 @@ use uuid::Uuid;
 use super::{START, agent, claim_one, create, pooled, queues, secs, targeted, tenant};
 use crate::labels::Labels;
 use crate::{
-    AgentId, CheckIn, CommandStatus, Idempotency, ManualClock, NewBroadcast, NewCommand, OrgId,
-    Store, StoreError, Target,
+    AgentId, CheckIn, Claimed, CommandStatus, Idempotency, ManualClock, NewBroadcast, NewCommand,
+    OrgId, Store, StoreError, Target,
 };
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
@@ -330,6 +330,28 @@ pub async fn broadcast_reaches_each_agent_once(store: &dyn Store, _clock: &Manua
     );
 }
 
+/// Every agent claims what it may take now (targeted only): only children with a slot are
+/// handed out, some and at most `max_concurrency`.
+async fn claim_children(
+    store: &dyn Store,
+    org: OrgId,
+    agents: &[AgentId],
+    max_concurrency: usize,
+) -> Vec<(AgentId, Claimed)> {
+    let mut running = Vec::new();
+    for agent in agents {
+        for c in store.claim(org, *agent, &[], 10).await.unwrap() {
+            running.push((*agent, c));
+        }
+    }
+    assert!(
+        !running.is_empty() && running.len() <= max_concurrency,
+        "{} children running at once",
+        running.len()
+    );
+    running
+}
+
 pub async fn broadcast_max_concurrency_holds_children(store: &dyn Store, _clock: &ManualClock) {
     let t = tenant(store, "acme").await;
     let mut agents = vec![t.agent];
@@ -346,18 +368,7 @@ pub async fn broadcast_max_concurrency_holds_children(store: &dyn Store, _clock:
     let mut claimed_by_turn = Vec::new();
     let mut finished = 0;
     while finished < agents.len() {
-        // Every agent tries; only children with a slot are handed out.
-        let mut running = Vec::new();
-        for agent in &agents {
-            for c in store.claim(t.org, *agent, &[], 10).await.unwrap() {
-                running.push((*agent, c));
-            }
-        }
-        assert!(
-            !running.is_empty() && running.len() <= 2,
-            "{} children running at once",
-            running.len()
-        );
+        let mut running = claim_children(store, t.org, &agents, 2).await;
         claimed_by_turn.push(running.len());
         // The first one finishes and hands its slot on.
         let (agent, c) = running.remove(0);
@@ -399,17 +410,7 @@ pub async fn broadcast_children_completed_at_once_hand_on_their_slots(
     let mut finished = 0;
     let mut turns = Vec::new();
     while finished < agents.len() {
-        let mut running = Vec::new();
-        for agent in &agents {
-            for c in store.claim(t.org, *agent, &[], 10).await.unwrap() {
-                running.push((*agent, c));
-            }
-        }
-        assert!(
-            !running.is_empty() && running.len() <= 3,
-            "{} children running at once",
-            running.len()
-        );
+        let running = claim_children(store, t.org, &agents, 3).await;
         turns.push(running.len());
         let completes = running.iter().map(|(agent, c)| {
             store.complete(t.org, *agent, c.command.id, &c.claim_token, json!({}))

@@ -6,8 +6,9 @@
 //! Alone, each call costs a round trip, a statement, a transaction and a commit; under load
 //! most of its time is that overhead, not its rows. An idle store writes a lone call at once,
 //! without waiting: groups only grow while a group is being written. One group at a time made
-//! the largest groups and the most writes per second (8 clients creating over HTTP: 5,474/s,
-//! against 4,666/s with two at a time and 3,691/s without grouping; see docs/benchmarks.md).
+//! the largest groups and the most writes per second (8 clients creating over HTTP, groups of
+//! up to 256: 5,474/s, against 4,666/s with two at a time and 3,691/s without grouping; see
+//! docs/benchmarks.md).
 //!
 //! A group whose statement the database refused wrote nothing; its calls are then written one
 //! by one, so each caller gets its own answer. A group whose connection failed may have been
@@ -185,8 +186,10 @@ async fn write_key<W: GroupedWrite>(pool: &PgPool, pendings: Vec<Pending<W>>) {
 
 /// Whether the database answered the statement with an error of its own, so that it wrote
 /// nothing (an autocommitted statement that fails is rolled back). A lost connection
-/// (`Unavailable`, or an error that is not the database's) leaves it unknown; no connection in
-/// time (`Busy`) means it never ran, but another try now would wait as long.
+/// (`Unavailable`, or an error that is not the database's) leaves it unknown. `Busy` (no
+/// connection in time, or the statement rolled back for a lock conflict) wrote nothing either,
+/// but is answered to every caller as it is, a 503 with `Retry-After`: one by one now would
+/// wait for the same connections or locks.
 fn is_refusal(err: &StoreError) -> bool {
     match err {
         StoreError::Database(sqlx::Error::Database(_)) => true,

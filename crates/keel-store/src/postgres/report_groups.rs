@@ -8,12 +8,13 @@
 //! and the executing status): one that no longer holds its claim changes nothing and is
 //! answered `StaleClaim` (or `NotFound`), whatever the others of its group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 use sqlx::postgres::PgPool;
+use uuid::Uuid;
 
-use super::commands::{COMMAND_COLUMNS, CommandRow, ended_attempts, stale_or_missing};
+use super::commands::{COMMAND_COLUMNS, CommandRow, ended_attempts};
 use super::groups::GroupedWrite;
 use crate::error::{StoreError, StoreResult};
 use crate::model::{AgentId, ClaimToken, Command, CommandId, OrgId};
@@ -65,17 +66,20 @@ pub(super) async fn complete_alone(
     Ok(answers.pop().unwrap_or_default())
 }
 
-/// A completed command, with the token of the report that completed it.
+/// A completed command, with the report that completed it (its 1-based place in the
+/// statement's reports).
 #[derive(sqlx::FromRow)]
 struct CompletedRow {
     #[sqlx(flatten)]
     command: CommandRow,
-    reported_token: String,
+    report: i64,
 }
 
 /// Completes the reports of `calls` in one statement: for each call, an answer per report, in
-/// order. The first report of a command and its token takes the completion; a repeat finds it
-/// taken.
+/// order. Each completed command's answer goes to the very report that completed it (a command
+/// reported several times in the statement is completed by one of them; the others find it
+/// taken). The reports that completed nothing are looked up together: `StaleClaim` when their
+/// command is in their organisation, `NotFound` when it is not.
 async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<StoreResult<Command>>>> {
     let rows: usize = calls.iter().map(|c| c.reports.len()).sum();
     let (mut orgs, mut agents, mut ids) = (
@@ -97,7 +101,7 @@ async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<Store
     let completed: Vec<CompletedRow> = sqlx::query_as(&format!(
         "WITH reports AS ( \
            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[]) \
-             AS r (org_id, agent_id, id, token, result)), \
+             WITH ORDINALITY AS r (org_id, agent_id, id, token, result, report)), \
          done AS ( \
            UPDATE commands c SET status = 'completed', attempt_outcome = 'completed', \
              result = r.result::jsonb, claim_token = NULL, lease_expires_at = NULL, \
@@ -105,9 +109,9 @@ async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<Store
            FROM reports r \
            WHERE c.org_id = r.org_id AND c.id = r.id AND c.status = 'executing' \
              AND c.claim_token = r.token AND c.claimed_by = r.agent_id \
-           RETURNING c.*, r.token AS reported_token), \
+           RETURNING c.*, r.report), \
          ended AS ({ended} FROM done) \
-         SELECT {COMMAND_COLUMNS}, reported_token FROM done"
+         SELECT {COMMAND_COLUMNS}, report FROM done"
     ))
     .bind(&orgs)
     .bind(&agents)
@@ -116,22 +120,48 @@ async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<Store
     .bind(&results)
     .fetch_all(pool)
     .await?;
-    let mut done: HashMap<(CommandId, String), Command> = HashMap::with_capacity(completed.len());
+    let mut done: HashMap<i64, Command> = HashMap::with_capacity(completed.len());
     for row in completed {
-        let command = row.command.into_command()?;
-        done.insert((command.id, row.reported_token), command);
+        done.insert(row.report, row.command.into_command()?);
     }
+    let missed: Vec<Uuid> = ids
+        .iter()
+        .zip(1_i64..)
+        .filter(|(_, report)| !done.contains_key(report))
+        .map(|(id, _)| *id)
+        .collect();
+    let existing = if missed.is_empty() {
+        Ok(HashSet::new())
+    } else {
+        commands_of(pool, &missed).await
+    };
+    let mut report = 0_i64;
     let mut answers = Vec::with_capacity(calls.len());
     for call in calls {
         let mut call_answers = Vec::with_capacity(call.reports.len());
-        for (id, token, _) in &call.reports {
-            let answer = match done.remove(&(*id, token.as_str().to_owned())) {
-                Some(command) => Ok(command),
-                None => Err(stale_or_missing(pool, call.org, *id).await),
+        for (id, _, _) in &call.reports {
+            report += 1;
+            let answer = match (done.remove(&report), &existing) {
+                (Some(command), _) => Ok(command),
+                (None, Ok(existing)) if existing.contains(&(call.org, *id)) => {
+                    Err(StoreError::StaleClaim)
+                }
+                (None, Ok(_)) => Err(StoreError::NotFound),
+                (None, Err(err)) => Err(err.duplicate()),
             };
             call_answers.push(answer);
         }
         answers.push(call_answers);
     }
     Ok(answers)
+}
+
+/// Which of `ids` are stored, with their organisations.
+async fn commands_of(pool: &PgPool, ids: &[Uuid]) -> StoreResult<HashSet<(OrgId, CommandId)>> {
+    let rows: Vec<(OrgId, CommandId)> =
+        sqlx::query_as("SELECT org_id, id FROM commands WHERE id = ANY($1::uuid[])")
+            .bind(ids)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
 }
