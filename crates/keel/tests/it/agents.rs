@@ -83,8 +83,15 @@ impl AgentProcess {
         }
     }
 
+    /// Whether the agent is still running.
+    pub(crate) fn still_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
     /// SIGKILL: the agent dies mid-command without a word.
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();

@@ -26,7 +26,7 @@ const SECRET_NEW: &str = "whsec_BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 /// The Python interpreter of a virtual environment with the receivers' packages
 /// (`tests/receivers/requirements.txt`), created under the target directory at first use.
 /// A missing Python or a failed install fails the test: the receivers are not optional.
-fn python() -> &'static str {
+pub(crate) fn python() -> &'static str {
     static PYTHON: OnceLock<String> = OnceLock::new();
     PYTHON.get_or_init(|| {
         let receivers = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/receivers");
@@ -561,14 +561,14 @@ async fn a_webhook_to_a_private_address_is_refused_unless_allowed() {
 }
 
 /// `aiosmtpd` keeping every message it accepts in a maildir; killed when dropped.
-struct SmtpServer {
+pub(crate) struct SmtpServer {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     maildir: tempfile::TempDir,
 }
 
 impl SmtpServer {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = free_port();
         let maildir = tempfile::tempdir().unwrap();
         let child = Command::new(python())
@@ -593,7 +593,7 @@ impl SmtpServer {
     }
 
     /// The raw messages received.
-    fn messages(&self) -> Vec<String> {
+    pub(crate) fn messages(&self) -> Vec<String> {
         let new = self.maildir.path().join("mail/new");
         std::fs::read_dir(new)
             .map(|entries| {

@@ -12,6 +12,7 @@ mod admin;
 mod agents;
 mod audit;
 mod bad_input;
+mod chaos;
 mod cli;
 mod commands;
 mod connections;
