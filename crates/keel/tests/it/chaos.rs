@@ -93,21 +93,21 @@ enum Kind {
 const FAULTS: &[Fault] = &[
     Fault {
         point: "http.handler",
-        action: "2%20*panic(chaos: http.handler)",
+        action: "5%20*panic(chaos: http.handler)",
         count: 20,
         kind: Kind::Panic,
         everywhere: true,
     },
     Fault {
         point: "store.claim",
-        action: "10%5*panic(chaos: store.claim)",
+        action: "25%5*panic(chaos: store.claim)",
         count: 5,
         kind: Kind::Panic,
         everywhere: true,
     },
     Fault {
         point: "store.heartbeat",
-        action: "50%3*panic(chaos: store.heartbeat)",
+        action: "80%3*panic(chaos: store.heartbeat)",
         count: 3,
         kind: Kind::Panic,
         everywhere: true,
@@ -525,7 +525,7 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
         post_until(&notifiers, 0, "/v1/policies", severity, &policy, 201).await;
     }
 
-    // The agents: each run appends its command id to one file; one command in 20 is slow
+    // The agents: each run appends its command id to one file; one command in 10 is slow
     // enough to heartbeat.
     let runs = servers[0].dir.path().join("runs");
     let program = script(
@@ -560,7 +560,7 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
                 let items: Vec<Value> = (0..50)
                     .map(|i| {
                         let n = batch * 50 + i;
-                        let kind = if n % 20 == 7 { "slow" } else { "run" };
+                        let kind = if n % 10 == 7 { "slow" } else { "run" };
                         json!({"type": kind, "queue": "work", "lease_seconds": 6,
                                "max_attempts": 20, "params": {"n": n}})
                     })
