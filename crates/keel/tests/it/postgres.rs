@@ -17,7 +17,7 @@ use tokio::task::AbortHandle;
 use crate::harness::{Api, Options, Server, poll_until};
 
 /// The `[store]` table of an instance on `schema`, reached at `url`.
-fn store_toml(url: &str, schema: &TestSchema) -> &'static str {
+pub(crate) fn store_toml(url: &str, schema: &TestSchema) -> &'static str {
     Box::leak(
         format!(
             "[store]\nurl = \"{url}\"\n[store.postgres]\nschema = \"{}\"\n",

@@ -1166,8 +1166,26 @@ impl Tally {
 
 #[tokio::test]
 async fn every_route_refuses_another_organisations_keys_and_reveals_nothing() {
+    sweep("SQLite", ALLOW_LOOPBACK).await;
+}
+
+#[tokio::test]
+async fn every_route_refuses_another_organisations_keys_and_reveals_nothing_on_postgres() {
+    let Some(url) = keel_store::conformance::postgres::test_url() else {
+        return;
+    };
+    let schema = keel_store::conformance::postgres::TestSchema::create(&url).await;
+    let toml = format!(
+        "{ALLOW_LOOPBACK}{}",
+        crate::postgres::store_toml(&url, &schema)
+    );
+    sweep("PostgreSQL", Box::leak(toml.into_boxed_str())).await;
+}
+
+/// The sweep on a server started with `extra_toml`.
+async fn sweep(backend: &str, extra_toml: &'static str) {
     let server = Server::start_with(Options {
-        extra_toml: ALLOW_LOOPBACK,
+        extra_toml,
         ..Options::default()
     })
     .await;
@@ -1301,7 +1319,7 @@ async fn every_route_refuses_another_organisations_keys_and_reveals_nothing() {
     }
 
     println!(
-        "tenancy sweep ({sweep_time:.1?}, {} callers):",
+        "tenancy sweep on {backend} ({sweep_time:.1?}, {} callers):",
         callers.len()
     );
     println!("| routes swept | calls made | refused | own-org answers | public | leaks |");
