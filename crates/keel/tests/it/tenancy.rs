@@ -328,8 +328,12 @@ fn table() -> BTreeMap<(&'static str, &'static str), Entry> {
         // The key `bravo` used, with a command of the caller's own: a key shared across
         // organisations would answer `bravo`'s command, or a mismatch.
         let own = json!({"type": "alpha-job", "queue": "alpha-q"});
+        // A broadcast to the labels of `bravo`'s agent reaches no agent of the caller's.
+        let broadcast = json!({"type": "alpha-job",
+                               "selector": format!("{}=north", ids.label_key)});
         let mut requests = vec![
             req(M::POST, t.to_owned(), Some(own)).header("idempotency-key", &ids.idempotency_key),
+            req(M::POST, t.to_owned(), Some(broadcast)),
         ];
         requests.extend(each(&ids.agents, |agent| {
             let body = json!({"type": "alpha-job", "agent_id": agent});
@@ -1136,6 +1140,8 @@ struct Tally {
     public: usize,
     leaks: usize,
     failures: Vec<String>,
+    /// Answers by caller and status.
+    statuses: BTreeMap<&'static str, BTreeMap<u16, usize>>,
 }
 
 /// The routes `GET /openapi.json` lists, as (METHOD, path template).
@@ -1190,8 +1196,14 @@ fn judge(kind: Kind, caller: &Caller, answer: &Answer) -> Result<(), String> {
 }
 
 impl Tally {
-    fn count(&mut self, kind: Kind, answer: &Answer) {
+    fn count(&mut self, kind: Kind, caller: &Caller, answer: &Answer) {
         self.calls += 1;
+        *self
+            .statuses
+            .entry(caller.name)
+            .or_default()
+            .entry(answer.status)
+            .or_default() += 1;
         if matches!(kind, Kind::Public(_)) {
             self.public += 1;
         } else if (400..500).contains(&answer.status) {
@@ -1318,7 +1330,7 @@ async fn sweep(backend: &str, extra_toml: &'static str) {
                 assert_eq!(&request.method.as_str(), method, "{what}");
                 let sent = carried(&bravo.ids, request);
                 let answer = caller.send(&server.base, request).await;
-                tally.count(entry.kind, &answer);
+                tally.count(entry.kind, caller, &answer);
                 if let Err(why) = judge(entry.kind, caller, &answer) {
                     tally.fail(format!("{what}: {why}"));
                 }
@@ -1333,7 +1345,7 @@ async fn sweep(backend: &str, extra_toml: &'static str) {
                 // The same request about ids that exist nowhere must answer the same.
                 let twin_sent = carried(&random, twin);
                 let twin_answer = caller.send(&server.base, twin).await;
-                tally.count(entry.kind, &twin_answer);
+                tally.count(entry.kind, caller, &twin_answer);
                 let found = leaked(&twin_answer, &twin_sent, &bravo.identifiers);
                 if !found.is_empty() {
                     tally.leak(format!(
@@ -1377,6 +1389,12 @@ async fn sweep(backend: &str, extra_toml: &'static str) {
         "| {} | {} | {} | {} | {} | {} |",
         tally.routes, tally.calls, tally.refused, tally.own_successes, tally.public, tally.leaks
     );
+    println!("| caller | answers by status |");
+    println!("| --- | --- |");
+    for (caller, statuses) in &tally.statuses {
+        let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        println!("| {caller} | {} |", statuses.join(", "));
+    }
     for (method, path) in table.keys() {
         if let Kind::Public(reason) = table[&(*method, *path)].kind {
             println!("public: {method} {path}: {reason}");
