@@ -35,4 +35,5 @@ mod schedules;
 mod secrets;
 mod shutdown;
 mod supervision;
+mod tenancy;
 mod ui_session;
