@@ -191,6 +191,18 @@ async fn validated(
         SettingKind::Route => {
             let route: Route = parse_body(body)?;
             route.validate().map_err(invalid)?;
+            // Each channel named must be one of the organisation's own: another's, or one that
+            // does not exist, is refused alike.
+            for channel_id in &route.channel_ids {
+                state
+                    .store
+                    .notifications()
+                    .get_setting(org, SettingKind::Channel, *channel_id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::Validation(format!("channel_ids: no channel {channel_id}"))
+                    })?;
+            }
             plain(route.name.clone(), None, to_value(&route)?)
         }
     })

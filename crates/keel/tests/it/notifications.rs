@@ -235,6 +235,11 @@ async fn settings_refuse_bad_input_and_keep_secrets_sealed() {
             json!({"name": "r", "severities": ["urgent"]}),
             "severities",
         ),
+        (
+            "/v1/routes",
+            json!({"name": "r", "channel_ids": [uuid::Uuid::new_v4()]}),
+            "channel_ids: no channel",
+        ),
         ("/v1/events", json!({"event_type": ""}), "event_type"),
         (
             "/v1/events",

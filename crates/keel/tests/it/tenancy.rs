@@ -482,8 +482,8 @@ fn table() -> BTreeMap<(&'static str, &'static str), Entry> {
         vec![req(M::POST, t.to_owned(), Some(body))]
     });
 
-    // Notification settings: the same five routes for each kind. A channel names a sender:
-    // `bravo`'s senders are offered; the other bodies name nothing.
+    // Notification settings: the same five routes for each kind. A channel names a sender and
+    // a route names channels: `bravo`'s are offered; the other bodies name nothing.
     for (list, one) in [
         ("/v1/rules", "/v1/rules/{id}"),
         ("/v1/policies", "/v1/policies/{id}"),
@@ -499,6 +499,12 @@ fn table() -> BTreeMap<(&'static str, &'static str), Entry> {
                 each(&ids.senders, |sender| {
                     let mut body = setting_body(kind);
                     body["sender_id"] = json!(sender);
+                    req(M::POST, t.to_owned(), Some(body))
+                })
+            } else if kind == "routes" {
+                each(&ids.channels, |channel| {
+                    let mut body = setting_body(kind);
+                    body["channel_ids"] = json!([channel]);
                     req(M::POST, t.to_owned(), Some(body))
                 })
             } else {
