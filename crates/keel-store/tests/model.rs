@@ -44,8 +44,9 @@ use std::time::Duration as StdDuration;
 
 use keel_store::conformance::START;
 use keel_store::{
-    AgentId, ClaimToken, Clock, Command, CommandFilter, CommandId, CommandStatus, ManualClock,
-    NewCommand, OrgId, ReleaseOutcome, SqliteOptions, SqliteStore, Store, StoreError, Target,
+    AgentId, AttemptOutcome, ClaimToken, Clock, Command, CommandFilter, CommandId, CommandStatus,
+    ManualClock, NewCommand, OrgId, ReleaseOutcome, SqliteOptions, SqliteStore, Store, StoreError,
+    Target,
 };
 use proptest::prelude::*;
 use proptest::sample::{select, subsequence};
@@ -59,6 +60,9 @@ const DEFAULT_CASES: u32 = 256;
 
 /// The longest generated sequence unless `MODEL_MAX_STEPS` says otherwise.
 const DEFAULT_MAX_STEPS: usize = 40;
+
+/// The attempts of every command are compared after every this many steps, and at the end.
+const ATTEMPTS_EVERY: usize = 4;
 
 /// Agents per case; agent `n` is `agent-n`.
 const AGENTS: usize = 3;
@@ -284,7 +288,7 @@ fn ops(state: &Model) -> BoxedStrategy<Op> {
 // --- the model ---
 
 /// One command as the model sees it. Times are offsets from the case's start.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 struct Cmd {
     target: Tgt,
     priority: i32,
@@ -299,9 +303,20 @@ struct Cmd {
     holders: Vec<usize>,
     /// The claim whose token fences the command now (while executing).
     current: Option<usize>,
+    /// Its attempts, first first (attempt `n` at `n - 1`).
+    history: Vec<Try>,
     cancel_requested: bool,
     finished_at: Option<Duration>,
     purged: bool,
+}
+
+/// One attempt at a command, as the model and `list_attempts` are compared on.
+#[derive(Clone, Debug, PartialEq)]
+struct Try {
+    agent: usize,
+    claimed_at: At,
+    ended_at: Option<At>,
+    outcome: Option<AttemptOutcome>,
 }
 
 /// An instant as its offset from the case's start, shown as `12.5s`.
@@ -638,6 +653,14 @@ impl Model {
         c.lease_expires_at = None;
     }
 
+    /// Ends the running attempt with `outcome`, now.
+    fn end_attempt(&mut self, i: usize, outcome: AttemptOutcome) {
+        let now = self.now;
+        let last = self.cmds[i].history.last_mut().expect("an attempt runs");
+        last.ended_at = Some(At(now));
+        last.outcome = Some(outcome);
+    }
+
     /// Back to pending, due at `run_at`, its claim ended.
     fn pend(&mut self, i: usize, run_at: Duration) {
         let c = &mut self.cmds[i];
@@ -673,6 +696,7 @@ impl Model {
                     lease_expires_at: None,
                     claimed_by: None,
                     holders: Vec::new(),
+                    history: Vec::new(),
                     current: None,
                     cancel_requested: false,
                     finished_at: None,
@@ -707,6 +731,12 @@ impl Model {
                     c.status = Executing;
                     c.attempts += 1;
                     c.holders.push(*agent);
+                    c.history.push(Try {
+                        agent: *agent,
+                        claimed_at: At(now),
+                        ended_at: None,
+                        outcome: None,
+                    });
                     c.current = Some(c.holders.len() - 1);
                     c.claimed_by = Some(*agent);
                     c.lease_expires_at = Some(now + c.lease);
@@ -726,6 +756,7 @@ impl Model {
             },
             Op::Complete(r) => match self.fenced(r) {
                 Ok(i) => {
+                    self.end_attempt(i, AttemptOutcome::Completed);
                     self.finish(i, Completed);
                     Answer::Command(self.view(i))
                 }
@@ -737,6 +768,7 @@ impl Model {
                     .iter()
                     .map(|r| match self.fence(r) {
                         Ok(i) => {
+                            self.end_attempt(i, AttemptOutcome::Completed);
                             self.finish(i, Completed);
                             Answer::Command(self.view(i))
                         }
@@ -749,10 +781,14 @@ impl Model {
                 Ok(i) => {
                     let c = &self.cmds[i];
                     if c.cancel_requested {
+                        self.end_attempt(i, AttemptOutcome::Cancelled);
                         self.finish(i, Cancelled);
                     } else if *retryable && c.attempts < c.max_attempts {
-                        self.pend(i, now + backoff_step(c.attempts));
+                        let run_at = now + backoff_step(c.attempts);
+                        self.end_attempt(i, AttemptOutcome::Retry);
+                        self.pend(i, run_at);
                     } else {
+                        self.end_attempt(i, AttemptOutcome::Failed);
                         self.finish(i, Failed);
                     }
                     Answer::Command(self.view(i))
@@ -761,6 +797,7 @@ impl Model {
             },
             Op::HandBack(r) => match self.fenced(r) {
                 Ok(i) if self.cmds[i].cancel_requested => {
+                    self.end_attempt(i, AttemptOutcome::Cancelled);
                     self.finish(i, Cancelled);
                     Answer::Count(0)
                 }
@@ -768,6 +805,7 @@ impl Model {
                     let run_at = self.cmds[i].run_at;
                     self.pend(i, run_at);
                     self.cmds[i].attempts -= 1;
+                    self.cmds[i].history.pop();
                     Answer::Count(1)
                 }
                 Err(_) => Answer::Count(0),
@@ -785,12 +823,15 @@ impl Model {
                 for i in chosen {
                     let c = &self.cmds[i];
                     let outcome = if c.cancel_requested {
+                        self.end_attempt(i, AttemptOutcome::Cancelled);
                         self.finish(i, Cancelled);
                         ReleaseOutcome::Cancelled
                     } else if c.attempts < c.max_attempts {
+                        self.end_attempt(i, AttemptOutcome::LeaseExpired);
                         self.pend(i, now);
                         ReleaseOutcome::Requeued
                     } else {
+                        self.end_attempt(i, AttemptOutcome::LeaseExpired);
                         self.finish(i, Dead);
                         ReleaseOutcome::Dead
                     };
@@ -1169,6 +1210,43 @@ impl Sut {
         }
     }
 
+    /// Compares every command's attempts (`list_attempts`) with the model's.
+    fn check_attempts(&self) {
+        for i in 0..self.model.cmds.len() {
+            self.check_attempts_of(i);
+        }
+    }
+
+    /// Compares command `i`'s attempts (`list_attempts`) with the model's.
+    fn check_attempts_of(&self, i: usize) {
+        if self.model.cmds[i].purged {
+            return;
+        }
+        let stored = self
+            .block_on(self.store().list_attempts(self.org, self.ids[i]))
+            .unwrap();
+        let got: Vec<(u32, Try)> = stored
+            .iter()
+            .map(|a| {
+                let attempt = Try {
+                    agent: self.agent_number(a.agent_id),
+                    claimed_at: At(a.claimed_at - self.start),
+                    ended_at: a.ended_at.map(|at| At(at - self.start)),
+                    outcome: a.outcome,
+                };
+                (a.number, attempt)
+            })
+            .collect();
+        let want: Vec<(u32, Try)> = (1..)
+            .zip(self.model.cmds[i].history.iter().cloned())
+            .collect();
+        assert!(
+            got == want,
+            "after step {}: the attempts of command {i} differ from the model:\n  model {want:?}\n  store {got:?}",
+            self.step
+        );
+    }
+
     /// Every command of the case as stored, by number.
     fn stored(&self) -> Vec<(usize, View)> {
         let page = self
@@ -1263,6 +1341,7 @@ impl StateMachineTest for LeaseMachine {
 
     fn apply(mut sut: Sut, _: &Model, op: Op) -> Sut {
         sut.step += 1;
+        let before = sut.model.cmds.clone();
         let (expected, actual) = sut.run(&op);
         let key = format!("{:<9} {}", op.name(), expected.name());
         *sut.backend.tally.borrow_mut().entry(key).or_default() += 1;
@@ -1271,10 +1350,23 @@ impl StateMachineTest for LeaseMachine {
             "step {}: {op:?}\n  the model answers {expected:?}\n  the store answers {actual:?}",
             sut.step
         );
+        // The attempts of the commands this step changed (all of them every few steps).
+        for i in 0..sut.model.cmds.len() {
+            if before.get(i) != sut.model.cmds.get(i) {
+                sut.check_attempts_of(i);
+            }
+        }
         sut
     }
 
+    fn teardown(sut: Sut, _: Model) {
+        sut.check_attempts();
+    }
+
     fn check_invariants(sut: &Sut, _: &Model) {
+        if sut.step.is_multiple_of(ATTEMPTS_EVERY) {
+            sut.check_attempts();
+        }
         let want = sut.model.views();
         let got = sut.stored();
         if want != got {
@@ -1485,6 +1577,46 @@ fn a_lease_holds_through_its_last_instant() {
         Op::Release {
             scoped: false,
             limit: 1,
+        },
+    ]);
+}
+
+/// Found by the SQLite run: a claim handed back and claimed again, then asked to cancel, lost
+/// its running attempt (the cancel's update of the status, which leaves it `executing`, fired
+/// the trigger that deletes a handed-back attempt, as the row still carried the hand-back's
+/// outcome); its end was then recorded nowhere. Printed as the first five steps and one more;
+/// the last two steps here end the attempt and check it is kept.
+#[test]
+fn a_cancel_after_a_hand_back_and_a_new_claim_keeps_the_attempt() {
+    let holder = Report {
+        cmd: 0,
+        tok: Tok::Current,
+        by: By::Holder,
+    };
+    replay(&[
+        Op::Create {
+            target: Tgt::Queue(0),
+            priority: 0,
+            max_attempts: 1,
+            lease_secs: 2,
+            delay_secs: 0,
+        },
+        Op::Claim {
+            agent: 0,
+            queues: vec![0, 1],
+            limit: 1,
+        },
+        Op::HandBack(holder),
+        Op::Claim {
+            agent: 0,
+            queues: vec![0, 1],
+            limit: 1,
+        },
+        Op::Cancel { cmd: 0 },
+        Op::Advance { secs: 1 },
+        Op::Fail {
+            report: holder,
+            retryable: true,
         },
     ]);
 }
