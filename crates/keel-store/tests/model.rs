@@ -124,6 +124,11 @@ enum Op {
         queues: Vec<usize>,
         limit: u32,
     },
+    /// `next_due_at`: the earliest due time of what the agent could claim with the queues.
+    NextDue {
+        agent: usize,
+        queues: Vec<usize>,
+    },
     Heartbeat(Report),
     Complete(Report),
     /// `complete_batch` by one agent: the holder of the first report's token (or, with
@@ -164,6 +169,7 @@ impl Op {
         match self {
             Op::Create { .. } => "create",
             Op::Claim { .. } => "claim",
+            Op::NextDue { .. } => "next_due",
             Op::Heartbeat(_) => "heartbeat",
             Op::Complete(_) => "complete",
             Op::CompleteBatch { .. } => "batch",
@@ -267,6 +273,8 @@ fn ops(state: &Model) -> BoxedStrategy<Op> {
     prop_oneof![
         weight(state.cmds.len() < 3, 3) * 3 => create,
         5 => claim,
+        1 => (0..AGENTS, subsequence(vec![0usize, 1], 0..=2))
+            .prop_map(|(agent, queues)| Op::NextDue { agent, queues }),
         weight(reports, 2) => report.clone().prop_map(Op::Heartbeat),
         weight(reports, 3) => report.clone().prop_map(Op::Complete),
         weight(reports, 2) => batch,
@@ -329,6 +337,16 @@ impl fmt::Debug for At {
     }
 }
 
+impl Cmd {
+    /// Whether `agent`, claiming with `queues`, may take it.
+    fn serves(&self, agent: usize, queues: &[usize]) -> bool {
+        match self.target {
+            Tgt::Agent(a) => a == agent,
+            Tgt::Queue(q) => queues.contains(&q),
+        }
+    }
+}
+
 /// What the model and the store are compared on, for one command.
 #[derive(Clone, Debug, PartialEq)]
 struct View {
@@ -356,6 +374,11 @@ enum Answer {
     Created(View),
     /// Command numbers in the order handed out, each as it is after the claim.
     Claimed(Vec<(usize, View)>),
+    /// `next_due_at` when nothing the agent could claim is due: the earliest due time.
+    Due(Option<At>),
+    /// `next_due_at` when something is due: any instant up to now (the store says now, or
+    /// the due time of one that waits to be taken).
+    DueNow,
     Lease {
         expires_at: At,
         cancel_requested: bool,
@@ -378,6 +401,8 @@ impl Answer {
             Answer::Done => "done".into(),
             Answer::Created(_) => "created".into(),
             Answer::Claimed(got) => format!("claimed {}", got.len()),
+            Answer::Due(due) => if due.is_some() { "later" } else { "none" }.into(),
+            Answer::DueNow => "now".into(),
             Answer::Lease { .. } => "renewed".into(),
             Answer::Command(c) => format!("ok: {}", c.status),
             Answer::Batch(answers) => {
@@ -715,10 +740,7 @@ impl Model {
                         !c.purged
                             && c.status == Pending
                             && c.run_at <= now
-                            && match c.target {
-                                Tgt::Agent(a) => a == *agent,
-                                Tgt::Queue(q) => queues.contains(&q),
-                            }
+                            && c.serves(*agent, queues)
                     })
                     .collect();
                 due.sort_by_key(|&i| {
@@ -742,6 +764,18 @@ impl Model {
                     c.lease_expires_at = Some(now + c.lease);
                 }
                 Answer::Claimed(due.iter().map(|&i| (i, self.view(i))).collect())
+            }
+            Op::NextDue { agent, queues } => {
+                let due = self
+                    .cmds
+                    .iter()
+                    .filter(|c| !c.purged && c.status == Pending && c.serves(*agent, queues))
+                    .map(|c| c.run_at)
+                    .min();
+                match due {
+                    Some(at) if at <= now => Answer::DueNow,
+                    due => Answer::Due(due.map(At)),
+                }
             }
             Op::Heartbeat(r) => match self.fenced(r) {
                 Ok(i) => {
@@ -1051,6 +1085,17 @@ impl Sut {
                     }
                     Err(err) => refused(err),
                 };
+                (self.model.apply(op, None), actual)
+            }
+            Op::NextDue { agent, queues } => {
+                let names: Vec<String> = queues.iter().map(|q| QUEUES[*q].to_owned()).collect();
+                let result =
+                    self.block_on(self.store().next_due_at(org, self.agents[*agent], &names));
+                let now = self.model.now;
+                let actual = self.answer(result, |due| match due.map(|at| at - self.start) {
+                    Some(at) if at <= now => Answer::DueNow,
+                    due => Answer::Due(due.map(At)),
+                });
                 (self.model.apply(op, None), actual)
             }
             Op::Heartbeat(r) => {
