@@ -1,15 +1,20 @@
 //! Model-based tests of the lease state machine.
 //!
 //! proptest (with `proptest-state-machine`) runs random sequences of operations against a real
-//! store — creates (targeted and pooled, with priorities, attempts, leases and due times),
-//! claims by three agents with limits, heartbeats, completions, failures (retryable or not),
-//! hand-backs, clock moves, releases of expired leases, cancels, requeues and purges — and
-//! compares every answer with [`Model`], a small reference model of the state machine written
-//! here. Reports name the current claim token, an earlier one or a made-up one, from the
-//! holder or from another agent: fencing is the point. After every step the stored state of
-//! every command (status, attempts, holder, lease, due time, cancel flag, finish time) is
-//! compared with the model too. On a difference proptest shrinks the sequence, and the test
-//! prints the minimal failing one, step by step.
+//! store — creates (targeted at one of three agents or pooled on one of two queues, with
+//! priorities, attempts, leases and due times), claims by the three agents with limits,
+//! `next_due_at`, pausing and resuming queues, cordoning and uncordoning agents, heartbeats, completions (single and batched), failures (retryable or not),
+//! hand-backs, clock moves, releases of expired leases (of the case's organisation or of all),
+//! cancels, requeues and purges — and compares every answer with [`Model`], a small reference
+//! model of the state machine written here. Reports name the current claim token, an earlier
+//! one or a made-up one, sent by the holder or by another agent: fencing is the point. After
+//! every step the stored state of every command (status, attempts, holder, lease, due time,
+//! cancel flag, finish time) is compared with the model too, and so is the attempt history
+//! (`list_attempts`) of each command the step changed (of every command every
+//! [`ATTEMPTS_EVERY`] steps and at the end). On a difference proptest shrinks the sequence, and
+//! the test prints the minimal failing one, step by step, with the commands, tokens and agents
+//! each step names. A minimal sequence worth keeping becomes a plain test at the end of this
+//! file ([`replay`] runs it on both backends).
 //!
 //! Both backends: SQLite on a temporary file, and PostgreSQL on a schema of its own (skipped
 //! without `KEEL_TEST_POSTGRES_URL`, failing instead with `KEEL_REQUIRE_POSTGRES=1`). One store
@@ -20,12 +25,14 @@
 //! and migration per case), shrinking included.
 //!
 //! `PROPTEST_CASES` sets the number of cases per backend (default [`DEFAULT_CASES`]);
-//! `MODEL_MAX_STEPS` the longest sequence (default [`DEFAULT_MAX_STEPS`]).
+//! `MODEL_MAX_STEPS` bounds the length of a sequence (default [`DEFAULT_MAX_STEPS`]). The test
+//! prints how often each operation got each kind of answer (`--nocapture`).
 //!
-//! Two things the store chooses and the model cannot know are checked, then learnt: the due
-//! time of a retry (random within its backoff: it must lie in `[step/2, step]`), and which
-//! of several leases expiring at the same instant (or commands finished at the same instant)
-//! a bounded release (purge) takes (any of them, as long as none later is taken before them).
+//! What the store chooses and the model cannot know is checked, then learnt: the due time of a
+//! retry (random within its backoff: it must lie in `[step/2, step]`), and which of several
+//! leases expiring at the same instant (or commands finished at the same instant) a bounded
+//! release (purge) takes (any of them, as long as none later is taken before them).
+//! Broadcasts are not modelled (the conformance suite covers them).
 
 // Test code: a failed expectation is meant to fail the test.
 #![allow(
@@ -43,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use keel_store::conformance::START;
+use keel_store::conformance::postgres::TestSchema;
 use keel_store::{
     AgentId, AttemptOutcome, ClaimToken, Clock, Command, CommandFilter, CommandId, CommandStatus,
     ManualClock, NewCommand, OrgId, ReleaseOutcome, SqliteOptions, SqliteStore, Store, StoreError,
@@ -124,6 +132,16 @@ enum Op {
         queues: Vec<usize>,
         limit: u32,
     },
+    /// `pause_queue` (`on`) or `resume_queue`.
+    Pause {
+        queue: usize,
+        on: bool,
+    },
+    /// `set_agent_cordoned`.
+    Cordon {
+        agent: usize,
+        on: bool,
+    },
     /// `next_due_at`: the earliest due time of what the agent could claim with the queues.
     NextDue {
         agent: usize,
@@ -170,6 +188,8 @@ impl Op {
             Op::Create { .. } => "create",
             Op::Claim { .. } => "claim",
             Op::NextDue { .. } => "next_due",
+            Op::Pause { .. } => "pause",
+            Op::Cordon { .. } => "cordon",
             Op::Heartbeat(_) => "heartbeat",
             Op::Complete(_) => "complete",
             Op::CompleteBatch { .. } => "batch",
@@ -275,6 +295,8 @@ fn ops(state: &Model) -> BoxedStrategy<Op> {
         5 => claim,
         1 => (0..AGENTS, subsequence(vec![0usize, 1], 0..=2))
             .prop_map(|(agent, queues)| Op::NextDue { agent, queues }),
+        1 => (0..QUEUES.len(), any::<bool>()).prop_map(|(queue, on)| Op::Pause { queue, on }),
+        1 => (0..AGENTS, any::<bool>()).prop_map(|(agent, on)| Op::Cordon { agent, on }),
         weight(reports, 2) => report.clone().prop_map(Op::Heartbeat),
         weight(reports, 3) => report.clone().prop_map(Op::Complete),
         weight(reports, 2) => batch,
@@ -337,16 +359,6 @@ impl fmt::Debug for At {
     }
 }
 
-impl Cmd {
-    /// Whether `agent`, claiming with `queues`, may take it.
-    fn serves(&self, agent: usize, queues: &[usize]) -> bool {
-        match self.target {
-            Tgt::Agent(a) => a == agent,
-            Tgt::Queue(q) => queues.contains(&q),
-        }
-    }
-}
-
 /// What the model and the store are compared on, for one command.
 #[derive(Clone, Debug, PartialEq)]
 struct View {
@@ -376,6 +388,10 @@ enum Answer {
     Claimed(Vec<(usize, View)>),
     /// `next_due_at` when nothing the agent could claim is due: the earliest due time.
     Due(Option<At>),
+    /// Paused or cordoned since (`None`: not).
+    Since(Option<At>),
+    /// `resume_queue`: whether it was paused.
+    Was(bool),
     /// `next_due_at` when something is due: any instant up to now (the store says now, or
     /// the due time of one that waits to be taken).
     DueNow,
@@ -403,6 +419,8 @@ impl Answer {
             Answer::Claimed(got) => format!("claimed {}", got.len()),
             Answer::Due(due) => if due.is_some() { "later" } else { "none" }.into(),
             Answer::DueNow => "now".into(),
+            Answer::Since(since) => if since.is_some() { "on" } else { "off" }.into(),
+            Answer::Was(was) => format!("was paused: {was}"),
             Answer::Lease { .. } => "renewed".into(),
             Answer::Command(c) => format!("ok: {}", c.status),
             Answer::Batch(answers) => {
@@ -486,6 +504,10 @@ impl Plan {
 struct Model {
     now: Duration,
     cmds: Vec<Cmd>,
+    /// Since when each queue is paused.
+    paused: [Option<Duration>; QUEUES.len()],
+    /// Since when each agent is cordoned.
+    cordoned: [Option<Duration>; AGENTS],
 }
 
 /// A report resolved against the model: the command number (none while there is none), the
@@ -550,6 +572,16 @@ impl Model {
             Op::Create { .. } => format!("{op:?}: command {}", self.cmds.len()),
             _ => format!("{op:?}"),
         }
+    }
+
+    /// Whether `agent`, claiming with `queues`, may take `c`: not cordoned, and `c` is its own
+    /// or on one of the queues that is not paused.
+    fn serves(&self, c: &Cmd, agent: usize, queues: &[usize]) -> bool {
+        self.cordoned[agent].is_none()
+            && match c.target {
+                Tgt::Agent(a) => a == agent,
+                Tgt::Queue(q) => queues.contains(&q) && self.paused[q].is_none(),
+            }
     }
 
     fn pick(&self, cmd: usize) -> Option<usize> {
@@ -740,7 +772,7 @@ impl Model {
                         !c.purged
                             && c.status == Pending
                             && c.run_at <= now
-                            && c.serves(*agent, queues)
+                            && self.serves(c, *agent, queues)
                     })
                     .collect();
                 due.sort_by_key(|&i| {
@@ -765,11 +797,26 @@ impl Model {
                 }
                 Answer::Claimed(due.iter().map(|&i| (i, self.view(i))).collect())
             }
+            Op::Pause { queue, on: true } => {
+                let since = *self.paused[*queue].get_or_insert(now);
+                Answer::Since(Some(At(since)))
+            }
+            Op::Pause { queue, on: false } => Answer::Was(self.paused[*queue].take().is_some()),
+            Op::Cordon { agent, on } => {
+                let since = &mut self.cordoned[*agent];
+                if *on {
+                    since.get_or_insert(now);
+                } else {
+                    *since = None;
+                }
+                Answer::Since(since.map(At))
+            }
+            Op::NextDue { agent, .. } if self.cordoned[*agent].is_some() => Answer::Due(None),
             Op::NextDue { agent, queues } => {
                 let due = self
                     .cmds
                     .iter()
-                    .filter(|c| !c.purged && c.status == Pending && c.serves(*agent, queues))
+                    .filter(|c| !c.purged && c.status == Pending && self.serves(c, *agent, queues))
                     .map(|c| c.run_at)
                     .min();
                 match due {
@@ -1085,6 +1132,30 @@ impl Sut {
                     }
                     Err(err) => refused(err),
                 };
+                (self.model.apply(op, None), actual)
+            }
+            Op::Pause { queue, on } => {
+                let name = QUEUES[*queue];
+                let actual = if *on {
+                    let result = self.block_on(self.store().pause_queue(org, name));
+                    self.answer(result, |p| {
+                        Answer::Since(Some(At(p.paused_at - self.start)))
+                    })
+                } else {
+                    let result = self.block_on(self.store().resume_queue(org, name));
+                    self.answer(result, Answer::Was)
+                };
+                (self.model.apply(op, None), actual)
+            }
+            Op::Cordon { agent, on } => {
+                let result = self.block_on(self.store().set_agent_cordoned(
+                    org,
+                    self.agents[*agent],
+                    *on,
+                ));
+                let actual = self.answer(result, |a| {
+                    Answer::Since(a.cordoned_at.map(|at| At(at - self.start)))
+                });
                 (self.model.apply(op, None), actual)
             }
             Op::NextDue { agent, queues } => {
@@ -1539,12 +1610,17 @@ fn postgres() -> Option<Backend> {
 /// Runs one fixed sequence on each backend, checked as a generated one is.
 fn replay(ops: &[Op]) {
     for backend in std::iter::once(sqlite()).chain(postgres()) {
-        let backend = Rc::new(backend);
-        BACKEND.with(|b| *b.borrow_mut() = Some(backend.clone()));
-        LeaseMachine::test_sequential(Config::default(), Model::default(), ops.to_vec(), None);
-        BACKEND.with(|b| b.borrow_mut().take());
-        backend.rt.block_on(backend.store.close());
+        replay_on(backend, ops);
     }
+}
+
+/// Runs one fixed sequence on `backend`, checked as a generated one is.
+fn replay_on(backend: Backend, ops: &[Op]) {
+    let backend = Rc::new(backend);
+    BACKEND.with(|b| *b.borrow_mut() = Some(backend.clone()));
+    LeaseMachine::test_sequential(Config::default(), Model::default(), ops.to_vec(), None);
+    BACKEND.with(|b| b.borrow_mut().take());
+    backend.rt.block_on(backend.store.close());
 }
 
 #[test]
@@ -1664,4 +1740,63 @@ fn a_cancel_after_a_hand_back_and_a_new_claim_keeps_the_attempt() {
             retryable: true,
         },
     ]);
+}
+
+/// Found by the PostgreSQL run (1000 cases, the store holding the commands of the earlier
+/// ones): a batch naming one command twice, with its current token, had it completed by the
+/// second report (the first answered `StaleClaim`): the statement joined both reports to the
+/// row and PostgreSQL took either, as its plan went. As for reports made one after the other,
+/// the first completes it and the repeat finds it taken. On PostgreSQL the store's connections
+/// are told to avoid nested-loop and merge joins: the hash join a store in use may choose is
+/// the plan that took the second report.
+#[test]
+fn a_batch_naming_a_command_twice_completes_it_with_the_first_report() {
+    let current = (0, Tok::Current);
+    let ops = [
+        Op::Create {
+            target: Tgt::Agent(1),
+            priority: 0,
+            max_attempts: 1,
+            lease_secs: 30,
+            delay_secs: 0,
+        },
+        Op::Claim {
+            agent: 1,
+            queues: vec![],
+            limit: 1,
+        },
+        Op::CompleteBatch {
+            reports: vec![current, current, (0, Tok::Forged)],
+            by: By::Holder,
+        },
+    ];
+    replay_on(sqlite(), &ops);
+    let Some(url) = keel_store::conformance::postgres::test_url() else {
+        return;
+    };
+    let rt = runtime();
+    let clock = Arc::new(ManualClock::new(START));
+    let (schema, store) = rt.block_on(async {
+        let schema = TestSchema::create(&url).await;
+        let mut options = schema.options();
+        let hash_join = "options=-c%20enable_nestloop%3Doff%20-c%20enable_mergejoin%3Doff";
+        let sep = if url.contains('?') { '&' } else { '?' };
+        options.url = format!("{url}{sep}{hash_join}").into();
+        let store = keel_store::PgStore::connect(&options, Some(clock.clone()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        (schema, store)
+    });
+    replay_on(
+        Backend {
+            store: Arc::new(store),
+            clock,
+            cases: Cell::new(0),
+            tally: RefCell::default(),
+            _guard: Box::new(schema),
+            rt,
+        },
+        &ops,
+    );
 }
