@@ -77,8 +77,9 @@ struct CompletedRow {
 
 /// Completes the reports of `calls` in one statement: for each call, an answer per report, in
 /// order. Each completed command's answer goes to the very report that completed it (a command
-/// reported several times in the statement is completed by one of them; the others find it
-/// taken). The reports that completed nothing are looked up together: `StaleClaim` when their
+/// reported several times in the statement, with the same token and holder, is completed by
+/// the first of them, as if they had come one after the other, whatever the join's plan; the
+/// others find it taken). The reports that completed nothing are looked up together: `StaleClaim` when their
 /// command is in their organisation, `NotFound` when it is not.
 async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<StoreResult<Command>>>> {
     let rows: usize = calls.iter().map(|c| c.reports.len()).sum();
@@ -106,7 +107,8 @@ async fn complete(pool: &PgPool, calls: &[Reports]) -> StoreResult<Vec<Vec<Store
            UPDATE commands c SET status = 'completed', attempt_outcome = 'completed', \
              result = r.result::jsonb, claim_token = NULL, lease_expires_at = NULL, \
              finished_at = keel_now(), updated_at = keel_now() \
-           FROM reports r \
+           FROM (SELECT DISTINCT ON (org_id, id, token, agent_id) * FROM reports \
+                 ORDER BY org_id, id, token, agent_id, report) r \
            WHERE c.org_id = r.org_id AND c.id = r.id AND c.status = 'executing' \
              AND c.claim_token = r.token AND c.claimed_by = r.agent_id \
            RETURNING c.*, r.report), \

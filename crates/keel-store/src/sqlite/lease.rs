@@ -67,6 +67,11 @@ impl LeaseTable {
     /// use the numbered parameters `?1` agent, `?2` organisation, `?3` now, `?4` limit, and
     /// `?10` onwards for `extra`) to `agent`, each with a new token and one more attempt, and
     /// opens an attempt for each.
+    ///
+    /// The new attempt has no outcome yet: a `handed_back` left by an earlier claim must not
+    /// stay on the row, where the trigger that drops a handed-back attempt would take it for
+    /// this attempt's at the next update of the status that keeps it `executing` (a cancel
+    /// request).
     pub(super) async fn claim<R>(
         &self,
         conn: &mut SqliteConnection,
@@ -86,7 +91,7 @@ impl LeaseTable {
         let Self { table, columns, .. } = self;
         let sql = format!(
             "UPDATE {table} SET \
-               status = 'executing', attempts = attempts + 1, \
+               status = 'executing', attempts = attempts + 1, attempt_outcome = NULL, \
                claim_token = lower(hex(randomblob(16))), \
                lease_expires_at = ?3 + lease_duration_ms * 1000, \
                claimed_by = ?1, updated_at = ?3 \
