@@ -7,8 +7,8 @@
 //! log record), no lease is left held, and memory at the end is within 20 % of memory after
 //! warm-up. It prints what it injected and what it found.
 //!
-//! `KEEL_CHAOS_SIZE=large` runs the larger workload (the default, `small`, is what CI runs);
-//! `KEEL_CHAOS_SEED=n` repeats the random moments of an earlier run (each run prints its seed).
+//! `CHAOS_SIZE=large` runs the larger workload (the default, `small`, is what CI runs);
+//! `CHAOS_SEED=n` repeats the random moments of an earlier run (each run prints its seed).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -41,7 +41,7 @@ struct Size {
 }
 
 fn size() -> Size {
-    match std::env::var("KEEL_CHAOS_SIZE").as_deref() {
+    match std::env::var("CHAOS_SIZE").as_deref() {
         Ok("large") => Size {
             name: "large",
             commands: 20_000,
@@ -58,7 +58,7 @@ fn size() -> Size {
             server_kills: 2,
             agent_kills: 4,
         },
-        Ok(other) => panic!("KEEL_CHAOS_SIZE={other}: small or large"),
+        Ok(other) => panic!("CHAOS_SIZE={other}: small or large"),
     }
 }
 
@@ -473,11 +473,11 @@ impl PanicTally {
 #[allow(clippy::too_many_lines)]
 async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
     let size = size();
-    let seed: u64 = std::env::var("KEEL_CHAOS_SEED")
+    let seed: u64 = std::env::var("CHAOS_SEED")
         .ok()
-        .map(|s| s.parse().expect("KEEL_CHAOS_SEED is a number"))
+        .map(|s| s.parse().expect("CHAOS_SEED is a number"))
         .unwrap_or_else(rand::random);
-    println!("chaos soak on {backend}, size {size:?}, KEEL_CHAOS_SEED={seed}");
+    println!("chaos soak on {backend}, size {size:?}, CHAOS_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
 
