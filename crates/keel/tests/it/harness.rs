@@ -192,8 +192,13 @@ impl Server {
 
     /// Starts `keel serve` again on the same configuration, data directory and port.
     pub async fn restart(&mut self) {
+        self.restart_with(None).await;
+    }
+
+    /// [`Server::restart`] with `KEEL_FAILPOINTS` set to `failpoints`.
+    pub async fn restart_with(&mut self, failpoints: Option<&str>) {
         assert!(self.child.is_none(), "kill the server first");
-        let child = spawn_serve(&self.config_path, self.dir.path(), None, None, &[]);
+        let child = spawn_serve(&self.config_path, self.dir.path(), failpoints, None, &[]);
         self.child = Some(child);
         wait_for_port(&self.base).await;
     }

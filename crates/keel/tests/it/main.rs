@@ -15,6 +15,7 @@ mod bad_input;
 mod cli;
 mod commands;
 mod connections;
+mod crash_matrix;
 mod deliveries;
 mod fleet;
 mod harness;
