@@ -412,6 +412,7 @@ fn all_cases() -> Vec<Case> {
         case!("delivery record: delivered", "record", record_delivered),
         case!("delivery record: retry", "record", record_retry),
         case!("delivery record: failed", "record", record_failed),
+        case!("delivery record: dead", "record", record_dead),
         case!(
             "delivery release (lease expired)",
             "delivery_release",
@@ -811,7 +812,7 @@ async fn record_case(
     script: Vec<u16>,
     recorded: &str,
     ended: [(&str, usize); 2],
-) -> Result<(), String> {
+) -> Result<Value, String> {
     let receiver = Receiver::start(script).await;
     let channel = node.channel(&receiver.url).await;
     node.arm(phase, "record").await;
@@ -828,27 +829,53 @@ async fn record_case(
         Phase::Before => ended[0],
         Phase::After => ended[1],
     };
-    delivered(&node, &receiver, ended, sends).await;
-    Ok(())
+    Ok(delivered(&node, &receiver, ended, sends).await)
 }
 
 async fn record_delivered(node: Node, phase: Phase) -> Result<(), String> {
     // At least once: the send whose outcome was lost is sent again.
     let ended = [("completed", 2), ("completed", 1)];
-    record_case(node, phase, Vec::new(), "completed", ended).await
+    record_case(node, phase, Vec::new(), "completed", ended)
+        .await
+        .map(|_| ())
 }
 
 async fn record_retry(node: Node, phase: Phase) -> Result<(), String> {
     // The 500 is recorded as a retry (after), or not at all (before): sent again either way.
     let ended = [("completed", 2), ("completed", 2)];
-    record_case(node, phase, vec![500], "pending", ended).await
+    record_case(node, phase, vec![500], "pending", ended)
+        .await
+        .map(|_| ())
 }
 
 async fn record_failed(node: Node, phase: Phase) -> Result<(), String> {
     // 410 is permanent: failed for good once recorded (after); when the record was lost
     // (before), it is sent again and the receiver now answers 200.
     let ended = [("completed", 2), ("failed", 1)];
-    record_case(node, phase, vec![410], "failed", ended).await
+    record_case(node, phase, vec![410], "failed", ended)
+        .await
+        .map(|_| ())
+}
+
+async fn record_dead(node: Node, phase: Phase) -> Result<(), String> {
+    // One attempt (the policy of direct sends' severity): the 500 makes it dead when recorded
+    // (attempts_exhausted); when the record was lost, its lease expires on its last attempt
+    // (dead, lease_expired). Sent once either way.
+    node.admin
+        .post(
+            "/v1/policies",
+            &json!({"severity": "low", "priority": 0, "max_attempts": 1}),
+            201,
+        )
+        .await;
+    let ended = [("dead", 1), ("dead", 1)];
+    let dead = record_case(node, phase, vec![500], "dead", ended).await?;
+    let reason = match phase {
+        Phase::Before => "lease_expired",
+        Phase::After => "attempts_exhausted",
+    };
+    assert_eq!(dead["dead_reason"], reason, "{dead}");
+    Ok(())
 }
 
 async fn delivery_release(mut node: Node, phase: Phase) -> Result<(), String> {
