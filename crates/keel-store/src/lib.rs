@@ -18,11 +18,13 @@
 //!
 //! Failpoints (the [`fail`] crate): `store.claim`, `store.heartbeat` and `store.complete`, at the
 //! start of those methods; `return` makes them fail with an injected database error.
+//! `store.crash` ([`crash`]) ends the process just before or after one transition's commit.
 
 pub mod backoff;
 pub mod clock;
 mod common;
 pub mod copy;
+pub mod crash;
 pub mod error;
 pub mod labels;
 pub mod model;

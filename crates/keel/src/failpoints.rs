@@ -20,6 +20,7 @@ pub const KNOWN: &[&str] = &[
     "store.commit",
     "store.create_group",
     "store.report_group",
+    "store.crash",
     // keel
     "http.handler",
     "http.delay",

@@ -27,6 +27,7 @@ use crate::common::{
     command_target, corrupt, duration_millis, not_a_broadcast, page_of, parse_status, to_u32,
     validate_new_command,
 };
+use crate::crash::{self, Phase, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     AgentId, Attempt, Broadcast, ClaimToken, Claimed, Command, CommandFilter, CommandId,
@@ -907,14 +908,16 @@ pub(super) async fn claim(
     for queue in &queues {
         query = query.bind(queue);
     }
-    let rows = query.fetch_all(&store.pool).await.map_err(|err| {
-        let err = StoreError::from(err);
-        if err.is_foreign_key_violation() {
-            StoreError::UnknownAgent
-        } else {
-            err
-        }
-    })?;
+    let rows = super::fetch_all_or_crash(&store.pool, Step::Claim, query)
+        .await
+        .map_err(|err| {
+            let err = StoreError::from(err);
+            if err.is_foreign_key_violation() {
+                StoreError::UnknownAgent
+            } else {
+                err
+            }
+        })?;
     if rows.is_empty() {
         // Nothing: tell an unknown agent apart.
         let known: bool = sqlx::query_scalar(
@@ -1148,7 +1151,7 @@ pub(super) async fn release_expired_leases(
 ) -> StoreResult<Vec<Released>> {
     let limit = limit.max(1);
     let ended = ended_attempts("NULL::jsonb");
-    let rows: Vec<(CommandId, OrgId, i32, String)> = sqlx::query_as(&format!(
+    let sql = format!(
         "WITH expired AS ( \
            SELECT id FROM commands \
            WHERE status = 'executing' AND lease_expires_at < keel_now() \
@@ -1172,11 +1175,11 @@ pub(super) async fn release_expired_leases(
            RETURNING c.*), \
          ended AS ({ended} FROM released) \
          SELECT id, org_id, attempts, status FROM released",
-    ))
-    .bind(org)
-    .bind(i64::from(limit))
-    .fetch_all(&store.pool)
-    .await?;
+    );
+    let release = sqlx::query_as::<_, (CommandId, OrgId, i32, String)>(&sql)
+        .bind(org)
+        .bind(i64::from(limit));
+    let rows = super::fetch_all_or_crash(&store.pool, Step::Release, release).await?;
     let mut released = rows
         .into_iter()
         .map(|(command_id, org_id, attempts, status)| {
@@ -1203,6 +1206,11 @@ pub(super) async fn purge_finished(
     limit: u32,
 ) -> StoreResult<u64> {
     // A broadcast's finished children stay while it runs: its end and its summary read them.
+    let armed = crash::armed(Step::Purge);
+    let mut tx = match armed {
+        true => Some(store.pool.begin().await?),
+        false => None,
+    };
     let done = sqlx::query(
         "DELETE FROM commands WHERE id IN ( \
            SELECT id FROM commands \
@@ -1212,10 +1220,19 @@ pub(super) async fn purge_finished(
            ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
     )
     .bind(before)
-    .bind(i64::from(limit.max(1)))
-    .execute(&store.pool)
-    .await?;
-    Ok(done.rows_affected())
+    .bind(i64::from(limit.max(1)));
+    let purged = match tx.as_mut() {
+        Some(tx) => done.execute(&mut **tx).await?,
+        None => done.execute(&store.pool).await?,
+    }
+    .rows_affected();
+    if let Some(tx) = tx {
+        // `store.crash` names this step: the points come either side of the commit.
+        crash::point_if(Step::Purge, Phase::Before, purged > 0);
+        tx.commit().await?;
+        crash::point_if(Step::Purge, Phase::After, purged > 0);
+    }
+    Ok(purged)
 }
 
 pub(super) async fn next_due_at(

@@ -37,6 +37,7 @@ use sqlx::{Executor, PgConnection};
 use time::OffsetDateTime;
 
 use crate::clock::{Clock, SystemClock};
+use crate::crash::{self, Phase, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::labels::Labels;
 use crate::model::{
@@ -203,6 +204,28 @@ impl PgStore {
 }
 
 /// Sets the injected clock's instant on a connection (`keel.now`, read by `keel_now()`).
+/// Runs `query` (one statement of a batch: a claim, a release) and returns its rows. When
+/// `store.crash` names `step`, it runs in a transaction of its own, so that the "before" point
+/// comes after the statement, just before the `COMMIT`; both points only when it returned rows.
+async fn fetch_all_or_crash<'q, O>(
+    pool: &PgPool,
+    step: Step,
+    query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+) -> Result<Vec<O>, sqlx::Error>
+where
+    O: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    if !crash::armed(step) {
+        return query.fetch_all(pool).await;
+    }
+    let mut tx = pool.begin().await?;
+    let rows = query.fetch_all(&mut *tx).await?;
+    crash::point_if(step, Phase::Before, !rows.is_empty());
+    tx.commit().await?;
+    crash::point_if(step, Phase::After, !rows.is_empty());
+    Ok(rows)
+}
+
 async fn set_test_clock(conn: &mut PgConnection, now: OffsetDateTime) -> Result<(), sqlx::Error> {
     conn.execute(
         sqlx::query("SELECT set_config('keel.now', $1::timestamptz::text, false)").bind(now),
@@ -321,7 +344,11 @@ impl Store for PgStore {
         command: NewCommand,
         idempotency: Option<Idempotency>,
     ) -> StoreResult<Created> {
-        commands::create_command(self, org, command, idempotency).await
+        crash::around(
+            Step::Create,
+            commands::create_command(self, org, command, idempotency),
+        )
+        .await
     }
 
     async fn create_commands(
@@ -329,7 +356,7 @@ impl Store for PgStore {
         org: OrgId,
         items: Vec<NewCommandItem>,
     ) -> StoreResult<Vec<Created>> {
-        commands::create_commands(self, org, items).await
+        crash::around(Step::Create, commands::create_commands(self, org, items)).await
     }
 
     async fn create_broadcast(
@@ -338,7 +365,11 @@ impl Store for PgStore {
         broadcast: NewBroadcast,
         idempotency: Option<Idempotency>,
     ) -> StoreResult<Created> {
-        commands::create_broadcast(self, org, broadcast, idempotency).await
+        crash::around(
+            Step::Create,
+            commands::create_broadcast(self, org, broadcast, idempotency),
+        )
+        .await
     }
 
     async fn find_idempotent(
@@ -368,7 +399,7 @@ impl Store for PgStore {
     }
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        commands::cancel_command(self, org, id).await
+        crash::around(Step::Cancel, commands::cancel_command(self, org, id)).await
     }
 
     async fn claim(
@@ -387,7 +418,11 @@ impl Store for PgStore {
         agent: AgentId,
         claims: Vec<(CommandId, ClaimToken)>,
     ) -> StoreResult<u64> {
-        commands::hand_back(self, org, agent, claims).await
+        crash::around(
+            Step::HandBack,
+            commands::hand_back(self, org, agent, claims),
+        )
+        .await
     }
 
     async fn list_attempts(&self, org: OrgId, id: CommandId) -> StoreResult<Vec<Attempt>> {
@@ -402,7 +437,11 @@ impl Store for PgStore {
         token: &ClaimToken,
         progress: Option<Value>,
     ) -> StoreResult<Lease> {
-        commands::heartbeat(self, org, agent, id, token, progress).await
+        crash::around(
+            Step::Heartbeat,
+            commands::heartbeat(self, org, agent, id, token, progress),
+        )
+        .await
     }
 
     async fn complete(
@@ -413,7 +452,11 @@ impl Store for PgStore {
         token: &ClaimToken,
         result: Value,
     ) -> StoreResult<Command> {
-        commands::complete(self, org, agent, id, token, result).await
+        crash::around(
+            Step::Complete,
+            commands::complete(self, org, agent, id, token, result),
+        )
+        .await
     }
 
     async fn complete_batch(
@@ -422,7 +465,11 @@ impl Store for PgStore {
         agent: AgentId,
         reports: Vec<(CommandId, ClaimToken, Value)>,
     ) -> StoreResult<Vec<StoreResult<Command>>> {
-        commands::complete_batch(self, org, agent, reports).await
+        crash::around(
+            Step::Complete,
+            commands::complete_batch(self, org, agent, reports),
+        )
+        .await
     }
 
     async fn fail(
@@ -434,7 +481,11 @@ impl Store for PgStore {
         error: Value,
         retryable: bool,
     ) -> StoreResult<Command> {
-        commands::fail(self, org, agent, id, token, error, retryable).await
+        crash::around(
+            Step::Fail,
+            commands::fail(self, org, agent, id, token, error, retryable),
+        )
+        .await
     }
 
     async fn release_expired_leases(
@@ -467,7 +518,7 @@ impl Store for PgStore {
     }
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
-        commands::requeue(self, org, id).await
+        crash::around(Step::Requeue, commands::requeue(self, org, id)).await
     }
 
     async fn next_due_at(

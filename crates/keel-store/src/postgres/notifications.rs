@@ -27,6 +27,7 @@ use crate::common::{
     DeliveryKeys, check_new_setting, check_trigger, conflict_as, delivery_keys, duration_millis,
     found, missing_as, page_of, setting_taken,
 };
+use crate::crash::{self, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{Idempotency, OrgId};
 use crate::notifications::NotificationStore;
@@ -439,51 +440,54 @@ impl NotificationStore for PgStore {
         event: NewEvent,
         deliveries: Vec<NewDelivery>,
     ) -> StoreResult<Triggered> {
-        check_trigger(&event, &deliveries)?;
-        let new = NewDeliveries::of(&event, deliveries);
-        let throttled: Vec<String> = new
-            .throttled_keys()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        let mut conn = self.pool.acquire().await?;
-        let inserted = if throttled.is_empty() {
-            // One statement: atomic on its own.
-            insert_event(&mut conn, org, &event, new).await?
-        } else {
-            // The throttle keys' locks are held until the commit: a trigger of the same key
-            // waits, then sees this one's lead or digest.
-            let mut tx = conn.begin().await?;
-            sqlx::query(LOCK_THROTTLES)
-                .bind(THROTTLE_LOCK_CLASS)
-                .bind(org)
-                .bind(&throttled)
-                .execute(&mut *tx)
-                .await?;
-            let inserted = insert_event(&mut tx, org, &event, new).await?;
-            tx.commit().await?;
-            inserted
-        };
-        match (inserted, &event.idempotency) {
-            (Some((created_at, deliveries)), _) => Ok(Triggered {
-                event: Event {
-                    id: event.id,
-                    org_id: org,
-                    event_type: event.event_type,
-                    payload: event.payload,
-                    domain: event.domain,
-                    severity: event.severity,
-                    idempotency_key: event.idempotency.map(|i| i.key),
-                    created_at,
-                },
-                deliveries,
-                created: true,
-            }),
-            (None, Some(idem)) => replay(&mut conn, org, idem).await,
-            (None, None) => Err(crate::common::corrupt(
-                "an event without an idempotency key was not recorded",
-            )),
-        }
+        crash::around(Step::Enqueue, async move {
+            check_trigger(&event, &deliveries)?;
+            let new = NewDeliveries::of(&event, deliveries);
+            let throttled: Vec<String> = new
+                .throttled_keys()
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            let mut conn = self.pool.acquire().await?;
+            let inserted = if throttled.is_empty() {
+                // One statement: atomic on its own.
+                insert_event(&mut conn, org, &event, new).await?
+            } else {
+                // The throttle keys' locks are held until the commit: a trigger of the same key
+                // waits, then sees this one's lead or digest.
+                let mut tx = conn.begin().await?;
+                sqlx::query(LOCK_THROTTLES)
+                    .bind(THROTTLE_LOCK_CLASS)
+                    .bind(org)
+                    .bind(&throttled)
+                    .execute(&mut *tx)
+                    .await?;
+                let inserted = insert_event(&mut tx, org, &event, new).await?;
+                tx.commit().await?;
+                inserted
+            };
+            match (inserted, &event.idempotency) {
+                (Some((created_at, deliveries)), _) => Ok(Triggered {
+                    event: Event {
+                        id: event.id,
+                        org_id: org,
+                        event_type: event.event_type,
+                        payload: event.payload,
+                        domain: event.domain,
+                        severity: event.severity,
+                        idempotency_key: event.idempotency.map(|i| i.key),
+                        created_at,
+                    },
+                    deliveries,
+                    created: true,
+                }),
+                (None, Some(idem)) => replay(&mut conn, org, idem).await,
+                (None, None) => Err(crate::common::corrupt(
+                    "an event without an idempotency key was not recorded",
+                )),
+            }
+        })
+        .await
     }
 
     async fn get_delivery(&self, org: OrgId, id: DeliveryId) -> StoreResult<Option<Delivery>> {
@@ -542,11 +546,15 @@ impl NotificationStore for PgStore {
     }
 
     async fn requeue_delivery(&self, org: OrgId, id: DeliveryId) -> StoreResult<Delivery> {
-        lease::requeue_one(self, org, id).await
+        crash::around(Step::DeliveryRequeue, lease::requeue_one(self, org, id)).await
     }
 
     async fn requeue_deliveries(&self, org: OrgId, filter: DeliveryFilter) -> StoreResult<u64> {
-        lease::requeue_many(self, org, filter).await
+        crash::around(
+            Step::DeliveryRequeue,
+            lease::requeue_many(self, org, filter),
+        )
+        .await
     }
 
     async fn claim_deliveries(
@@ -562,7 +570,7 @@ impl NotificationStore for PgStore {
         worker: WorkerId,
         reports: Vec<DeliveryReport>,
     ) -> StoreResult<Vec<StoreResult<RecordedDelivery>>> {
-        lease::record(self, worker, reports).await
+        crash::around(Step::Record, lease::record(self, worker, reports)).await
     }
 
     async fn release_expired_deliveries(&self, limit: u32) -> StoreResult<Vec<ReleasedDelivery>> {

@@ -238,11 +238,13 @@ pub(super) async fn create_broadcast(
     super::validate_new_command(&new.command)?;
     check_broadcast(&new)?;
     let (_, now_us) = store.now_and_micros();
-    store
-        .write(Lane::Bulk, move |conn| {
+    crate::crash::around(
+        crate::crash::Step::Create,
+        store.write(Lane::Bulk, move |conn| {
             Box::pin(async move { insert_broadcast(conn, org, new, idempotency, now_us).await })
-        })
-        .await
+        }),
+    )
+    .await
 }
 
 /// Inserts the parent, then its children (on the writer's connection, in one savepoint).

@@ -47,6 +47,7 @@ use crate::clock::Clock;
 use crate::common::{
     conflict_as, found, missing_as, not_a_broadcast, page_of, validate_new_command,
 };
+use crate::crash::{self, Phase, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::labels::Labels;
 use crate::model::{
@@ -644,19 +645,22 @@ impl Store for SqliteStore {
         validate_new_command(&command)?;
         not_a_broadcast(&command)?;
         let (_, now_us) = self.now_and_micros();
-        self.write_one(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                insert_command(
-                    conn,
-                    org,
-                    command,
-                    idempotency,
-                    now_us,
-                    Placement::default(),
-                )
-                .await
-            })
-        })
+        crash::around(
+            Step::Create,
+            self.write_one(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    insert_command(
+                        conn,
+                        org,
+                        command,
+                        idempotency,
+                        now_us,
+                        Placement::default(),
+                    )
+                    .await
+                })
+            }),
+        )
         .await
     }
 
@@ -681,25 +685,28 @@ impl Store for SqliteStore {
                 })?;
         }
         let (_, now_us) = self.now_and_micros();
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let mut created = Vec::with_capacity(items.len());
-                for item in items {
-                    created.push(
-                        insert_command(
-                            conn,
-                            org,
-                            item.command,
-                            item.idempotency,
-                            now_us,
-                            Placement::default(),
-                        )
-                        .await?,
-                    );
-                }
-                Ok(created)
-            })
-        })
+        crash::around(
+            Step::Create,
+            self.write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let mut created = Vec::with_capacity(items.len());
+                    for item in items {
+                        created.push(
+                            insert_command(
+                                conn,
+                                org,
+                                item.command,
+                                item.idempotency,
+                                now_us,
+                                Placement::default(),
+                            )
+                            .await?,
+                        );
+                    }
+                    Ok(created)
+                })
+            }),
+        )
         .await
     }
 
@@ -729,16 +736,19 @@ impl Store for SqliteStore {
 
     async fn cancel_command(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let row: CommandRow = if fleet::role(conn, org, id).await? == Role::Parent {
-                    fleet::cancel_broadcast(conn, org, id, now_us).await?
-                } else {
-                    COMMANDS.cancel(conn, org, id.0, now_us).await?
-                };
-                Ok(row.into_command()?.0)
-            })
-        })
+        crash::around(
+            Step::Cancel,
+            self.write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let row: CommandRow = if fleet::role(conn, org, id).await? == Role::Parent {
+                        fleet::cancel_broadcast(conn, org, id, now_us).await?
+                    } else {
+                        COMMANDS.cancel(conn, org, id.0, now_us).await?
+                    };
+                    Ok(row.into_command()?.0)
+                })
+            }),
+        )
         .await
     }
 
@@ -811,9 +821,9 @@ impl Store for SqliteStore {
         }
         let queues = queues.to_vec();
         let hand_back = self.writer.clone();
-        let claimed = self
-            .writer
-            .write_or_else(
+        let claimed = crash::around(
+            Step::Claim,
+            self.writer.write_or_else(
                 move |conn| {
                     Box::pin(async move {
                         // Again on the writer: a cordon or a pause that committed since the
@@ -860,8 +870,9 @@ impl Store for SqliteStore {
                         })
                     });
                 }),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         let mut claimed = claimed;
         claimed.sort_by(|a, b| {
             b.command
@@ -884,9 +895,12 @@ impl Store for SqliteStore {
             .into_iter()
             .map(|(id, token)| (id.0, token))
             .collect();
-        self.write(Lane::Lease, move |conn| {
-            Box::pin(async move { COMMANDS.hand_back(conn, org, agent, &claims, now_us).await })
-        })
+        crash::around(
+            Step::HandBack,
+            self.write(Lane::Lease, move |conn| {
+                Box::pin(async move { COMMANDS.hand_back(conn, org, agent, &claims, now_us).await })
+            }),
+        )
         .await
     }
 
@@ -916,8 +930,9 @@ impl Store for SqliteStore {
         )));
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
-        let (expires_at, cancel_requested) = self
-            .write_one(Lane::Lease, move |conn| {
+        let (expires_at, cancel_requested) = crash::around(
+            Step::Heartbeat,
+            self.write_one(Lane::Lease, move |conn| {
                 Box::pin(async move {
                     let fence = Fence {
                         org,
@@ -927,8 +942,9 @@ impl Store for SqliteStore {
                     };
                     COMMANDS.heartbeat(conn, fence, progress, now_us).await
                 })
-            })
-            .await?;
+            }),
+        )
+        .await?;
         Ok(Lease {
             expires_at: from_micros(expires_at)?,
             cancel_requested,
@@ -948,18 +964,21 @@ impl Store for SqliteStore {
         )));
         let (_, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write_one(Lane::Lease, move |conn| {
-            Box::pin(async move {
-                let fence = Fence {
-                    org,
-                    agent,
-                    id: id.0,
-                    token: &token,
-                };
-                let row: CommandRow = COMMANDS.complete(conn, fence, result, now_us).await?;
-                Ok(row.into_command()?.0)
-            })
-        })
+        crash::around(
+            Step::Complete,
+            self.write_one(Lane::Lease, move |conn| {
+                Box::pin(async move {
+                    let fence = Fence {
+                        org,
+                        agent,
+                        id: id.0,
+                        token: &token,
+                    };
+                    let row: CommandRow = COMMANDS.complete(conn, fence, result, now_us).await?;
+                    Ok(row.into_command()?.0)
+                })
+            }),
+        )
         .await
     }
 
@@ -974,20 +993,23 @@ impl Store for SqliteStore {
     ) -> StoreResult<Command> {
         let (now, now_us) = self.now_and_micros();
         let token = token.clone();
-        self.write_one(Lane::Lease, move |conn| {
-            Box::pin(async move {
-                let fence = Fence {
-                    org,
-                    agent,
-                    id: id.0,
-                    token: &token,
-                };
-                let row: CommandRow = COMMANDS
-                    .fail(conn, fence, error, retryable, now, now_us)
-                    .await?;
-                Ok(row.into_command()?.0)
-            })
-        })
+        crash::around(
+            Step::Fail,
+            self.write_one(Lane::Lease, move |conn| {
+                Box::pin(async move {
+                    let fence = Fence {
+                        org,
+                        agent,
+                        id: id.0,
+                        token: &token,
+                    };
+                    let row: CommandRow = COMMANDS
+                        .fail(conn, fence, error, retryable, now, now_us)
+                        .await?;
+                    Ok(row.into_command()?.0)
+                })
+            }),
+        )
         .await
     }
 
@@ -998,11 +1020,18 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Released>> {
         let (_, now_us) = self.now_and_micros();
         let limit = limit.max(1);
+        // In a transaction (not one statement alone), so that `store.crash` can stop before
+        // its commit.
         let rows = self
-            .write_one(Lane::Bulk, move |conn| {
-                Box::pin(async move { COMMANDS.release_expired(conn, org, now_us, limit).await })
+            .write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let rows = COMMANDS.release_expired(conn, org, now_us, limit).await?;
+                    crash::point_if(Step::Release, Phase::Before, !rows.is_empty());
+                    Ok(rows)
+                })
             })
             .await?;
+        crash::point_if(Step::Release, Phase::After, !rows.is_empty());
         let mut released = rows
             .into_iter()
             .map(|(command_id, org_id, attempts, status)| {
@@ -1026,10 +1055,17 @@ impl Store for SqliteStore {
     async fn purge_finished(&self, before: OffsetDateTime, limit: u32) -> StoreResult<u64> {
         let before_us = to_micros(before);
         let limit = limit.max(1);
-        self.write_one(Lane::Bulk, move |conn| {
-            Box::pin(async move { COMMANDS.purge_finished(conn, before_us, limit).await })
-        })
-        .await
+        let purged = self
+            .write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let purged = COMMANDS.purge_finished(conn, before_us, limit).await?;
+                    crash::point_if(Step::Purge, Phase::Before, purged > 0);
+                    Ok(purged)
+                })
+            })
+            .await?;
+        crash::point_if(Step::Purge, Phase::After, purged > 0);
+        Ok(purged)
     }
 
     async fn list_dead(
@@ -1093,24 +1129,27 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, org: OrgId, id: CommandId) -> StoreResult<Command> {
         let (_, now_us) = self.now_and_micros();
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let row: CommandRow = match fleet::role(conn, org, id).await? {
-                    Role::Parent => {
-                        fleet::refuse_while_cancelling(conn, id).await?;
-                        fleet::requeue_broadcast(conn, org, id, now_us).await?
-                    }
-                    Role::Child(parent) => {
-                        fleet::refuse_while_cancelling(conn, parent).await?;
-                        let row = COMMANDS.requeue(conn, org, id.0, now_us).await?;
-                        fleet::hold_beyond_concurrency(conn, parent).await?;
-                        row
-                    }
-                    Role::Plain => COMMANDS.requeue(conn, org, id.0, now_us).await?,
-                };
-                Ok(row.into_command()?.0)
-            })
-        })
+        crash::around(
+            Step::Requeue,
+            self.write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let row: CommandRow = match fleet::role(conn, org, id).await? {
+                        Role::Parent => {
+                            fleet::refuse_while_cancelling(conn, id).await?;
+                            fleet::requeue_broadcast(conn, org, id, now_us).await?
+                        }
+                        Role::Child(parent) => {
+                            fleet::refuse_while_cancelling(conn, parent).await?;
+                            let row = COMMANDS.requeue(conn, org, id.0, now_us).await?;
+                            fleet::hold_beyond_concurrency(conn, parent).await?;
+                            row
+                        }
+                        Role::Plain => COMMANDS.requeue(conn, org, id.0, now_us).await?,
+                    };
+                    Ok(row.into_command()?.0)
+                })
+            }),
+        )
         .await
     }
 

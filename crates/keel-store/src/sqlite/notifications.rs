@@ -24,6 +24,7 @@ use crate::common::{
     ATTEMPTS_EXHAUSTED, DeliveryKeys, check_new_setting, check_requeue_filter, check_trigger,
     delivery_keys, setting_taken,
 };
+use crate::crash::{self, Phase, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{AgentId, ClaimToken, Idempotency, OrgId};
 use crate::notifications::model::{
@@ -605,9 +606,12 @@ impl NotificationStore for SqliteStore {
     ) -> StoreResult<Triggered> {
         check_trigger(&event, &deliveries)?;
         let (_, now_us) = self.now_and_micros();
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move { insert_event(conn, org, event, deliveries, now_us).await })
-        })
+        crash::around(
+            Step::Enqueue,
+            self.write(Lane::Bulk, move |conn| {
+                Box::pin(async move { insert_event(conn, org, event, deliveries, now_us).await })
+            }),
+        )
         .await
     }
 
@@ -695,41 +699,48 @@ impl NotificationStore for SqliteStore {
 
     async fn requeue_delivery(&self, org: OrgId, id: DeliveryId) -> StoreResult<Delivery> {
         let (_, now_us) = self.now_and_micros();
-        self.write_one(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let row: DeliveryRow = DELIVERIES.requeue(conn, org, id.0, now_us).await?;
-                row.into_plain()
-            })
-        })
+        crash::around(
+            Step::DeliveryRequeue,
+            self.write_one(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let row: DeliveryRow = DELIVERIES.requeue(conn, org, id.0, now_us).await?;
+                    row.into_plain()
+                })
+            }),
+        )
         .await
     }
 
     async fn requeue_deliveries(&self, org: OrgId, filter: DeliveryFilter) -> StoreResult<u64> {
         check_requeue_filter(&filter)?;
         let (_, now_us) = self.now_and_micros();
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let mut sql = list_sql(&filter, false, "id");
-                if filter.status.is_none() {
-                    sql = sql.replace(" ORDER BY", " AND status IN ('dead', 'failed') ORDER BY");
-                }
-                let ids: Vec<DeliveryId> = sqlx::query_scalar(&sql)
-                    .bind(org)
-                    .bind(filter.status.map(DeliveryStatus::as_str))
-                    .bind(filter.event_id)
-                    .bind(filter.channel_type.map(ChannelType::as_str))
-                    .bind(None::<DeliveryId>)
-                    .bind(i64::from(MAX_REQUEUE))
-                    .fetch_all(&mut *conn)
-                    .await?;
-                let mut requeued = 0;
-                for id in ids {
-                    let _: DeliveryRow = DELIVERIES.requeue(conn, org, id.0, now_us).await?;
-                    requeued += 1;
-                }
-                Ok(requeued)
-            })
-        })
+        crash::around(
+            Step::DeliveryRequeue,
+            self.write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let mut sql = list_sql(&filter, false, "id");
+                    if filter.status.is_none() {
+                        sql =
+                            sql.replace(" ORDER BY", " AND status IN ('dead', 'failed') ORDER BY");
+                    }
+                    let ids: Vec<DeliveryId> = sqlx::query_scalar(&sql)
+                        .bind(org)
+                        .bind(filter.status.map(DeliveryStatus::as_str))
+                        .bind(filter.event_id)
+                        .bind(filter.channel_type.map(ChannelType::as_str))
+                        .bind(None::<DeliveryId>)
+                        .bind(i64::from(MAX_REQUEUE))
+                        .fetch_all(&mut *conn)
+                        .await?;
+                    let mut requeued = 0;
+                    for id in ids {
+                        let _: DeliveryRow = DELIVERIES.requeue(conn, org, id.0, now_us).await?;
+                        requeued += 1;
+                    }
+                    Ok(requeued)
+                })
+            }),
+        )
         .await
     }
 
@@ -778,9 +789,13 @@ impl NotificationStore for SqliteStore {
                             })
                         })
                         .collect::<StoreResult<Vec<_>>>()
+                        .inspect(|claimed| {
+                            crash::point_if(Step::Send, Phase::Before, !claimed.is_empty());
+                        })
                 })
             })
             .await?;
+        crash::point_if(Step::Send, Phase::After, !claimed.is_empty());
         claimed.sort_by(|a, b| {
             b.delivery
                 .priority
@@ -805,77 +820,95 @@ impl NotificationStore for SqliteStore {
             return Ok(Vec::new());
         }
         let (now, now_us) = self.now_and_micros();
-        self.write(Lane::Lease, move |conn| {
-            Box::pin(async move {
-                let mut answers: Vec<Option<StoreResult<RecordedDelivery>>> =
-                    (0..reports.len()).map(|_| None).collect();
-                // The deliveries sent, the common case, all in one statement.
-                let delivered: Vec<(uuid::Uuid, &ClaimToken, &Value)> = reports
-                    .iter()
-                    .filter_map(|r| match &r.outcome {
-                        DeliveryOutcome::Delivered(detail) => {
-                            Some((r.id.0, &r.claim_token, detail))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                if !delivered.is_empty() {
-                    let rows: Vec<RecordedRow> = DELIVERIES
-                        .complete_many(conn, RECORDED_COLUMNS, holder(worker), &delivered, now_us)
-                        .await?;
-                    let mut completed: HashMap<DeliveryId, RecordedDelivery> = HashMap::new();
-                    for row in rows {
-                        let delivery = row.into_recorded()?;
-                        completed.insert(delivery.id, delivery);
-                    }
-                    for (answer, report) in answers.iter_mut().zip(&reports) {
-                        if matches!(report.outcome, DeliveryOutcome::Delivered(_)) {
-                            *answer = Some(match completed.remove(&report.id) {
-                                Some(delivery) => Ok(delivery),
-                                // Not completed: say why.
-                                None => Err(match org_of(conn, report.id).await {
-                                    Ok(_) => StoreError::StaleClaim,
-                                    Err(error) => error,
-                                }),
-                            });
-                        }
-                    }
-                }
-                // The rest one by one, each in its own savepoint: one that fails changes
-                // nothing and leaves the others recorded.
-                for (answer, report) in answers.iter_mut().zip(reports) {
-                    if answer.is_some() {
-                        continue;
-                    }
-                    sqlx::query("SAVEPOINT report").execute(&mut *conn).await?;
-                    let recorded = record(conn, worker, report, now, now_us)
-                        .await
-                        .map(RecordedDelivery::from);
-                    if recorded.is_err() {
-                        sqlx::query("ROLLBACK TO report")
-                            .execute(&mut *conn)
+        crash::around(
+            Step::Record,
+            self.write(Lane::Lease, move |conn| {
+                Box::pin(async move {
+                    let mut answers: Vec<Option<StoreResult<RecordedDelivery>>> =
+                        (0..reports.len()).map(|_| None).collect();
+                    // The deliveries sent, the common case, all in one statement.
+                    let delivered: Vec<(uuid::Uuid, &ClaimToken, &Value)> = reports
+                        .iter()
+                        .filter_map(|r| match &r.outcome {
+                            DeliveryOutcome::Delivered(detail) => {
+                                Some((r.id.0, &r.claim_token, detail))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    if !delivered.is_empty() {
+                        let rows: Vec<RecordedRow> = DELIVERIES
+                            .complete_many(
+                                conn,
+                                RECORDED_COLUMNS,
+                                holder(worker),
+                                &delivered,
+                                now_us,
+                            )
                             .await?;
+                        let mut completed: HashMap<DeliveryId, RecordedDelivery> = HashMap::new();
+                        for row in rows {
+                            let delivery = row.into_recorded()?;
+                            completed.insert(delivery.id, delivery);
+                        }
+                        for (answer, report) in answers.iter_mut().zip(&reports) {
+                            if matches!(report.outcome, DeliveryOutcome::Delivered(_)) {
+                                *answer = Some(match completed.remove(&report.id) {
+                                    Some(delivery) => Ok(delivery),
+                                    // Not completed: say why.
+                                    None => Err(match org_of(conn, report.id).await {
+                                        Ok(_) => StoreError::StaleClaim,
+                                        Err(error) => error,
+                                    }),
+                                });
+                            }
+                        }
                     }
-                    sqlx::query("RELEASE report").execute(&mut *conn).await?;
-                    *answer = Some(recorded);
-                }
-                Ok(answers
-                    .into_iter()
-                    .map(|answer| answer.unwrap_or(Err(StoreError::NotFound)))
-                    .collect())
-            })
-        })
+                    // The rest one by one, each in its own savepoint: one that fails changes
+                    // nothing and leaves the others recorded.
+                    for (answer, report) in answers.iter_mut().zip(reports) {
+                        if answer.is_some() {
+                            continue;
+                        }
+                        sqlx::query("SAVEPOINT report").execute(&mut *conn).await?;
+                        let recorded = record(conn, worker, report, now, now_us)
+                            .await
+                            .map(RecordedDelivery::from);
+                        if recorded.is_err() {
+                            sqlx::query("ROLLBACK TO report")
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        sqlx::query("RELEASE report").execute(&mut *conn).await?;
+                        *answer = Some(recorded);
+                    }
+                    Ok(answers
+                        .into_iter()
+                        .map(|answer| answer.unwrap_or(Err(StoreError::NotFound)))
+                        .collect())
+                })
+            }),
+        )
         .await
     }
 
     async fn release_expired_deliveries(&self, limit: u32) -> StoreResult<Vec<ReleasedDelivery>> {
         let (_, now_us) = self.now_and_micros();
         let limit = limit.max(1);
+        // In a transaction (not one statement alone), so that `store.crash` can stop before
+        // its commit.
         let rows = self
-            .write_one(Lane::Bulk, move |conn| {
-                Box::pin(async move { DELIVERIES.release_expired(conn, None, now_us, limit).await })
+            .write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let rows = DELIVERIES
+                        .release_expired(conn, None, now_us, limit)
+                        .await?;
+                    crash::point_if(Step::DeliveryRelease, Phase::Before, !rows.is_empty());
+                    Ok(rows)
+                })
             })
             .await?;
+        crash::point_if(Step::DeliveryRelease, Phase::After, !rows.is_empty());
         rows.into_iter()
             .map(|(id, org_id, _, status)| {
                 Ok(ReleasedDelivery {
@@ -909,38 +942,42 @@ impl NotificationStore for SqliteStore {
     ) -> StoreResult<u64> {
         let before_us = to_micros(before);
         let limit = limit.max(1);
-        self.write(Lane::Bulk, move |conn| {
-            Box::pin(async move {
-                let purged = DELIVERIES.purge_finished(conn, before_us, limit).await?;
-                // Throttled deliveries finished when they were folded; they go once their
-                // digest is gone too.
-                let throttled = sqlx::query(
-                    "DELETE FROM deliveries WHERE id IN (SELECT t.id FROM deliveries t \
+        let purged = self
+            .write(Lane::Bulk, move |conn| {
+                Box::pin(async move {
+                    let purged = DELIVERIES.purge_finished(conn, before_us, limit).await?;
+                    // Throttled deliveries finished when they were folded; they go once their
+                    // digest is gone too.
+                    let throttled = sqlx::query(
+                        "DELETE FROM deliveries WHERE id IN (SELECT t.id FROM deliveries t \
                      INDEXED BY deliveries_throttled WHERE t.status = 'throttled' \
                      AND t.finished_at < ?1 AND NOT EXISTS (SELECT 1 FROM deliveries d \
                      WHERE d.id = t.digest_id) LIMIT ?2)",
-                )
-                .bind(before_us)
-                .bind(i64::from(limit))
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-                let purged = purged + throttled;
-                // Events older than the retention that no delivery refers to any more go too
-                // (their idempotency keys with them).
-                sqlx::query(
-                    "DELETE FROM notification_events WHERE id IN (SELECT e.id FROM \
+                    )
+                    .bind(before_us)
+                    .bind(i64::from(limit))
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    let purged = purged + throttled;
+                    // Events older than the retention that no delivery refers to any more go too
+                    // (their idempotency keys with them).
+                    sqlx::query(
+                        "DELETE FROM notification_events WHERE id IN (SELECT e.id FROM \
                      notification_events e WHERE e.created_at < ?1 AND NOT EXISTS \
                      (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) LIMIT ?2)",
-                )
-                .bind(before_us)
-                .bind(i64::from(limit))
-                .execute(&mut *conn)
-                .await?;
-                Ok(purged)
+                    )
+                    .bind(before_us)
+                    .bind(i64::from(limit))
+                    .execute(&mut *conn)
+                    .await?;
+                    crash::point_if(Step::Cleanup, Phase::Before, purged > 0);
+                    Ok(purged)
+                })
             })
-        })
-        .await
+            .await?;
+        crash::point_if(Step::Cleanup, Phase::After, purged > 0);
+        Ok(purged)
     }
 }
 

@@ -135,14 +135,14 @@ const FAULTS: &[Fault] = &[
     },
     Fault {
         point: "log.format",
-        action: "1%5*panic(chaos: log.format)",
+        action: "2%5*panic(chaos: log.format)",
         count: 5,
         kind: Kind::LogPanic,
         everywhere: true,
     },
     Fault {
         point: "log.sink",
-        action: "1%5*panic(chaos: log.sink)",
+        action: "2%5*panic(chaos: log.sink)",
         count: 5,
         kind: Kind::LogPanic,
         everywhere: true,
@@ -189,8 +189,23 @@ fn injected(kinds: &[Kind]) -> u32 {
         .sum()
 }
 
-/// Webhook deliveries whose subject makes `deliveries.item` fire on them.
+/// Webhook deliveries whose subject makes `deliveries.item` fire on them, sent once the kills
+/// are over (so the server processes that run to the end handle them).
 const MARKED_DELIVERIES: usize = 30;
+
+/// Sends delivery `n` of channel `name` (its body carries the marker the receivers count);
+/// a `marked` one's subject makes `deliveries.item` fire on it.
+async fn send(notifiers: &[Api], channel: &str, name: &str, n: usize, marked: bool) {
+    let key = format!("{name}-{n}");
+    let subject = if marked {
+        "failpoint:deliveries.item".to_owned()
+    } else {
+        format!("chaos {n}")
+    };
+    let body = json!({"channel_id": channel, "idempotency_key": key, "subject": subject,
+                      "body": format!("delivery chaos-{name}-{n}")});
+    post_until(notifiers, n, "/v1/deliveries", &key, &body, 202).await;
+}
 
 const CONFIG: &str = "[notifications]\nallowed_networks = [\"127.0.0.1\"]\nworkers = 4\n\
      secret_key = \"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\"\n\
@@ -585,75 +600,67 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
             for chunk in 0..size.deliveries.div_ceil(10) {
                 let batch = (chunk * 10..(chunk * 10 + 10).min(size.deliveries)).map(|n| {
                     let (notifiers, channel) = (&notifiers, &channel);
-                    async move {
-                        let key = format!("{name}-{n}");
-                        let subject = if name == "webhook" && n < MARKED_DELIVERIES {
-                            "failpoint:deliveries.item".to_owned()
-                        } else {
-                            format!("chaos {n}")
-                        };
-                        let body = json!({"channel_id": channel, "idempotency_key": key,
-                                          "subject": subject,
-                                          "body": format!("delivery chaos-{name}-{n}")});
-                        post_until(notifiers, n, "/v1/deliveries", &key, &body, 202).await;
-                    }
+                    send(notifiers, channel, name, n, false)
                 });
                 futures::future::join_all(batch).await;
             }
         }));
     }
 
-    // The kills, at random moments while the first half of the commands run: a killed agent
-    // is started again at once (a service manager would), a killed server after up to 2 s.
+    // The kills, at random moments while the first 40 % of the commands run (each when the
+    // commands run so far pass a point drawn at random): a killed agent is started again at
+    // once (a service manager would), a killed server after up to 2 s.
     let ran = || {
         std::fs::read_to_string(&runs)
             .unwrap_or_default()
             .lines()
             .count()
     };
-    let mut kills: Vec<(String, Duration)> = Vec::new();
+    let mut moments: Vec<(usize, bool)> = (0..size.server_kills)
+        .map(|_| true)
+        .chain((0..size.agent_kills).map(|_| false))
+        .map(|server| (rng.random_range(1..size.commands * 2 / 5), server))
+        .collect();
+    moments.sort_unstable();
+    let mut kills: Vec<(String, usize, Duration)> = Vec::new();
     let (mut server_kills, mut agent_kills) = (0, 0);
     let mut killed_servers = vec![false; servers.len()];
     let mut log_from = vec![0u64; servers.len()];
-    while server_kills < size.server_kills || agent_kills < size.agent_kills {
-        assert!(
-            started.elapsed() < Duration::from_secs(900),
-            "the workload did not progress: {} runs",
-            ran()
-        );
-        let half = size.commands / 2;
-        let done = ran();
-        if done >= half {
-            break;
+    for (at, server) in moments {
+        let waiting = Instant::now();
+        while ran() < at {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(600),
+                "the workload did not progress: {} runs",
+                ran()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let wait = Duration::from_millis(rng.random_range(200..1500));
-        tokio::time::sleep(wait).await;
-        let want_server = server_kills < size.server_kills
-            && (agent_kills >= size.agent_kills || rng.random_bool(0.35));
-        if want_server {
+        if server {
             let victim = victims[rng.random_range(0..victims.len())];
             servers[victim].kill9();
-            kills.push((format!("server {victim}"), started.elapsed()));
+            kills.push((format!("server {victim}"), at, started.elapsed()));
             tokio::time::sleep(Duration::from_millis(rng.random_range(100..2000))).await;
             log_from[victim] = log_len(&servers[victim]);
-            servers[victim]
-                .restart_with_failpoints(Some(failpoints()))
-                .await;
+            servers[victim].restart_with(Some(failpoints())).await;
             killed_servers[victim] = true;
             server_kills += 1;
         } else {
             let victim = rng.random_range(0..agents.len());
             agents[victim].kill9();
-            kills.push((format!("agent {victim}"), started.elapsed()));
+            kills.push((format!("agent {victim}"), at, started.elapsed()));
             agents[victim] = start_agent(victim, &servers);
             agent_kills += 1;
         }
     }
+    let marked = (size.deliveries..size.deliveries + MARKED_DELIVERIES)
+        .map(|n| send(&notifiers, &channels["webhook"], "webhook", n, true));
+    futures::future::join_all(marked).await;
     println!(
         "kills: {}",
         kills
             .iter()
-            .map(|(what, at)| format!("{what} at {:.1}s", at.as_secs_f64()))
+            .map(|(what, runs, at)| format!("{what} after {runs} runs ({:.1} s)", at.as_secs_f64()))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -755,13 +762,54 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
     let seen = receivers.seen.lock().clone();
     let expected_markers: Vec<String> = ["webhook", "email", "telegram"]
         .iter()
-        .flat_map(|c| (0..size.deliveries).map(move |n| format!("chaos-{c}-{n}")))
+        .flat_map(|c| {
+            let sent = if *c == "webhook" {
+                size.deliveries + MARKED_DELIVERIES
+            } else {
+                size.deliveries
+            };
+            (0..sent).map(move |n| format!("chaos-{c}-{n}"))
+        })
         .collect();
     let undelivered = expected_markers
         .iter()
         .filter(|m| !seen.contains_key(*m))
         .count();
     let repeated_sends: u32 = seen.values().map(|c| c - 1).sum();
+
+    // Every server process reaches the points of requests and claims many more times than
+    // their counts (whatever share of the workload it got): 400 reads and 100 empty claims
+    // each, whose answers (some injected 500s) are not the point.
+    let top_up = servers[0].key("acme", "agent", Some("top-up"));
+    for server in &servers {
+        let (reader, claimer) = (server.api(&writer.token), server.api(&top_up.token));
+        post_until(
+            std::slice::from_ref(&claimer),
+            0,
+            "/v1/agents/check-in",
+            "top-up",
+            &json!({"version": "chaos", "queues": ["top-up"], "boot_id": uuid::Uuid::new_v4()}),
+            200,
+        )
+        .await;
+        for n in 0..400 {
+            let _ = reader
+                .client
+                .get(format!("{}/v1/commands?limit=1", reader.base))
+                .bearer_auth(&reader.token)
+                .send()
+                .await;
+            if n % 4 == 0 {
+                let _ = claimer
+                    .client
+                    .post(format!("{}/v1/commands/claim", claimer.base))
+                    .bearer_auth(&claimer.token)
+                    .json(&json!({"limit": 1, "queues": ["top-up"], "wait_seconds": 0}))
+                    .send()
+                    .await;
+            }
+        }
+    }
 
     // Panics and injected faults, counted by each server process that ran to the end.
     let mut tallies = Vec::new();
@@ -797,7 +845,7 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
     println!(
         "| deliveries | {} accepted, {} stored, {delivery_statuses:?}, never received \
          {undelivered}, received again {repeated_sends} |",
-        3 * size.deliveries,
+        3 * size.deliveries + MARKED_DELIVERIES,
         deliveries.len()
     );
     for tally in &tallies {
@@ -859,7 +907,7 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
     assert_eq!(completed_twice, 0, "a command completed under two claims");
     assert_eq!(
         deliveries.len(),
-        3 * size.deliveries,
+        3 * size.deliveries + MARKED_DELIVERIES,
         "deliveries lost or doubled"
     );
     assert!(
@@ -870,7 +918,7 @@ async fn soak(backend: &str, mut servers: Vec<Server>, victims: &[usize]) {
     );
     assert_eq!(
         delivery_statuses.get("completed").copied().unwrap_or(0),
-        3 * size.deliveries,
+        3 * size.deliveries + MARKED_DELIVERIES,
         "every delivery is delivered: {delivery_statuses:?}"
     );
     assert_eq!(

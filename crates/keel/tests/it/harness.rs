@@ -192,15 +192,26 @@ impl Server {
 
     /// Starts `keel serve` again on the same configuration, data directory and port.
     pub async fn restart(&mut self) {
-        self.restart_with_failpoints(None).await;
+        self.restart_with(None).await;
     }
 
-    /// [`Server::restart`] with `KEEL_FAILPOINTS` set to `failpoints`.
-    pub async fn restart_with_failpoints(&mut self, failpoints: Option<&str>) {
+    /// [`Server::restart`] with `KEEL_FAILPOINTS` set to `failpoints`. It also returns when
+    /// keel stops before its port opens (a failpoint may stop it that early): see
+    /// [`Server::wait_exit`].
+    pub async fn restart_with(&mut self, failpoints: Option<&str>) {
         assert!(self.child.is_none(), "kill the server first");
-        let child = spawn_serve(&self.config_path, self.dir.path(), failpoints, None, &[]);
+        let mut child = spawn_serve(&self.config_path, self.dir.path(), failpoints, None, &[]);
+        let address = self.base.trim_start_matches("http://").to_owned();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&address).is_err() && child.try_wait().unwrap().is_none()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "keel did not open its port within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.child = Some(child);
-        wait_for_port(&self.base).await;
     }
 
     /// Runs `keel admin --config <this server's config> ARGS`; returns its stdout, trimmed.

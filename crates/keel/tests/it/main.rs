@@ -16,6 +16,7 @@ mod chaos;
 mod cli;
 mod commands;
 mod connections;
+mod crash_matrix;
 mod deliveries;
 mod fleet;
 mod harness;

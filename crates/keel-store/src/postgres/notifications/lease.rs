@@ -19,6 +19,7 @@ use super::push_filter;
 use super::rows::{DELIVERY_COLUMNS, DeliveryRow, RECORDED_COLUMNS, RecordedRow};
 use crate::backoff::retry_backoff;
 use crate::common::{ATTEMPTS_EXHAUSTED, check_requeue_filter, corrupt};
+use crate::crash::{self, Phase, Step};
 use crate::error::{StoreError, StoreResult};
 use crate::model::OrgId;
 use crate::notifications::model::{
@@ -258,11 +259,9 @@ pub(super) async fn claim(
     limit: u32,
 ) -> StoreResult<Vec<ClaimedDelivery>> {
     let limit = limit.clamp(1, MAX_DELIVERY_CLAIM);
-    let rows: Vec<DeliveryRow> = sqlx::query_as(&CLAIM)
-        .bind(worker)
-        .bind(i64::from(limit))
-        .fetch_all(&store.pool)
-        .await?;
+    let claim = sqlx::query_as(&CLAIM).bind(worker).bind(i64::from(limit));
+    let rows: Vec<DeliveryRow> =
+        super::super::fetch_all_or_crash(&store.pool, Step::Send, claim).await?;
     rows.into_iter()
         .map(|row| {
             let (delivery, token) = row.into_delivery()?;
@@ -495,10 +494,9 @@ pub(super) async fn release_expired(
     store: &PgStore,
     limit: u32,
 ) -> StoreResult<Vec<ReleasedDelivery>> {
-    let rows: Vec<(DeliveryId, OrgId, String)> = sqlx::query_as(RELEASE)
-        .bind(i64::from(limit.max(1)))
-        .fetch_all(&store.pool)
-        .await?;
+    let release = sqlx::query_as(RELEASE).bind(i64::from(limit.max(1)));
+    let rows: Vec<(DeliveryId, OrgId, String)> =
+        super::super::fetch_all_or_crash(&store.pool, Step::DeliveryRelease, release).await?;
     rows.into_iter()
         .map(|(delivery_id, org_id, status)| {
             Ok(ReleasedDelivery {
@@ -599,6 +597,8 @@ pub(super) async fn purge_finished(
         .bind(limit)
         .execute(&mut *tx)
         .await?;
+    crash::point_if(Step::Cleanup, Phase::Before, finished + throttled > 0);
     tx.commit().await?;
+    crash::point_if(Step::Cleanup, Phase::After, finished + throttled > 0);
     Ok(finished + throttled)
 }
