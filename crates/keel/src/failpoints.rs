@@ -23,6 +23,7 @@ pub const KNOWN: &[&str] = &[
     // keel
     "http.handler",
     "http.delay",
+    "http.route_panic",
     "job.telemetry",
     "commands.release_stuck",
     "commands.scheduler",
