@@ -24,6 +24,7 @@ pub const KNOWN: &[&str] = &[
     // keel
     "http.handler",
     "http.delay",
+    "http.route_panic",
     "job.telemetry",
     "commands.release_stuck",
     "commands.scheduler",

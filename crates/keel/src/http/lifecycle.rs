@@ -78,6 +78,7 @@ pub async fn lifecycle(
             lifecycle.timeout,
             isolate_async(scope, async move {
                 injected_handler_fault();
+                injected_route_panic(request.uri().path());
                 if let Some(delay) = injected_delay() {
                     tokio::time::sleep(delay).await;
                 }
@@ -183,6 +184,25 @@ fn record_access(method: &Method, route: &str, response: &Response, latency: Dur
 /// (`panic` makes the request panic as a handler would).
 fn injected_handler_fault() {
     fail::fail_point!("http.handler");
+}
+
+/// Failpoint `http.route_panic`: `return(PREFIX)` makes every request whose path starts with
+/// PREFIX panic where [`injected_handler_fault`] would, so one route panics while the others
+/// answer (`return` alone: every path).
+// A failpoint: it panics only when `KEEL_FAILPOINTS` asks it to, which is its purpose.
+#[allow(clippy::panic)]
+fn injected_route_panic(path: &str) {
+    if route_panic_prefix().is_some_and(|prefix| path.starts_with(&prefix)) {
+        panic!("injected panic (failpoint http.route_panic)");
+    }
+}
+
+/// The PREFIX of `http.route_panic=return(PREFIX)`, when that point is set.
+fn route_panic_prefix() -> Option<String> {
+    fail::fail_point!("http.route_panic", |prefix| Some(
+        prefix.unwrap_or_default()
+    ));
+    None
 }
 
 /// Failpoint `http.delay`: `return(MS)` makes the handler path wait MS milliseconds

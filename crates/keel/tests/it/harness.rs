@@ -28,6 +28,9 @@ pub struct Options {
     pub open_file_limit: Option<u32>,
     /// Environment variables set for `keel serve`.
     pub env: &'static [(&'static str, &'static str)],
+    /// Send `keel serve`'s stderr to this file of the server's directory instead of the test
+    /// output.
+    pub stderr_file: Option<&'static str>,
 }
 
 pub struct Server {
@@ -96,6 +99,7 @@ log_flush = "5s"
             options.failpoints,
             options.open_file_limit,
             options.env,
+            options.stderr_file.map(|name| dir.path().join(name)),
         );
         let server = Server {
             child: Some(child),
@@ -200,7 +204,14 @@ impl Server {
     /// [`Server::wait_exit`].
     pub async fn restart_with(&mut self, failpoints: Option<&str>) {
         assert!(self.child.is_none(), "kill the server first");
-        let mut child = spawn_serve(&self.config_path, self.dir.path(), failpoints, None, &[]);
+        let mut child = spawn_serve(
+            &self.config_path,
+            self.dir.path(),
+            failpoints,
+            None,
+            &[],
+            None,
+        );
         let address = self.base.trim_start_matches("http://").to_owned();
         let started = Instant::now();
         while std::net::TcpStream::connect(&address).is_err() && child.try_wait().unwrap().is_none()
@@ -344,6 +355,7 @@ fn spawn_serve(
     failpoints: Option<&str>,
     open_file_limit: Option<u32>,
     env: &[(&str, &str)],
+    stderr_file: Option<PathBuf>,
 ) -> Child {
     let keel = env!("CARGO_BIN_EXE_keel");
     let mut command = match open_file_limit {
@@ -366,14 +378,19 @@ fn spawn_serve(
         .env_remove("KEEL_FAILPOINTS")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(match &stderr_file {
+            Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+            None => Stdio::piped(),
+        });
     if let Some(failpoints) = failpoints {
         command.env("KEEL_FAILPOINTS", failpoints);
     }
     command.envs(env.iter().copied());
     let mut child = command.spawn().unwrap();
     // Keep stderr drained (the panic hook writes there) and visible in test output.
-    pipe_to_test_output(child.stderr.take().unwrap(), "keel stderr");
+    if let Some(stderr) = child.stderr.take() {
+        pipe_to_test_output(stderr, "keel stderr");
+    }
     child
 }
 

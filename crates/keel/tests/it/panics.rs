@@ -144,6 +144,59 @@ async fn a_hundred_handler_panics_at_one_place_are_one_group_of_a_hundred() {
     assert_eq!(panics["recent"].as_array().unwrap().len(), 100);
 }
 
+#[tokio::test]
+async fn one_panicking_route_gets_json_500s_while_the_other_routes_answer() {
+    let server = Server::start_with(Options {
+        failpoints: Some("http.route_panic=return(/v1/schedules)"),
+        ..Options::default()
+    })
+    .await;
+    server.create_org("acme");
+    let api = server.key("acme", "commands:write,commands:read", None);
+    for round in 0..5 {
+        let id = format!("route-panic-{round}");
+        let response = server
+            .client
+            .get(server.url("/v1/schedules"))
+            .bearer_auth(&api.token)
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"code": "internal", "message": "internal error", "request_id": id}})
+        );
+        let created = api
+            .post(
+                "/v1/commands",
+                &serde_json::json!({"type": "job", "queue": "q"}),
+                201,
+            )
+            .await;
+        let command_id = created["id"].as_str().unwrap();
+        api.get(&format!("/v1/commands/{command_id}"), 200).await;
+        api.get("/v1/commands", 200).await;
+        assert_eq!(server.get("/healthz").await.status(), StatusCode::OK);
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"keel_panics_total{component="http"}"#),
+        Some(5.0),
+        "{metrics}"
+    );
+    poll_until(Duration::from_secs(5), || async {
+        panic_records(&server, "http").len() == 5
+    })
+    .await;
+    for record in panic_records(&server, "http") {
+        let context = record["context"].as_str().unwrap();
+        assert!(context.starts_with("GET /v1/schedules "), "{record}");
+    }
+}
+
 fn panic_records(server: &Server, component: &str) -> Vec<Value> {
     server
         .log_records()
