@@ -117,8 +117,10 @@ static RECENT: Mutex<VecDeque<PanicReport>> = parking_lot::const_mutex(VecDeque:
 static GROUPS: Mutex<BTreeMap<String, PanicGroup>> = parking_lot::const_mutex(BTreeMap::new());
 static FULL_BACKTRACES: AtomicBool = AtomicBool::new(false);
 static BACKTRACES_PER_SECOND: AtomicU32 = AtomicU32::new(DEFAULT_BACKTRACES_PER_SECOND);
-static BACKTRACE_WINDOW: AtomicU64 = AtomicU64::new(0);
-static BACKTRACES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
+/// The backtrace budget: the wall-clock second it counts (high bits) and the backtraces taken
+/// in it (the low [`COUNT_BITS`]), one value so that a new second and its count change together.
+static BACKTRACE_BUDGET: AtomicU64 = AtomicU64::new(0);
+const COUNT_BITS: u32 = 24;
 
 thread_local! {
     static LAST_LOCATION: Cell<Option<String>> = const { Cell::new(None) };
@@ -214,6 +216,9 @@ pub fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn hook(info: &std::panic::PanicHookInfo<'_>) {
+    // One instant for the report and for the backtrace budget: the record's second is the
+    // second whose budget paid for its backtrace.
+    let at = OffsetDateTime::now_utc();
     let scope = scope::current();
     let component = scope
         .as_ref()
@@ -239,7 +244,9 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
         location.as_deref().unwrap_or("unknown"),
     );
 
-    let backtrace = take_backtrace_token().then(|| {
+    let second = at.unix_timestamp().unsigned_abs();
+    let limit = BACKTRACES_PER_SECOND.load(Ordering::Relaxed);
+    let backtrace = take_backtrace_token(&BACKTRACE_BUDGET, second, limit).then(|| {
         let full = Backtrace::force_capture().to_string();
         if FULL_BACKTRACES.load(Ordering::Relaxed) {
             full
@@ -269,7 +276,7 @@ fn hook(info: &std::panic::PanicHookInfo<'_>) {
         backtrace_skipped,
         fingerprint,
         request_id,
-        at: OffsetDateTime::now_utc(),
+        at,
     };
     if let Some(mut groups) = GROUPS.try_lock_for(Duration::from_millis(50)) {
         count_in_group(&mut groups, &report, shape);
@@ -325,20 +332,29 @@ fn count_in_group(groups: &mut BTreeMap<String, PanicGroup>, report: &PanicRepor
     }
 }
 
-/// True when a backtrace may be captured now: at most `BACKTRACES_PER_SECOND` per wall-clock
-/// second, counted with atomics only.
-fn take_backtrace_token() -> bool {
-    let now = OffsetDateTime::now_utc().unix_timestamp().unsigned_abs();
-    let window = BACKTRACE_WINDOW.load(Ordering::Relaxed);
-    if window != now
-        && BACKTRACE_WINDOW
-            .compare_exchange(window, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        BACKTRACES_IN_WINDOW.store(0, Ordering::Relaxed);
+/// True when a backtrace may be taken for a panic of wall-clock `second`: at most `limit` per
+/// second. A panic of a second older than the one being counted (its thread was overtaken) is
+/// refused, since that second's count is gone. Atomics only: the hook never waits here.
+fn take_backtrace_token(budget: &AtomicU64, second: u64, limit: u32) -> bool {
+    let mask = (1u64 << COUNT_BITS) - 1;
+    let second = second & (u64::MAX >> COUNT_BITS);
+    let mut current = budget.load(Ordering::Relaxed);
+    loop {
+        let (counted_second, taken) = (current >> COUNT_BITS, current & mask);
+        let taken = match counted_second.cmp(&second) {
+            std::cmp::Ordering::Equal => taken,
+            std::cmp::Ordering::Less => 0,
+            std::cmp::Ordering::Greater => return false,
+        };
+        if taken >= u64::from(limit).min(mask) {
+            return false;
+        }
+        let next = (second << COUNT_BITS) | (taken + 1);
+        match budget.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(seen) => current = seen,
+        }
     }
-    BACKTRACES_IN_WINDOW.fetch_add(1, Ordering::Relaxed)
-        < BACKTRACES_PER_SECOND.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -374,10 +390,44 @@ mod tests {
             .filter(|r| r.component == "storm-test")
             .collect();
         assert_eq!(storm.len(), 50);
-        let with_backtrace = storm.iter().filter(|r| r.backtrace.is_some()).count();
-        // At most the limit per second; the loop may straddle one second boundary.
-        assert!(with_backtrace <= 2 * DEFAULT_BACKTRACES_PER_SECOND as usize);
+        // At most the limit in each second of the reports' own times.
+        let mut by_second: BTreeMap<i64, u32> = BTreeMap::new();
+        for report in storm.iter().filter(|r| r.backtrace.is_some()) {
+            *by_second.entry(report.at.unix_timestamp()).or_default() += 1;
+        }
+        assert!(
+            by_second
+                .values()
+                .all(|n| *n <= DEFAULT_BACKTRACES_PER_SECOND),
+            "{by_second:?}"
+        );
         assert!(storm.iter().any(|r| r.backtrace_skipped));
+    }
+
+    #[test]
+    fn the_backtrace_budget_gives_the_limit_per_second_to_racing_threads() {
+        let budget = AtomicU64::new(0);
+        let taken = AtomicU32::new(0);
+        std::thread::scope(|threads| {
+            for _ in 0..8 {
+                threads.spawn(|| {
+                    for _ in 0..1_000 {
+                        if take_backtrace_token(&budget, 1_000, 5) {
+                            taken.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(taken.load(Ordering::Relaxed), 5);
+        // The next second has its own five; a panic of the second before it gets none.
+        let next: Vec<bool> = (0..7)
+            .map(|_| take_backtrace_token(&budget, 1_001, 5))
+            .collect();
+        assert_eq!(next.iter().filter(|t| **t).count(), 5);
+        assert!(!take_backtrace_token(&budget, 1_000, 5));
+        assert!(!take_backtrace_token(&budget, 1_001, 5));
+        assert!(take_backtrace_token(&budget, 1_002, 5));
     }
 
     #[test]
