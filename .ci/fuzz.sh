@@ -35,11 +35,15 @@ failed=0
 for target in $targets; do
   mkdir -p "$scratch/$target"
   echo "fuzz: $target for ${seconds}s"
+  # A target's dictionary (JSON tokens, edge values), when it has one.
+  dict=()
+  [ -f "fuzz/dicts/$target.dict" ] && dict=(-dict="fuzz/dicts/$target.dict")
   if ! cargo fuzz run --sanitizer none "$target" "$scratch/$target" "fuzz/corpus/$target" -- \
-    -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+    -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 "${dict[@]}" \
     2>"$scratch/$target.log"; then
     failed=$((failed + 1))
-    tail -n 60 "$scratch/$target.log"
+    grep -A3 panicked "$scratch/$target.log" || true
+    tail -n 30 "$scratch/$target.log"
     echo "fuzz: $target FAILED (the input is in fuzz/artifacts/$target/)"
   else
     grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ +DONE)' "$scratch/$target.log" || true

@@ -15,7 +15,6 @@
 //! - a 2xx answer with a body is JSON.
 #![no_main]
 
-use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -25,6 +24,7 @@ use axum::body::Body;
 use http::{Method, Request, header};
 use keel::config::Config;
 use keel::http::lifecycle::Lifecycle;
+use keel::http::overload::{Mode, Overload};
 use keel::http::{AppState, router};
 use keel::notifications::NotificationState;
 use keel_store::{ExposeSecret, NewApiKey, Scope, SecretString};
@@ -59,6 +59,9 @@ struct World {
     admin: String,
     org: String,
     agent: String,
+    /// Back to `auto` after each input: a forced `critical` (`PUT /v1/admin/overload`) would
+    /// shed what follows with 503s, as it should.
+    overload: Arc<Overload>,
     /// Holds the database, the log directory and the notification key.
     _dir: tempfile::TempDir,
 }
@@ -132,6 +135,11 @@ fn routes() -> Vec<Route> {
             });
         }
     }
+    if std::env::var_os("FUZZ_SHOW").is_some() {
+        for route in &routes {
+            eprintln!("route: {} {}", route.method, route.template);
+        }
+    }
     assert!(
         routes.len() > 20,
         "the OpenAPI document lists only {} routes with a body",
@@ -149,7 +157,7 @@ fn world() -> &'static World {
             .build()
             .expect("a runtime");
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let (app, org, agent) = runtime.block_on(build(dir.path()));
+        let (app, org, agent, overload) = runtime.block_on(build(dir.path()));
         World {
             runtime,
             app,
@@ -157,6 +165,7 @@ fn world() -> &'static World {
             admin: ADMIN_TOKEN.to_owned(),
             org,
             agent,
+            overload,
             _dir: dir,
         }
     })
@@ -164,7 +173,7 @@ fn world() -> &'static World {
 
 /// The router as `keel serve` builds it (`keel::server::run`), without the listener and the
 /// background jobs; a store with one organisation, its key and an agent's key.
-async fn build(dir: &std::path::Path) -> (Router, String, String) {
+async fn build(dir: &std::path::Path) -> (Router, String, String, Arc<Overload>) {
     let mut config = Config::default();
     config.data_dir = dir.to_path_buf();
     // Limits that would turn later inputs into 429s and hide the parsers behind them.
@@ -225,8 +234,28 @@ async fn build(dir: &std::path::Path) -> (Router, String, String) {
             config.notifications.breaker_cooldown,
         )),
     });
+    // The jobs the routes name (`release-stuck` runs its work through its handle); their own
+    // ticks do nothing, once an hour.
+    let components = keel_guard::components::Components::new();
+    let supervisor = keel_guard::supervisor::Supervisor::new(
+        components.clone(),
+        config.supervisor.clone(),
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::task::TaskTracker::new(),
+    );
+    let jobs = [keel::commands::release::JOB_NAME, "telemetry"]
+        .into_iter()
+        .map(|name| {
+            let job = supervisor.every(name, Duration::from_secs(3600), || async {});
+            (name.to_owned(), job)
+        })
+        .collect();
+    let overload = Arc::new(Overload::new(
+        &config.overload,
+        Arc::new(keel::http::overload::StorePressure::new(store.clone())),
+    ));
     let state = AppState {
-        components: keel_guard::components::Components::new(),
+        components,
         logger,
         metrics,
         admin_token: Arc::new(SecretString::from(ADMIN_TOKEN.to_owned())),
@@ -239,11 +268,8 @@ async fn build(dir: &std::path::Path) -> (Router, String, String) {
         max_claim_wait: Duration::ZERO,
         agent_online_window: config.commands.agent_online_window,
         command_limits: config.commands.limits,
-        jobs: Arc::new(BTreeMap::new()),
-        overload: Arc::new(keel::http::overload::Overload::new(
-            &config.overload,
-            Arc::new(keel::http::overload::StorePressure::new(store)),
-        )),
+        jobs: Arc::new(jobs),
+        overload: overload.clone(),
         keys: Arc::new(keel::http::auth::KeyCache::new()),
         ui_sessions: Arc::new(keel::http::ui::Sessions::default()),
         overviews: Arc::new(keel::http::operations::Overviews::default()),
@@ -257,6 +283,7 @@ async fn build(dir: &std::path::Path) -> (Router, String, String) {
         router(state, lifecycle),
         org_key.token.expose_secret().to_owned(),
         agent_key.token.expose_secret().to_owned(),
+        overload,
     )
 }
 
@@ -312,6 +339,13 @@ fn check(route: &Route, body: &[u8]) {
     });
     let shown = String::from_utf8_lossy(&bytes);
     let what = format!("{} {}", route.method, route.template);
+    // `FUZZ_SHOW=1`: each answer, to see how deep the seeds go.
+    if std::env::var_os("FUZZ_SHOW").is_some() {
+        eprintln!(
+            "{what} -> {status} {}",
+            shown.chars().take(200).collect::<String>()
+        );
+    }
     assert!(
         !status.is_server_error(),
         "{what} answered {status} to a client's body: {shown}"
@@ -341,4 +375,5 @@ fn check(route: &Route, body: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     let (route, body) = split(data);
     check(route, body);
+    world().overload.set_mode(Mode::Auto);
 });
