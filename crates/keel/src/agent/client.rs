@@ -208,8 +208,7 @@ impl Client {
         };
         let timeout = Duration::from_secs(wait_seconds) + CLAIM_TIMEOUT_MARGIN;
         let response = self.post("/v1/commands/claim", timeout, &body).await?;
-        let reply: ClaimReply = decode(response).await?;
-        Ok(reply.commands)
+        read_claim_answer(&read_body(response).await?)
     }
 
     /// `POST /v1/commands/{id}/heartbeat`: renews the lease and stores `progress`.
@@ -305,13 +304,28 @@ impl Client {
 async fn decode<T: serde::de::DeserializeOwned>(
     response: reqwest::Response,
 ) -> Result<T, ClientError> {
-    let bytes = response
+    parse(&read_body(response).await?)
+}
+
+/// A 2xx answer's body; one that cannot be read (a cut connection) is retryable.
+async fn read_body(response: reqwest::Response) -> Result<bytes::Bytes, ClientError> {
+    response
         .bytes()
         .await
-        .map_err(|error| ClientError::retryable(describe(&error)))?;
-    serde_json::from_slice(&bytes).map_err(|error| {
+        .map_err(|error| ClientError::retryable(describe(&error)))
+}
+
+/// Reads a 2xx body's bytes as `T`; bytes that do not decode are retryable.
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|error| {
         ClientError::retryable(format!("unreadable answer from the server: {error}"))
     })
+}
+
+/// The commands of a claim answer's body (`{"commands": [...]}`), as raw objects; a body that
+/// is not such an answer is retryable, like any unreadable 2xx answer.
+pub fn read_claim_answer(bytes: &[u8]) -> Result<Vec<Value>, ClientError> {
+    parse::<ClaimReply>(bytes).map(|reply| reply.commands)
 }
 
 /// Sorts a non-2xx answer: 404 not found, 409 stale, 408/429/5xx retryable, the rest fatal.
