@@ -21,6 +21,8 @@
     missing_docs
 )]
 
+// Shared by the benches; this one uses part of it.
+#[allow(dead_code)]
 mod common;
 
 use std::collections::BTreeMap;

@@ -28,6 +28,8 @@
     missing_docs
 )]
 
+// Shared by the benches; this one uses part of it.
+#[allow(dead_code)]
 mod common;
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]

@@ -20,6 +20,9 @@
     missing_docs
 )]
 
+// Shared by the benches; this one uses part of it.
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]
 mod harness;
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
+use common::{env_number, percentile};
 use harness::{Api, Options, Server};
 
 /// Commands B's agents run in each phase.
@@ -77,13 +81,6 @@ fn main() {
     // The harness takes its configuration as a `&'static str`; this one lives for the run.
     let extra_toml: &'static str = extra_toml.leak();
     runtime.block_on(run(Duration::from_secs(seconds), flooders, extra_toml));
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,14 +385,6 @@ fn sorted(samples: &[Duration]) -> Vec<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort();
     sorted
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[index]
 }
 
 fn ms(duration: Duration) -> f64 {

@@ -61,7 +61,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use common::{UNLIMITED_RATES, ms, per_second, percentile};
+use common::{UNLIMITED_RATES, env_number, ms, per_second, percentile};
 use harness::{Api, Options, Server, metric};
 
 /// The route that panics, and the failpoint that makes it.
@@ -118,13 +118,6 @@ fn main() {
         }
         std::process::exit(1);
     }
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
 
 struct Plan {

@@ -1,5 +1,6 @@
 //! What the HTTP benches share: the configuration that lifts the organisation quotas, unexpected
-//! answers counted by kind, percentiles, and the metric lines worth printing after a run.
+//! answers counted by kind, percentiles, numbers from the environment, and the metric lines worth
+//! printing after a run.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,14 @@ pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
     }
     let index = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[index.min(sorted.len() - 1)]
+}
+
+/// The number in the environment variable `name`, or `default` when it is unset or not one.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
 }
 
 pub fn ms(duration: Duration) -> f64 {

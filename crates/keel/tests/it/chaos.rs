@@ -266,10 +266,10 @@ fn markers(text: &str) -> Vec<String> {
     found
 }
 
-/// POSTs `body` with `Idempotency-Key: key` until an instance answers `expect` (or 200, a
-/// retry answered with what an earlier try created), trying `apis` in turn from `first`: an
-/// injected panic (500), overload (429, 503) or a killed instance is retried, as a careful
-/// client would. Returns the answer.
+/// An injected panic (500) and overload (429, 503) are retried, as a careful client would.
+const RETRIED: &[u16] = &[429, 500, 503];
+
+/// [`harness::post_until`](crate::harness::post_until), retrying [`RETRIED`].
 async fn post_until(
     apis: &[Api],
     first: usize,
@@ -278,32 +278,7 @@ async fn post_until(
     body: &Value,
     expect: u16,
 ) -> Value {
-    for attempt in 0..600 {
-        let api = &apis[(first + attempt) % apis.len()];
-        let response = api
-            .client
-            .post(format!("{}{path}", api.base))
-            .bearer_auth(&api.token)
-            .header("idempotency-key", key)
-            .json(body)
-            .send()
-            .await;
-        let Ok(response) = response else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        if status == expect || status == 200 {
-            return serde_json::from_str(&text).unwrap();
-        }
-        assert!(
-            matches!(status, 429 | 500 | 503),
-            "POST {path}: {status} {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("POST {path} was never accepted");
+    crate::harness::post_until(apis, first, path, key, body, expect, RETRIED).await
 }
 
 /// GETs `path` until an instance answers 200 (an injected panic or a killed instance is tried

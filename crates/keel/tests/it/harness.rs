@@ -434,6 +434,56 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// POSTs `body` with `Idempotency-Key: key` until an instance answers `expect` (or 200, a
+/// retry answered with what an earlier try created), trying `apis` (the same key on several
+/// instances) in turn from `first`, as a careful client of several instances would: an instance
+/// that does not answer (killed) is tried again on the next one; an answer in `retried` (429
+/// and 503, which must say when in `Retry-After`; 500 where a test injects panics) after its
+/// `Retry-After`, or 200 ms. The instance may have committed a request before its answer was
+/// lost: the key makes the retry safe. Returns the answer.
+pub async fn post_until(
+    apis: &[Api],
+    first: usize,
+    path: &str,
+    key: &str,
+    body: &Value,
+    expect: u16,
+    retried: &[u16],
+) -> Value {
+    for attempt in 0..600 {
+        let api = &apis[(first + attempt) % apis.len()];
+        let response = api
+            .client
+            .post(format!("{}{path}", api.base))
+            .bearer_auth(&api.token)
+            .header("idempotency-key", key)
+            .json(body)
+            .send()
+            .await;
+        let Ok(response) = response else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let status = response.status().as_u16();
+        let retry_after: Option<u64> = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let text = response.text().await.unwrap_or_default();
+        if status == expect || status == 200 {
+            return serde_json::from_str(&text).unwrap();
+        }
+        assert!(retried.contains(&status), "POST {path}: {status} {text}");
+        assert!(
+            retry_after.is_some() || !matches!(status, 429 | 503),
+            "a {status} says when to retry"
+        );
+        tokio::time::sleep(retry_after.map_or(Duration::from_millis(200), Duration::from_secs))
+            .await;
+    }
+    panic!("POST {path} was never accepted");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

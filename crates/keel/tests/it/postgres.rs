@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
-use crate::harness::{Api, Options, Server, poll_until};
+use crate::harness::{Api, Options, Server, poll_until, post_until};
 
 /// The `[store]` table of an instance on `schema`, reached at `url`.
 pub(crate) fn store_toml(url: &str, schema: &TestSchema) -> &'static str {
@@ -596,45 +596,8 @@ async fn counting_receiver() -> (Arc<Mutex<std::collections::HashMap<String, u32
     (counts, format!("http://{address}/hook"))
 }
 
-/// POSTs `body` until one of `apis` (the same key on several instances, tried in turn from
-/// `first`) answers `expect` (or 200, a retry answered with what the first try created): a 503
-/// or a 429 is retried after its `Retry-After`, an instance that does not answer (killed) on
-/// the next one, as a client of several instances would. The request is sent with
-/// `Idempotency-Key: key` (the body names its own where the route reads it there): the
-/// instance killed may have committed it before its answer was lost.
-async fn accepted(apis: &[Api], first: usize, path: &str, key: &str, body: &Value, expect: u16) {
-    for attempt in 0..200 {
-        let api = &apis[(first + attempt) % apis.len()];
-        let response = api
-            .client
-            .post(format!("{}{path}", api.base))
-            .bearer_auth(&api.token)
-            .header("idempotency-key", key)
-            .json(body)
-            .send()
-            .await;
-        let Ok(response) = response else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let status = response.status().as_u16();
-        if status == expect || status == 200 {
-            return;
-        }
-        assert!(
-            matches!(status, 429 | 503),
-            "POST {path}: {status} {}",
-            response.text().await.unwrap_or_default()
-        );
-        let wait: u64 = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .expect("a 429 or 503 says when to retry");
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-    }
-    panic!("POST {path} was never accepted");
-}
+/// Overload answers, retried after their `Retry-After`.
+const RETRIED: &[u16] = &[429, 503];
 
 const CLUSTER_COMMANDS: usize = 10_000;
 const CLUSTER_DELIVERIES: usize = 10_000;
@@ -726,7 +689,16 @@ async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_noth
                     .collect();
                 let body = json!({"commands": items});
                 let key = format!("batch-{batch}");
-                accepted(&writers, batch, "/v1/commands/batch", &key, &body, 201).await;
+                post_until(
+                    &writers,
+                    batch,
+                    "/v1/commands/batch",
+                    &key,
+                    &body,
+                    201,
+                    RETRIED,
+                )
+                .await;
             }
         })
     };
@@ -741,7 +713,16 @@ async fn three_instances_four_agents_ten_thousand_of_each_and_a_kill_9_lose_noth
                         let key = format!("delivery-{}", chunk * 100 + n);
                         let body = json!({"channel_id": channel, "idempotency_key": key,
                                           "body": format!("{{\"n\": {}}}", chunk * 100 + n)});
-                        accepted(notifiers, chunk + n, "/v1/deliveries", &key, &body, 202).await;
+                        post_until(
+                            notifiers,
+                            chunk + n,
+                            "/v1/deliveries",
+                            &key,
+                            &body,
+                            202,
+                            RETRIED,
+                        )
+                        .await;
                     }
                 });
                 futures::future::join_all(batch).await;
