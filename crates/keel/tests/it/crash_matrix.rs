@@ -9,6 +9,9 @@
 //! whose outcome was not durable), a report with the old claim token either completes once or
 //! is refused, and no lease is left held. It prints a table of the cases.
 //!
+//! The `hand_back` step has no case: no request reaches the store's hand back (keel agent hands
+//! a command back with a retryable `fail`, which is the `fail` step).
+//!
 //! `CRASH_MATRIX_STEPS=claim,send` runs only the cases of those `store.crash` steps.
 
 use std::fmt::Write as _;
@@ -22,7 +25,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use futures::StreamExt;
 use keel_store::conformance::postgres::{TestSchema, test_url};
-use keel_store::crash::SIGNAL;
+use keel_store::crash::{Phase, SIGNAL};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -55,19 +58,36 @@ enum Backend {
     Postgres,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Before,
-    After,
+/// The point `store.crash` names: `before:claim`, `after:claim`…
+fn point(phase: Phase, step: &str) -> String {
+    format!("{phase:?}:{step}").to_lowercase()
 }
 
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Before => "before",
-            Phase::After => "after",
-        }
+/// `before` or `after`, as `phase` is.
+fn either<T>(phase: Phase, before: T, after: T) -> T {
+    match phase {
+        Phase::Before => before,
+        Phase::After => after,
     }
+}
+
+/// Which key of a [`Node`] sends a request.
+#[derive(Clone, Copy)]
+enum Key {
+    Agent,
+    Admin,
+}
+
+/// POSTs `body` (none when `None`) to `path` with `api`'s key: the answer, if one comes.
+async fn post(api: &Api, path: &str, body: Option<&Value>) -> reqwest::Result<reqwest::Response> {
+    let mut request = api
+        .client
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(&api.token);
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    request.send().await
 }
 
 /// One keel on its own data directory (and schema), with an agent key (`web-1`) and an
@@ -121,7 +141,7 @@ impl Node {
     /// Kills keel (`kill -9`) and starts it again with `store.crash` at `phase:step`.
     async fn arm(&mut self, phase: Phase, step: &str) {
         self.server.kill9();
-        let failpoints = format!("store.crash=return({}:{step})", phase.name());
+        let failpoints = format!("store.crash=return({})", point(phase, step));
         self.server.restart_with(Some(&failpoints)).await;
     }
 
@@ -157,15 +177,58 @@ impl Node {
         std::fs::write(&self.server.config_path, text).unwrap();
     }
 
-    /// Sends a request whose answer may never come (keel exits on the way).
-    async fn send(&self, api: &Api, path: &str, body: Value) {
-        let _ = api
-            .client
-            .post(format!("{}{path}", api.base))
-            .bearer_auth(&api.token)
-            .json(&body)
-            .send()
-            .await;
+    fn api(&self, key: Key) -> &Api {
+        match key {
+            Key::Agent => &self.agent,
+            Key::Admin => &self.admin,
+        }
+    }
+
+    /// Starts keel with `store.crash` at `phase:step`, sends a request whose answer never
+    /// comes (keel exits on the way), waits for keel to stop at the failpoint and starts it
+    /// again without it.
+    async fn crash_on(
+        &mut self,
+        phase: Phase,
+        step: &str,
+        key: Key,
+        path: &str,
+        body: Value,
+    ) -> Result<(), String> {
+        self.arm(phase, step).await;
+        let _ = post(self.api(key), path, Some(&body)).await;
+        self.crashed(Duration::from_secs(20)).await
+    }
+
+    /// An admin's `action` on `item` (`requeue`, `cancel`) cut by the crash at `phase:step`:
+    /// `item` as the restarted keel has it, then the status of the same action sent again.
+    async fn crashed_action(
+        &mut self,
+        phase: Phase,
+        step: &str,
+        item: &str,
+        action: &str,
+    ) -> Result<(Value, u16), String> {
+        let path = format!("{item}/{action}");
+        self.crash_on(phase, step, Key::Admin, &path, json!({}))
+            .await?;
+        let found = self.admin.get(item, 200).await;
+        Ok((found, self.status(Key::Admin, &path, None).await))
+    }
+
+    /// POSTs `body` (none when `None`) to `path` with `key`: the answer's status.
+    async fn status(&self, key: Key, path: &str, body: Option<&Value>) -> u16 {
+        post(self.api(key), path, body)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// The `items` of the list at `path`.
+    async fn items(&self, path: &str) -> Vec<Value> {
+        let page = self.admin.get(path, 200).await;
+        page["items"].as_array().unwrap().clone()
     }
 
     async fn command(&self, id: &str) -> Value {
@@ -173,8 +236,7 @@ impl Node {
     }
 
     async fn commands(&self) -> Vec<Value> {
-        let page = self.admin.get("/v1/commands?limit=100", 200).await;
-        page["items"].as_array().unwrap().clone()
+        self.items("/v1/commands?limit=100").await
     }
 
     async fn create(&self, lease_seconds: u32) -> String {
@@ -206,16 +268,19 @@ impl Node {
     /// A report with `token`; its status.
     async fn report(&self, id: &str, what: &str, token: &str) -> u16 {
         let body = report_body(what, token);
-        self.agent
-            .client
-            .post(format!("{}/v1/commands/{id}/{what}", self.agent.base))
-            .bearer_auth(&self.agent.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        self.status(
+            Key::Agent,
+            &format!("/v1/commands/{id}/{what}"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Claims the command `id` again (the agent's next claim gets it): its token.
+    async fn reclaim(&self, id: &str) -> String {
+        let (claimed, token) = self.claim().await.unwrap();
+        assert_eq!(claimed, id);
+        token
     }
 
     async fn release_stuck(&self) {
@@ -229,8 +294,7 @@ impl Node {
     }
 
     async fn deliveries(&self) -> Vec<Value> {
-        let page = self.admin.get("/v1/deliveries?limit=100", 200).await;
-        page["items"].as_array().unwrap().clone()
+        self.items("/v1/deliveries?limit=100").await
     }
 
     /// A webhook channel to `url`.
@@ -244,6 +308,21 @@ impl Node {
             )
             .await;
         channel["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A [`Receiver`] answering `script`, and a webhook channel to it.
+    async fn hook(&self, script: Vec<u16>) -> (Receiver, String) {
+        let receiver = Receiver::start(script).await;
+        let channel = self.channel(&receiver.url).await;
+        (receiver, channel)
+    }
+
+    /// Sends a message to `channel` and waits for its delivery to be `status`: its id.
+    async fn sent(&self, channel: &str, status: &str) -> String {
+        assert_eq!(send_message(self, channel, None).await.unwrap(), 202);
+        let id = the_delivery(self).await["id"].as_str().unwrap().to_owned();
+        self.wait_delivery(&id, status).await;
+        id
     }
 
     async fn wait_delivery(&self, id: &str, status: &str) -> Value {
@@ -276,21 +355,38 @@ fn command_body(lease_seconds: u32) -> Value {
            "max_attempts": 3})
 }
 
+/// Checks that a command or a delivery holds no lease and that each of its attempts ended: its
+/// attempts.
+fn released(item: &Value) -> &Vec<Value> {
+    assert!(
+        item.get("lease_expires_at").is_none_or(Value::is_null),
+        "lease held: {item}"
+    );
+    let history = item["attempt_history"].as_array().unwrap();
+    assert!(
+        history.iter().all(|a| !a["outcome"].is_null()),
+        "an attempt still runs: {item}"
+    );
+    history
+}
+
+/// The outcomes of `item`'s attempts, in order.
+fn outcomes(item: &Value) -> Vec<&str> {
+    item["attempt_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect()
+}
+
 /// The invariants every command case ends with: each command is in one terminal state, its
 /// attempts all ended, no lease is held, and exactly `completed` attempts completed.
 async fn settled(node: &Node, id: &str, status: &str, completed: usize) {
     let command = node.command(id).await;
     assert_eq!(command["status"], status, "{command}");
-    assert!(
-        command["lease_expires_at"].is_null(),
-        "lease held: {command}"
-    );
+    let history = released(&command);
     assert!(command.get("claim_token").is_none_or(Value::is_null));
-    let history = command["attempt_history"].as_array().unwrap();
-    assert!(
-        history.iter().all(|a| !a["outcome"].is_null()),
-        "an attempt still runs: {command}"
-    );
     let done = history
         .iter()
         .filter(|a| a["outcome"] == "completed")
@@ -347,16 +443,7 @@ async fn delivered(node: &Node, receiver: &Receiver, status: &str, sends: usize)
     let all = node.deliveries().await;
     assert_eq!(all.len(), 1, "one delivery, no more: {all:?}");
     let id = all[0]["id"].as_str().unwrap();
-    let delivery = node.wait_delivery(id, status).await;
-    assert!(
-        delivery.get("lease_expires_at").is_none_or(Value::is_null),
-        "lease held: {delivery}"
-    );
-    let history = delivery["attempt_history"].as_array().unwrap();
-    assert!(
-        history.iter().all(|a| !a["outcome"].is_null()),
-        "an attempt still runs: {delivery}"
-    );
+    released(&node.wait_delivery(id, status).await);
     // Nothing more arrives once it is finished.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let delivery = node.wait_delivery(id, status).await;
@@ -451,10 +538,7 @@ async fn create(mut node: Node, phase: Phase) -> Result<(), String> {
     }
     // The client, not having heard, sends it again with the same key.
     let again = request(&node.admin).await.unwrap();
-    let expected = match phase {
-        Phase::Before => 201,
-        Phase::After => 200,
-    };
+    let expected = either(phase, 201, 200);
     assert_eq!(again.status().as_u16(), expected, "the create sent again");
     let (id, token) = node.claim().await.unwrap();
     assert_eq!(node.report(&id, "complete", &token).await, 200);
@@ -465,14 +549,9 @@ async fn create(mut node: Node, phase: Phase) -> Result<(), String> {
 async fn claim(mut node: Node, phase: Phase) -> Result<(), String> {
     node.agent.check_in(&["q"]).await;
     let id = node.create(2).await;
-    node.arm(phase, "claim").await;
-    node.send(
-        &node.agent,
-        "/v1/commands/claim",
-        json!({"limit": 1, "queues": ["q"]}),
-    )
-    .await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let body = json!({"limit": 1, "queues": ["q"]});
+    node.crash_on(phase, "claim", Key::Agent, "/v1/commands/claim", body)
+        .await?;
     let command = node.command(&id).await;
     match phase {
         Phase::Before => {
@@ -488,8 +567,7 @@ async fn claim(mut node: Node, phase: Phase) -> Result<(), String> {
             node.release_stuck().await;
         }
     }
-    let (claimed, token) = node.claim().await.unwrap();
-    assert_eq!(claimed, id);
+    let token = node.reclaim(&id).await;
     assert_eq!(node.report(&id, "complete", &token).await, 200);
     settled(&node, &id, "completed", 1).await;
     Ok(())
@@ -499,8 +577,7 @@ async fn claim(mut node: Node, phase: Phase) -> Result<(), String> {
 async fn claimed(node: &Node, lease_seconds: u32) -> (String, String) {
     node.agent.check_in(&["q"]).await;
     let id = node.create(lease_seconds).await;
-    let (claimed, token) = node.claim().await.unwrap();
-    assert_eq!(claimed, id);
+    let token = node.reclaim(&id).await;
     (id, token)
 }
 
@@ -509,14 +586,10 @@ async fn heartbeat(mut node: Node, phase: Phase) -> Result<(), String> {
     let lease = node.command(&id).await["lease_expires_at"].clone();
     // The renewed lease ends visibly later.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    node.arm(phase, "heartbeat").await;
-    node.send(
-        &node.agent,
-        &format!("/v1/commands/{id}/heartbeat"),
-        json!({"claim_token": token, "progress": {"step": 1}}),
-    )
-    .await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let path = format!("/v1/commands/{id}/heartbeat");
+    let body = report_body("heartbeat", &token);
+    node.crash_on(phase, "heartbeat", Key::Agent, &path, body)
+        .await?;
     let command = node.command(&id).await;
     assert_eq!(command["status"], "executing", "{command}");
     match phase {
@@ -533,21 +606,20 @@ async fn heartbeat(mut node: Node, phase: Phase) -> Result<(), String> {
 /// A report (`complete` or `fail`) cut by the crash, then sent again with the same token.
 async fn report_case(mut node: Node, phase: Phase, what: &str) -> Result<(), String> {
     let (id, token) = claimed(&node, 60).await;
-    node.arm(phase, what).await;
     let path = format!("/v1/commands/{id}/{what}");
-    node.send(&node.agent, &path, report_body(what, &token))
-        .await;
-    node.crashed(Duration::from_secs(20)).await?;
+    node.crash_on(phase, what, Key::Agent, &path, report_body(what, &token))
+        .await?;
     let command = node.command(&id).await;
     let ended = if what == "complete" {
         "completed"
     } else {
         "failed"
     };
-    match phase {
-        Phase::Before => assert_eq!(command["status"], "executing", "{command}"),
-        Phase::After => assert_eq!(command["status"], ended, "{command}"),
-    }
+    assert_eq!(
+        command["status"],
+        either(phase, "executing", ended),
+        "{command}"
+    );
     // The agent, not having heard, reports again with its old token: taken once, or refused.
     let again = node.report(&id, what, &token).await;
     match phase {
@@ -569,10 +641,9 @@ async fn fail(node: Node, phase: Phase) -> Result<(), String> {
 async fn release(mut node: Node, phase: Phase) -> Result<(), String> {
     let (id, token) = claimed(&node, 2).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    node.arm(phase, "release").await;
-    node.send(&node.admin, "/v1/commands/release-stuck", json!({}))
-        .await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let path = "/v1/commands/release-stuck";
+    node.crash_on(phase, "release", Key::Admin, path, json!({}))
+        .await?;
     let command = node.command(&id).await;
     match phase {
         Phase::Before => assert_eq!(command["status"], "executing", "{command}"),
@@ -593,8 +664,7 @@ async fn release(mut node: Node, phase: Phase) -> Result<(), String> {
     }
     if late != 200 {
         node.release_stuck().await;
-        let (again, token) = node.claim().await.unwrap();
-        assert_eq!(again, id);
+        let token = node.reclaim(&id).await;
         assert_eq!(node.report(&id, "complete", &token).await, 200);
     }
     settled(&node, &id, "completed", 1).await;
@@ -604,25 +674,10 @@ async fn release(mut node: Node, phase: Phase) -> Result<(), String> {
 async fn requeue(mut node: Node, phase: Phase) -> Result<(), String> {
     let (id, first) = claimed(&node, 60).await;
     assert_eq!(node.report(&id, "fail", &first).await, 200);
-    node.arm(phase, "requeue").await;
-    node.send(
-        &node.admin,
-        &format!("/v1/commands/{id}/requeue"),
-        json!({}),
-    )
-    .await;
-    node.crashed(Duration::from_secs(20)).await?;
-    let command = node.command(&id).await;
-    let again = node
-        .admin
-        .client
-        .post(format!("{}/v1/commands/{id}/requeue", node.admin.base))
-        .bearer_auth(&node.admin.token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    let item = format!("/v1/commands/{id}");
+    let (command, again) = node
+        .crashed_action(phase, "requeue", &item, "requeue")
+        .await?;
     match phase {
         Phase::Before => {
             assert_eq!(command["status"], "failed", "{command}");
@@ -634,8 +689,7 @@ async fn requeue(mut node: Node, phase: Phase) -> Result<(), String> {
             assert_eq!(again, 409, "requeued once");
         }
     }
-    let (claimed, token) = node.claim().await.unwrap();
-    assert_eq!(claimed, id);
+    let token = node.reclaim(&id).await;
     // The token of the attempt before the requeue is refused.
     assert_eq!(node.report(&id, "complete", &first).await, 409);
     assert_eq!(node.report(&id, "complete", &token).await, 200);
@@ -646,21 +700,10 @@ async fn requeue(mut node: Node, phase: Phase) -> Result<(), String> {
 async fn cancel(mut node: Node, phase: Phase) -> Result<(), String> {
     node.agent.check_in(&["q"]).await;
     let id = node.create(60).await;
-    node.arm(phase, "cancel").await;
-    node.send(&node.admin, &format!("/v1/commands/{id}/cancel"), json!({}))
-        .await;
-    node.crashed(Duration::from_secs(20)).await?;
-    let command = node.command(&id).await;
-    let again = node
-        .admin
-        .client
-        .post(format!("{}/v1/commands/{id}/cancel", node.admin.base))
-        .bearer_auth(&node.admin.token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    let item = format!("/v1/commands/{id}");
+    let (command, again) = node
+        .crashed_action(phase, "cancel", &item, "cancel")
+        .await?;
     match phase {
         Phase::Before => {
             assert_eq!(command["status"], "pending", "{command}");
@@ -698,27 +741,41 @@ where
     poll_until(Duration::from_secs(30), done).await;
 }
 
+/// The retention job with interval `key` cut by the crash at `step` once `item` (finished,
+/// `status`) is older than the retention (1 s): after a "before" crash it is still `status`
+/// until the job runs again; then it is gone (`deleted` says what did it).
+async fn crash_in_retention(
+    node: &mut Node,
+    phase: Phase,
+    step: &str,
+    key: &str,
+    item: &str,
+    status: &str,
+    deleted: &str,
+) -> Result<(), String> {
+    // Older than the retention (1 s) when the job runs.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    crash_in_job(node, phase, step, key).await?;
+    if phase == Phase::Before {
+        assert_eq!(node.admin.get(item, 200).await["status"], status);
+        let admin = node.admin.clone();
+        run_job(node, key, || {
+            let admin = admin.clone();
+            let item = item.to_owned();
+            async move { gone(&admin, &item).await }
+        })
+        .await;
+    }
+    assert!(gone(&node.admin, item).await, "{deleted}");
+    Ok(())
+}
+
 async fn purge(mut node: Node, phase: Phase) -> Result<(), String> {
     let (id, token) = claimed(&node, 60).await;
     assert_eq!(node.report(&id, "complete", &token).await, 200);
-    // Older than the retention (1 s) when the job runs.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    crash_in_job(&mut node, phase, "purge", "retention_interval").await?;
-    let path = format!("/v1/commands/{id}");
-    match phase {
-        Phase::Before => {
-            assert_eq!(node.command(&id).await["status"], "completed");
-            let admin = node.admin.clone();
-            run_job(&mut node, "retention_interval", || {
-                let admin = admin.clone();
-                let path = path.clone();
-                async move { gone(&admin, &path).await }
-            })
-            .await;
-        }
-        Phase::After => {}
-    }
-    assert!(gone(&node.admin, &path).await, "purged");
+    let item = format!("/v1/commands/{id}");
+    let key = "retention_interval";
+    crash_in_retention(&mut node, phase, "purge", key, &item, "completed", "purged").await?;
     assert!(node.commands().await.is_empty());
     Ok(())
 }
@@ -735,28 +792,38 @@ async fn gone(api: &Api, path: &str) -> bool {
         == StatusCode::NOT_FOUND
 }
 
-/// Sends a message to `channel` (its answer may not come).
-async fn send_message(node: &Node, channel: &str, key: Option<&str>) -> reqwest::Result<u16> {
+/// The body of a message to `channel`, with an idempotency `key`.
+fn message(channel: &str, key: Option<&str>) -> Value {
     let mut body = json!({"channel_id": channel, "body": "{\"n\": 1}"});
     if let Some(key) = key {
         body["idempotency_key"] = json!(key);
     }
-    node.admin
-        .client
-        .post(format!("{}/v1/deliveries", node.admin.base))
-        .bearer_auth(&node.admin.token)
-        .json(&body)
-        .send()
+    body
+}
+
+/// Sends a message to `channel` (its answer may not come).
+async fn send_message(node: &Node, channel: &str, key: Option<&str>) -> reqwest::Result<u16> {
+    post(&node.admin, "/v1/deliveries", Some(&message(channel, key)))
         .await
         .map(|r| r.status().as_u16())
 }
 
+/// Sends a message to `channel` with `store.crash` at `phase:step` (see [`Node::crash_on`]).
+async fn crash_on_message(
+    node: &mut Node,
+    phase: Phase,
+    step: &str,
+    channel: &str,
+    key: Option<&str>,
+) -> Result<(), String> {
+    let body = message(channel, key);
+    node.crash_on(phase, step, Key::Admin, "/v1/deliveries", body)
+        .await
+}
+
 async fn enqueue(mut node: Node, phase: Phase) -> Result<(), String> {
-    let receiver = Receiver::start(Vec::new()).await;
-    let channel = node.channel(&receiver.url).await;
-    node.arm(phase, "enqueue").await;
-    let _ = send_message(&node, &channel, Some("crash-1")).await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let (receiver, channel) = node.hook(Vec::new()).await;
+    crash_on_message(&mut node, phase, "enqueue", &channel, Some("crash-1")).await?;
     let listed = node.deliveries().await;
     match phase {
         Phase::Before => assert!(listed.is_empty(), "no trace: {listed:?}"),
@@ -781,11 +848,8 @@ async fn the_delivery(node: &Node) -> Value {
 }
 
 async fn send(mut node: Node, phase: Phase) -> Result<(), String> {
-    let receiver = Receiver::start(Vec::new()).await;
-    let channel = node.channel(&receiver.url).await;
-    node.arm(phase, "send").await;
-    let _ = send_message(&node, &channel, None).await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let (receiver, channel) = node.hook(Vec::new()).await;
+    crash_on_message(&mut node, phase, "send", &channel, None).await?;
     if phase == Phase::After {
         assert_eq!(receiver.count(), 0, "nothing was sent before the crash");
         // Leased to a worker that is gone: sent once its lease expires.
@@ -794,12 +858,7 @@ async fn send(mut node: Node, phase: Phase) -> Result<(), String> {
     }
     // (Before: the restarted keel claims it at once, so its state is read at the end.)
     let delivery = delivered(&node, &receiver, "completed", 1).await;
-    let outcomes: Vec<&str> = delivery["attempt_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap())
-        .collect();
+    let outcomes = outcomes(&delivery);
     match phase {
         Phase::Before => assert_eq!(outcomes, ["completed"], "no trace of the lost claim"),
         Phase::After => assert_eq!(outcomes, ["lease_expired", "completed"]),
@@ -817,22 +876,14 @@ async fn record_case(
     recorded: &str,
     ended: [(&str, usize); 2],
 ) -> Result<Value, String> {
-    let receiver = Receiver::start(script).await;
-    let channel = node.channel(&receiver.url).await;
-    node.arm(phase, "record").await;
-    let _ = send_message(&node, &channel, None).await;
-    node.crashed(Duration::from_secs(20)).await?;
+    let (receiver, channel) = node.hook(script).await;
+    crash_on_message(&mut node, phase, "record", &channel, None).await?;
     assert_eq!(receiver.count(), 1, "sent once before the crash");
     let delivery = the_delivery(&node).await;
-    match phase {
-        // The outcome was not durable: the lease expires and it is sent again.
-        Phase::Before => assert_eq!(delivery["status"], "executing", "{delivery}"),
-        Phase::After => assert_eq!(delivery["status"], recorded, "{delivery}"),
-    }
-    let (ended, sends) = match phase {
-        Phase::Before => ended[0],
-        Phase::After => ended[1],
-    };
+    // Before: the outcome was not durable: the lease expires and it is sent again.
+    let status = either(phase, "executing", recorded);
+    assert_eq!(delivery["status"], status, "{delivery}");
+    let (ended, sends) = either(phase, ended[0], ended[1]);
     Ok(delivered(&node, &receiver, ended, sends).await)
 }
 
@@ -874,21 +925,15 @@ async fn record_dead(node: Node, phase: Phase) -> Result<(), String> {
         .await;
     let ended = [("dead", 1), ("dead", 1)];
     let dead = record_case(node, phase, vec![500], "dead", ended).await?;
-    let reason = match phase {
-        Phase::Before => "lease_expired",
-        Phase::After => "attempts_exhausted",
-    };
+    let reason = either(phase, "lease_expired", "attempts_exhausted");
     assert_eq!(dead["dead_reason"], reason, "{dead}");
     Ok(())
 }
 
 async fn delivery_release(mut node: Node, phase: Phase) -> Result<(), String> {
-    let receiver = Receiver::start(Vec::new()).await;
-    let channel = node.channel(&receiver.url).await;
+    let (receiver, channel) = node.hook(Vec::new()).await;
     // A worker takes it and is gone (the process stops right after the claim's commit).
-    node.arm(Phase::After, "send").await;
-    let _ = send_message(&node, &channel, None).await;
-    node.crashed(Duration::from_secs(20)).await?;
+    crash_on_message(&mut node, Phase::After, "send", &channel, None).await?;
     // The lease (the channel's 1 s timeout and 30 s) expires; the release job runs every 1 s.
     let started = Instant::now();
     crash_in_job(&mut node, phase, "delivery_release", "release_interval").await?;
@@ -909,41 +954,21 @@ async fn delivery_release(mut node: Node, phase: Phase) -> Result<(), String> {
         Phase::After => assert_eq!(first["outcome"], "lease_expired", "{first}"),
     }
     let delivery = delivered(&node, &receiver, "completed", 1).await;
-    let outcomes: Vec<&str> = delivery["attempt_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap())
-        .collect();
-    assert_eq!(outcomes, ["lease_expired", "completed"], "released once");
+    assert_eq!(
+        outcomes(&delivery),
+        ["lease_expired", "completed"],
+        "released once"
+    );
     Ok(())
 }
 
 async fn delivery_requeue(mut node: Node, phase: Phase) -> Result<(), String> {
-    let receiver = Receiver::start(vec![410]).await;
-    let channel = node.channel(&receiver.url).await;
-    assert_eq!(send_message(&node, &channel, None).await.unwrap(), 202);
-    let id = the_delivery(&node).await["id"].as_str().unwrap().to_owned();
-    node.wait_delivery(&id, "failed").await;
-    node.arm(phase, "delivery_requeue").await;
-    node.send(
-        &node.admin,
-        &format!("/v1/deliveries/{id}/requeue"),
-        json!({}),
-    )
-    .await;
-    node.crashed(Duration::from_secs(20)).await?;
-    let delivery = node.delivery(&id).await;
-    let again = node
-        .admin
-        .client
-        .post(format!("{}/v1/deliveries/{id}/requeue", node.admin.base))
-        .bearer_auth(&node.admin.token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16();
+    let (receiver, channel) = node.hook(vec![410]).await;
+    let id = node.sent(&channel, "failed").await;
+    let item = format!("/v1/deliveries/{id}");
+    let (delivery, again) = node
+        .crashed_action(phase, "delivery_requeue", &item, "requeue")
+        .await?;
     match phase {
         Phase::Before => {
             assert_eq!(delivery["status"], "failed", "{delivery}");
@@ -960,25 +985,20 @@ async fn delivery_requeue(mut node: Node, phase: Phase) -> Result<(), String> {
 }
 
 async fn cleanup(mut node: Node, phase: Phase) -> Result<(), String> {
-    let receiver = Receiver::start(Vec::new()).await;
-    let channel = node.channel(&receiver.url).await;
-    assert_eq!(send_message(&node, &channel, None).await.unwrap(), 202);
-    let id = the_delivery(&node).await["id"].as_str().unwrap().to_owned();
-    node.wait_delivery(&id, "completed").await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    crash_in_job(&mut node, phase, "cleanup", "cleanup_interval").await?;
-    let path = format!("/v1/deliveries/{id}");
-    if phase == Phase::Before {
-        assert_eq!(node.delivery(&id).await["status"], "completed");
-        let admin = node.admin.clone();
-        run_job(&mut node, "cleanup_interval", || {
-            let admin = admin.clone();
-            let path = path.clone();
-            async move { gone(&admin, &path).await }
-        })
-        .await;
-    }
-    assert!(gone(&node.admin, &path).await, "cleaned up");
+    let (receiver, channel) = node.hook(Vec::new()).await;
+    let id = node.sent(&channel, "completed").await;
+    let item = format!("/v1/deliveries/{id}");
+    let key = "cleanup_interval";
+    crash_in_retention(
+        &mut node,
+        phase,
+        "cleanup",
+        key,
+        &item,
+        "completed",
+        "cleaned up",
+    )
+    .await?;
     assert!(node.deliveries().await.is_empty());
     assert_eq!(receiver.count(), 1);
     Ok(())
@@ -1018,7 +1038,7 @@ async fn matrix(backend: Backend, url: Option<String>) {
             });
             Row {
                 transition,
-                point: format!("{}:{step}", phase.name()),
+                point: point(phase, step),
                 exits: exits.lock().clone(),
                 outcome,
             }
